@@ -1,0 +1,52 @@
+# The two commands of this project: `make demo` (the main job) and `make test`. Both bootstrap .venv from
+# nothing. PyTorch is installed first, on its own, so that its build can be chosen:
+#   TORCH: the version we test with. On this project's CPU machines pip finds its CPU-only build on local
+#          disk; elsewhere pip takes the same release from PyPI. `make test TORCH='torch>=2.1'` takes the newest.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+DATA_ROOT ?=
+THREADS ?= 2
+
+.PHONY: demo test lint format bench data clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Fashion-MNIST, our embedded default, is Debian's package dataset-fashion-mnist. Install it when missing and
+# apt is usable; otherwise point DATA_ROOT at a folder holding the four IDX files.
+data:
+	@if [ -z "$(DATA_ROOT)" ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	  else \
+	    echo "Fashion-MNIST is missing: install Debian's dataset-fashion-mnist or run 'make demo DATA_ROOT=DIR'"; exit 2; \
+	  fi; \
+	fi
+
+demo: $(STAMP) data
+	$(BIN)/python benchmarks/engine.py --threads $(THREADS)
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/engine.py --threads $(THREADS)
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,302 @@
+"""The trajectory engine: the whole cascade over T steps, each distinct state computed once.
+
+The step loop re-runs every block at every step. For a constant input most of that work repeats: the input
+of block k stops changing after a fixed step (it *settles*), and a block fed the same state with the same
+parameters produces the same output. The engine therefore works depth by depth. For each branch (stem,
+residual, projection shortcut) it lists, for every step, a key: the identity of the branch's input state and
+of the normalisation it uses at that step. Steps with equal keys share one computation. The distinct inputs
+are stacked along a group axis, ``(B, G, C, H, W)``, so that a convolution sees one large batch
+``(B*G, C, H, W)`` and batch norm one call with G*C channels (``TemporalBatchNorm2d.forward_groups``), each
+group keeping its own statistics, exactly as if every step were its own forward pass.
+
+Two kinds of states are kept apart: states that depend on the input (``(B, ...)``) and states that do not
+(``(1, ...)``, stored once for the whole batch: with the stem delayed, everything at step 0 is such a state).
+
+When are keys equal?
+- In training, a batch norm normalises with the batch statistics of its input, so the key is the input state
+  plus the scale/shift slot. Running statistics are updated afterwards, once per step in step order, from the
+  statistics of the computation that step maps to: the same updates the step loop makes.
+- In evaluation the key also holds the statistics slot, canonicalised: slots whose running statistics are
+  bit-identical (every slot of a settled layer, after training) count as one. Slots that differ are computed
+  separately, so the result is exact whatever the statistics are.
+- Per-step scale/shift (``temporal_affine``), exponential smoothing (EWS, whose state changes at every step)
+  and time-varying inputs leave few or no equal keys. The engine is then still exact (it is the step loop
+  batched over time), just without the savings; time-varying inputs go through the step loop itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .blocks import Branch
+
+if TYPE_CHECKING:
+    from .cascade import CascadedResNet
+    from .norm import TemporalBatchNorm2d
+
+__all__ = ["trajectory", "macs_per_step", "feedforward_macs", "ews_update"]
+
+
+@dataclass
+class _Level:
+    """The distinct states of one activation across the steps of a trajectory."""
+
+    tensors: list[Tensor]  # class -> (B, C, H, W) if it depends on the input, else (1, C, H, W)
+    const: list[bool]  # class -> does not depend on the input
+    of_step: dict[int, int]  # step -> class
+    stacks: dict[bool, tuple[Tensor, list[int]]] = field(default_factory=dict)  # const flag -> (stack, classes)
+
+    def stack(self, classes: list[int], const: bool) -> Tensor:
+        """The given classes stacked on a group axis ``(B, G, ...)``; free when they are a stack already."""
+        held = self.stacks.get(const)
+        if held is not None and held[1] == classes:
+            return held[0]
+        return torch.stack([self.tensors[c] for c in classes], dim=1)
+
+
+@dataclass
+class _Run:
+    """What one trajectory computation shares: the batch, the mode, and deferred statistics updates."""
+
+    batch: int
+    training: bool
+    stat_classes: dict[int, list[int]]  # id(bn) -> canonical slot of each slot (evaluation)
+    updates: list[tuple[int, TemporalBatchNorm2d, int, Tensor, Tensor]] = field(default_factory=list)
+    costs: list[tuple[int, int]] | None = None  # (step first needed at, MACs per example), when counting
+
+    def norm_key(self, bn: TemporalBatchNorm2d, t: int) -> Hashable:
+        if self.training:  # batch statistics: only the scale/shift slot matters
+            return bn.affine_slot(t)
+        return self.stat_classes[id(bn)][bn.stat_slot(t)], bn.affine_slot(t)
+
+    def apply_updates(self) -> None:
+        # The step loop updates each layer once per step, in step order; sorting by step (stable) replays it.
+        for _, bn, slot, mean, var in sorted(self.updates, key=lambda u: u[0]):
+            bn.update(slot, mean, var)
+
+
+def _combine(
+    steps: Sequence[int], key_of: Callable[[int], Hashable], make: Callable[[Hashable], tuple[Tensor, bool]], relu: bool
+) -> _Level:
+    """Build a level from per-step keys: ``make(key)`` gives each distinct state once (and whether it is
+    input-independent); the states are stacked, with an optional ReLU applied to the stacks (so autograd saves
+    one stacked activation, not a copy per state)."""
+    keys: dict[Hashable, int] = {}
+    made: list[tuple[Tensor, bool]] = []
+    of_step = {}
+    for t in steps:
+        key = key_of(t)
+        if key not in keys:
+            keys[key] = len(made)
+            made.append(make(key))
+        of_step[t] = keys[key]
+    level = _Level([None] * len(made), [c for _, c in made], of_step)  # type: ignore[list-item]
+    for const in (False, True):
+        classes = [i for i, (_, c) in enumerate(made) if c == const]
+        if not classes:
+            continue
+        stacked = torch.stack([made[i][0] for i in classes], dim=1)
+        if relu:
+            stacked = F.relu(stacked)
+        level.stacks[const] = (stacked, classes)
+        for j, i in enumerate(classes):
+            level.tensors[i] = stacked[:, j]
+    return level
+
+
+def _run_branch(branch: Branch, level: _Level, steps: Sequence[int], run: _Run, lag: int) -> _Level:
+    """Evaluate ``branch`` at the given steps on the states of ``level``, once per distinct key.
+
+    ``lag``: how many steps after its computation a result reaches the output (1 for delayed values), for
+    cost accounting.
+    """
+    norms = branch.norms()
+    units: dict[Hashable, list[int]] = {}  # key -> steps, in order of first appearance
+    for t in steps:
+        key = (level.of_step[t], tuple(run.norm_key(bn, t) for bn in norms))
+        units.setdefault(key, []).append(t)
+    unit_steps = list(units.values())
+    out = _Level([None] * len(unit_steps), [level.const[level.of_step[s[0]]] for s in unit_steps], {})  # type: ignore[list-item]
+    for u, ts in enumerate(unit_steps):
+        for t in ts:
+            out.of_step[t] = u
+    for const in (False, True):
+        members = [u for u in range(len(unit_steps)) if out.const[u] == const]
+        if not members:
+            continue
+        x = level.stack([level.of_step[unit_steps[u][0]] for u in members], const)  # (B, G, C, H, W)
+        macs = 0
+        for layer in branch.units:
+            b, g = x.shape[:2]
+            y = layer.conv(x.flatten(0, 1))
+            y = y.view(b, g, *y.shape[1:])
+            first = [unit_steps[u][0] for u in members]
+            y, stats = layer.bn.forward_groups(
+                y,
+                [layer.bn.stat_slot(t) for t in first],
+                [layer.bn.affine_slot(t) for t in first],
+                count=run.batch if const else None,
+            )
+            if stats is not None:
+                for j, u in enumerate(members):
+                    for t in unit_steps[u]:
+                        run.updates.append((t, layer.bn, layer.bn.stat_slot(t), stats[0][j], stats[1][j]))
+            x = F.relu(y) if layer.relu else y
+            macs += layer.macs(x.shape[-2:])
+        if branch.pool:
+            b, g = x.shape[:2]
+            p = Branch.maxpool(x.flatten(0, 1))
+            x = p.view(b, g, *p.shape[1:])
+        out.stacks[const] = (x, members)
+        for j, u in enumerate(members):
+            out.tensors[u] = x[:, j]
+            if run.costs is not None and not const:
+                run.costs.append((unit_steps[u][0] + lag, macs))
+    return out
+
+
+def _block(model: CascadedResNet, k: int, level: _Level, T: int, scheme: str, run: _Run) -> _Level:
+    block = model.blocks[k]
+    osd = model.delay == "osd"
+    steps = [t for t in range(T) if model.computes_residual(k, t, scheme)]
+    res = _run_branch(block.residual, level, steps, run, lag=1 if osd else 0)
+    short = level if block.shortcut is None else _run_branch(block.shortcut, level, range(T), run, lag=0)
+
+    # The value added to the shortcut at each step, by key: the delayed residual (OSD) or the smoothed
+    # residual (EWS, whose key chains the previous step's key, so it is new at every step unless alpha = 0).
+    added: dict[Hashable, tuple[Tensor, bool]] = {}
+    added_key: list[Hashable] = []
+    prev: Hashable = None
+    for t in range(T):
+        key: Hashable = None
+        if osd and t >= 1 and model.active(k, t, scheme):
+            c = res.of_step[t - 1]
+            key = ("res", c)
+            added.setdefault(key, (res.tensors[c], res.const[c]))
+        elif not osd and model.active(k, t, scheme):
+            c = res.of_step[t]
+            key = ("res", c) if model.alpha == 0 else ("ews", prev, c)
+            if key not in added:
+                held = None if prev is None else added[prev]
+                value = ews_update(None if held is None else held[0], res.tensors[c], model.alpha)
+                added[key] = (value, res.const[c] and (held is None or held[1]))
+        prev = key
+        added_key.append(key)
+
+    def make(key: Hashable) -> tuple[Tensor, bool]:
+        s, a = key  # type: ignore[misc]
+        x, const = short.tensors[s], short.const[s]
+        if a is None:
+            return x, const
+        value, vconst = added[a]
+        return x + value, const and vconst
+
+    return _combine(range(T), lambda t: (short.of_step[t], added_key[t]), make, relu=True)
+
+
+def ews_update(prev: Tensor | None, value: Tensor, alpha: float) -> Tensor:
+    """One exponential-smoothing step; the state starts from zero. Shared by the step loop and the engine so
+    that both do the same floating-point operations."""
+    if prev is None:
+        return value if alpha == 0 else (1 - alpha) * value
+    return alpha * prev + (1 - alpha) * value
+
+
+def _trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str, run: _Run) -> Tensor:
+    B = x.shape[0]
+    inp = _Level([x], [False], dict.fromkeys(range(T), 0), {False: (x.unsqueeze(1), [0])})
+    stem = _run_branch(model.stem, inp, range(T), run, lag=1 if model.stem_delay else 0)
+    if model.stem_delay:
+        zero = torch.zeros_like(stem.tensors[0][:1])
+
+        def make_stem(key: Hashable) -> tuple[Tensor, bool]:
+            return (zero, True) if key is None else (stem.tensors[key], stem.const[key])  # type: ignore[index]
+
+        level = _combine(range(T), lambda t: None if t == 0 else stem.of_step[t - 1], make_stem, relu=False)
+    else:
+        level = stem
+    for k in range(model.num_blocks):
+        level = _block(model, k, level, T, scheme, run)
+
+    pooled = {c: level.tensors[c].mean(dim=(-2, -1)) for c in set(level.of_step.values())}
+    logits: dict[tuple[int, int], Tensor] = {}
+    out = []
+    for t in range(T):
+        c, h = level.of_step[t], min(t, len(model.heads) - 1)
+        if (c, h) not in logits:
+            logits[(c, h)] = model.heads[h](pooled[c])
+            if run.costs is not None and not level.const[c]:
+                run.costs.append((t, model.features * model.num_classes))
+        out.append(logits[(c, h)].expand(B, -1))
+    return torch.stack(out)  # (T, B, num_classes)
+
+
+def _new_run(model: CascadedResNet, batch: int) -> _Run:
+    training = model.training
+    classes = {} if training else {id(bn): bn.stat_classes() for bn in model.norms()}
+    return _Run(batch, training, classes)
+
+
+def trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str) -> Tensor:
+    """Logits of every step for a constant input ``x``: ``(T, B, num_classes)``, equal to the step loop's
+    (and, in training, with the same running-statistics updates)."""
+    run = _new_run(model, x.shape[0])
+    out = _trajectory(model, x, T, scheme, run)
+    run.apply_updates()
+    return out
+
+
+@torch.no_grad()
+def macs_per_step(model: CascadedResNet, input_size: tuple[int, int, int], T: int, scheme: str) -> dict:
+    """Cost of each step per example (see ``CascadedResNet.macs_per_step``)."""
+    param = next(model.parameters())
+    x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        run = _new_run(model, 1)
+        run.costs = []
+        _trajectory(model, x, T, scheme, run)
+    finally:
+        model.train(was_training)
+    per_step = [0] * T
+    for t, macs in run.costs:
+        if t < T:
+            per_step[t] += macs
+    cumulative, total = [], 0
+    for m in per_step:
+        total += m
+        cumulative.append(total)
+    return {
+        "serial_cumulative": cumulative,
+        "parallel_latency_blocks": [t + 1 for t in range(T)],
+        "feedforward": feedforward_macs(model, input_size),
+    }
+
+
+@torch.no_grad()
+def feedforward_macs(model: CascadedResNet, input_size: tuple[int, int, int]) -> int:
+    """MACs of one ordinary forward pass for one example (convolutions and the classifier)."""
+    total = 0
+
+    def count(branch: Branch, x: Tensor) -> Tensor:
+        nonlocal total
+        for layer in branch.units:
+            x = layer.conv(x)
+            total += layer.macs(x.shape[-2:])
+        return Branch.maxpool(x) if branch.pool else x
+
+    param = next(model.parameters())
+    y = count(model.stem, torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    for block in model.blocks:
+        r = count(block.residual, y)
+        if block.shortcut is not None:
+            count(block.shortcut, y)
+        y = r
+    return total + model.features * model.num_classes
