@@ -1,0 +1,152 @@
+"""Files of a run: atomic writes, resumable checkpoints, and final weights in safetensors.
+
+Everything is written to a temporary file in the same directory, flushed to disk and then renamed over the
+target, so a kill at any moment leaves either the previous file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from .cascade import CascadedResNet
+from .registry import create_model
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_weights",
+    "load_model",
+    "CHECKPOINT",
+    "WEIGHTS",
+]
+
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A missing, truncated or mismatched checkpoint or weights file; the message names the path."""
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Save a training state (tensors, numbers, strings and containers of them) atomically."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``; only plain data is unpickled (``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint here")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cascadenet checkpoint (format {FORMAT})")
+    return state
+
+
+def save_weights(path: str | os.PathLike, model: CascadedResNet, extra: dict[str, Any] | None = None) -> None:
+    """Save the model's weights and buffers as safetensors, with its ``create_model`` arguments as metadata."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"model_config": json.dumps(model.config), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    atomic_write(path, save(tensors, metadata=metadata))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a weights file written by ``save_weights``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    try:
+        return {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: unreadable metadata: {e}") from None
+
+
+def build_and_load(config: dict[str, Any], state: dict[str, torch.Tensor], source: str | os.PathLike) -> CascadedResNet:
+    """Rebuild a model from its ``create_model`` arguments and load a state dict, with a clear error when the
+    state belongs to another architecture."""
+    try:
+        model = create_model(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot rebuild the model from its stored configuration: {e}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(f"{source}: the weights do not fit a {config.get('name')} model: {detail}") from None
+    return model
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CascadedResNet:
+    """Load a trained model from a run directory, a ``model.safetensors`` file or a ``checkpoint.pt``.
+
+    A run directory gives its final weights when training finished, else its latest checkpoint.
+    The model is returned in evaluation mode.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / WEIGHTS).is_file():
+            path = path / WEIGHTS
+        elif (path / CHECKPOINT).is_file():
+            path = path / CHECKPOINT
+        else:
+            raise CheckpointError(f"{path}: no {WEIGHTS} or {CHECKPOINT} in this directory (not a finished run?)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        if "model_config" not in meta:
+            raise CheckpointError(f"{path}: no model configuration in the metadata (not written by cascadenet?)")
+        try:
+            state = load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        model = build_and_load(meta["model_config"], state, path)
+    else:
+        ckpt = load_checkpoint(path, map_location)
+        model = build_and_load(ckpt["model_config"], ckpt["model"], path)
+    return model.to(map_location).eval()

@@ -1,0 +1,218 @@
+"""The ``cascadenet`` command: a thin layer that parses options (tyro, from dataclasses) and calls the library.
+
+    cascadenet train --dataset fashion-mnist --model resnet18 --width 16 --loss td --lam 0.5
+    cascadenet train --resume runs/resnet18-td-fashion-mnist-s0
+    cascadenet eval runs/resnet18-td-fashion-mnist-s0 [--scheme serial] [--save-logits logits.npz]
+    cascadenet plot runs/a runs/b -o speed_accuracy.png
+    cascadenet demo
+    cascadenet models
+
+User errors (bad options, missing or malformed data, unusable run directories) print one line and exit 2;
+an interrupted run exits 130 after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .train import TrainConfig, TrainingError
+
+__all__ = ["main"]
+
+DESCRIPTION = "Train, evaluate and plot parallel cascaded ResNets for anytime prediction."
+
+# Options a resumed run may change: where and how fast it runs, not what it computes.
+RESUME_OVERRIDES = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size")
+
+
+@dataclass
+class TrainCommand(TrainConfig):
+    """Train a cascaded ResNet; writes a run directory (config, checkpoints, metrics, final weights)."""
+
+    config: str | None = None
+    """Start from the options in this config.json (written by a run); options given on the line override them."""
+    resume: str | None = None
+    """Continue the run in this directory from its last checkpoint, with its stored options."""
+
+    def train_config(self) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+
+
+@dataclass
+class EvalCommand:
+    """Evaluate a run on the test split: per-step accuracy, threshold curve, AUCs, MACs; writes eval.json."""
+
+    run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by `cascadenet train`."""
+    split: Literal["test", "train"] = "test"
+    """Split to evaluate."""
+    scheme: Literal["parallel", "serial"] | None = None
+    """Evaluate the same weights in another scheme (written to eval-<scheme>.json)."""
+    num_steps: int | None = None
+    """Run this many steps instead of the model's own (e.g. longer integration)."""
+    data_root: str | None = None
+    """Dataset folder, if it moved since training."""
+    batch_size: int = 500
+    """Evaluation batch size."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    save_logits: str | None = None
+    """Also store the trajectory logits (T, N, C) and labels in this .npz file."""
+    overwrite: bool = False
+    """Allow --save-logits to replace an existing file."""
+    progress: bool | None = None
+    """Progress bar (default: when stderr is a terminal)."""
+
+
+@dataclass
+class PlotCommand:
+    """Overlay per-step accuracy and the threshold speed-accuracy curves of several evaluated runs."""
+
+    runs: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directories (each evaluated with `cascadenet eval`)."""
+    output: Annotated[str, tyro.conf.arg(aliases=("-o",))] = "speed_accuracy.png"
+    """Figure file (.png, .pdf or .svg)."""
+    eval_file: str = "eval.json"
+    """Which evaluation of each run to plot (e.g. eval-serial.json)."""
+    title: str | None = None
+    """Figure title."""
+
+
+@dataclass
+class DemoCommand:
+    """The main job: train CascadedTD and CascadedCE on Fashion-MNIST, evaluate both, write a report."""
+
+    out: str = "runs/demo"
+    """Folder of the two runs and report.md (finished runs are reused, unfinished ones resumed)."""
+    data_root: str | None = None
+    """Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)."""
+    threads: int | None = 2
+    """CPU threads."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    epochs: int | None = None
+    """Override the epochs of both runs (a quicker, weaker demo)."""
+
+
+@dataclass
+class ModelsCommand:
+    """List the registered architectures."""
+
+    pattern: tyro.conf.Positional[str | None] = None
+    """Glob pattern, e.g. 'resnet1*'."""
+
+
+def _prescan_config(argv: list[str]) -> TrainCommand:
+    """``train --config FILE``: the file's options become the defaults that the other flags override."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+        else:
+            continue
+        return TrainCommand(**dataclasses.asdict(TrainConfig.from_file(path)), config=path)
+    return TrainCommand()
+
+
+def _parse(argv: list[str]):
+    default_train = _prescan_config(argv[1:]) if argv[:1] == ["train"] else TrainCommand()
+    sub = tyro.conf.subcommand
+    spec = (
+        Annotated[TrainCommand, sub("train", default=default_train)]
+        | Annotated[EvalCommand, sub("eval")]
+        | Annotated[PlotCommand, sub("plot")]
+        | Annotated[DemoCommand, sub("demo")]
+        | Annotated[ModelsCommand, sub("models")]
+    )
+    return tyro.cli(spec, args=argv, prog="cascadenet", description=DESCRIPTION,
+                    config=(tyro.conf.OmitSubcommandPrefixes,))  # fmt: skip
+
+
+def _run_train(cmd: TrainCommand) -> None:
+    from .train import train
+
+    if cmd.resume is None:
+        run_dir = train(cmd.train_config())
+    else:
+        defaults = TrainCommand(resume=cmd.resume, config=cmd.config)
+        changed = [f.name for f in dataclasses.fields(TrainConfig)
+                   if getattr(cmd, f.name) != getattr(defaults, f.name) and f.name not in RESUME_OVERRIDES]  # fmt: skip
+        if changed or cmd.config:
+            given = ", ".join(f"--{n.replace('_', '-')}" for n in changed) or "--config"
+            raise ValueError(
+                f"--resume continues a run with its stored options; {given} cannot change them "
+                f"(allowed with --resume: {', '.join('--' + n.replace('_', '-') for n in RESUME_OVERRIDES)})"
+            )
+        overrides = {n: getattr(cmd, n) for n in RESUME_OVERRIDES if getattr(cmd, n) != getattr(defaults, n)}
+        run_dir = train(resume=cmd.resume, overrides=overrides)
+    print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")
+
+
+def _run_eval(cmd: EvalCommand) -> None:
+    from .evaluate import evaluate, format_table
+
+    progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
+    result = evaluate(cmd.run_dir, split=cmd.split, scheme=cmd.scheme, num_steps=cmd.num_steps,
+                      data_root=cmd.data_root, batch_size=cmd.batch_size, device=cmd.device,
+                      save_logits=cmd.save_logits, overwrite=cmd.overwrite, progress=progress)  # fmt: skip
+    print(format_table(result))
+
+
+def _run_plot(cmd: PlotCommand) -> None:
+    from .plotting import plot_runs
+
+    results = []
+    for run in cmd.runs:
+        path = Path(run) / cmd.eval_file
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no evaluation here; run `cascadenet eval {run}` first")
+        try:
+            results.append((Path(run).name, json.loads(path.read_text())))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not a readable evaluation: {e}") from None
+    print(plot_runs(results, cmd.output, title=cmd.title))
+
+
+def _run_demo(cmd: DemoCommand) -> None:
+    from .demo import run_demo
+
+    report = run_demo(cmd.out, data_root=cmd.data_root, threads=cmd.threads, device=cmd.device, epochs=cmd.epochs)
+    print(f"report: {report}")
+
+
+def _run_models(cmd: ModelsCommand) -> None:
+    from .registry import list_models
+
+    print("\n".join(list_models(cmd.pattern)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cascadenet`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cmd = _parse(argv)
+        runner = {TrainCommand: _run_train, EvalCommand: _run_eval, PlotCommand: _run_plot, DemoCommand: _run_demo,
+                  ModelsCommand: _run_models}[type(cmd)]  # fmt: skip
+        runner(cmd)
+    except (ValueError, DataError, CheckpointError, TrainingError, FileExistsError, FileNotFoundError) as e:
+        print(f"cascadenet: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Anytime evaluation of a trained run: per-step accuracy, the threshold policy's speed-accuracy curve,
+areas under both, and the cost of every step in multiply-accumulates.
+
+Definitions (also in the README):
+- accuracy at step t: fraction of test examples whose argmax at step t is the label;
+- anytime AUC: area under accuracy against normalised time t / (T - 1), trapezoidal, in [0, 1];
+- threshold policy: for a threshold q, each example stops at the first step whose max softmax >= q (else at
+  the last step); the curve is accuracy against mean stopping step over a grid of q in [0, 1], and its area is
+  taken against mean stopping step / (T - 1), extended flat to 0 and 1;
+- steps to 50% / 95%: the first step whose accuracy reaches that fraction of the final step's accuracy;
+- MACs: serial hardware, cumulative multiply-accumulates per example to produce steps 0..t (each distinct
+  state computed once); parallel hardware, latency in blocks (one block per step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import data as D
+from . import metrics
+from .checkpoint import CheckpointError, atomic_write, load_model
+from .train import CONFIG, TrainConfig, predict, resolve_device
+
+__all__ = ["evaluate", "eval_filename", "format_table"]
+
+
+def eval_filename(scheme: str | None, model_scheme: str, num_steps: int | None) -> str:
+    """``eval.json`` for the model's own scheme and length; ``eval-serial.json``, ``eval-T20.json`` otherwise."""
+    parts = []
+    if scheme and scheme != model_scheme:
+        parts.append(scheme)
+    if num_steps:
+        parts.append(f"T{num_steps}")
+    return "eval.json" if not parts else f"eval-{'-'.join(parts)}.json"
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    scheme: str | None = None,
+    num_steps: int | None = None,
+    data_root: str | None = None,
+    batch_size: int = 500,
+    device: str = "auto",
+    save_logits: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run on its dataset's test split; writes ``eval.json`` (or a scheme/length-specific name) in
+    the run directory and returns its content.
+
+    Args:
+        run_dir: a run directory written by ``cascadenet train``.
+        split: ``test`` (default) or ``train``.
+        scheme: evaluate the same weights in another scheme (``parallel``/``serial``).
+        num_steps: run this many steps instead of the model's own.
+        data_root: override the dataset location stored in the run.
+        save_logits: also store the trajectory logits ``(T, N, C)`` and labels in this ``.npz`` file.
+        overwrite: allow ``save_logits`` to replace an existing file.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
+    if save_logits is not None:
+        save_logits = Path(save_logits)
+        if save_logits.suffix != ".npz":
+            raise ValueError(f"{save_logits}: --save-logits takes a .npz file name")
+        if save_logits.exists() and not overwrite:
+            raise FileExistsError(f"{save_logits} exists; pass --overwrite to replace it (nothing was written)")
+    stored = json.loads((run_dir / CONFIG).read_text())
+    cfg = TrainConfig.from_file(run_dir / CONFIG)
+    dev = resolve_device(device)
+    model = load_model(run_dir, map_location=dev)
+    finished = (run_dir / "model.safetensors").is_file()
+
+    ds = D.load_dataset(cfg.dataset, data_root or cfg.data_root, split, image_size=cfg.image_size,
+                        synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+    D.check_compatible(ds, model.in_channels, model.num_classes)
+    mean = torch.tensor(stored["normalization"]["mean"])
+    std = torch.tensor(stored["normalization"]["std"])
+    ds = ds.to(dev)
+    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
+    logits = predict(model, ds, mean, std, batch_size=batch_size, scheme=scheme, num_steps=num_steps, amp=amp,
+                     progress=progress, desc="evaluate")  # fmt: skip
+    labels = ds.labels.cpu()
+    batches = D.iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=mean, std=std)
+    with torch.no_grad():
+        ff = [model.feedforward(x).argmax(-1).cpu() for x, _ in batches]
+    summary = metrics.summarize(logits, labels)
+    costs = model.macs_per_step(tuple(ds.images.shape[1:]), num_steps=num_steps, scheme=scheme)
+    result = {
+        "run": run_dir.name,
+        "split": split,
+        "scheme": scheme or model.scheme,
+        "finished_training": finished,
+        **summary,
+        "feedforward_accuracy": float((torch.cat(ff) == labels).float().mean()),
+        "macs_per_step": costs["serial_cumulative"],
+        "parallel_latency_blocks": costs["parallel_latency_blocks"],
+        "macs_feedforward": costs["feedforward"],
+        "model": model.config,
+    }
+    name = eval_filename(scheme, model.scheme, num_steps)
+    atomic_write(run_dir / name, (json.dumps(result, indent=2) + "\n").encode())
+    if save_logits is not None:
+        np.savez_compressed(save_logits, logits=logits.numpy(), labels=labels.numpy())
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A short text table of an evaluation: accuracy and cost per step, then the summary numbers."""
+    acc = result["accuracy_per_step"]
+    macs = result["macs_per_step"]
+    lines = [f"{result['run']} ({result['scheme']}, {result['num_examples']} {result['split']} examples)",
+             f"{'step':>4} {'accuracy':>9} {'cum. MMACs':>11}"]  # fmt: skip
+    for t, (a, m) in enumerate(zip(acc, macs)):
+        lines.append(f"{t:>4} {100 * a:>8.2f}% {m / 1e6:>11.2f}")
+    s50, s95 = result["steps_to_50pct_final"], result["steps_to_95pct_final"]
+    lines += [
+        f"feed-forward accuracy {100 * result['feedforward_accuracy']:.2f}% "
+        f"({result['macs_feedforward'] / 1e6:.2f} MMACs)",
+        f"anytime AUC {result['anytime_auc']:.4f}   threshold-policy AUC {result['threshold_auc']:.4f}",
+        f"first step reaching 50% / 95% of final accuracy: {s50} / {s95}",
+    ]
+    return "\n".join(lines)
