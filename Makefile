@@ -31,8 +31,10 @@ data:
 	  fi; \
 	fi
 
+# The main job: CascadedTD vs CascadedCE on Fashion-MNIST (about 10 minutes on 2 CPU cores), report in
+# runs/demo/report.md. Finished runs are reused and unfinished ones resumed, so it can be re-run or interrupted.
 demo: $(STAMP) data
-	$(BIN)/python benchmarks/engine.py --threads $(THREADS)
+	$(BIN)/cascadenet demo --out runs/demo --threads $(THREADS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

@@ -5,9 +5,9 @@
 
 All variants run side by side in one process, interleaved (A, B, C, A, B, C, ...) so that drifting machine
 load hits them alike; times are medians over repetitions after warm-up. Peak memory of a training step is
-measured in fresh subprocesses (peak resident set size growth on CPU, torch.cuda.max_memory_allocated on a
-GPU), together with the bytes autograd saves for the backward pass, which does not depend on the allocator.
-Ratios are what we report: absolute times on a shared machine are not stable.
+measured in fresh subprocesses (growth of the peak resident set size, VmHWM, on CPU;
+torch.cuda.max_memory_allocated on a GPU), together with the bytes autograd saves for the backward pass,
+which does not depend on the allocator. Ratios are what we report: absolute times on a shared machine are not stable.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -69,9 +68,19 @@ def time_interleaved(fns: dict, reps: int, warmup: int, device) -> dict[str, flo
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def proc_status_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process. VmHWM belongs to the current address space, unlike
+    getrusage's ru_maxrss, which a child started by fork + exec inherits from its (large) parent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        f.write("5")
 
 
 def memory_child(args) -> None:
@@ -92,14 +101,15 @@ def memory_child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = rss_bytes()
+        base = proc_status_bytes("VmRSS")
+        reset_peak_rss()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         train_step(model, opt, x, y, args.memory_child)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = proc_status_bytes("VmHWM") - base
     print(json.dumps({"peak": peak, "saved": saved}))
 
 

@@ -206,3 +206,20 @@ def test_engine_matches_loop_property(
         batch = 2  # batch norm cannot train on one value per channel (the 1x1 maps of the last stage)
     x = torch.randn(batch, 3, 8, 8)
     check(compare(model, x, None, steps, train))
+
+
+def test_engine_under_bf16_autocast_and_channels_last():
+    """The CUDA defaults of training (bf16 autocast, channels_last), exercised on the CPU."""
+    model = build(CONFIGS["resnet18"]).to(memory_format=torch.channels_last)
+    perturb(model)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(4)
+    for train in (True, False):
+        a, b = copy.deepcopy(model).train(train), copy.deepcopy(model).train(train)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            za, zb = a(x), b(x, method="loop")
+        assert za.shape == zb.shape and torch.isfinite(za).all()
+        assert (za.float() - zb.float()).abs().max() < 0.1  # bf16 has 8 bits of mantissa
+        if train:
+            td_loss(za, y, 0.5).backward()
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in a.parameters())

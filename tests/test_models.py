@@ -64,7 +64,7 @@ def test_depth_and_settling_time(name, blocks):
 def test_standard_resnet_shapes():
     model = cn.create_model("resnet18", num_classes=10)  # width 64 = the standard ResNet-18
     n_params = sum(p.numel() for p in model.parameters())
-    # torchvision's CIFAR-style ResNet-18 has 11.17M parameters; ours adds only per-step BN statistics
+    # the standard CIFAR ResNet-18 (3x3 stem) has 11,173,962 parameters; ours adds only per-step BN statistics
     # (buffers, not parameters), so the count must match.
     assert n_params == 11_173_962
     bn = model.norms()[0]

@@ -234,3 +234,26 @@ def test_resume_refuses_option_changes(tmp_path, capsys):
     run = train(small_cfg(tmp_path, epochs=1))
     assert main(["train", "--resume", str(run), "--lr", "0.5"]) == 2
     assert "--lr" in capsys.readouterr().err
+
+
+def test_demo_report_and_reuse(tmp_path, monkeypatch):
+    import cascadenet.demo as demo
+
+    tiny = dict(model="resnet10", width=4, dataset="synthetic", synthetic_size=256, batch_size=32, epochs=1)
+    monkeypatch.setattr(
+        demo,
+        "DEMO_RUNS",
+        {"cascaded-td": TrainConfig(**tiny, loss="td"), "cascaded-ce": TrainConfig(**tiny, loss="final")},
+    )
+    report = demo.run_demo(tmp_path / "demo", threads=None)
+    text = report.read_text()
+    assert "| cascaded-td |" in text and "| cascaded-ce |" in text and "anytime AUC" in text
+    assert "cascadenet train --model resnet10 --width 4" in text and "--loss final" in text
+    assert (tmp_path / "demo" / "speed_accuracy.png").is_file()
+    before = (tmp_path / "demo" / "cascaded-td" / "model.safetensors").read_bytes()
+    assert "reused" in demo.run_demo(tmp_path / "demo", threads=None).read_text()
+    assert (tmp_path / "demo" / "cascaded-td" / "model.safetensors").read_bytes() == before
+    # an unfinished run with other options is not silently continued with the demo's
+    (tmp_path / "demo" / "cascaded-td" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="other options"):
+        demo.run_demo(tmp_path / "demo", threads=None, epochs=2)

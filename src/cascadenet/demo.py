@@ -9,7 +9,6 @@ compares their per-step test accuracy and anytime AUC and overlays their speed-a
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -27,8 +26,8 @@ __all__ = ["DEMO_RUNS", "run_demo"]
 _COMMON = dict(model="resnet10", width=16, stem="cifar_pool", dataset="fashion-mnist", batch_size=128, lr=0.1,
                schedule="onecycle", warmup_epochs=0.5, seed=0)  # fmt: skip
 DEMO_RUNS = {
-    "cascaded-td": TrainConfig(**_COMMON, loss="td", lam=0.5, epochs=8),
-    "cascaded-ce": TrainConfig(**_COMMON, loss="final", epochs=8),
+    "cascaded-td": TrainConfig(**_COMMON, loss="td", lam=0.5, epochs=6),
+    "cascaded-ce": TrainConfig(**_COMMON, loss="final", epochs=6),
 }
 
 
@@ -60,22 +59,37 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
-    results, timings = [], {}
+    results, timings, configs = [], {}, {}
     for name, base in DEMO_RUNS.items():
         cfg = dataclasses.replace(base, out=str(out), name=name, data_root=data_root, threads=threads, device=device,
                                   epochs=epochs or base.epochs)  # fmt: skip
         t0 = time.perf_counter()
         how = _train_or_reuse(cfg, out / name)
         timings[name] = (how, time.perf_counter() - t0)
+        configs[name] = cfg
         print(f"{name}: {how} in {timings[name][1]:.0f}s", file=sys.stderr)
         results.append((name, evaluate(out / name, device=device)))
     figure = plot_runs(results, out / "speed_accuracy.png", title="Fashion-MNIST test set, ResNet-10 cascade")
     report = out / "report.md"
-    report.write_text(_report(results, timings, figure.name))
+    report.write_text(_report(results, timings, configs, figure.name))
     return report
 
 
-def _report(results: list[tuple[str, dict]], timings: dict[str, tuple[str, float]], figure: str) -> str:
+def _options(cfg: TrainConfig) -> str:
+    """The command-line options that differ from the defaults: what reproduces the run."""
+    default = TrainConfig()
+    flags = []
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, field.name)
+        if value != getattr(default, field.name) and field.name != "progress":
+            flag = "--" + field.name.replace("_", "-")
+            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+    return " ".join(flags)
+
+
+def _report(
+    results: list[tuple[str, dict]], timings: dict[str, tuple[str, float]], configs: dict[str, TrainConfig], figure: str
+) -> str:
     T = max(len(r["accuracy_per_step"]) for _, r in results)
     head = "| run | " + " | ".join(f"t={t}" for t in range(T)) + " | feed-forward | anytime AUC | threshold AUC |"
     rule = "|---" * (T + 4) + "|"
@@ -85,7 +99,6 @@ def _report(results: list[tuple[str, dict]], timings: dict[str, tuple[str, float
         rows.append(f"| {name} | {steps} | {100 * r['feedforward_accuracy']:.1f} | {r['anytime_auc']:.4f} | "
                     f"{r['threshold_auc']:.4f} |")  # fmt: skip
     td, ce = dict(results)["cascaded-td"], dict(results)["cascaded-ce"]
-    cfg = {name: json.dumps(dataclasses.asdict(DEMO_RUNS[name])) for name in DEMO_RUNS}
     lines = [
         "# cascadenet demo: CascadedTD vs CascadedCE on Fashion-MNIST",
         "",
@@ -107,9 +120,13 @@ def _report(results: list[tuple[str, dict]], timings: dict[str, tuple[str, float
         "",
         "## How this was made",
         "",
-        f"`make demo` on {platform.machine()} with torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"`make demo` on {platform.machine()} with torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        "Each run is equivalent to:",
         "",
-        *[f"- {name}: {how} in {sec:.0f} s; options `{cfg[name]}`" for name, (how, sec) in timings.items()],
+        *[
+            f"- {name} ({how} in {sec:.0f} s): `cascadenet train {_options(configs[name])}`"
+            for name, (how, sec) in timings.items()
+        ],  # fmt: skip
         "",
     ]
     return "\n".join(lines)
