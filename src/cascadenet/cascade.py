@@ -83,6 +83,7 @@ class CascadedResNet(nn.Module):
         num_steps: int | None = None,
     ) -> None:
         super().__init__()
+        self.config: dict | None = None  # create_model's arguments, set by the registry (needed to save weights)
         self.num_blocks = sum(layers)
         self.stem_delay = stem_delay
         self.settle_steps = self.num_blocks + (2 if stem_delay else 1)

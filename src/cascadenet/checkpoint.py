@@ -85,6 +85,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def save_weights(path: str | os.PathLike, model: CascadedResNet, extra: dict[str, Any] | None = None) -> None:
     """Save the model's weights and buffers as safetensors, with its ``create_model`` arguments as metadata."""
+    if model.config is None:
+        raise ValueError("only models built by cascadenet.create_model can be saved (their config rebuilds them)")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"model_config": json.dumps(model.config), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     atomic_write(path, save(tensors, metadata=metadata))

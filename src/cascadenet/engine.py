@@ -130,13 +130,13 @@ def _run_branch(branch: Branch, level: _Level, steps: Sequence[int], run: _Run, 
         members = [u for u in range(len(unit_steps)) if out.const[u] == const]
         if not members:
             continue
-        x = level.stack([level.of_step[unit_steps[u][0]] for u in members], const)  # (B, G, C, H, W)
+        first = [unit_steps[u][0] for u in members]  # a representative step of each computation
+        x = level.stack([level.of_step[t] for t in first], const)  # (B, G, C, H, W)
         macs = 0
         for layer in branch.units:
             b, g = x.shape[:2]
-            y = layer.conv(x.flatten(0, 1))
+            y = layer.conv(x.flatten(0, 1))  # time folded into the batch: (B*G, C, H, W)
             y = y.view(b, g, *y.shape[1:])
-            first = [unit_steps[u][0] for u in members]
             y, stats = layer.bn.forward_groups(
                 y,
                 [layer.bn.stat_slot(t) for t in first],

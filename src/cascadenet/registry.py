@@ -98,38 +98,15 @@ def create_model(
         raise ValueError(
             "temporal_affine=True needs temporal_bn=True (per-step scale/shift go with per-step statistics)"
         )
+    config = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "width": width, "stem": stem,
+              "scheme": scheme, "delay": delay, "alpha": float(alpha), "stem_delay": stem_delay,
+              "temporal_bn": temporal_bn, "temporal_affine": temporal_affine, "multi_head": multi_head}  # fmt: skip
     block, layers = _MODELS[name]
     model = CascadedResNet(
-        block=block,
-        layers=layers,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        width=width,
-        stem=stem,
-        scheme=scheme,
-        delay=delay,
-        alpha=float(alpha),
-        stem_delay=stem_delay,
-        temporal_bn=temporal_bn,
-        temporal_affine=temporal_affine,
-        multi_head=multi_head,
-        num_steps=num_steps,
+        block=block, layers=layers, num_steps=num_steps, **{k: v for k, v in config.items() if k != "name"}
     )
-    model.config = {  # the arguments that rebuild this model: stored with every checkpoint
-        "name": name,
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "width": width,
-        "stem": stem,
-        "scheme": scheme,
-        "delay": delay,
-        "alpha": float(alpha),
-        "stem_delay": stem_delay,
-        "temporal_bn": temporal_bn,
-        "temporal_affine": temporal_affine,
-        "multi_head": multi_head,
-        "num_steps": model.num_steps,
-    }
+    # the arguments that rebuild this model, stored with every checkpoint and weights file
+    model.config = {**config, "num_steps": model.num_steps}
     return model
 
 
