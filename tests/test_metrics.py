@@ -94,6 +94,15 @@ def test_threshold_curve_hand_made() -> None:
     np.testing.assert_allclose(curve["accuracy"], [0.25, 0.25, 0.5, 0.75, 0.75])
 
 
+def test_threshold_curve_never_stops_before_first_step() -> None:
+    # From step 1 on, q=0 stops everyone at step 1 (accuracy 0.75 there), whatever step 0 says.
+    curve = threshold_curve(HAND_LOGITS, HAND_LABELS, [0.0, 1.0], first_step=1)
+    np.testing.assert_allclose(curve["mean_step"], [1.0, 2.0])
+    np.testing.assert_allclose(curve["accuracy"], [0.75, 0.75])
+    with pytest.raises(ValueError, match="first_step"):
+        threshold_curve(HAND_LOGITS, HAND_LABELS, first_step=3)
+
+
 def test_threshold_curve_default_thresholds() -> None:
     curve = threshold_curve(HAND_LOGITS, HAND_LABELS)
     assert len(curve["thresholds"]) == len(curve["mean_step"]) == len(curve["accuracy"]) == 101
@@ -164,6 +173,7 @@ def test_summarize_hand_made_is_plain_json() -> None:
     assert summary["steps_to_50pct_final"] == 1
     assert summary["steps_to_95pct_final"] == 1
     assert summary["final_accuracy"] == pytest.approx(0.75)
+    assert summary["policy_first_step"] == 0
 
     def plain(value: object) -> bool:
         if isinstance(value, dict):
@@ -175,15 +185,17 @@ def test_summarize_hand_made_is_plain_json() -> None:
     assert plain(summary)
 
 
-def _reference_threshold_curve(logits: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> dict:
-    """Direct per-example loop: scan the steps, stop at the first confident one, else at the last."""
+def _reference_threshold_curve(
+    logits: np.ndarray, labels: np.ndarray, thresholds: np.ndarray, first_step: int = 0
+) -> dict:
+    """Direct per-example loop: scan the steps from first_step, stop at the first confident one, else at the last."""
     num_steps, num_examples, _ = logits.shape
     mean_step, accuracy = [], []
     for q in thresholds:
         stops, right = [], []
         for n in range(num_examples):
             stop = num_steps - 1
-            for t in range(num_steps):
+            for t in range(first_step, num_steps):
                 z = logits[t, n] - logits[t, n].max()
                 probs = np.exp(z) / np.exp(z).sum()
                 if probs.max() >= q:
@@ -196,7 +208,7 @@ def _reference_threshold_curve(logits: np.ndarray, labels: np.ndarray, threshold
     return {"mean_step": mean_step, "accuracy": accuracy}
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(6))
 def test_threshold_curve_matches_loop_reference(seed: int) -> None:
     rng = np.random.default_rng(seed)
     num_steps, num_examples, num_classes = rng.integers(1, 6), rng.integers(1, 40), rng.integers(2, 7)
@@ -205,8 +217,9 @@ def test_threshold_curve_matches_loop_reference(seed: int) -> None:
     drift = np.eye(num_classes)[labels] * np.arange(num_steps)[:, None, None]  # (T, N, C)
     logits = rng.normal(scale=2.0, size=(num_steps, num_examples, num_classes)) + drift
     thresholds = np.sort(rng.uniform(0, 1, 30))
-    expected = _reference_threshold_curve(logits, labels, thresholds)
-    curve = threshold_curve(logits, labels, thresholds)
+    first_step = int(rng.integers(0, num_steps)) if seed % 2 else 0
+    expected = _reference_threshold_curve(logits, labels, thresholds, first_step)
+    curve = threshold_curve(logits, labels, thresholds, first_step=first_step)
     np.testing.assert_allclose(curve["mean_step"], expected["mean_step"])
     np.testing.assert_allclose(curve["accuracy"], expected["accuracy"])
 

@@ -149,6 +149,8 @@ def test_evaluate_writes_metrics_and_logits(tmp_path):
     assert len(result["accuracy_per_step"]) == len(result["macs_per_step"]) == T_
     assert result["accuracy_per_step"][-1] == pytest.approx(result["feedforward_accuracy"], abs=1e-9)
     assert result["macs_per_step"] == sorted(result["macs_per_step"]) and result["macs_per_step"][0] == 0
+    assert result["policy_first_step"] == 1  # the stem is delayed: the policy may not stop at step 0
+    assert min(result["threshold_curve"]["mean_step"]) >= 1
     data = np.load(tmp_path / "logits.npz")
     assert data["logits"].shape == (T_, result["num_examples"], 4) and data["labels"].shape == (result["num_examples"],)
     acc = (data["logits"].argmax(-1) == data["labels"]).mean(-1)

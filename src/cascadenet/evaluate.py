@@ -5,8 +5,9 @@ Definitions (also in the README):
 - accuracy at step t: fraction of test examples whose argmax at step t is the label;
 - anytime AUC: area under accuracy against normalised time t / (T - 1), trapezoidal, in [0, 1];
 - threshold policy: for a threshold q, each example stops at the first step whose max softmax >= q (else at
-  the last step); the curve is accuracy against mean stopping step over a grid of q in [0, 1], and its area is
-  taken against mean stopping step / (T - 1), extended flat to 0 and 1;
+  the last step), never before the first step that can see the input (step 1 with the stem delayed); the
+  curve is accuracy against mean stopping step over a grid of q in [0, 1], and its area is taken against mean
+  stopping step / (T - 1), extended flat to 0 and 1;
 - steps to 50% / 95%: the first step whose accuracy reaches that fraction of the final step's accuracy;
 - MACs: serial hardware, cumulative multiply-accumulates per example to produce steps 0..t (each distinct
   state computed once); parallel hardware, latency in blocks (one block per step).
@@ -95,7 +96,7 @@ def evaluate(
     batches = D.iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=mean, std=std)
     with torch.no_grad():
         ff = [model.feedforward(x).argmax(-1).cpu() for x, _ in batches]
-    summary = metrics.summarize(logits, labels)
+    summary = metrics.summarize(logits, labels, first_step=model.first_informative_step)
     costs = model.macs_per_step(tuple(ds.images.shape[1:]), num_steps=num_steps, scheme=scheme)
     result = {
         "run": run_dir.name,

@@ -171,7 +171,7 @@ def anytime_auc(accuracy_per_step: Any) -> float:
     return _trapezoid(acc, normalized_time(acc.size))
 
 
-def threshold_curve(logits: Any, labels: Any, thresholds: Any = None) -> dict[str, list[float]]:
+def threshold_curve(logits: Any, labels: Any, thresholds: Any = None, first_step: int = 0) -> dict[str, list[float]]:
     """Speed-accuracy trade-off of the confidence-threshold stopping policy.
 
     For each threshold q, every example stops at the first step whose max softmax probability is >= q, or at the last
@@ -182,6 +182,9 @@ def threshold_curve(logits: Any, labels: Any, thresholds: Any = None) -> dict[st
         logits: Trajectory of shape (T, N, C).
         labels: Integer class labels of shape (N,).
         thresholds: Confidence thresholds in [0, 1]; defaults to np.linspace(0, 1, 101). Output keeps their order.
+        first_step: The policy may not stop before this step. Steps whose output cannot depend on the input (step 0
+            of a cascade whose stem is delayed) give the same, possibly confident, answer for every example;
+            stopping there would be answering before looking.
 
     Returns:
         {"thresholds", "mean_step", "accuracy"}: per threshold, the threshold, the mean stopping step (0-based, in
@@ -193,13 +196,15 @@ def threshold_curve(logits: Any, labels: Any, thresholds: Any = None) -> dict[st
     logits, labels = _check_trajectory(logits, labels)
     q = _check_thresholds(thresholds)
     num_steps, num_examples = logits.shape[:2]
+    if not 0 <= first_step < num_steps:
+        raise ValueError(f"first_step must be in [0, {num_steps}), got {first_step}")
     correct = logits.argmax(axis=2) == labels  # (T, N)
-    running_conf = np.maximum.accumulate(_max_softmax(logits), axis=0)  # (T, N)
+    running_conf = np.maximum.accumulate(_max_softmax(logits[first_step:]), axis=0)  # (T - first_step, N)
     examples = np.arange(num_examples)
 
     mean_step, accuracy = [], []
     for threshold in q:
-        stop = np.minimum((running_conf < threshold).sum(axis=0), num_steps - 1)  # (N,)
+        stop = first_step + np.minimum((running_conf < threshold).sum(axis=0), num_steps - 1 - first_step)  # (N,)
         mean_step.append(float(stop.mean()))
         accuracy.append(float(correct[stop, examples].mean()))
     return {"thresholds": [float(t) for t in q], "mean_step": mean_step, "accuracy": accuracy}
@@ -268,13 +273,14 @@ def steps_to_fraction(accuracy_per_step: Any, fraction: float) -> int | None:
     return int(reached.argmax()) if reached.any() else None
 
 
-def summarize(logits: Any, labels: Any, thresholds: Any = None) -> dict[str, Any]:
+def summarize(logits: Any, labels: Any, thresholds: Any = None, first_step: int = 0) -> dict[str, Any]:
     """All anytime metrics of a trajectory as plain JSON-serialisable Python types.
 
     Args:
         logits: Trajectory of shape (T, N, C).
         labels: Integer class labels of shape (N,).
         thresholds: Confidence thresholds for threshold_curve; defaults to np.linspace(0, 1, 101).
+        first_step: The threshold policy's earliest stopping step (see threshold_curve).
 
     Returns:
         {"num_steps", "num_examples", "accuracy_per_step", "anytime_auc", "threshold_curve", "threshold_auc",
@@ -286,7 +292,7 @@ def summarize(logits: Any, labels: Any, thresholds: Any = None) -> dict[str, Any
     logits, labels = _check_trajectory(logits, labels)
     num_steps, num_examples = logits.shape[:2]
     acc = per_step_accuracy(logits, labels)
-    curve = threshold_curve(logits, labels, thresholds)
+    curve = threshold_curve(logits, labels, thresholds, first_step=first_step)
     return {
         "num_steps": int(num_steps),
         "num_examples": int(num_examples),
@@ -297,4 +303,5 @@ def summarize(logits: Any, labels: Any, thresholds: Any = None) -> dict[str, Any
         "steps_to_50pct_final": steps_to_fraction(acc, 0.5),
         "steps_to_95pct_final": steps_to_fraction(acc, 0.95),
         "final_accuracy": float(acc[-1]),
+        "policy_first_step": int(first_step),
     }

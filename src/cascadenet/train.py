@@ -447,7 +447,7 @@ def train(
         epoch, batch_done = epoch + 1, 0
         logits = predict(model, val_set, mean, std, batch_size=cfg.eval_batch_size, amp=amp, progress=progress,
                          desc="validate")  # fmt: skip
-        summary = metrics.summarize(logits, val_set.labels.cpu())
+        summary = metrics.summarize(logits, val_set.labels.cpu(), first_step=model.first_informative_step)
         row = {
             "epoch": epoch,
             "step": step,
