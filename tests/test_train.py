@@ -212,7 +212,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cascadenet: error:") and message in err and "\n" not in err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+    assert not (tmp_path / "runs").exists()  # a failed start leaves nothing behind
 
 
 @pytest.mark.parametrize(

@@ -303,8 +303,7 @@ def _prepare_run_dir(cfg: TrainConfig, resume: str | os.PathLike | None) -> tupl
             f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
             "or choose another --name or --out (nothing was overwritten)"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, cfg, None
+    return run_dir, cfg, None  # created once the data and the model are known to be good
 
 
 def _trim_metrics(path: Path, epochs_done: int) -> list[dict]:
@@ -383,6 +382,7 @@ def train(
         _trim_metrics(run_dir / METRICS, epoch)
         print(f"resuming {run_dir} at epoch {epoch + 1}, batch {batch_done}", file=sys.stderr)
     stats = {"mean": mean.tolist(), "std": std.tolist()}
+    run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, cfg, {"model": model.config, "normalization": stats, "classes": full.classes})
 
     def checkpoint(epoch_gen_state: torch.Tensor, epoch_: int, batch_: int) -> None:
