@@ -316,3 +316,11 @@ def test_bad_scalar_and_curve_inputs() -> None:
         threshold_auc({"mean_step": [0.0, 1.0], "accuracy": [0.5]}, 3)
     with pytest.raises(ValueError, match=r"must lie in \[0, 2\]"):
         threshold_auc({"mean_step": [3.0], "accuracy": [0.5]}, 3)
+
+
+def test_summarize_anchors_threshold_auc_at_step_zero_when_policy_starts_later() -> None:
+    # first_step=1, thresholds {0, 1}: points (mean step 1, acc .75) and (2, .75); anchored at (0, step-0 acc .25).
+    # x = step / 2: area = trapezoid (0, .25) -> (.5, .75) -> (1, .75) = .5 * (.25 + .75) / 2 + .5 * .75 = .625
+    summary = summarize(HAND_LOGITS, HAND_LABELS, [0.0, 1.0], first_step=1)
+    assert summary["threshold_auc"] == pytest.approx(0.625)
+    assert summary["threshold_curve"]["mean_step"] == [1.0, 2.0]  # the anchor is not a policy point

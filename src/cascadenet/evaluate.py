@@ -7,7 +7,7 @@ Definitions (also in the README):
 - threshold policy: for a threshold q, each example stops at the first step whose max softmax >= q (else at
   the last step), never before the first step that can see the input (step 1 with the stem delayed); the
   curve is accuracy against mean stopping step over a grid of q in [0, 1], and its area is taken against mean
-  stopping step / (T - 1), extended flat to 0 and 1;
+  stopping step / (T - 1), starting from (0, accuracy at step 0) and extended flat to 1;
 - steps to 50% / 95%: the first step whose accuracy reaches that fraction of the final step's accuracy;
 - MACs: serial hardware, cumulative multiply-accumulates per example to produce steps 0..t (each distinct
   state computed once); parallel hardware, latency in blocks (one block per step).

@@ -280,7 +280,8 @@ def summarize(logits: Any, labels: Any, thresholds: Any = None, first_step: int 
         logits: Trajectory of shape (T, N, C).
         labels: Integer class labels of shape (N,).
         thresholds: Confidence thresholds for threshold_curve; defaults to np.linspace(0, 1, 101).
-        first_step: The threshold policy's earliest stopping step (see threshold_curve).
+        first_step: The threshold policy's earliest stopping step (see threshold_curve). When it is > 0, the area
+            under the threshold curve is anchored at (step 0, accuracy at step 0).
 
     Returns:
         {"num_steps", "num_examples", "accuracy_per_step", "anytime_auc", "threshold_curve", "threshold_auc",
@@ -293,13 +294,18 @@ def summarize(logits: Any, labels: Any, thresholds: Any = None, first_step: int 
     num_steps, num_examples = logits.shape[:2]
     acc = per_step_accuracy(logits, labels)
     curve = threshold_curve(logits, labels, thresholds, first_step=first_step)
+    # Answering at once (step 0) is always possible, so the area starts from step 0's accuracy rather than
+    # extending the policy's first point back to time 0 (which would credit steps the policy skips).
+    anchored = curve if first_step == 0 else {
+        "mean_step": [0.0, *curve["mean_step"]], "accuracy": [float(acc[0]), *curve["accuracy"]]
+    }  # fmt: skip
     return {
         "num_steps": int(num_steps),
         "num_examples": int(num_examples),
         "accuracy_per_step": [float(a) for a in acc],
         "anytime_auc": anytime_auc(acc),
         "threshold_curve": curve,
-        "threshold_auc": threshold_auc(curve, num_steps),
+        "threshold_auc": threshold_auc(anchored, num_steps),
         "steps_to_50pct_final": steps_to_fraction(acc, 0.5),
         "steps_to_95pct_final": steps_to_fraction(acc, 0.95),
         "final_accuracy": float(acc[-1]),
