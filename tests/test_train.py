@@ -259,3 +259,16 @@ def test_demo_report_and_reuse(tmp_path, monkeypatch):
     (tmp_path / "demo" / "cascaded-td" / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="other options"):
         demo.run_demo(tmp_path / "demo", threads=None, epochs=2)
+
+
+def test_weight_decay_spares_batch_norm_and_biases():
+    from cascadenet import create_model
+    from cascadenet.train import make_optimizer
+
+    model = create_model("resnet10", num_classes=4, width=4, temporal_affine=True)  # 2-D BN scales
+    decay, other = make_optimizer(model, TrainConfig()).param_groups
+    norm = {id(p) for bn in model.norms() for p in (bn.weight, bn.bias)}
+    assert decay["weight_decay"] == 5e-4 and other["weight_decay"] == 0.0
+    assert not any(id(p) in norm for p in decay["params"]) and all(p.ndim == 4 or p.ndim == 2 for p in decay["params"])
+    assert len(decay["params"]) + len(other["params"]) == len(list(model.parameters()))
+    assert {id(p) for p in other["params"]} == norm | {id(model.heads[0].bias)}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .cascade import CascadedResNet
@@ -94,8 +94,6 @@ def save_weights(path: str | os.PathLike, model: CascadedResNet, extra: dict[str
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON metadata of a weights file written by ``save_weights``."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}

@@ -214,17 +214,14 @@ def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Weight decay on conv and linear weights only: decaying batch-norm scales and biases only hurts.
-    decay = [p for p in model.parameters() if p.ndim >= 2 and not _is_norm_param(model, p)]
-    ids = {id(p) for p in decay}
-    other = [p for p in model.parameters() if id(p) not in ids]
+    # (temporal batch-norm scales are 2-D, (slots, C), so dimensionality alone does not tell them apart)
+    norm = {id(p) for bn in model.norms() for p in (bn.weight, bn.bias)}
+    decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in norm]
+    other = [p for p in model.parameters() if p.ndim < 2 or id(p) in norm]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def _is_norm_param(model: torch.nn.Module, p: torch.Tensor) -> bool:
-    return any(p is q for bn in model.norms() for q in (bn.weight, bn.bias))
 
 
 def compute_loss(model: CascadedResNet, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
