@@ -7,7 +7,6 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DATA_ROOT ?=
 THREADS ?= 2
 
@@ -19,15 +18,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# Fashion-MNIST, our embedded default, is Debian's package dataset-fashion-mnist. Install it when missing and
-# apt is usable; otherwise point DATA_ROOT at a folder holding the four IDX files.
-data:
-	@if [ -z "$(DATA_ROOT)" ] && [ ! -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
-	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
-	  else \
-	    echo "Fashion-MNIST is missing: install Debian's dataset-fashion-mnist or run 'make demo DATA_ROOT=DIR'"; exit 2; \
+# Fashion-MNIST, our embedded default, is Debian's package dataset-fashion-mnist; its folder is asked of
+# cascadenet.datasets.DEFAULT_ROOTS, so that it is written in one place. Install it when missing and apt is
+# usable; otherwise point DATA_ROOT at a folder holding the four IDX files.
+data: $(STAMP)
+	@if [ -z "$(DATA_ROOT)" ]; then \
+	  root="$$($(BIN)/python -c 'from cascadenet.datasets import DEFAULT_ROOTS; print(DEFAULT_ROOTS["fashion-mnist"])')" \
+	    || exit 1; \
+	  if [ ! -e "$$root/train-images-idx3-ubyte.gz" ]; then \
+	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	      apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	    else \
+	      echo "Fashion-MNIST is missing from $$root: install Debian's dataset-fashion-mnist or run 'make demo DATA_ROOT=DIR'"; \
+	      exit 2; \
+	    fi; \
 	  fi; \
 	fi
 

@@ -1,4 +1,5 @@
-"""Tests for cascadenet.data: every format is written small into tmp_path and read back exactly."""
+"""Tests for cascadenet.datasets and cascadenet.loader: every format is written small into tmp_path and read back
+exactly."""
 
 from __future__ import annotations
 
@@ -14,19 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cascadenet.data import (
-    DATASETS,
-    DataError,
-    ImageSet,
-    check_compatible,
-    iterate_batches,
-    load_dataset,
-    normalization,
-    num_batches,
-    train_val_split,
-)
+from cascadenet.datasets import DATASETS, DEFAULT_ROOTS, DataError, ImageSet, load_dataset
+from cascadenet.loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
 
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_ROOT = Path(DEFAULT_ROOTS["fashion-mnist"])
 RNG = np.random.default_rng(0)
 
 

@@ -7,8 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cascadenet as cn
 from cascadenet.losses import td_loss
+from conftest import perturb_norms, tiny_model
 
 CONFIGS = {
     "resnet18": dict(name="resnet18"),
@@ -29,18 +29,11 @@ CONFIGS = {
 
 def build(cfg, **extra):
     cfg = {**cfg, **extra}
-    return cn.create_model(cfg.pop("name"), num_classes=6, width=4, **cfg)
+    return tiny_model(cfg.pop("name"), num_classes=6, **cfg)
 
 
 def perturb(model):
-    """Random weights, affine parameters and statistics, different per slot, so that every slot matters."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for bn in model.norms():
-            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g) * 0.1)
-            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
-            bn.weight.copy_(torch.rand(bn.weight.shape, generator=g) + 0.5)
-            bn.bias.copy_(torch.randn(bn.bias.shape, generator=g) * 0.1)
+    perturb_norms(model, seed=3)
 
 
 def compare(model, x, scheme=None, num_steps=None, train=True):
@@ -95,10 +88,13 @@ def compare(model, x, scheme=None, num_steps=None, train=True):
 
 
 def check(d):
-    # float32: within 1e-4 of the exact result, or at least as close as the loop when the loop itself is off
-    # by more than that (ill-conditioned training-mode step-0 states, see compare).
-    assert d["engine_err"] <= max(1e-4, d["loop_err"]), d
-    assert d["engine_buf_err"] <= max(1e-5, d["loop_buf_err"]), d
+    # float32: within 1e-4 of the exact result, or of the loop's own error when the loop itself is off by more
+    # than that (ill-conditioned training-mode step-0 states, see compare). Engine and loop sum in different
+    # orders, so either may be the closer one by chance: "at most the loop's error" failed now and then (engine
+    # 1.4x the loop on one random draw, bit-identical before and after the grouped-branch refactor); 4x the
+    # loop's error still catches a semantic error, which shows at 1e-2. Exactness is the float64 check below.
+    assert d["engine_err"] <= max(1e-4, 4 * d["loop_err"]), d
+    assert d["engine_buf_err"] <= max(1e-5, 4 * d["loop_buf_err"]), d
     assert d["f64_diff"] <= 1e-8 and d["f64_buf_diff"] <= 1e-6, d
     assert d["grad_rel"] <= 1e-7, d
 

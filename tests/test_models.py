@@ -6,22 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cascadenet as cn
-
-
-def small(name="resnet18", **kw):
-    kw.setdefault("width", 4)
-    kw.setdefault("num_classes", 5)
-    return cn.create_model(name, **kw)
-
-
-def randomize_bn_stats(model):
-    """Give every batch norm non-trivial running statistics so evaluation-mode tests can tell slots apart."""
-    g = torch.Generator().manual_seed(1)
-    for bn in model.norms():
-        bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g) * 0.1)
-        bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) + 0.5)
-        bn.weight.data.copy_(torch.rand(bn.weight.shape, generator=g) + 0.5)
-        bn.bias.data.copy_(torch.randn(bn.bias.shape, generator=g) * 0.1)
+from conftest import perturb_norms, tiny_model
 
 
 def test_registry_lists_and_rejects():
@@ -30,7 +15,9 @@ def test_registry_lists_and_rejects():
     with pytest.raises(ValueError, match="resnet18"):
         cn.create_model("resnet19", num_classes=10)
     with pytest.raises(ValueError, match="duplicate|already"):
-        cn.register_model("resnet18", cn.cascade.BasicBlock, (2, 2, 2, 2))
+        cn.register_architecture("resnet18", cn.cascade.BasicBlock, (2, 2, 2, 2))
+    with pytest.raises(ValueError, match="already"):
+        cn.register_model("resnet18", cn.CascadeConfig, arch="resnet18")
 
 
 @pytest.mark.parametrize(
@@ -49,16 +36,16 @@ def test_registry_lists_and_rejects():
 )
 def test_bad_options_name_the_choices(kw, words):
     with pytest.raises(ValueError, match=words):
-        small(**kw)
+        tiny_model(**kw)
 
 
 @pytest.mark.parametrize(("name", "blocks"), [("resnet10", 4), ("resnet18", 8), ("resnet34", 16), ("resnet50", 16)])
 def test_depth_and_settling_time(name, blocks):
-    model = small(name)
+    model = tiny_model(name)
     assert model.num_blocks == blocks
     assert model.num_steps == blocks + 2  # stem delayed: one step more than the published code
-    assert small(name, stem_delay=False).num_steps == blocks + 1
-    assert small(name, num_steps=30).num_steps == 30
+    assert tiny_model(name, stem_delay=False).num_steps == blocks + 1
+    assert tiny_model(name, num_steps=30).num_steps == 30
 
 
 def test_standard_resnet_shapes():
@@ -76,8 +63,8 @@ def test_standard_resnet_shapes():
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_last_step_is_feedforward_and_not_one_step_earlier(name):
-    model = small(name, temporal_bn=False).eval()
-    randomize_bn_stats(model)
+    model = tiny_model(name, temporal_bn=False).eval()
+    perturb_norms(model)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         traj = model(x, method="loop")
@@ -88,7 +75,7 @@ def test_last_step_is_feedforward_and_not_one_step_earlier(name):
 
 
 def test_settles_with_temporal_bn_when_stats_agree():
-    model = small().eval()
+    model = tiny_model().eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(model(x)[-1], model.feedforward(x), atol=1e-5)
@@ -97,20 +84,22 @@ def test_settles_with_temporal_bn_when_stats_agree():
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("scheme", ["parallel", "serial"])
 def test_step_zero_ignores_input_when_stem_delayed(mode, scheme):
-    model = getattr(small(), mode)()
+    model = getattr(tiny_model(), mode)()
     a, b = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16) * 3 + 1
     with torch.no_grad():
         ta, tb = model(a, scheme=scheme), model(b, scheme=scheme)
         la, lb = model(a, scheme=scheme, method="loop"), model(b, scheme=scheme, method="loop")
     assert torch.allclose(ta[0], tb[0], atol=1e-6) and torch.allclose(la[0], lb[0], atol=1e-6)
     assert not torch.allclose(ta[1], tb[1], atol=1e-3)
-    assert not torch.allclose(small(stem_delay=False).eval()(a)[0], small(stem_delay=False).eval()(b)[0])
+    undelayed = tiny_model(stem_delay=False).eval()  # one model on two inputs: step 0 now sees the input
+    with torch.no_grad():
+        assert not torch.allclose(undelayed(a)[0], undelayed(b)[0], atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["resnet10", "resnet50"])
 def test_serial_step_is_truncated_feedforward(name):
-    model = small(name, temporal_bn=False).eval()
-    randomize_bn_stats(model)
+    model = tiny_model(name, temporal_bn=False).eval()
+    perturb_norms(model)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         traj = model(x, scheme="serial")
@@ -124,7 +113,7 @@ def test_serial_step_is_truncated_feedforward(name):
 
 
 def test_streaming_steps_equal_trajectory_and_accept_changing_input():
-    model = small().eval()
+    model = tiny_model().eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         traj = model(x)
@@ -148,14 +137,14 @@ def test_streaming_steps_equal_trajectory_and_accept_changing_input():
 
 
 def test_steps_past_last_slot_reuse_last_statistics():
-    model = small(num_steps=4).eval()
-    randomize_bn_stats(model)
+    model = tiny_model(num_steps=4).eval()
+    perturb_norms(model)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         long = model(x, num_steps=7, method="loop")
         assert torch.allclose(model(x, num_steps=7), long, atol=1e-5)
         # copying the last slot into slots that do not exist changes nothing: extend the model and compare
-        big = small(num_steps=7).eval()
+        big = tiny_model(num_steps=7).eval()
         state = model.state_dict()
         for key, value in state.items():
             if key.endswith(("running_mean", "running_var")):
@@ -165,7 +154,7 @@ def test_steps_past_last_slot_reuse_last_statistics():
 
 
 def test_temporal_bn_trains_each_step_on_its_own_batch():
-    model = small().train()
+    model = tiny_model().train()
     x = torch.randn(8, 3, 16, 16)
     model(x)
     stem_bn = model.stem.units[0].bn
@@ -179,13 +168,13 @@ def test_temporal_bn_trains_each_step_on_its_own_batch():
 
 
 def test_multi_head_has_a_classifier_per_step():
-    model = small(multi_head=True)
+    model = tiny_model(multi_head=True)
     assert len(model.heads) == model.num_steps
-    assert len(small().heads) == 1
+    assert len(tiny_model().heads) == 1
 
 
 def test_input_checks():
-    model = small()
+    model = tiny_model()
     with pytest.raises(ValueError, match="3 input channels"):
         model(torch.randn(2, 1, 16, 16))
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
@@ -197,29 +186,31 @@ def test_input_checks():
 
 
 def test_feedforward_macs_match_torch_flop_counter():
-    model = small("resnet18", width=8).eval()
+    model = tiny_model("resnet18", width=8).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model.feedforward(torch.randn(1, 3, 32, 32))
     assert model.feedforward_macs((3, 32, 32)) * 2 == counter.get_total_flops()
 
 
-def test_macs_per_step_count_each_distinct_state_once():
-    model = small("resnet10", width=8).eval()
+def test_exit_costs_count_each_distinct_state_once():
+    model = tiny_model("resnet10", width=8).eval()
     size = (3, 32, 32)
-    costs = model.macs_per_step(size)
-    serial = costs["serial_cumulative"]
+    costs = model.exit_costs(size)
+    serial = costs.macs
+    assert isinstance(costs, cn.ExitCosts)
     assert len(serial) == model.num_steps and serial == sorted(serial)
-    assert costs["feedforward"] == model.feedforward_macs(size)
+    assert costs.latency == [t + 1 for t in range(model.num_steps)]  # one block of latency per step
 
     def branch_macs(branch, hw_in):
+        """MACs of one example through a branch's convolutions, counted by torch (not by our code)."""
         x = torch.zeros(1, branch.units[0].conv.in_channels, *hw_in)
-        total = 0
-        with torch.no_grad():
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
             for unit in branch.units:
                 x = unit.conv(x)
-                total += unit.macs(x.shape[-2:])
-        return total, x.shape[-2:]
+        x = branch.maxpool(x) if branch.pool else x
+        return counter.get_total_flops() // 2, x.shape[-2:]
 
     # parallel OSD, stem delayed: block k (0-based) sees k + 1 input-dependent states (steps 1..k+1), each
     # through its residual and its shortcut; step-0 states are input-independent constants and not counted.
@@ -233,5 +224,20 @@ def test_macs_per_step_count_each_distinct_state_once():
     expected += (model.num_blocks + 1) * model.features * model.num_classes
     assert serial[-1] == expected
     assert serial[0] == 0  # step 0 does not depend on the input
-    serial_scheme = model.macs_per_step(size, scheme="serial")["serial_cumulative"]
-    assert costs["feedforward"] <= serial_scheme[-1] < 1.2 * costs["feedforward"]
+    serial_scheme = model.exit_costs(size, scheme="serial").macs
+    feedforward = model.feedforward_macs(size)
+    assert feedforward <= serial_scheme[-1] < 1.2 * feedforward
+
+
+@pytest.mark.parametrize("stem", ["cifar", "cifar_pool", "imagenet"])
+def test_branch_macs_match_torch_flop_counter(stem):
+    """MACs are counted in one place, Branch.macs, from shapes alone; torch's counter must agree."""
+    model = tiny_model("resnet50", width=4, stem=stem)
+    hw = (29, 31)  # odd sizes exercise the rounding of strided convolutions and pooling
+    for branch in [model.stem, *(b for blk in model.blocks for b in (blk.residual, blk.shortcut) if b is not None)]:
+        x = torch.zeros(1, branch.units[0].conv.in_channels, *hw)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            y = branch(x, 0)
+        macs, out_hw = branch.macs(hw)
+        assert macs * 2 == counter.get_total_flops() and tuple(y.shape[-2:]) == out_hw

@@ -1,5 +1,6 @@
 """End-to-end training on the synthetic dataset: learning, resuming, divergence, evaluation, the CLI."""
 
+import dataclasses
 import json
 import math
 
@@ -9,16 +10,25 @@ import torch
 from safetensors.torch import load_file
 
 import cascadenet.train as T
+from cascadenet import CascadeConfig
 from cascadenet.checkpoint import CheckpointError, load_checkpoint, load_model
 from cascadenet.cli import main
 from cascadenet.evaluate import evaluate
 from cascadenet.train import TrainConfig, TrainingError, lr_at, train
 
+MODEL_OPTIONS = {f.name for f in dataclasses.fields(CascadeConfig)} - {"arch"}
+
+
+def config_of(model="resnet10", **options):
+    """A TrainConfig from flat options, as on the command line (model options inlined, ``model`` = arch)."""
+    arch = CascadeConfig(arch=model, **{k: options.pop(k) for k in list(options) if k in MODEL_OPTIONS})
+    return TrainConfig(model=arch, **options)
+
 
 def small_cfg(tmp_path, **kw):
     base = dict(model="resnet10", width=4, dataset="synthetic", synthetic_size=256, epochs=2, batch_size=32,
                 lr=0.05, warmup_epochs=0.5, out=str(tmp_path), name="run", eval_batch_size=128)  # fmt: skip
-    return TrainConfig(**{**base, **kw})
+    return config_of(**{**base, **kw})
 
 
 def weights(run_dir):
@@ -43,10 +53,12 @@ def test_training_learns_and_writes_a_complete_run(tmp_path):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["val_accuracy_per_step"][-1] >= 0.8  # 4 easy classes: chance is 0.25
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["loss"] == "td" and config["model"]["name"] == "resnet10"
+    assert config["train"]["loss"] == "td" and config["model"]["arch"] == "resnet10"
+    assert config["model"]["num_classes"] == 4 and config["model"]["format"] == 2  # set from the dataset
     # the saved weights are the final model and rebuild without the config file
     model = load_model(run)
-    assert not model.training and model.config == config["model"]
+    assert not model.training and model.config.to_dict() == config["model"]
+    assert TrainConfig.from_file(run / "config.json").model == model.config
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):
@@ -176,7 +188,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
     from cascadenet.checkpoint import build_and_load
 
     with pytest.raises(CheckpointError, match="do not fit a resnet10"):
-        build_and_load(load_model(run.parent / "other").config | {"name": "resnet10"}, state, "x")
+        build_and_load(dataclasses.replace(load_model(run.parent / "other").config, arch="resnet10"), state, "x")
 
 
 def test_cli_end_to_end(tmp_path, capsys):
@@ -245,7 +257,7 @@ def test_demo_report_and_reuse(tmp_path, monkeypatch):
     monkeypatch.setattr(
         demo,
         "DEMO_RUNS",
-        {"cascaded-td": TrainConfig(**tiny, loss="td"), "cascaded-ce": TrainConfig(**tiny, loss="final")},
+        {"cascaded-td": config_of(**tiny, loss="td"), "cascaded-ce": config_of(**tiny, loss="final")},
     )
     report = demo.run_demo(tmp_path / "demo", threads=None)
     text = report.read_text()

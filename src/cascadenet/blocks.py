@@ -3,21 +3,27 @@
 Every part that holds a batch norm is a *branch*: a short sequence of ``ConvNorm`` units (conv, temporal
 batch norm, optional ReLU), optionally followed by a max-pool. A residual block is a residual branch plus a
 shortcut (identity, or a projection branch: 1x1 conv + BN as in the standard ResNet). Describing all of
-them the same way lets the step loop and the trajectory engine run them with one code path each.
+them the same way lets the step loop and the trajectory engine run them with one code path each:
+
+- ``Branch.forward(x, t)``: one step, ``(B, C, H, W)`` (the step loop);
+- ``Branch.forward_groups(x, steps)``: several distinct states at once, ``(B, G, C, H, W)``, group g
+  normalised as at step ``steps[g]`` with its own statistics (the trajectory engine);
+- ``Branch.macs(hw)``: the multiply-accumulates of one example, counted here and nowhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .norm import TemporalBatchNorm2d
 
-__all__ = ["ConvNorm", "Branch", "BasicBlock", "Bottleneck", "make_stem", "STEMS"]
+__all__ = ["ConvNorm", "Branch", "BasicBlock", "Bottleneck", "make_stem", "ews_update", "STEMS"]
 
 NormFactory = Callable[[int], TemporalBatchNorm2d]
+Stats = tuple[Tensor, Tensor] | None  # per-group batch mean and unbiased variance (training), else None
 
 STEMS = ("cifar", "cifar_pool", "imagenet")
 
@@ -38,11 +44,22 @@ class ConvNorm(nn.Module):
         y = self.bn(self.conv(x), t)
         return F.relu(y) if self.relu else y
 
-    def macs(self, out_hw: tuple[int, int]) -> int:
-        """Multiply-accumulates for one sample, given the output spatial size."""
+    def forward_groups(self, x: Tensor, steps: Sequence[int], count: int | None) -> tuple[Tensor, Stats]:
+        """``(B, G, C, H, W)`` in and out, time folded into the convolution's batch; see ``Branch.forward_groups``."""
+        b, g = x.shape[:2]
+        y = self.conv(x.flatten(0, 1))
+        bn = self.bn
+        y, stats = bn.forward_groups(
+            y.view(b, g, *y.shape[1:]), [bn.stat_slot(t) for t in steps], [bn.affine_slot(t) for t in steps], count
+        )
+        return (F.relu(y) if self.relu else y), stats
+
+    def macs(self, hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+        """Multiply-accumulates for one sample with input spatial size ``hw``, and the output spatial size."""
         c = self.conv
+        out = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(hw, c.padding, c.kernel_size, c.stride))
         k = c.kernel_size[0] * c.kernel_size[1] * (c.in_channels // c.groups)
-        return c.out_channels * out_hw[0] * out_hw[1] * k
+        return c.out_channels * out[0] * out[1] * k, out  # type: ignore[return-value]
 
 
 class Branch(nn.Module):
@@ -54,9 +71,42 @@ class Branch(nn.Module):
         self.pool = pool
 
     def forward(self, x: Tensor, t: int | None) -> Tensor:
+        """One step ``t`` (None: the settled feed-forward network), ``(B, C, H, W)``."""
         for unit in self.units:
             x = unit(x, t)
         return self.maxpool(x) if self.pool else x
+
+    def forward_groups(self, x: Tensor, steps: Sequence[int], count: int | None = None) -> tuple[Tensor, list[Stats]]:
+        """Several distinct states at once: ``x`` is ``(B, G, C, H, W)`` and group g is computed as at step
+        ``steps[g]``, exactly as ``forward(x[:, g], steps[g])`` would (each group normalised with its own
+        batch statistics in training, with its step's running statistics in evaluation).
+
+        ``count`` marks input-independent states stored once (B == 1) that stand for ``count`` samples.
+
+        Returns:
+            the output ``(B, G, C', H', W')`` and, per unit, the groups' batch statistics ``(mean, var)``, each
+            ``(G, C)`` (training), or None (evaluation). Running statistics are not touched: the caller folds
+            them in with ``TemporalBatchNorm2d.update``, once per step and in step order.
+        """
+        stats = []
+        for unit in self.units:
+            x, s = unit.forward_groups(x, steps, count)
+            stats.append(s)
+        if self.pool:
+            b, g = x.shape[:2]
+            p = self.maxpool(x.flatten(0, 1))
+            x = p.view(b, g, *p.shape[1:])
+        return x, stats
+
+    def macs(self, hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+        """Multiply-accumulates for one sample with input spatial size ``hw``, and the output spatial size."""
+        total = 0
+        for unit in self.units:
+            m, hw = unit.macs(hw)
+            total += m
+        if self.pool:
+            hw = tuple((n + 2 - 3) // 2 + 1 for n in hw)  # type: ignore[assignment]
+        return total, hw
 
     @staticmethod
     def maxpool(x: Tensor) -> Tensor:
@@ -121,3 +171,11 @@ class Bottleneck(_Block):
             ]
         )
         self.shortcut = self._make_shortcut(cin, cout, stride, norm)
+
+
+def ews_update(prev: Tensor | None, value: Tensor, alpha: float) -> Tensor:
+    """One step of the exponential-smoothing delay kernel (EWS); the state starts from zero. Shared by the step
+    loop and the trajectory engine so that both do the same floating-point operations."""
+    if prev is None:
+        return value if alpha == 0 else (1 - alpha) * value
+    return alpha * prev + (1 - alpha) * value

@@ -20,21 +20,96 @@ published code stops one step short of that.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import engine
-from .blocks import BasicBlock, Bottleneck, make_stem
-from .engine import ews_update
+from .anytime import ExitCosts, ModelConfig, choice, positive_int
+from .blocks import STEMS, BasicBlock, Bottleneck, ews_update, make_stem
 from .norm import TemporalBatchNorm2d
 
-__all__ = ["CascadedResNet", "CascadeState", "SCHEMES", "DELAYS"]
+__all__ = ["ARCHITECTURES", "CascadeConfig", "CascadedResNet", "CascadeState", "SCHEMES", "DELAYS"]
 
 SCHEMES = ("parallel", "serial")
 DELAYS = ("osd", "ews")
 METHODS = ("engine", "loop")
+
+# Residual block type and blocks per stage of each architecture (``cascadenet.register_model`` adds more).
+ARCHITECTURES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...]]] = {
+    "resnet10": (BasicBlock, (1, 1, 1, 1)),
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CascadeConfig(ModelConfig):
+    """Every architectural option of a cascaded ResNet; ``CascadedResNet(config)`` builds it.
+
+    Raises ``ValueError`` on construction for a bad value or an impossible combination, naming the option and
+    the valid choices.
+    """
+
+    family = "cascaded-resnet"
+
+    arch: str = "resnet18"
+    """Architecture: resnet10, resnet18, resnet34 or resnet50 (or one added with register_model)."""
+    width: int = 64
+    """Channels of the first stage (64 = the standard ResNet); stages use 1x, 2x, 4x, 8x."""
+    stem: Literal["cifar", "cifar_pool", "imagenet"] = "cifar"
+    """cifar: 3x3 conv; cifar_pool: plus 3x3/2 max-pool (4x cheaper); imagenet: 7x7/2 conv plus max-pool."""
+    scheme: Literal["parallel", "serial"] = "parallel"
+    """Default execution scheme (any weights run in either); training uses it."""
+    delay: Literal["osd", "ews"] = "osd"
+    """Delay kernel of the residual branches: one-step delay, or exponential smoothing with alpha."""
+    alpha: float = 0.0
+    """EWS smoothing factor in [0, 1); 0 is the plain ResNet. Must be 0 with osd."""
+    stem_delay: bool = True
+    """Delay the stem output by one step (as the published code); step 0 then cannot see the input."""
+    temporal_bn: bool = True
+    """Batch-norm running statistics per step."""
+    temporal_affine: bool = False
+    """Batch-norm scale and shift per step too (needs temporal_bn)."""
+    multi_head: bool = False
+    """One classifier per step instead of one shared classifier."""
+    num_steps: int | None = None
+    """Steps of a trajectory (default: the settling time, blocks + 2 with the stem delayed)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        choice("model", self.arch, tuple(ARCHITECTURES))
+        positive_int("width", self.width)
+        choice("stem", self.stem, STEMS)
+        choice("scheme", self.scheme, SCHEMES)
+        choice("delay", self.delay, DELAYS)
+        if self.num_steps is not None:
+            positive_int("num_steps", self.num_steps)
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be a number in [0, 1), got {alpha!r}")
+        if self.delay == "osd" and alpha != 0.0:
+            raise ValueError("alpha is the EWS smoothing factor; with delay='osd' it must be 0 (or use delay='ews')")
+        if self.temporal_affine and not self.temporal_bn:
+            raise ValueError(
+                "temporal_affine=True needs temporal_bn=True (per-step scale/shift go with per-step statistics)"
+            )
+        object.__setattr__(self, "alpha", float(alpha))  # 0 and 0.0 are one configuration
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(ARCHITECTURES[self.arch][1])
+
+    @property
+    def settle_steps(self) -> int:
+        """Steps until the OSD parallel cascade's output equals the feed-forward network's."""
+        return self.num_blocks + (2 if self.stem_delay else 1)
+
+    def build(self) -> CascadedResNet:
+        return CascadedResNet(self)
 
 
 @dataclass(frozen=True)
@@ -55,7 +130,8 @@ class CascadeState:
 
 
 class CascadedResNet(nn.Module):
-    """A residual network run as a parallel (or serial) cascade. Build it with ``cascadenet.create_model``.
+    """A residual network run as a parallel (or serial) cascade: ``CascadedResNet(CascadeConfig(...))``, or
+    ``cascadenet.create_model(name, ...)``. An anytime model (``cascadenet.anytime``) whose exits are its steps.
 
     Calls:
         ``model(x)``: logits at every step for a constant input, ``(T, B, num_classes)``; a time-varying
@@ -64,41 +140,28 @@ class CascadedResNet(nn.Module):
         ``model.feedforward(x)``: the ordinary ResNet with the same weights, ``(B, num_classes)``.
     """
 
-    def __init__(
-        self,
-        *,
-        block: type[BasicBlock] | type[Bottleneck],
-        layers: tuple[int, ...],
-        num_classes: int,
-        in_channels: int = 3,
-        width: int = 64,
-        stem: str = "cifar",
-        scheme: str = "parallel",
-        delay: str = "osd",
-        alpha: float = 0.0,
-        stem_delay: bool = True,
-        temporal_bn: bool = True,
-        temporal_affine: bool = False,
-        multi_head: bool = False,
-        num_steps: int | None = None,
-    ) -> None:
+    def __init__(self, config: CascadeConfig) -> None:
         super().__init__()
-        self.config: dict | None = None  # create_model's arguments, set by the registry (needed to save weights)
-        self.num_blocks = sum(layers)
-        self.stem_delay = stem_delay
-        self.settle_steps = self.num_blocks + (2 if stem_delay else 1)
-        self.num_steps = self.settle_steps if num_steps is None else num_steps
-        self.scheme = scheme
-        self.delay = delay
-        self.alpha = float(alpha)
-        self.in_channels = in_channels
-        self.num_classes = num_classes
+        if not isinstance(config, CascadeConfig):
+            raise TypeError(f"CascadedResNet takes a CascadeConfig, got {type(config).__name__}")
+        self.config = config
+        block, layers = ARCHITECTURES[config.arch]
+        self.num_blocks = config.num_blocks
+        self.stem_delay = config.stem_delay
+        self.settle_steps = config.settle_steps
+        self.num_steps = config.settle_steps if config.num_steps is None else config.num_steps
+        self.scheme = config.scheme
+        self.delay = config.delay
+        self.alpha = config.alpha
+        self.in_channels = config.in_channels
+        self.num_classes = config.num_classes
         T = self.num_steps
 
         def norm(c: int) -> TemporalBatchNorm2d:
-            return TemporalBatchNorm2d(c, T if temporal_bn else 1, T if temporal_affine else 1)
+            return TemporalBatchNorm2d(c, T if config.temporal_bn else 1, T if config.temporal_affine else 1)
 
-        self.stem = make_stem(stem, in_channels, width, norm)
+        width = config.width
+        self.stem = make_stem(config.stem, config.in_channels, width, norm)
         blocks: list[nn.Module] = []
         cin = width
         for stage, n in enumerate(layers):
@@ -108,7 +171,8 @@ class CascadedResNet(nn.Module):
                 cin = planes * block.expansion
         self.blocks = nn.ModuleList(blocks)
         self.features = cin
-        self.heads = nn.ModuleList([nn.Linear(cin, num_classes) for _ in range(T if multi_head else 1)])
+        heads = T if config.multi_head else 1
+        self.heads = nn.ModuleList([nn.Linear(cin, config.num_classes) for _ in range(heads)])
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -123,7 +187,7 @@ class CascadedResNet(nn.Module):
         return self.active(k, t + 1 if self.delay == "osd" else t, scheme)
 
     @property
-    def first_informative_step(self) -> int:
+    def first_informative_exit(self) -> int:
         """The first step whose output can depend on the input (1 with the stem delayed, else 0)."""
         return int(self.stem_delay)
 
@@ -245,18 +309,15 @@ class CascadedResNet(nn.Module):
         return self.classify(y, None)
 
     # ---- cost -------------------------------------------------------------------------------------------
-    def macs_per_step(
+    def exit_costs(
         self, input_size: tuple[int, int, int], *, num_steps: int | None = None, scheme: str | None = None
-    ) -> dict[str, list[int] | int]:
-        """Multiply-accumulates per example, for serial and parallel hardware.
-
-        Returns a dict with ``serial_cumulative`` (MACs a sequential processor must spend to produce the
-        outputs of steps 0..t with the exact engine, i.e. computing each distinct state once; states that do
-        not depend on the input are constants and are not counted), ``parallel_latency_blocks`` (one step =
-        one block of latency on parallel hardware) and ``feedforward`` (one ordinary forward pass).
-        """
+    ) -> ExitCosts:
+        """Per step, per example: cumulative multiply-accumulates on serial hardware (what the exact engine
+        spends to produce steps 0..t, each distinct state once; states that do not depend on the input are
+        constants and not counted), and latency on parallel hardware (one block per step: t + 1)."""
         scheme, T = self._resolve(scheme, num_steps)
-        return engine.macs_per_step(self, input_size, T, scheme)
+        return ExitCosts(engine.cumulative_macs(self, input_size, T, scheme), [float(t + 1) for t in range(T)])
 
     def feedforward_macs(self, input_size: tuple[int, int, int]) -> int:
+        """Multiply-accumulates of one ordinary forward pass for one example (convolutions and the classifier)."""
         return engine.feedforward_macs(self, input_size)

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
+from torch import nn
 
-from .cascade import CascadedResNet
-from .registry import create_model
+from .anytime import ModelConfig
+from .registry import config_from_dict
 
 __all__ = [
     "CheckpointError",
@@ -33,7 +34,9 @@ __all__ = [
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
-FORMAT = 1
+# 1: the first release (model_config: flat create_model arguments); 2: model_config is ModelConfig.to_dict().
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 class CheckpointError(ValueError):
@@ -78,17 +81,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a cascadenet checkpoint (format {FORMAT})")
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: not a cascadenet checkpoint (formats {READABLE_FORMATS})")
     return state
 
 
-def save_weights(path: str | os.PathLike, model: CascadedResNet, extra: dict[str, Any] | None = None) -> None:
-    """Save the model's weights and buffers as safetensors, with its ``create_model`` arguments as metadata."""
-    if model.config is None:
-        raise ValueError("only models built by cascadenet.create_model can be saved (their config rebuilds them)")
+def save_weights(path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """Save the model's weights and buffers as safetensors, with its configuration (``model.config``) as
+    metadata, so that ``load_model`` rebuilds it."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise ValueError("the model has no ModelConfig in .config: it cannot be rebuilt, so it is not saved")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"model_config": json.dumps(model.config), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    metadata = {"model_config": json.dumps(config.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
     atomic_write(path, save(tensors, metadata=metadata))
 
 
@@ -105,11 +110,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable metadata: {e}") from None
 
 
-def build_and_load(config: dict[str, Any], state: dict[str, torch.Tensor], source: str | os.PathLike) -> CascadedResNet:
-    """Rebuild a model from its ``create_model`` arguments and load a state dict, with a clear error when the
-    state belongs to another architecture."""
+def build_and_load(
+    config: ModelConfig | dict[str, Any], state: dict[str, torch.Tensor], source: str | os.PathLike
+) -> nn.Module:
+    """Rebuild a model from its configuration (or a stored dict of one) and load a state dict, with a clear
+    error when the state belongs to another architecture."""
     try:
-        model = create_model(**config)
+        if not isinstance(config, ModelConfig):
+            config = config_from_dict(config)
+        model = config.build()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: cannot rebuild the model from its stored configuration: {e}") from None
     try:
@@ -117,11 +126,12 @@ def build_and_load(config: dict[str, Any], state: dict[str, torch.Tensor], sourc
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
-        raise CheckpointError(f"{source}: the weights do not fit a {config.get('name')} model: {detail}") from None
+        label = getattr(config, "arch", config.family)
+        raise CheckpointError(f"{source}: the weights do not fit a {label} model: {detail}") from None
     return model
 
 
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CascadedResNet:
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a trained model from a run directory, a ``model.safetensors`` file or a ``checkpoint.pt``.
 
     A run directory gives its final weights when training finished, else its latest checkpoint.

@@ -8,45 +8,66 @@
     cascadenet models
 
 User errors (bad options, missing or malformed data, unusable run directories) print one line and exit 2;
-an interrupted run exits 130 after saving a checkpoint.
+an interrupted run exits 130 after saving a checkpoint. The library reports progress through ``logging``; this
+module sends it to stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
+from .cascade import CascadeConfig
 from .checkpoint import CheckpointError
-from .data import DataError
-from .train import TrainConfig, TrainingError
+from .datasets import DataError
+from .train import TrainConfig, TrainingError, changed_options
 
 __all__ = ["main"]
 
 DESCRIPTION = "Train, evaluate and plot parallel cascaded ResNets for anytime prediction."
 
-# Options a resumed run may change: where and how fast it runs, not what it computes.
-RESUME_OVERRIDES = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size")
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFlags(CascadeConfig):
+    """CascadeConfig as command-line flags: ``--model`` names the architecture, the dataset sets the rest."""
+
+    num_classes: tyro.conf.Suppress[int] = 10
+    in_channels: tyro.conf.Suppress[int] = 3
+    arch: Annotated[str, tyro.conf.arg(name="model")] = "resnet18"
+    """Architecture: resnet10, resnet18, resnet34 or resnet50."""
+
+    @classmethod
+    def of(cls, config: object) -> ModelFlags:
+        if not isinstance(config, CascadeConfig):
+            raise ValueError(f"the command line trains cascaded ResNets; this configuration holds {config!r}")
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(CascadeConfig)})
+
+    def config(self) -> CascadeConfig:
+        return CascadeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CascadeConfig)})
 
 
 @dataclass
 class TrainCommand(TrainConfig):
     """Train a cascaded ResNet; writes a run directory (config, checkpoints, metrics, final weights)."""
 
+    model: Annotated[ModelFlags, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelFlags)  # type: ignore[assignment]
+    """The cascaded ResNet."""
     config: str | None = None
     """Start from the options in this config.json (written by a run); options given on the line override them."""
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint, with its stored options."""
 
     def train_config(self) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        return TrainConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+        return TrainConfig(model=self.model.config(), **{k: getattr(self, k) for k in names})
 
 
 @dataclass
@@ -96,7 +117,7 @@ class DemoCommand:
     out: str = "runs/demo"
     """Folder of the two runs and report.md (finished runs are reused, unfinished ones resumed)."""
     data_root: str | None = None
-    """Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)."""
+    """Fashion-MNIST folder (default: where Debian's dataset-fashion-mnist installs it)."""
     threads: int | None = 2
     """CPU threads."""
     device: str = "auto"
@@ -122,7 +143,9 @@ def _prescan_config(argv: list[str]) -> TrainCommand:
             path = arg.partition("=")[2]
         else:
             continue
-        return TrainCommand(**dataclasses.asdict(TrainConfig.from_file(path)), config=path)
+        stored = TrainConfig.from_file(path)
+        names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+        return TrainCommand(model=ModelFlags.of(stored.model), **{k: getattr(stored, k) for k in names}, config=path)
     return TrainCommand()
 
 
@@ -146,16 +169,10 @@ def _run_train(cmd: TrainCommand) -> None:
     if cmd.resume is None:
         run_dir = train(cmd.train_config())
     else:
-        defaults = TrainCommand(resume=cmd.resume, config=cmd.config)
-        changed = [f.name for f in dataclasses.fields(TrainConfig)
-                   if getattr(cmd, f.name) != getattr(defaults, f.name) and f.name not in RESUME_OVERRIDES]  # fmt: skip
-        if changed or cmd.config:
-            given = ", ".join(f"--{n.replace('_', '-')}" for n in changed) or "--config"
-            raise ValueError(
-                f"--resume continues a run with its stored options; {given} cannot change them "
-                f"(allowed with --resume: {', '.join('--' + n.replace('_', '-') for n in RESUME_OVERRIDES)})"
-            )
-        overrides = {n: getattr(cmd, n) for n in RESUME_OVERRIDES if getattr(cmd, n) != getattr(defaults, n)}
+        # the options given on the line are those that differ from the defaults; train() applies the policy
+        overrides = changed_options(TrainCommand().train_config(), cmd.train_config())
+        if cmd.config:
+            overrides["config"] = cmd.config
         run_dir = train(resume=cmd.resume, overrides=overrides)
     print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")
 
@@ -201,6 +218,7 @@ def _run_models(cmd: ModelsCommand) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cascadenet`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _configure_logging()
     try:
         cmd = _parse(argv)
         runner = {TrainCommand: _run_train, EvalCommand: _run_eval, PlotCommand: _run_plot, DemoCommand: _run_demo,
@@ -212,6 +230,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each message (not the one of the first call: callers such as test
+    runners replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    """The library's INFO messages (epoch summaries, resume and interrupt notices) as plain lines on stderr."""
+    logger = logging.getLogger("cascadenet")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 if __name__ == "__main__":

@@ -9,22 +9,25 @@ compares their per-step test accuracy and anytime AUC and overlays their speed-a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .cascade import CascadeConfig
 from .checkpoint import WEIGHTS
 from .evaluate import evaluate
 from .plotting import plot_runs
-from .train import CONFIG, TrainConfig, train
+from .train import CONFIG, RESUMABLE, TrainConfig, changed_options, train
 
 __all__ = ["DEMO_RUNS", "run_demo"]
 
-_COMMON = dict(model="resnet10", width=16, stem="cifar_pool", dataset="fashion-mnist", batch_size=128, lr=0.1,
-               schedule="onecycle", warmup_epochs=0.5, seed=0)  # fmt: skip
+log = logging.getLogger(__name__)
+
+_COMMON = dict(model=CascadeConfig(arch="resnet10", width=16, stem="cifar_pool"), dataset="fashion-mnist",
+               batch_size=128, lr=0.1, schedule="onecycle", warmup_epochs=0.5, seed=0)  # fmt: skip
 DEMO_RUNS = {
     "cascaded-td": TrainConfig(**_COMMON, loss="td", lam=0.5, epochs=6),
     "cascaded-ce": TrainConfig(**_COMMON, loss="final", epochs=6),
@@ -35,12 +38,10 @@ def _train_or_reuse(cfg: TrainConfig, run_dir: Path) -> str:
     if (run_dir / WEIGHTS).is_file():
         return "reused"
     if (run_dir / CONFIG).is_file():
-        stored = TrainConfig.from_file(run_dir / CONFIG)
-        mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("data_root", "threads", "device")}
-        theirs = {k: v for k, v in dataclasses.asdict(stored).items() if k in mine}
-        if mine != theirs:
+        changes = changed_options(TrainConfig.from_file(run_dir / CONFIG), cfg)
+        if any(k not in RESUMABLE for k in changes):
             raise ValueError(f"{run_dir} holds a run with other options; choose another --out (nothing was changed)")
-        train(resume=run_dir, overrides={"data_root": cfg.data_root, "threads": cfg.threads, "device": cfg.device})
+        train(resume=run_dir, overrides=changes)
         return "resumed"
     train(cfg)
     return "trained"
@@ -67,7 +68,7 @@ def run_demo(
         how = _train_or_reuse(cfg, out / name)
         timings[name] = (how, time.perf_counter() - t0)
         configs[name] = cfg
-        print(f"{name}: {how} in {timings[name][1]:.0f}s", file=sys.stderr)
+        log.info("%s: %s in %.0fs", name, how, timings[name][1])
         results.append((name, evaluate(out / name, device=device)))
     figure = plot_runs(results, out / "speed_accuracy.png", title="Fashion-MNIST test set, ResNet-10 cascade")
     report = out / "report.md"
@@ -77,12 +78,10 @@ def run_demo(
 
 def _options(cfg: TrainConfig) -> str:
     """The command-line options that differ from the defaults: what reproduces the run."""
-    default = TrainConfig()
     flags = []
-    for field in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, field.name)
-        if value != getattr(default, field.name) and field.name != "progress":
-            flag = "--" + field.name.replace("_", "-")
+    for name, value in changed_options(TrainConfig(), cfg).items():
+        if name != "progress":
+            flag = "--" + name.replace("_", "-")
             flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
     return " ".join(flags)
 

@@ -26,6 +26,7 @@ When are keys equal?
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import Branch
+from .blocks import Branch, ews_update
 
 if TYPE_CHECKING:
     from .cascade import CascadedResNet
     from .norm import TemporalBatchNorm2d
 
-__all__ = ["trajectory", "macs_per_step", "feedforward_macs", "ews_update"]
+__all__ = ["trajectory", "cumulative_macs", "feedforward_macs"]
 
 
 @dataclass
@@ -132,27 +133,13 @@ def _run_branch(branch: Branch, level: _Level, steps: Sequence[int], run: _Run, 
             continue
         first = [unit_steps[u][0] for u in members]  # a representative step of each computation
         x = level.stack([level.of_step[t] for t in first], const)  # (B, G, C, H, W)
-        macs = 0
-        for layer in branch.units:
-            b, g = x.shape[:2]
-            y = layer.conv(x.flatten(0, 1))  # time folded into the batch: (B*G, C, H, W)
-            y = y.view(b, g, *y.shape[1:])
-            y, stats = layer.bn.forward_groups(
-                y,
-                [layer.bn.stat_slot(t) for t in first],
-                [layer.bn.affine_slot(t) for t in first],
-                count=run.batch if const else None,
-            )
-            if stats is not None:
+        macs = branch.macs(x.shape[-2:])[0] if run.costs is not None else 0
+        x, stats = branch.forward_groups(x, first, count=run.batch if const else None)
+        for bn, s in zip(norms, stats):
+            if s is not None:
                 for j, u in enumerate(members):
                     for t in unit_steps[u]:
-                        run.updates.append((t, layer.bn, layer.bn.stat_slot(t), stats[0][j], stats[1][j]))
-            x = F.relu(y) if layer.relu else y
-            macs += layer.macs(x.shape[-2:])
-        if branch.pool:
-            b, g = x.shape[:2]
-            p = Branch.maxpool(x.flatten(0, 1))
-            x = p.view(b, g, *p.shape[1:])
+                        run.updates.append((t, bn, bn.stat_slot(t), s[0][j], s[1][j]))
         out.stacks[const] = (x, members)
         for j, u in enumerate(members):
             out.tensors[u] = x[:, j]
@@ -200,14 +187,6 @@ def _block(model: CascadedResNet, k: int, level: _Level, T: int, scheme: str, ru
     return _combine(range(T), lambda t: (short.of_step[t], added_key[t]), make, relu=True)
 
 
-def ews_update(prev: Tensor | None, value: Tensor, alpha: float) -> Tensor:
-    """One exponential-smoothing step; the state starts from zero. Shared by the step loop and the engine so
-    that both do the same floating-point operations."""
-    if prev is None:
-        return value if alpha == 0 else (1 - alpha) * value
-    return alpha * prev + (1 - alpha) * value
-
-
 def _trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str, run: _Run) -> Tensor:
     B = x.shape[0]
     inp = _Level([x], [False], dict.fromkeys(range(T), 0), {False: (x.unsqueeze(1), [0])})
@@ -253,8 +232,10 @@ def trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str) -> Tensor:
 
 
 @torch.no_grad()
-def macs_per_step(model: CascadedResNet, input_size: tuple[int, int, int], T: int, scheme: str) -> dict:
-    """Cost of each step per example (see ``CascadedResNet.macs_per_step``)."""
+def cumulative_macs(model: CascadedResNet, input_size: tuple[int, int, int], T: int, scheme: str) -> list[int]:
+    """Per step, the multiply-accumulates per example that serial hardware spends to produce steps 0..t with
+    this engine (see ``CascadedResNet.exit_costs``): the engine is run once on one example and every computation
+    it makes is charged to the first step that needs its result."""
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
     was_training = model.training
@@ -269,34 +250,15 @@ def macs_per_step(model: CascadedResNet, input_size: tuple[int, int, int], T: in
     for t, macs in run.costs:
         if t < T:
             per_step[t] += macs
-    cumulative, total = [], 0
-    for m in per_step:
-        total += m
-        cumulative.append(total)
-    return {
-        "serial_cumulative": cumulative,
-        "parallel_latency_blocks": [t + 1 for t in range(T)],
-        "feedforward": feedforward_macs(model, input_size),
-    }
+    return list(itertools.accumulate(per_step))
 
 
-@torch.no_grad()
 def feedforward_macs(model: CascadedResNet, input_size: tuple[int, int, int]) -> int:
     """MACs of one ordinary forward pass for one example (convolutions and the classifier)."""
-    total = 0
-
-    def count(branch: Branch, x: Tensor) -> Tensor:
-        nonlocal total
-        for layer in branch.units:
-            x = layer.conv(x)
-            total += layer.macs(x.shape[-2:])
-        return Branch.maxpool(x) if branch.pool else x
-
-    param = next(model.parameters())
-    y = count(model.stem, torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    total, hw = model.stem.macs(tuple(input_size[1:]))
     for block in model.blocks:
-        r = count(block.residual, y)
         if block.shortcut is not None:
-            count(block.shortcut, y)
-        y = r
+            total += block.shortcut.macs(hw)[0]
+        macs, hw = block.residual.macs(hw)
+        total += macs
     return total + model.features * model.num_classes

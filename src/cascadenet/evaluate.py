@@ -11,6 +11,10 @@ Definitions (also in the README):
 - steps to 50% / 95%: the first step whose accuracy reaches that fraction of the final step's accuracy;
 - MACs: serial hardware, cumulative multiply-accumulates per example to produce steps 0..t (each distinct
   state computed once); parallel hardware, latency in blocks (one block per step).
+
+Only the anytime-model interface (``cascadenet.anytime``) is used, so any model family evaluates the same way and
+writes the same eval.json ("step" there means exit). What a family lacks is null: ``feedforward_accuracy`` and
+``macs_feedforward`` without a ``feedforward`` method, ``scheme`` for a model that has no execution schemes.
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import data as D
 from . import metrics
 from .checkpoint import CheckpointError, atomic_write, load_model
-from .train import CONFIG, TrainConfig, predict, resolve_device
+from .datasets import load_dataset
+from .loader import check_compatible, iterate_batches
+from .runtime import dataset_logits, resolve_device
+from .train import CONFIG, TrainConfig
 
 __all__ = ["evaluate", "eval_filename", "format_table"]
 
 
-def eval_filename(scheme: str | None, model_scheme: str, num_steps: int | None) -> str:
+def eval_filename(scheme: str | None, model_scheme: str | None, num_steps: int | None) -> str:
     """``eval.json`` for the model's own scheme and length; ``eval-serial.json``, ``eval-T20.json`` otherwise."""
     parts = []
     if scheme and scheme != model_scheme:
@@ -82,35 +88,48 @@ def evaluate(
     dev = resolve_device(device)
     model = load_model(run_dir, map_location=dev)
     finished = (run_dir / "model.safetensors").is_file()
+    # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
+    run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
 
-    ds = D.load_dataset(cfg.dataset, data_root or cfg.data_root, split, image_size=cfg.image_size,
-                        synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
-    D.check_compatible(ds, model.in_channels, model.num_classes)
+    ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split, image_size=cfg.image_size,
+                      synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+    check_compatible(ds, model.config.in_channels, model.config.num_classes)
     mean = torch.tensor(stored["normalization"]["mean"])
     std = torch.tensor(stored["normalization"]["std"])
     ds = ds.to(dev)
     amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
-    logits = predict(model, ds, mean, std, batch_size=batch_size, scheme=scheme, num_steps=num_steps, amp=amp,
-                     progress=progress, desc="evaluate")  # fmt: skip
+    input_size = tuple(ds.images.shape[1:])
+    try:
+        costs = model.exit_costs(input_size, **run_options)
+    except TypeError:
+        raise ValueError(f"this {model.config.family} model takes no {' or '.join(run_options)} option") from None
+    logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
+                            desc="evaluate", **run_options)  # fmt: skip
     labels = ds.labels.cpu()
-    batches = D.iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=mean, std=std)
-    with torch.no_grad():
-        ff = [model.feedforward(x).argmax(-1).cpu() for x, _ in batches]
-    summary = metrics.summarize(logits, labels, first_step=model.first_informative_step)
-    costs = model.macs_per_step(tuple(ds.images.shape[1:]), num_steps=num_steps, scheme=scheme)
+    feedforward = getattr(model, "feedforward", None)
+    ff_accuracy = ff_macs = None
+    if feedforward is not None:
+        batches = iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=mean, std=std)
+        with torch.no_grad():
+            ff = [feedforward(x).argmax(-1).cpu() for x, _ in batches]
+        ff_accuracy = float((torch.cat(ff) == labels).float().mean())
+        count = getattr(model, "feedforward_macs", None)
+        ff_macs = count(input_size) if count is not None else None
+    summary = metrics.summarize(logits, labels, first_step=model.first_informative_exit)
+    model_scheme = getattr(model, "scheme", None)
     result = {
         "run": run_dir.name,
         "split": split,
-        "scheme": scheme or model.scheme,
+        "scheme": scheme or model_scheme,
         "finished_training": finished,
         **summary,
-        "feedforward_accuracy": float((torch.cat(ff) == labels).float().mean()),
-        "macs_per_step": costs["serial_cumulative"],
-        "parallel_latency_blocks": costs["parallel_latency_blocks"],
-        "macs_feedforward": costs["feedforward"],
-        "model": model.config,
+        "feedforward_accuracy": ff_accuracy,
+        "macs_per_step": costs.macs,
+        "parallel_latency_blocks": costs.latency,
+        "macs_feedforward": ff_macs,
+        "model": model.config.to_dict(),
     }
-    name = eval_filename(scheme, model.scheme, num_steps)
+    name = eval_filename(scheme, model_scheme, num_steps)
     atomic_write(run_dir / name, (json.dumps(result, indent=2) + "\n").encode())
     if save_logits is not None:
         np.savez_compressed(save_logits, logits=logits.numpy(), labels=labels.numpy())
@@ -126,9 +145,12 @@ def format_table(result: dict[str, Any]) -> str:
     for t, (a, m) in enumerate(zip(acc, macs)):
         lines.append(f"{t:>4} {100 * a:>8.2f}% {m / 1e6:>11.2f}")
     s50, s95 = result["steps_to_50pct_final"], result["steps_to_95pct_final"]
+    if result.get("feedforward_accuracy") is not None:
+        lines.append(
+            f"feed-forward accuracy {100 * result['feedforward_accuracy']:.2f}% "
+            f"({result['macs_feedforward'] / 1e6:.2f} MMACs)"
+        )
     lines += [
-        f"feed-forward accuracy {100 * result['feedforward_accuracy']:.2f}% "
-        f"({result['macs_feedforward'] / 1e6:.2f} MMACs)",
         f"anytime AUC {result['anytime_auc']:.4f}   threshold-policy AUC {result['threshold_auc']:.4f}",
         f"first step reaching 50% / 95% of final accuracy: {s50} / {s95}",
     ]

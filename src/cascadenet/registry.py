@@ -1,29 +1,58 @@
-"""Model registry: build cascaded ResNets by name, with every option checked up front."""
+"""Model registry: named models (a configuration class plus preset options) and the families that saved
+configurations are rebuilt from."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from typing import Any
 
-from .blocks import STEMS, BasicBlock, Bottleneck
-from .cascade import DELAYS, SCHEMES, CascadedResNet
+from torch import nn
 
-__all__ = ["create_model", "list_models", "register_model", "model_config"]
+from .anytime import CONFIG_FORMAT, ModelConfig
+from .blocks import BasicBlock, Bottleneck
+from .cascade import ARCHITECTURES, CascadeConfig
 
-_MODELS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...]]] = {}
+__all__ = [
+    "create_model",
+    "list_models",
+    "register_model",
+    "register_architecture",
+    "register_family",
+    "config_from_dict",
+]
+
+_FAMILIES: dict[str, type[ModelConfig]] = {}
+_MODELS: dict[str, tuple[type[ModelConfig], dict[str, Any]]] = {}
 
 
-def register_model(name: str, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...]) -> None:
-    """Add an architecture: residual block type and blocks per stage."""
+def register_family(config_cls: type[ModelConfig]) -> None:
+    """Make a model family known by its ``family`` name, so that saved configurations of it can be rebuilt."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, ModelConfig)) or not config_cls.family:
+        raise ValueError(f"{config_cls!r} is not a ModelConfig subclass with a family name")
+    known = _FAMILIES.setdefault(config_cls.family, config_cls)
+    if known is not config_cls:
+        raise ValueError(f"model family {config_cls.family!r} is already registered by {known.__name__}")
+
+
+def register_model(name: str, config_cls: type[ModelConfig], **preset: Any) -> None:
+    """Add a named model: ``create_model(name, **overrides)`` builds ``config_cls(**preset, **overrides)``."""
     if name in _MODELS:
         raise ValueError(f"model {name!r} is already registered")
-    _MODELS[name] = (block, tuple(layers))
+    register_family(config_cls)
+    _MODELS[name] = (config_cls, preset)
 
 
-register_model("resnet10", BasicBlock, (1, 1, 1, 1))
-register_model("resnet18", BasicBlock, (2, 2, 2, 2))
-register_model("resnet34", BasicBlock, (3, 4, 6, 3))
-register_model("resnet50", Bottleneck, (3, 4, 6, 3))
+def register_architecture(name: str, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...]) -> None:
+    """Add a cascaded ResNet architecture (residual block type and blocks per stage) under ``name``."""
+    if name in _MODELS or name in ARCHITECTURES:
+        raise ValueError(f"model {name!r} is already registered")
+    ARCHITECTURES[name] = (block, tuple(layers))
+    register_model(name, CascadeConfig, arch=name)
+
+
+for _arch in list(ARCHITECTURES):
+    register_model(_arch, CascadeConfig, arch=_arch)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -32,84 +61,49 @@ def list_models(pattern: str | None = None) -> list[str]:
     return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
-def _choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {option} {value!r}; valid choices: {', '.join(choices)}")
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("resnet18", num_classes=10, width=16)``.
 
-
-def _positive_int(option: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{option} must be a positive integer, got {value!r}")
-
-
-def create_model(
-    name: str,
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    width: int = 64,
-    stem: str = "cifar",
-    scheme: str = "parallel",
-    delay: str = "osd",
-    alpha: float = 0.0,
-    stem_delay: bool = True,
-    temporal_bn: bool = True,
-    temporal_affine: bool = False,
-    multi_head: bool = False,
-    num_steps: int | None = None,
-) -> CascadedResNet:
-    """Build a cascaded ResNet.
-
-    Args:
-        name: one of ``list_models()``.
-        num_classes: classifier outputs.
-        in_channels: input image channels.
-        width: channels of the first stage (64 = the standard network); stages use 1x, 2x, 4x, 8x.
-        stem: ``"cifar"`` (3x3 stride 1), ``"cifar_pool"`` (plus a 3x3/2 max-pool) or ``"imagenet"``
-            (7x7 stride 2 plus max-pool).
-        scheme: default execution scheme, ``"parallel"`` or ``"serial"`` (any weights run in either).
-        delay: delay kernel of the residual branches, ``"osd"`` (one-step delay) or ``"ews"`` (exponential
-            smoothing with factor ``alpha``).
-        alpha: smoothing factor of EWS, in [0, 1); 0 is the plain ResNet. Must be 0 for OSD.
-        stem_delay: delay the stem output by one step, as the published code does.
-        temporal_bn: one set of batch-norm running statistics per step.
-        temporal_affine: one batch-norm scale/shift per step as well (requires ``temporal_bn``).
-        multi_head: one classifier per step instead of one shared classifier.
-        num_steps: steps of a trajectory; default the settling time (blocks + 2 with the stem delayed).
+    The options are the fields of the model's configuration class (for cascaded ResNets,
+    :class:`cascadenet.CascadeConfig`: ``num_classes``, ``in_channels``, ``width``, ``stem``, ``scheme``,
+    ``delay``, ``alpha``, ``stem_delay``, ``temporal_bn``, ``temporal_affine``, ``multi_head``, ``num_steps``).
 
     Raises:
         ValueError: unknown name, bad option value or impossible combination (the message lists valid choices).
+        TypeError: an option the model does not have.
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(list_models())}")
-    _positive_int("num_classes", num_classes)
-    _positive_int("in_channels", in_channels)
-    _positive_int("width", width)
-    _choice("stem", stem, STEMS)
-    _choice("scheme", scheme, SCHEMES)
-    _choice("delay", delay, DELAYS)
-    if num_steps is not None:
-        _positive_int("num_steps", num_steps)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1), got {alpha!r}")
-    if delay == "osd" and alpha != 0.0:
-        raise ValueError("alpha is the EWS smoothing factor; with delay='osd' it must be 0 (or use delay='ews')")
-    if temporal_affine and not temporal_bn:
-        raise ValueError(
-            "temporal_affine=True needs temporal_bn=True (per-step scale/shift go with per-step statistics)"
-        )
-    config = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "width": width, "stem": stem,
-              "scheme": scheme, "delay": delay, "alpha": float(alpha), "stem_delay": stem_delay,
-              "temporal_bn": temporal_bn, "temporal_affine": temporal_affine, "multi_head": multi_head}  # fmt: skip
-    block, layers = _MODELS[name]
-    model = CascadedResNet(
-        block=block, layers=layers, num_steps=num_steps, **{k: v for k, v in config.items() if k != "name"}
-    )
-    # the arguments that rebuild this model, stored with every checkpoint and weights file
-    model.config = {**config, "num_steps": model.num_steps}
-    return model
+    config_cls, preset = _MODELS[name]
+    return config_cls(**{**preset, **overrides}).build()
 
 
-def model_config(model: CascadedResNet) -> dict[str, Any]:
-    """The ``create_model`` arguments of a model built by ``create_model``."""
-    return dict(model.config)
+def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """Rebuild a model configuration stored by ``ModelConfig.to_dict`` (format 2), or the flat ``create_model``
+    arguments that the first release stored (format 1, cascaded ResNets only).
+
+    Raises:
+        ValueError: not a configuration, a newer format, an unknown family, or options the family lacks.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"a model configuration is a dict, got {type(raw).__name__}")
+    fields = dict(raw)
+    version = fields.pop("format", 1)
+    if version == 1:
+        if "name" not in fields:
+            raise ValueError("a stored model configuration of format 1 needs the model's 'name'")
+        fields["arch"] = fields.pop("name")
+        family = CascadeConfig.family
+    elif version == CONFIG_FORMAT:
+        family = fields.pop("family", None)
+    else:
+        raise ValueError(f"model configuration format {version!r} is not known to this version of cascadenet")
+    if family not in _FAMILIES:
+        known = ", ".join(sorted(_FAMILIES))
+        raise ValueError(f"unknown model family {family!r} (known: {known}; a custom family must be registered)")
+    config_cls = _FAMILIES[family]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise ValueError(f"options unknown to the {family} family: {', '.join(unknown)}")
+    return config_cls(**fields)

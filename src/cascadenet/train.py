@@ -4,33 +4,36 @@ A run directory holds
 - ``config.json``: the resolved configuration (replay it with ``cascadenet train --config RUN/config.json``);
 - ``checkpoint.pt``: model, optimizer, scheduler, RNG state and position, written atomically at every epoch
   end (and every ``checkpoint_every`` steps, and on Ctrl-C), so a kill at any moment leaves the previous one;
-- ``metrics.jsonl``: one line per epoch (train loss, throughput, validation accuracy per step and AUC);
+- ``metrics.jsonl``: one line per epoch (train loss, throughput, validation accuracy per exit and AUC);
 - ``model.safetensors``: the final weights, with the model configuration as metadata.
 
 Resuming restores everything the loop depends on (the batch order of an epoch is drawn from a generator
 whose state at the epoch start is saved, so resuming mid-epoch skips exactly the batches already done);
 on CPU a resumed run ends with the same weights as an uninterrupted one.
+
+Training uses only the anytime-model interface (``cascadenet.anytime``): any registered model family trains here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from . import data as D
 from . import metrics
-from .cascade import CascadedResNet
+from .anytime import ModelConfig
+from .cascade import CascadeConfig
 from .checkpoint import (
     CHECKPOINT,
     WEIGHTS,
@@ -40,13 +43,24 @@ from .checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from .datasets import ImageSet, load_dataset
+from .loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
 from .losses import LOSSES, final_ce, stepwise_ce, td_loss
-from .registry import create_model
+from .norm import TemporalBatchNorm2d
+from .registry import config_from_dict
+from .runtime import autocast, dataset_logits, resolve_device
 
-__all__ = ["TrainConfig", "TrainingError", "train", "lr_at", "predict", "resolve_device"]
+__all__ = ["TrainConfig", "TrainingError", "train", "lr_at", "RESUMABLE", "check_resume_overrides"]
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+
+# Options a resumed run may change: where and how fast it runs, not what it computes.
+RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size")
+# Model options that training takes from the dataset, not from the user.
+FROM_DATASET = ("num_classes", "in_channels")
 
 
 class TrainingError(RuntimeError):
@@ -55,37 +69,17 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Train a cascaded ResNet. Every option is also a field of this dataclass (usable from Python)."""
+    """Train an anytime model (by default a cascaded ResNet). Every option is a field (usable from Python)."""
 
-    # --- model ---
-    model: str = "resnet18"
-    """Architecture: resnet10, resnet18, resnet34 or resnet50."""
-    width: int = 64
-    """Channels of the first stage (64 = the standard ResNet)."""
-    stem: Literal["cifar", "cifar_pool", "imagenet"] = "cifar"
-    """cifar: 3x3 conv; cifar_pool: plus 3x3/2 max-pool (4x cheaper); imagenet: 7x7/2 conv plus max-pool."""
-    scheme: Literal["parallel", "serial"] = "parallel"
-    """Execution scheme used in training and as the model's default."""
-    delay: Literal["osd", "ews"] = "osd"
-    """Delay kernel of the residual branches: one-step delay, or exponential smoothing."""
-    alpha: float = 0.0
-    """EWS smoothing factor in [0, 1)."""
-    stem_delay: bool = True
-    """Delay the stem output by one step (as the published code)."""
-    temporal_bn: bool = True
-    """Batch-norm running statistics per step."""
-    temporal_affine: bool = False
-    """Batch-norm scale and shift per step too."""
-    multi_head: bool = False
-    """One classifier per step."""
-    num_steps: int | None = None
-    """Steps of a trajectory (default: the settling time, blocks + 2)."""
+    model: ModelConfig = field(default_factory=CascadeConfig)
+    """The model: a CascadeConfig (or another registered family's configuration); num_classes and in_channels
+    are set from the dataset."""
 
     # --- data ---
     dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "fashion-mnist"
     """Dataset; all but synthetic are read from --data-root in their standard on-disk layout."""
     data_root: str | None = None
-    """Dataset folder (default for fashion-mnist: /usr/share/datasets/fashion-mnist)."""
+    """Dataset folder (default for fashion-mnist: where Debian's dataset-fashion-mnist installs it)."""
     image_size: int | None = None
     """Resize images to this size (image folders of mixed sizes)."""
     val_fraction: float = 0.1
@@ -147,6 +141,8 @@ class TrainConfig:
     """Progress bars (default: only when stderr is a terminal)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"model must be a model configuration (e.g. CascadeConfig), got {self.model!r}")
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -165,39 +161,75 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
 
-    def model_kwargs(self) -> dict[str, Any]:
-        keys = ("width", "stem", "scheme", "delay", "alpha", "stem_delay", "temporal_bn", "temporal_affine")
-        return {"name": self.model, **{k: getattr(self, k) for k in keys}, "multi_head": self.multi_head,
-                "num_steps": self.num_steps}  # fmt: skip
+    def options(self) -> dict[str, Any]:
+        """Every option under its command-line name, the model's inlined (``arch`` is ``model``, as the flag
+        ``--model``), without those the dataset sets: what tells two runs apart."""
+        flat = {}
+        for f in dataclasses.fields(self.model):
+            if f.name not in FROM_DATASET:
+                flat["model" if f.name == "arch" else f.name] = getattr(self.model, f.name)
+        flat.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "model")
+        return flat
 
     def run_name(self) -> str:
-        return self.name or f"{self.model}-{self.loss}-{self.dataset}-s{self.seed}"
+        return self.name or f"{getattr(self.model, 'arch', self.model.family)}-{self.loss}-{self.dataset}-s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; ``from_dict`` reads it back."""
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        """Read ``to_dict``'s output, or the flat form of the first release (``"model": "resnet18"`` and the
+        model's options among the training options). Unknown keys are an error, missing keys take defaults."""
+        raw = dict(raw)
+        model = raw.pop("model", None)
+        if model is None:
+            model = CascadeConfig()
+        elif isinstance(model, str):  # format 1: the model's options were fields of TrainConfig
+            names = {f.name for f in dataclasses.fields(CascadeConfig)} - {"arch"}
+            model = CascadeConfig(arch=model, **{k: raw.pop(k) for k in list(raw) if k in names})
+        else:
+            model = config_from_dict(model)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+        return cls(model=model, **raw)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a config.json written by a run (unknown keys are an error, missing keys take defaults)."""
+        """Read a config.json written by a run (this version or the first release)."""
         try:
             raw = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read the configuration: {e}") from None
-        raw = raw.get("train", raw)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown configuration keys: {', '.join(unknown)}")
-        return cls(**raw)
+        try:
+            return cls.from_dict(raw.get("train", raw))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is available")
-    return device
+def check_resume_overrides(overrides: dict[str, Any]) -> None:
+    """The resume policy: a resumed run keeps its stored options except the ``RESUMABLE`` ones.
+
+    Raises:
+        ValueError: naming the options that may not change (as command-line flags) and those that may.
+    """
+    refused = [k for k in overrides if k not in RESUMABLE]
+    if refused:
+        given = ", ".join(f"--{n.replace('_', '-')}" for n in refused)
+        allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
+        raise ValueError(
+            f"--resume continues a run with its stored options; {given} cannot change them (allowed with --resume: "
+            f"{allowed})"
+        )
+
+
+def changed_options(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
+    """The options (by command-line name) whose value in ``wanted`` differs from ``stored``."""
+    a, b = stored.options(), wanted.options()
+    return {k: v for k, v in b.items() if a.get(k) != v}
 
 
 def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -212,10 +244,16 @@ def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0 - progress  # onecycle: linear decay to zero
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on conv and linear weights only: decaying batch-norm scales and biases only hurts.
+_NORM_LAYERS = (
+    TemporalBatchNorm2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Weight decay on conv and linear weights only: decaying normalisation scales and biases only hurts.
     # (temporal batch-norm scales are 2-D, (slots, C), so dimensionality alone does not tell them apart)
-    norm = {id(p) for bn in model.norms() for p in (bn.weight, bn.bias)}
+    norm = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
     decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in norm]
     other = [p for p in model.parameters() if p.ndim < 2 or id(p) in norm]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
@@ -224,48 +262,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def compute_loss(model: CascadedResNet, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     if cfg.loss == "final":
-        return final_ce(model.feedforward(x), y, label_smoothing=cfg.label_smoothing)
-    logits = model(x)  # (T, B, C)
-    first = model.first_informative_step
+        # the model's own final prediction: a cascade's ordinary ResNet, else the last exit
+        feedforward = getattr(model, "feedforward", None)
+        final = feedforward(x) if feedforward is not None else model(x)[-1]
+        return final_ce(final, y, label_smoothing=cfg.label_smoothing)
+    logits = model(x)  # (E, B, C)
+    first = model.first_informative_exit
     if cfg.loss == "ce":
         return stepwise_ce(logits, y, first_step=first, label_smoothing=cfg.label_smoothing)
     return td_loss(logits, y, cfg.lam, first_step=first, label_smoothing=cfg.label_smoothing)
-
-
-@torch.no_grad()
-def predict(
-    model: CascadedResNet,
-    ds: D.ImageSet,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    *,
-    batch_size: int = 500,
-    scheme: str | None = None,
-    num_steps: int | None = None,
-    amp: bool = False,
-    progress: bool = False,
-    desc: str = "eval",
-) -> torch.Tensor:
-    """Trajectory logits of a whole dataset, ``(T, N, C)`` float32 on the CPU, plus nothing else."""
-    was_training = model.training
-    model.eval()
-    out = []
-    batches = D.iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=mean, std=std)
-    n = D.num_batches(len(ds), batch_size, False)
-    device_type = ds.images.device.type
-    try:
-        for x, _ in tqdm(batches, total=n, desc=desc, disable=not progress, leave=False):
-            with _autocast(device_type, amp):
-                out.append(model(x, scheme=scheme, num_steps=num_steps).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out, dim=1)
-
-
-def _autocast(device_type: str, enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -281,40 +288,53 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, extra: dict[str, Any]) -> None:
-    payload = {"train": dataclasses.asdict(cfg), **extra}
-    atomic_write(run_dir / CONFIG, (json.dumps(payload, indent=2) + "\n").encode())
-
-
-def _prepare_run_dir(cfg: TrainConfig, resume: str | os.PathLike | None) -> tuple[Path, TrainConfig, dict | None]:
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / CONFIG).is_file():
-            raise TrainingError(f"{run_dir}: no {CONFIG} here: not a run directory")
-        stored = TrainConfig.from_file(run_dir / CONFIG)
-        ckpt = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).is_file() else None
-        return run_dir, stored, ckpt
-    run_dir = Path(cfg.out) / cfg.run_name()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise TrainingError(
-            f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
-            "or choose another --name or --out (nothing was overwritten)"
-        )
-    return run_dir, cfg, None  # created once the data and the model are known to be good
-
-
 def _trim_metrics(path: Path, epochs_done: int) -> list[dict]:
     """Keep the metric lines of the epochs the checkpoint covers (a kill may have left one more)."""
     if not path.is_file():
         return []
     lines = []
     for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
+        try:
             row = json.loads(line)
-            if row.get("epoch", 0) <= epochs_done:
-                lines.append(row)
+        except json.JSONDecodeError:
+            continue
+        if row.get("epoch", 0) <= epochs_done:
+            lines.append(row)
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
     return lines
+
+
+@dataclass
+class _Session:
+    """Everything one training run holds between its steps."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    progress: bool
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # draws each epoch's batch order and augmentation
+    train_set: ImageSet
+    val_set: ImageSet
+    mean: torch.Tensor
+    std: torch.Tensor
+    extra: dict[str, Any]  # stored with the config, checkpoints and weights: normalisation and class names
+    per_epoch: int
+    epoch: int = 0  # epochs completed
+    batch_done: int = 0  # batches of the current epoch completed
+    step: int = 0  # optimizer steps completed
+
+
+@dataclass
+class _EpochStats:
+    loss_sum: torch.Tensor
+    batches: int
+    images: int
+    seconds: float
 
 
 def train(
@@ -325,154 +345,191 @@ def train(
     Args:
         cfg: the configuration (ignored when resuming: the run's stored configuration is used).
         resume: a run directory to continue from its last checkpoint (or from the start if it has none).
-        overrides: options that a resumed run may change because they do not change what is computed
-            (device, threads, progress, data_root, checkpoint_every, eval_batch_size).
+        overrides: options a resumed run changes; only the ``RESUMABLE`` ones (where and how fast it runs, not
+            what it computes).
 
     Raises:
         TrainingError: the run directory is in the way, the checkpoint is unusable, or the loss diverged.
-        cascadenet.data.DataError: the dataset is missing or malformed.
+        cascadenet.datasets.DataError: the dataset is missing or malformed.
         ValueError: a bad option.
     """
-    cfg = cfg or TrainConfig()
-    run_dir, cfg, ckpt = _prepare_run_dir(cfg, resume)
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
+    s = _start(cfg or TrainConfig(), resume, overrides or {})
+    while s.epoch < s.cfg.epochs:
+        epoch_gen_state = s.generator.get_state()
+        stats = _train_epoch(s, epoch_gen_state)
+        s.epoch, s.batch_done = s.epoch + 1, 0
+        row = _validate(s, stats)
+        _checkpoint(s, s.generator.get_state())
+        _record(s, row)
+    save_weights(s.run_dir / WEIGHTS, s.model, {**s.extra, "epochs": s.cfg.epochs})
+    return s.run_dir
+
+
+def _start(cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[str, Any]) -> _Session:
+    """Set-up: the run directory (new or resumed), data, model, optimizer, schedule and position."""
+    ckpt = None
+    if resume is not None:
+        check_resume_overrides(overrides)
+        run_dir = Path(resume)
+        if not (run_dir / CONFIG).is_file():
+            raise TrainingError(f"{run_dir}: no {CONFIG} here: not a run directory")
+        cfg = dataclasses.replace(TrainConfig.from_file(run_dir / CONFIG), **overrides)
+        if (run_dir / CHECKPOINT).is_file():
+            ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    else:
+        run_dir = Path(cfg.out) / cfg.run_name()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise TrainingError(
+                f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+                "or choose another --name or --out (nothing was overwritten)"
+            )
+        # created below, once the data and the model are known to be good
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    amp = device.type == "cuda" if cfg.amp is None else cfg.amp
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
 
-    full = D.load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
-                          synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
-    train_set, val_set = D.train_val_split(full, cfg.val_fraction, seed=cfg.seed)
-    mean, std = D.normalization(train_set)
-    train_set, val_set = train_set.to(device), val_set.to(device)
-
+    full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
+                        synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+    train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
+    mean, std = normalization(train_set)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=full.num_classes,
+                                                             in_channels=full.num_channels))  # fmt: skip
     torch.manual_seed(cfg.seed)
-    model_kwargs = {**cfg.model_kwargs(), "num_classes": full.num_classes, "in_channels": full.num_channels}
-    model = create_model(**model_kwargs)
-    D.check_compatible(full, model.in_channels, model.num_classes)
+    model = cfg.model.build()
+    check_compatible(full, cfg.model.in_channels, cfg.model.num_classes)
     if ckpt is not None:
         model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    per_epoch = D.num_batches(len(train_set), cfg.batch_size, drop_last=True)
+    per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=True)
     if per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} examples)")
     per_epoch = min(per_epoch, cfg.max_batches or per_epoch)
-    total = per_epoch * cfg.epochs
-    warmup = round(cfg.warmup_epochs * per_epoch)
+    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, warmup, cfg.schedule))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    epoch, batch_done, step = 0, 0, 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, total, warmup, cfg.schedule))
+    s = _Session(
+        cfg=cfg, run_dir=run_dir, device=device, amp=device.type == "cuda" if cfg.amp is None else cfg.amp,
+        channels_last=channels_last, progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress,
+        model=model, optimizer=optimizer, scheduler=scheduler, generator=torch.Generator().manual_seed(cfg.seed),
+        train_set=train_set.to(device), val_set=val_set.to(device), mean=mean, std=std,
+        extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes},
+        per_epoch=per_epoch,
+    )  # fmt: skip
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["epoch_generator_state"])
+        s.generator.set_state(ckpt["epoch_generator_state"])
         _set_rng_state(ckpt["rng"])
-        epoch, batch_done, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        _trim_metrics(run_dir / METRICS, epoch)
-        print(f"resuming {run_dir} at epoch {epoch + 1}, batch {batch_done}", file=sys.stderr)
-    stats = {"mean": mean.tolist(), "std": std.tolist()}
+        s.epoch, s.batch_done, s.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+        _trim_metrics(run_dir / METRICS, s.epoch)
+        log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, cfg, {"model": model.config, "normalization": stats, "classes": full.classes})
+    payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra}
+    atomic_write(run_dir / CONFIG, (json.dumps(payload, indent=2) + "\n").encode())
+    s.model.train()
+    return s
 
-    def checkpoint(epoch_gen_state: torch.Tensor, epoch_: int, batch_: int) -> None:
-        save_checkpoint(run_dir / CHECKPOINT, {
-            "model_config": model.config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch_generator_state": epoch_gen_state, "rng": _rng_state(),
-            "epoch": epoch_, "batch": batch_, "step": step, "normalization": stats,
-        })  # fmt: skip
 
-    model.train()
-    while epoch < cfg.epochs:
-        epoch_gen_state = generator.get_state()
-        batches = D.iterate_batches(train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, mean=mean,
-                                    std=std, generator=generator, drop_last=True)  # fmt: skip
-        bar = tqdm(total=per_epoch, initial=batch_done, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   unit="batch", dynamic_ncols=True)  # fmt: skip
-        loss_sum, loss_count, seen, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
-        completed, updating = batch_done, False  # batches of this epoch fully applied; inside an update?
-        try:
-            for i, (x, y) in enumerate(batches):
-                if i >= per_epoch:
-                    break
-                if i < batch_done:
-                    continue  # resumed mid-epoch: these batches were trained before the interruption
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device.type, amp):
-                    loss = compute_loss(model, x, y, cfg)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                updating = True  # from here until the counters move, weights and counters may disagree
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                completed = i + 1
-                updating = False
-                loss_sum += loss.detach()
-                loss_count += 1
-                seen += len(y)
-                if loss_count % 10 == 0 or completed == per_epoch:  # a sync every 10 steps, not every step
-                    _check_finite(loss_sum, epoch, i, run_dir)
-                    rate = seen / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss_sum.item() / loss_count:.4f}", img_s=f"{rate:.0f}")
-                bar.update(1)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and completed < per_epoch:
-                    _check_finite(loss_sum, epoch, i, run_dir)
-                    checkpoint(epoch_gen_state, epoch, completed)
-        except KeyboardInterrupt:
-            bar.close()
-            if updating or not torch.isfinite(loss_sum):
-                print(
-                    f"\ninterrupted; the last checkpoint was kept: cascadenet train --resume {run_dir}", file=sys.stderr
-                )
-            else:
-                checkpoint(epoch_gen_state, epoch, completed)
-                print(f"\ninterrupted after {completed} batches of epoch {epoch + 1}; checkpoint saved; continue "
-                      f"with: cascadenet train --resume {run_dir}", file=sys.stderr)  # fmt: skip
-            raise
+def _checkpoint(s: _Session, epoch_gen_state: torch.Tensor) -> None:
+    """Save the position ``(s.epoch, s.batch_done, s.step)``; ``epoch_gen_state`` draws the current epoch."""
+    save_checkpoint(s.run_dir / CHECKPOINT, {
+        "model_config": s.model.config.to_dict(), "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(), "epoch_generator_state": epoch_gen_state, "rng": _rng_state(),
+        "epoch": s.epoch, "batch": s.batch_done, "step": s.step, "normalization": s.extra["normalization"],
+    })  # fmt: skip
+
+
+def _train_epoch(s: _Session, epoch_gen_state: torch.Tensor) -> _EpochStats:
+    """One epoch from batch ``s.batch_done`` on; on Ctrl-C, checkpoint the position and re-raise."""
+    cfg = s.cfg
+    batches = iterate_batches(s.train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, mean=s.mean,
+                              std=s.std, generator=s.generator, drop_last=True)  # fmt: skip
+    bar = tqdm(total=s.per_epoch, initial=s.batch_done, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
+               disable=not s.progress, unit="batch", dynamic_ncols=True)  # fmt: skip
+    stats = _EpochStats(torch.zeros((), device=s.device), 0, 0, 0.0)
+    t0 = time.perf_counter()
+    updating = False  # between the optimizer step and the counters, weights and counters disagree
+    try:
+        for i, (x, y) in enumerate(batches):
+            if i >= s.per_epoch:
+                break
+            if i < s.batch_done:
+                continue  # resumed mid-epoch: these batches were trained before the interruption
+            if s.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(s.device.type, s.amp):
+                loss = compute_loss(s.model, x, y, cfg)
+            s.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            updating = True
+            s.optimizer.step()
+            s.scheduler.step()
+            s.step += 1
+            s.batch_done = i + 1
+            updating = False
+            stats.loss_sum += loss.detach()
+            stats.batches += 1
+            stats.images += len(y)
+            if stats.batches % 10 == 0 or s.batch_done == s.per_epoch:  # a sync every 10 steps, not every step
+                _check_finite(s, stats.loss_sum, i)
+                rate = stats.images / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{stats.loss_sum.item() / stats.batches:.4f}", img_s=f"{rate:.0f}")
+            bar.update(1)
+            if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and s.batch_done < s.per_epoch:
+                _check_finite(s, stats.loss_sum, i)
+                _checkpoint(s, epoch_gen_state)
+    except KeyboardInterrupt:
         bar.close()
-        _check_finite(loss_sum, epoch, per_epoch, run_dir)
-        train_time = time.perf_counter() - t0
-        epoch, batch_done = epoch + 1, 0
-        logits = predict(model, val_set, mean, std, batch_size=cfg.eval_batch_size, amp=amp, progress=progress,
-                         desc="validate")  # fmt: skip
-        summary = metrics.summarize(logits, val_set.labels.cpu(), first_step=model.first_informative_step)
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": loss_sum.item() / max(loss_count, 1),
-            "lr": scheduler.get_last_lr()[0],
-            "train_images_per_s": seen / max(train_time, 1e-9),
-            "val_accuracy_per_step": summary["accuracy_per_step"],
-            "val_anytime_auc": summary["anytime_auc"],
-            "seconds": time.perf_counter() - t0,
-        }
-        checkpoint(generator.get_state(), epoch, 0)
-        with open(run_dir / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(
-            f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  val acc (last step) "
-            f"{100 * summary['accuracy_per_step'][-1]:.2f}%  val AUC {summary['anytime_auc']:.4f}  "
-            f"{row['train_images_per_s']:.0f} img/s  {row['seconds']:.0f}s",
-            file=sys.stderr,
-        )
-    save_weights(run_dir / WEIGHTS, model, {"normalization": stats, "classes": full.classes, "epochs": cfg.epochs})
-    return run_dir
+        if updating or not torch.isfinite(stats.loss_sum):
+            log.warning("interrupted; the last checkpoint was kept: cascadenet train --resume %s", s.run_dir)
+        else:
+            _checkpoint(s, epoch_gen_state)
+            log.warning("interrupted after %d batches of epoch %d; checkpoint saved; continue with: "
+                        "cascadenet train --resume %s", s.batch_done, s.epoch + 1, s.run_dir)  # fmt: skip
+        raise
+    bar.close()
+    _check_finite(s, stats.loss_sum, s.per_epoch)
+    stats.seconds = time.perf_counter() - t0
+    return stats
 
 
-def _check_finite(loss_sum: torch.Tensor, epoch: int, batch: int, run_dir: Path) -> None:
+def _validate(s: _Session, stats: _EpochStats) -> dict[str, Any]:
+    """Validation accuracy per exit and anytime AUC after an epoch: the epoch's metrics row."""
+    t0 = time.perf_counter()
+    logits = dataset_logits(s.model, s.val_set, s.mean, s.std, batch_size=s.cfg.eval_batch_size, amp=s.amp,
+                            progress=s.progress, desc="validate")  # fmt: skip
+    summary = metrics.summarize(logits, s.val_set.labels.cpu(), first_step=s.model.first_informative_exit)
+    return {
+        "epoch": s.epoch,
+        "step": s.step,
+        "train_loss": stats.loss_sum.item() / max(stats.batches, 1),
+        "lr": s.scheduler.get_last_lr()[0],
+        "train_images_per_s": stats.images / max(stats.seconds, 1e-9),
+        "val_accuracy_per_step": summary["accuracy_per_step"],
+        "val_anytime_auc": summary["anytime_auc"],
+        "seconds": stats.seconds + time.perf_counter() - t0,
+    }
+
+
+def _record(s: _Session, row: dict[str, Any]) -> None:
+    with open(s.run_dir / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    log.info(
+        "epoch %d/%d  loss %.4f  val acc (last exit) %.2f%%  val AUC %.4f  %.0f img/s  %.0fs", row["epoch"],
+        s.cfg.epochs, row["train_loss"], 100 * row["val_accuracy_per_step"][-1], row["val_anytime_auc"],
+        row["train_images_per_s"], row["seconds"],
+    )  # fmt: skip
+
+
+def _check_finite(s: _Session, loss_sum: torch.Tensor, batch: int) -> None:
     if not torch.isfinite(loss_sum):
-        where = run_dir / CHECKPOINT
+        where = s.run_dir / CHECKPOINT
         kept = f"the last good checkpoint {where} was kept" if where.exists() else "no checkpoint was written"
         raise TrainingError(
-            f"the loss became {loss_sum.item()} in epoch {epoch + 1} near batch {batch + 1}; training stopped and "
+            f"the loss became {loss_sum.item()} in epoch {s.epoch + 1} near batch {batch + 1}; training stopped and "
             f"{kept} (try a lower --lr)"
         )
