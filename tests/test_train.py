@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +285,31 @@ def test_weight_decay_spares_batch_norm_and_biases():
     assert not any(id(p) in norm for p in decay["params"]) and all(p.ndim == 4 or p.ndim == 2 for p in decay["params"])
     assert len(decay["params"]) + len(other["params"]) == len(list(model.parameters()))
     assert {id(p) for p in other["params"]} == norm | {id(model.heads[0].bias)}
+
+
+def test_cli_keeps_the_model_flags_users_know(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--width", "--stem", "--scheme", "--delay", "--alpha", "--no-stem-delay",
+                 "--temporal-bn", "--temporal-affine", "--multi-head", "--num-steps"):  # fmt: skip
+        assert flag in text, flag
+    assert "--num-classes" not in text and "--in-channels" not in text  # the dataset sets them
+    with pytest.raises(SystemExit) as e:  # a bad value is a parse error, reported by tyro like --lam 1.5
+        main(["train", "--model", "resnet19"])
+    assert e.value.code == 2 and "unknown model 'resnet19'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fashion_mnist_learns_in_part_of_an_epoch(tmp_path):
+    """The real default dataset end to end (about a minute on 2 cores): slow, so kept out of `make test`."""
+    from cascadenet.datasets import DEFAULT_ROOTS
+
+    if not (Path(DEFAULT_ROOTS["fashion-mnist"]) / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    cfg = config_of(model="resnet10", width=8, stem="cifar_pool", dataset="fashion-mnist", epochs=1, max_batches=150,
+                    warmup_epochs=0.2, batch_size=128, out=str(tmp_path), name="fmnist", threads=2)  # fmt: skip
+    run = train(cfg)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["val_accuracy_per_step"][-1] > 0.8 and row["val_accuracy_per_step"][2] > 0.7
