@@ -50,6 +50,9 @@ READABLE_FORMATS = (1, 2)
 class CheckpointError(ValueError):
     """A missing, truncated or mismatched checkpoint or weights file; the message names the path."""
 
+    def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
+        return " ".join(line.strip() for line in super().__str__().splitlines())
+
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one.

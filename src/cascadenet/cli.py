@@ -207,7 +207,11 @@ def _run_train(cmd: TrainCommand, argv: Sequence[str]) -> None:
         run_dir = train(cmd.train_config())
     else:
         # the options typed on the line, whatever their value; train() compares them with the stored ones
-        options = {**cmd.train_config().options(), "config": cmd.config}
+        # (read from the parsed flags, not from a TrainConfig: the defaults around them need not be a valid run)
+        model = {"model" if f.name == "arch" else f.name: getattr(cmd.model, f.name)
+                 for f in dataclasses.fields(CascadeConfig)}  # fmt: skip
+        train_fields = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+        options = {**model, **train_fields, "config": cmd.config}
         overrides = {name: options[name] for name in given_options(argv)}
         run_dir = train(resume=cmd.resume, overrides=overrides)
     print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")

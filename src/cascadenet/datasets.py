@@ -66,6 +66,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 class DataError(ValueError):
     """Bad or missing dataset files: the message names the path and the problem."""
 
+    def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
+        return " ".join(line.strip() for line in super().__str__().splitlines())
+
 
 @dataclass
 class ImageSet:

@@ -90,9 +90,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on (diverged loss, a run directory in the way or in use, an unusable checkpoint, a
     full disk)."""
 
+    def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
+        return " ".join(line.strip() for line in super().__str__().splitlines())
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be read or does not describe a run (the message names the file)."""
+
+    def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
+        return " ".join(line.strip() for line in super().__str__().splitlines())
 
 
 class Terminated(KeyboardInterrupt):
@@ -260,7 +266,8 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"unknown configuration keys: {', '.join(map(str, unknown))}")
+            names = (k if k.isprintable() else repr(k) for k in unknown)
+            raise ValueError(f"unknown configuration keys: {', '.join(names)}")
         return cls(model=model, **raw)
 
     @classmethod
