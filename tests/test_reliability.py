@@ -421,6 +421,17 @@ def test_foreign_model_files_are_refused(tmp_path, capsys):
     assert (run / "model.safetensors").read_bytes() == before["model.safetensors"]  # nothing was replaced
 
 
+def test_a_run_of_the_first_release_resumes_and_evaluates(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run-format1", run)
+    before = (run / "model.safetensors").read_bytes()
+    assert train(resume=run) == run  # finished: nothing to train, nothing rewritten
+    assert (run / "model.safetensors").read_bytes() == before
+    result = evaluate(run)
+    expected = json.loads((run / "expected-eval.json").read_text())
+    assert result["accuracy_per_step"] == expected["accuracy_per_step"]
+
+
 def write_fashion(root: Path, n: int, seed: int) -> None:
     from test_data import write_idx
 

@@ -541,6 +541,7 @@ def train(
     with _catch_signals() as interrupts:
         s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts)
         try:
+            start = s.saved
             if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):
                 _record(s, _validate(s, s.done))  # killed between the epoch's checkpoint and its metrics row
             s.done = None
@@ -554,7 +555,8 @@ def train(
                 _checkpoint(s)  # before validating: an interruption there loses nothing
                 _record(s, _validate(s, s.done))
                 s.done = None
-            _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, {**s.extra, "epochs": s.cfg.epochs}))
+            if not (s.resumed and s.saved == start and (s.run_dir / WEIGHTS).is_file()):  # else: finished before
+                _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, {**s.extra, "epochs": s.cfg.epochs}))
         except BaseException as e:
             _stopped(s, e)
             raise
@@ -746,6 +748,15 @@ def _config_difference(a: ModelConfig, b: ModelConfig) -> str:
     return "; ".join(f"{'model' if n == 'arch' else n} {x} vs {y}" for n, x, y in diff)
 
 
+def _described_model(payload: dict[str, Any], fallback: ModelConfig) -> ModelConfig:
+    """The model config.json describes: its "model" record (as the first release wrote it, num_steps resolved),
+    else the training options' model."""
+    try:
+        return config_from_dict(payload["model"])
+    except (KeyError, TypeError, ValueError):
+        return fallback
+
+
 def _check_model_files(run_dir: Path, model_cfg: ModelConfig, ckpt: dict[str, Any] | None) -> None:
     """The checkpoint and the final weights in a run directory hold the model its config.json describes."""
     found = []
@@ -817,9 +828,10 @@ def _start(
             _check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
             if (run_dir / CHECKPOINT).is_file():
                 ckpt = load_checkpoint(run_dir / CHECKPOINT)
-            _check_model_files(run_dir, cfg.model, ckpt)
+            _check_model_files(run_dir, _described_model(payload, cfg.model), ckpt)
             if ckpt is not None:
                 model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
+                cfg = dataclasses.replace(cfg, model=model.config)  # as stored (format 1 resolved num_steps)
         channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         model.to(device)
         if channels_last:
