@@ -421,6 +421,26 @@ def test_foreign_model_files_are_refused(tmp_path, capsys):
     assert (run / "model.safetensors").read_bytes() == before["model.safetensors"]  # nothing was replaced
 
 
+def test_save_logits_is_checked_before_evaluating_and_never_overwrites(tmp_path, monkeypatch):
+    run = train(small_cfg(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="the folder .*missing of --save-logits does not exist"):
+        evaluate(run, save_logits=tmp_path / "missing" / "x.npz")
+    assert not (run / "eval.json").exists()  # refused before evaluating
+    import cascadenet.evaluate as E
+
+    real = E.dataset_logits
+
+    def a_file_appears_meanwhile(*args, **kwargs):
+        (tmp_path / "x.npz").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "dataset_logits", a_file_appears_meanwhile)
+    with pytest.raises(FileExistsError):
+        evaluate(run, save_logits=tmp_path / "x.npz")
+    assert (tmp_path / "x.npz").read_text() == "mine"
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".x.npz")]
+
+
 def test_a_run_of_the_first_release_resumes_and_evaluates(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(Path(__file__).parent / "fixtures" / "run-format1", run)
