@@ -38,7 +38,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # The tiny run of every subprocess test: 7 batches per epoch, a few seconds of training on one thread.
 RUN = dict(dataset="synthetic", synthetic_size=256, model="resnet10", width=4, batch_size=32, epochs=2, lr=0.05,
            warmup_epochs=0.5, threads=1, eval_batch_size=128)  # fmt: skip
-STEPS = 14
 
 PROBE = """
 import os, sys, time
@@ -228,6 +227,17 @@ def test_sigterm_and_sigint_checkpoint_and_resume_to_identical_weights(tmp_path)
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in full]
 
 
+def nth_checkpoint_write(n: int):
+    writes = []
+
+    def predicate(line: str) -> bool:
+        if line.startswith("PROBE fsync .checkpoint.pt."):
+            writes.append(line)
+        return len(writes) == n
+
+    return predicate
+
+
 def kill_and_resume(tmp_path: Path, points: list) -> None:
     """Start the run, SIGKILL it at each point (resuming each time), finish it, compare with the reference."""
     run = tmp_path / "runs" / "k"
@@ -235,16 +245,18 @@ def kill_and_resume(tmp_path: Path, points: list) -> None:
     for point in points:
         slow = "2" if point == "checkpoint" else "0"
         p = Probe(tmp_path, args, PROBE_SLOW_CHECKPOINT=slow)
-        if point == "checkpoint":  # inside a checkpoint write: the temporary is complete, not yet renamed
-            seen = p.wait_for(lambda line: line.startswith("PROBE fsync .checkpoint.pt."))
+        if point == "checkpoint":  # inside the 2nd checkpoint write: the temporary is complete, not yet renamed
+            seen = p.wait_for(nth_checkpoint_write(2))
         else:
             steps, delay = point
             seen = p.wait_for(loss_call(steps))
             time.sleep(delay)
         p.proc.kill()
         p.finish()
-        if seen and point == "checkpoint":
+        assert seen, "the process ended before the kill point"
+        if point == "checkpoint":
             assert any(f.name.startswith(".checkpoint.pt.") for f in run.iterdir())  # what a kill leaves
+            assert load_checkpoint(run / "checkpoint.pt")["step"] == 3  # and the previous checkpoint, whole
         args = ["train", "--resume", str(run), "--threads", "1"]
     resumed = train(resume=run)
     assert not [f.name for f in run.iterdir() if f.name.startswith(".")]  # the resume removed the temporaries
@@ -261,8 +273,8 @@ def test_sigkill_inside_a_checkpoint_write_then_resume(tmp_path):
 @pytest.mark.parametrize("seed", range(4))
 def test_sigkill_at_random_points_then_resume(tmp_path, seed):
     rng = random.Random(seed)
-    points = sorted({rng.randint(1, STEPS - 1) for _ in range(3)})
-    kill_and_resume(tmp_path, ["checkpoint", *[(n, rng.uniform(0, 0.05)) for n in points]])
+    # each resumed process counts its own steps; 3 kills of at most 3 steps each leave the run unfinished
+    kill_and_resume(tmp_path, ["checkpoint", *[(rng.randint(1, 3), rng.uniform(0, 0.05)) for _ in range(3)]])
 
 
 # ----------------------------------------------------------------------------------------------------------------
