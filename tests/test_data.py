@@ -287,7 +287,7 @@ def test_image_folder_sizes(tmp_path: Path) -> None:
     save_png(tmp_path / "train" / "a" / "0.png", np.zeros((8, 8, 3), np.uint8))
     odd = tmp_path / "train" / "b" / "0.png"
     save_png(odd, np.zeros((6, 10, 3), np.uint8))
-    with pytest.raises(DataError, match="image_size") as e:
+    with pytest.raises(DataError, match="--image-size") as e:
         load_dataset("imagefolder", tmp_path)
     assert str(odd) in str(e.value)
     assert load_dataset("imagefolder", tmp_path, image_size=4).images.shape == (2, 3, 4, 4)

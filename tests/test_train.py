@@ -194,7 +194,8 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 def test_cli_end_to_end(tmp_path, capsys):
     args = ["--model", "resnet10", "--width", "4", "--dataset", "synthetic", "--synthetic-size", "256",
-            "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path), "--name", "cli"]  # fmt: skip
+            "--epochs", "1", "--warmup-epochs", "0.5", "--batch-size", "32", "--out", str(tmp_path),
+            "--name", "cli"]  # fmt: skip
     assert main(["train", *args]) == 0
     run = tmp_path / "cli"
     assert main(["eval", str(run)]) == 0
@@ -218,6 +219,11 @@ def test_cli_end_to_end(tmp_path, capsys):
         (["train", "--resume", "/nonexistent/run"], "not a run directory"),
         (["train", "--config", "/nonexistent.json"], "cannot read the configuration"),
         (["plot", "/tmp", "-o", "x.png"], "run `cascadenet eval"),
+        (["train", "--lam", "1.5"], "--lam must be in [0, 1]"),
+        (["train", "--width", "0"], "--width must be a positive integer"),
+        (["train", "--num-steps", "1", "--dataset", "synthetic"], "--num-steps 1 leaves no step"),
+        (["train", "--eval-batch-size", "0", "--dataset", "synthetic"], "--eval-batch-size must be >= 1"),
+        (["train", "--epochs", "1", "--dataset", "synthetic"], "--warmup-epochs 1.0 is not shorter than --epochs 1"),
     ],
 )
 def test_cli_user_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -233,7 +239,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path
     [
         (["train", "--loss", "bogus"], "bogus"),
         (["train", "--no-such-option", "1"], "--no-such-option"),
-        (["train", "--lam", "1.5"], "lam must be in [0, 1]"),
+        (["train", "--epochs", "1.5"], "--epochs"),
         (["eval"], "Run directory"),
     ],
 )
@@ -254,7 +260,8 @@ def test_resume_refuses_option_changes(tmp_path, capsys):
 def test_demo_report_and_reuse(tmp_path, monkeypatch):
     import cascadenet.demo as demo
 
-    tiny = dict(model="resnet10", width=4, dataset="synthetic", synthetic_size=256, batch_size=32, epochs=1)
+    tiny = dict(model="resnet10", width=4, dataset="synthetic", synthetic_size=256, batch_size=32, epochs=1,
+                warmup_epochs=0.5)  # fmt: skip
     monkeypatch.setattr(
         demo,
         "DEMO_RUNS",

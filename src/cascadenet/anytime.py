@@ -22,12 +22,16 @@ lets checkpoints and run directories rebuild it by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, Union, runtime_checkable
 
 from torch import Tensor, nn
 
-__all__ = ["AnytimeModel", "ExitCosts", "ModelConfig", "CONFIG_FORMAT", "positive_int", "choice"]
+__all__ = ["AnytimeModel", "ExitCosts", "ModelConfig", "CONFIG_FORMAT", "positive_int", "choice", "check_types"]
 
 # Version of the stored model configuration (checkpoints, weights metadata, config.json). 1: the flat
 # ``create_model`` arguments of the first release (no version key); 2: ``{"format", "family", **fields}``.
@@ -72,6 +76,56 @@ def choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {option} {value!r}; valid choices: {', '.join(choices)}")
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return True
+    if kind is type(None):
+        return value is None
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(kind))
+    if origin is Union or origin is types.UnionType:
+        return any(_matches(value, a) for a in typing.get_args(kind))
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return not isinstance(kind, type) or isinstance(value, kind)
+
+
+def _kind_name(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(kind)))
+    if origin is Union or origin is types.UnionType:
+        return " or ".join(_kind_name(a) for a in typing.get_args(kind))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def check_types(obj: Any, flags: bool = False) -> None:
+    """Raise ``ValueError`` naming the first field of dataclass ``obj`` whose value does not have its annotated
+    type (a JSON file can say ``"epochs": "2"`` or ``"augment": "false"``). Integers pass as floats, bools do not
+    pass as numbers. With ``flags``, fields are named as command-line flags (``--image-size``)."""
+    hints = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        kind, value = hints.get(f.name, Any), getattr(obj, f.name)
+        if not _matches(value, kind):
+            name = "--" + f.name.replace("_", "-") if flags else f.name
+            if typing.get_origin(kind) is Literal and isinstance(value, str):
+                raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(typing.get_args(kind))}")
+            raise ValueError(f"{name} must be {_kind_name(kind)}, got {value!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Base of the model families' configurations: the options every classifier has.
@@ -89,6 +143,7 @@ class ModelConfig:
     """Input image channels (training sets it from the dataset)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         positive_int("num_classes", self.num_classes)
         positive_int("in_channels", self.in_channels)
 

@@ -7,9 +7,9 @@
     cascadenet demo
     cascadenet models
 
-User errors (bad options, missing or malformed data, unusable run directories) print one line and exit 2;
-an interrupted run exits 130 after saving a checkpoint. The library reports progress through ``logging``; this
-module sends it to stderr.
+User errors (bad options, missing or malformed data, unusable or busy run directories, unwritable folders, a
+full disk) print one line and exit 2; a run interrupted by Ctrl-C exits 130 and one stopped by SIGTERM exits 143,
+both after saving a checkpoint. The library reports progress through ``logging``; this module sends it to stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import tyro
 from .cascade import CascadeConfig
 from .checkpoint import CheckpointError
 from .datasets import DataError
-from .train import TrainConfig, TrainingError, changed_options
+from .rundir import RunLockedError
+from .train import Terminated, TrainConfig, TrainingError
 
 __all__ = ["main"]
 
@@ -44,6 +46,9 @@ class ModelFlags(CascadeConfig):
     arch: Annotated[str, tyro.conf.arg(name="model")] = "resnet18"
     """Architecture: resnet10, resnet18, resnet34 or resnet50."""
 
+    def __post_init__(self) -> None:
+        pass  # checked in config(), so that a bad value is one error line, not the parser's box
+
     @classmethod
     def of(cls, config: object) -> ModelFlags:
         if not isinstance(config, CascadeConfig):
@@ -51,7 +56,12 @@ class ModelFlags(CascadeConfig):
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(CascadeConfig)})
 
     def config(self) -> CascadeConfig:
-        return CascadeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CascadeConfig)})
+        try:
+            return CascadeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CascadeConfig)})
+        except ValueError as e:  # the model's messages name its fields: name the flags instead
+            names = [f.name for f in dataclasses.fields(CascadeConfig) if f.name != "arch"]
+            pattern = r"(?<![-\w])(" + "|".join(names) + r")(=True)?(?![\w])"
+            raise ValueError(re.sub(pattern, lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
 
 
 @dataclass
@@ -65,9 +75,36 @@ class TrainCommand(TrainConfig):
     resume: str | None = None
     """Continue the run in this directory from its last checkpoint, with its stored options."""
 
+    def __post_init__(self) -> None:
+        pass  # checked in train_config(), so that a bad value is one error line, not the parser's box
+
     def train_config(self) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
         return TrainConfig(model=self.model.config(), **{k: getattr(self, k) for k in names})
+
+
+def _option_flags() -> dict[str, str]:
+    """Every flag of ``cascadenet train`` that sets a training option -> the option's name in
+    ``TrainConfig.options`` (``--model`` -> ``model``, ``--no-augment`` -> ``augment``)."""
+    flags = {"--config": "config"}
+    for name in TrainConfig().options():
+        flags["--" + name.replace("_", "-")] = name
+        flags["--no-" + name.replace("_", "-")] = name
+    return flags
+
+
+def given_options(argv: Sequence[str]) -> set[str]:
+    """The training options that the command line sets (whatever their value: ``--epochs 30`` is given even
+    though 30 is the default), found by their flags as ``_prescan_config`` finds ``--config``."""
+    flags, given = _option_flags(), set()
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            flag = arg.partition("=")[0].replace("_", "-")
+            if flag in flags:
+                given.add(flags[flag])
+    return given
 
 
 @dataclass
@@ -163,16 +200,19 @@ def _parse(argv: list[str]):
                     config=(tyro.conf.OmitSubcommandPrefixes,))  # fmt: skip
 
 
-def _run_train(cmd: TrainCommand) -> None:
+def _run_train(cmd: TrainCommand, argv: Sequence[str]) -> None:
     from .train import train
 
     if cmd.resume is None:
         run_dir = train(cmd.train_config())
     else:
-        # the options given on the line are those that differ from the defaults; train() applies the policy
-        overrides = changed_options(TrainCommand().train_config(), cmd.train_config())
-        if cmd.config:
-            overrides["config"] = cmd.config
+        # the options typed on the line, whatever their value; train() compares them with the stored ones
+        # (read from the parsed flags, not from a TrainConfig: the defaults around them need not be a valid run)
+        model = {"model" if f.name == "arch" else f.name: getattr(cmd.model, f.name)
+                 for f in dataclasses.fields(CascadeConfig)}  # fmt: skip
+        train_fields = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+        options = {**model, **train_fields, "config": cmd.config}
+        overrides = {name: options[name] for name in given_options(argv)}
         run_dir = train(resume=cmd.resume, overrides=overrides)
     print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")
 
@@ -221,15 +261,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     try:
         cmd = _parse(argv)
-        runner = {TrainCommand: _run_train, EvalCommand: _run_eval, PlotCommand: _run_plot, DemoCommand: _run_demo,
-                  ModelsCommand: _run_models}[type(cmd)]  # fmt: skip
-        runner(cmd)
-    except (ValueError, DataError, CheckpointError, TrainingError, FileExistsError, FileNotFoundError) as e:
-        print(f"cascadenet: error: {e}", file=sys.stderr)
+        if isinstance(cmd, TrainCommand):
+            _run_train(cmd, argv[1:])
+        else:
+            runner = {EvalCommand: _run_eval, PlotCommand: _run_plot, DemoCommand: _run_demo,
+                      ModelsCommand: _run_models}[type(cmd)]  # fmt: skip
+            runner(cmd)
+    except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
+        print(f"cascadenet: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line; an OSError as 'path: reason' (a full disk, a read-only folder, a file in the way)."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(line.strip() for line in text.strip().splitlines())
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -66,6 +66,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 class DataError(ValueError):
     """Bad or missing dataset files: the message names the path and the problem."""
 
+    def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
+        return " ".join(line.strip() for line in super().__str__().splitlines())
+
 
 @dataclass
 class ImageSet:
@@ -152,8 +155,8 @@ def load_dataset(
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    if image_size is not None and image_size < 1:
-        raise DataError(f"image_size must be a positive integer, got {image_size}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise DataError(f"--image-size must be a positive integer, got {image_size!r}")
     if name == "synthetic":
         n = synthetic_size if synthetic_size is not None else (512 if split == "train" else 256)
         return _synthetic(n, image_size or 16, seed * 2 + (split == "test"))
@@ -162,11 +165,14 @@ def load_dataset(
             raise DataError(f"no default location for dataset {name!r}: pass --data-root (root=...) with its files")
         root = DEFAULT_ROOTS[name]
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset root does not exist or is not a directory (pass --data-root)")
-    if name == "imagefolder":
-        return _image_folder(root, split, image_size)
-    ds = _fashion_mnist(root, split) if name == "fashion-mnist" else _cifar(root, split, name == "cifar100")
+    try:
+        if not root.is_dir():
+            raise DataError(f"{root}: dataset root does not exist or is not a directory (pass --data-root)")
+        if name == "imagefolder":
+            return _image_folder(root, split, image_size)
+        ds = _fashion_mnist(root, split) if name == "fashion-mnist" else _cifar(root, split, name == "cifar100")
+    except OSError as e:  # an unreadable folder (permissions, I/O errors) while looking for the files
+        raise DataError(f"{e.filename or root}: cannot read ({e.strerror or e})") from None
     return ds if image_size is None else dataclasses.replace(ds, images=_resize(ds.images, image_size))
 
 
@@ -432,7 +438,7 @@ def _load_images(files: list[Path], size: int | None) -> Tensor:
             elif arr.shape[:2] != out.shape[2:]:
                 raise DataError(
                     f"{path}: image is {arr.shape[1]}x{arr.shape[0]} but {files[0]} is {out.shape[3]}x{out.shape[2]};"
-                    " pass image_size to resize all images to one size"
+                    " pass --image-size to resize all images to one size"
                 )
             out[i] = arr.transpose(2, 0, 1)
     finally:
@@ -444,7 +450,7 @@ def _synthetic(n: int, size: int, seed: int) -> ImageSet:
     """Four flip- and shift-invariant pattern classes (horizontal/vertical stripes, checkerboard, rings) with a
     random phase, colour and Gaussian noise: easy for a small CNN, impossible to memorise pixel by pixel."""
     if n < 1:
-        raise DataError(f"synthetic_size must be >= 1, got {n}")
+        raise DataError(f"--synthetic-size must be >= 1, got {n}")
     # float64 throughout: 1-ulp differences between the SIMD and scalar paths of sin (which depend on the CPU and
     # on how the work is split across threads) must never flip a rounded pixel.
     g, f64 = torch.Generator().manual_seed(seed), torch.float64

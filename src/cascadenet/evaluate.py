@@ -19,6 +19,8 @@ writes the same eval.json ("step" there means exit). What a family lacks is null
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 from pathlib import Path
@@ -31,6 +33,7 @@ from . import metrics
 from .checkpoint import CheckpointError, atomic_write, load_model
 from .datasets import load_dataset
 from .loader import check_compatible, iterate_batches
+from .registry import config_from_dict
 from .runtime import dataset_logits, resolve_device
 from .train import CONFIG, TrainConfig
 
@@ -73,20 +76,53 @@ def evaluate(
         overwrite: allow ``save_logits`` to replace an existing file.
     """
     run_dir = Path(run_dir)
+    try:
+        return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
+                         progress)  # fmt: skip
+    except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
+        if isinstance(e, FileExistsError) and not e.strerror:
+            raise
+        raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
+
+
+def _evaluate(
+    run_dir: Path,
+    split: str,
+    scheme: str | None,
+    num_steps: int | None,
+    data_root: str | None,
+    batch_size: int,
+    device: str,
+    save_logits: str | os.PathLike | None,
+    overwrite: bool,
+    progress: bool,
+) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
     if not (run_dir / CONFIG).is_file():
         raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
-    if save_logits is not None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+        raise ValueError(f"--num-steps must be a positive integer, got {num_steps!r}")
+    if save_logits is not None:  # checked before the evaluation, not after it
         save_logits = Path(save_logits)
         if save_logits.suffix != ".npz":
             raise ValueError(f"{save_logits}: --save-logits takes a .npz file name")
         if save_logits.exists() and not overwrite:
             raise FileExistsError(f"{save_logits} exists; pass --overwrite to replace it (nothing was written)")
-    stored = json.loads((run_dir / CONFIG).read_text())
+        if not save_logits.parent.is_dir():
+            raise ValueError(f"{save_logits}: the folder {save_logits.parent} of --save-logits does not exist")
+        if not os.access(save_logits.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{save_logits}: the folder {save_logits.parent} of --save-logits is not writable")
     cfg = TrainConfig.from_file(run_dir / CONFIG)
+    stored = json.loads((run_dir / CONFIG).read_bytes())  # from_file read it: it is a JSON object
+    norm = stored.get("normalization") if isinstance(stored, dict) else None
+    if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
+        raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
     dev = resolve_device(device)
     model = load_model(run_dir, map_location=dev)
+    _check_model(run_dir, stored.get("model"), model.config)
     finished = (run_dir / "model.safetensors").is_file()
     # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
     run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
@@ -94,8 +130,13 @@ def evaluate(
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split, image_size=cfg.image_size,
                       synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
     check_compatible(ds, model.config.in_channels, model.config.num_classes)
-    mean = torch.tensor(stored["normalization"]["mean"])
-    std = torch.tensor(stored["normalization"]["std"])
+    try:
+        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG}: unreadable normalization statistics ({e})") from None
+    if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
+        raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channels, but the "
+                              f"data has {ds.num_channels}")  # fmt: skip
     ds = ds.to(dev)
     amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
     input_size = tuple(ds.images.shape[1:])
@@ -130,10 +171,35 @@ def evaluate(
         "model": model.config.to_dict(),
     }
     name = eval_filename(scheme, model_scheme, num_steps)
+    if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, logits=logits.numpy(), labels=labels.numpy())
+        atomic_write(save_logits, buffer.getvalue(), overwrite=overwrite)
     atomic_write(run_dir / name, (json.dumps(result, indent=2) + "\n").encode())
-    if save_logits is not None:
-        np.savez_compressed(save_logits, logits=logits.numpy(), labels=labels.numpy())
     return result
+
+
+def _check_model(run_dir: Path, stored: Any, found: Any) -> None:
+    """The weights in a run directory are those of the model its config.json describes."""
+    if not isinstance(stored, dict):
+        return  # no model record to compare with (a hand-made run directory)
+    try:
+        described = config_from_dict(stored)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG}: unreadable model configuration: {e}") from None
+    if described != found:
+        source = "model.safetensors" if (run_dir / "model.safetensors").is_file() else "checkpoint.pt"
+        diff = (
+            "; ".join(
+                f"{f.name} {getattr(found, f.name)} vs {getattr(described, f.name)}"
+                for f in dataclasses.fields(found)
+                if type(found) is type(described) and getattr(found, f.name) != getattr(described, f.name)
+            )
+            or f"a {found.family} model vs a {described.family} model"
+        )
+        raise CheckpointError(
+            f"{run_dir / source} holds another model than {run_dir / CONFIG} describes ({source} vs {CONFIG}: {diff})"
+        )
 
 
 def format_table(result: dict[str, Any]) -> str:

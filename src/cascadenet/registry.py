@@ -103,7 +103,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"unknown model family {family!r} (known: {known}; a custom family must be registered)")
     config_cls = _FAMILIES[family]
     names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(fields) - names)
+    unknown = sorted(set(fields) - names, key=str)
     if unknown:
-        raise ValueError(f"options unknown to the {family} family: {', '.join(unknown)}")
+        names = (k if isinstance(k, str) and k.isprintable() else repr(k) for k in unknown)
+        raise ValueError(f"options unknown to the {family} family: {', '.join(names)}")
     return config_cls(**fields)

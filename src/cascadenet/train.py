@@ -2,27 +2,37 @@
 
 A run directory holds
 - ``config.json``: the resolved configuration (replay it with ``cascadenet train --config RUN/config.json``);
-- ``checkpoint.pt``: model, optimizer, scheduler, RNG state and position, written atomically at every epoch
-  end (and every ``checkpoint_every`` steps, and on Ctrl-C), so a kill at any moment leaves the previous one;
-- ``metrics.jsonl``: one line per epoch (train loss, throughput, validation accuracy per exit and AUC);
-- ``model.safetensors``: the final weights, with the model configuration as metadata.
+- ``checkpoint.pt``: model, optimizer, scheduler, RNG state, position and the epoch's running sums, written
+  atomically at every epoch end before validating (and every ``checkpoint_every`` steps, and on Ctrl-C or
+  SIGTERM), so a kill at any moment leaves the previous one;
+- ``metrics.jsonl``: one line per epoch (train loss, throughput, validation accuracy per exit and AUC), rewritten
+  atomically; a row lost to a kill after the epoch's checkpoint is recomputed on resume;
+- ``model.safetensors``: the final weights, with the model configuration as metadata;
+- ``train.lock`` while a process trains it (``cascadenet.rundir``): one live process per run directory.
 
 Resuming restores everything the loop depends on (the batch order of an epoch is drawn from a generator
 whose state at the epoch start is saved, so resuming mid-epoch skips exactly the batches already done);
-on CPU a resumed run ends with the same weights as an uninterrupted one.
+on CPU a resumed run ends with the same weights and the same metrics as an uninterrupted one. Before anything
+is written, a resumed run checks that its checkpoint and weights hold the model its config.json describes and
+that the data is the data it was trained on. A new run that stops before its first checkpoint leaves nothing.
 
 Training uses only the anytime-model interface (``cascadenet.anytime``): any registered model family trains here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,14 +42,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .anytime import ModelConfig
+from .anytime import ModelConfig, check_types
 from .cascade import CascadeConfig
 from .checkpoint import (
     CHECKPOINT,
     WEIGHTS,
+    CheckpointError,
     atomic_write,
     build_and_load,
+    first_sentence,
     load_checkpoint,
+    read_metadata,
     save_checkpoint,
     save_weights,
 )
@@ -48,9 +61,19 @@ from .loader import check_compatible, iterate_batches, normalization, num_batche
 from .losses import LOSSES, final_ce, stepwise_ce, td_loss
 from .norm import TemporalBatchNorm2d
 from .registry import config_from_dict
+from .rundir import LOCK, RunLock, RunLockedError, clean_temporaries, is_temporary
 from .runtime import autocast, dataset_logits, resolve_device
 
-__all__ = ["TrainConfig", "TrainingError", "train", "lr_at", "RESUMABLE", "check_resume_overrides"]
+__all__ = [
+    "TrainConfig",
+    "TrainingError",
+    "ConfigError",
+    "Terminated",
+    "train",
+    "lr_at",
+    "RESUMABLE",
+    "check_resume_overrides",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +87,22 @@ FROM_DATASET = ("num_classes", "in_channels")
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (diverged loss, a run directory in the way, an unusable checkpoint)."""
+    """Training cannot go on (diverged loss, a run directory in the way or in use, an unusable checkpoint, a
+    full disk)."""
+
+    def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
+        return " ".join(line.strip() for line in super().__str__().splitlines())
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be read or does not describe a run (the message names the file)."""
+
+    def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
+        return " ".join(line.strip() for line in super().__str__().splitlines())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while training: handled like Ctrl-C (the position is checkpointed); the CLI exits 143."""
 
 
 @dataclass
@@ -143,19 +181,44 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
             raise ValueError(f"model must be a model configuration (e.g. CascadeConfig), got {self.model!r}")
+        check_types(self, flags=True)  # a config file can hold "epochs": "2" or "augment": "false"
+        finite = [n for n in ("lr", "lam", "label_smoothing", "momentum", "weight_decay", "warmup_epochs",
+                              "val_fraction") if not math.isfinite(getattr(self, n))]  # fmt: skip
+        if finite:
+            raise ValueError(f"--{finite[0].replace('_', '-')} must be a finite number, got {getattr(self, finite[0])}")
+        decays = self.schedule != "constant"
         checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (0.0 <= self.lam <= 1.0, f"lam must be in [0, 1], got {self.lam}"),
-            (0.0 < self.val_fraction < 1.0, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
-            (0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0.0 <= self.lam <= 1.0, f"--lam must be in [0, 1], got {self.lam}"),
+            (0.0 < self.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {self.val_fraction}"),
+            (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (
+                not decays or self.warmup_epochs < self.epochs,
+                f"--warmup-epochs {self.warmup_epochs} is not shorter than --epochs {self.epochs}: the {self.schedule}"
+                " learning rate would never decay (use a shorter --warmup-epochs, more --epochs, or --schedule "
+                "constant)",
+            ),
+            (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.loss in LOSSES, f"unknown loss {self.loss!r}; valid choices: {', '.join(LOSSES)}"),
-            (self.max_batches is None or self.max_batches >= 1, "max_batches must be >= 1"),
-            (self.threads is None or self.threads >= 1, "threads must be >= 1"),
+            (self.max_batches is None or self.max_batches >= 1, f"--max-batches must be >= 1, got {self.max_batches}"),
+            (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
+            (
+                self.synthetic_size is None or self.synthetic_size >= 2,
+                f"--synthetic-size must be >= 2 (a training and a validation example), got {self.synthetic_size}",
+            ),
+            (
+                not (getattr(self.model, "stem_delay", False) and getattr(self.model, "num_steps", None) == 1),
+                "--num-steps 1 leaves no step that sees the input (with the stem delayed, step 0 cannot): use "
+                "--num-steps 2 or more, or --no-stem-delay",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -181,7 +244,14 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         """Read ``to_dict``'s output, or the flat form of the first release (``"model": "resnet18"`` and the
-        model's options among the training options). Unknown keys are an error, missing keys take defaults."""
+        model's options among the training options). Unknown keys are an error, missing keys take defaults,
+        every value is checked against its option's type.
+
+        Raises:
+            ValueError: not a dict, unknown keys, a value of the wrong type or out of range.
+        """
+        if not isinstance(raw, dict):
+            raise ValueError(f"a configuration is a JSON object of options, got {type(raw).__name__}")
         raw = dict(raw)
         model = raw.pop("model", None)
         if model is None:
@@ -189,34 +259,53 @@ class TrainConfig:
         elif isinstance(model, str):  # format 1: the model's options were fields of TrainConfig
             names = {f.name for f in dataclasses.fields(CascadeConfig)} - {"arch"}
             model = CascadeConfig(arch=model, **{k: raw.pop(k) for k in list(raw) if k in names})
-        else:
+        elif isinstance(model, dict):
             model = config_from_dict(model)
+        else:
+            raise ValueError(f"model must be a model name or a model configuration object, got {model!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+            names = (k if k.isprintable() else repr(k) for k in unknown)
+            raise ValueError(f"unknown configuration keys: {', '.join(names)}")
         return cls(model=model, **raw)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a config.json written by a run (this version or the first release)."""
+        """Read a config.json written by a run (this version or the first release).
+
+        Raises:
+            ConfigError: unreadable, not JSON, or not a valid configuration (the message names the file).
+        """
         try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read the configuration: {e}") from None
+            raw = json.loads(Path(path).read_bytes())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the configuration: {e.strerror or e}") from None
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested beyond reason
+            raise ConfigError(f"{path}: cannot read the configuration: not JSON ({first_sentence(e)})") from None
+        if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+            raw = raw["train"]
         try:
-            return cls.from_dict(raw.get("train", raw))
+            return cls.from_dict(raw)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ConfigError(f"{path}: {e}") from None
 
 
-def check_resume_overrides(overrides: dict[str, Any]) -> None:
+def check_resume_overrides(overrides: dict[str, Any], stored: TrainConfig | None = None) -> dict[str, Any]:
     """The resume policy: a resumed run keeps its stored options except the ``RESUMABLE`` ones.
+
+    Args:
+        overrides: the options given (by command-line name, as ``TrainConfig.options``), whatever their value.
+        stored: the run's stored configuration; given, an option equal to its stored value is no change.
+
+    Returns:
+        The overrides to apply to the stored configuration (the ``RESUMABLE`` ones).
 
     Raises:
         ValueError: naming the options that may not change (as command-line flags) and those that may.
     """
-    refused = [k for k in overrides if k not in RESUMABLE]
+    current = stored.options() if stored is not None else {}
+    refused = [k for k, v in overrides.items() if k not in RESUMABLE and (k not in current or current[k] != v)]
     if refused:
         given = ", ".join(f"--{n.replace('_', '-')}" for n in refused)
         allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
@@ -224,6 +313,7 @@ def check_resume_overrides(overrides: dict[str, Any]) -> None:
             f"--resume continues a run with its stored options; {given} cannot change them (allowed with --resume: "
             f"{allowed})"
         )
+    return {k: v for k, v in overrides.items() if k in RESUMABLE}
 
 
 def changed_options(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
@@ -289,19 +379,103 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _trim_metrics(path: Path, epochs_done: int) -> list[dict]:
-    """Keep the metric lines of the epochs the checkpoint covers (a kill may have left one more)."""
+    """The metric rows of the epochs the checkpoint covers (a kill may have left one more); rewrites the file
+    when that drops a row."""
     if not path.is_file():
         return []
-    lines = []
-    for line in path.read_text().splitlines():
+    rows, lines = [], path.read_text(errors="replace").splitlines()
+    for line in lines:
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:
             continue
-        if row.get("epoch", 0) <= epochs_done:
-            lines.append(row)
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in lines).encode())
-    return lines
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epochs_done:
+            rows.append(row)
+    if len(rows) != len(lines):
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Signals: SIGINT and SIGTERM become exceptions, but never inside a critical section
+
+
+class _Interrupts:
+    """While training, Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM ``Terminated`` (once: a second SIGTERM
+    while the checkpoint is written is ignored). Inside ``critical()`` (an optimizer step and its counters, where
+    weights and position disagree) they wait for its end, so that an interrupted run can always save."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: type[BaseException] | None = None
+        self.terminated = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGTERM:
+            if self.terminated:
+                return
+            self.terminated = True
+        exc = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if self.depth:
+            self.pending = self.pending or exc
+            return
+        raise exc
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            exc, self.pending = self.pending, None
+            raise exc
+
+
+@contextlib.contextmanager
+def _catch_signals() -> Iterator[_Interrupts]:
+    """Install ``_Interrupts`` for SIGINT and SIGTERM, where the program left them at their defaults (a program
+    with its own handlers keeps them) and only in the main thread (the only one that receives signals)."""
+    interrupts = _Interrupts()
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(sig) is default:
+                installed[sig] = signal.signal(sig, interrupts.handle)
+    try:
+        yield interrupts
+    finally:
+        for sig, previous in installed.items():
+            signal.signal(sig, previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The session and the loop
+
+
+@dataclass
+class _EpochStats:
+    """Running sums of the current epoch (kept in checkpoints, so that a resumed epoch reports all of it)."""
+
+    loss_sum: torch.Tensor
+    batches: int = 0
+    images: int = 0
+    seconds: float = 0.0  # before ``since``
+    since: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.since
+
+    def state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.detach().cpu(), "batches": self.batches, "images": self.images,
+                "seconds": self.elapsed()}  # fmt: skip
+
+    @classmethod
+    def restore(cls, state: dict[str, Any] | None, device: torch.device) -> _EpochStats:
+        if not state:
+            return cls(torch.zeros((), device=device))
+        return cls(state["loss_sum"].to(device), int(state["batches"]), int(state["images"]), float(state["seconds"]))
 
 
 @dataclass
@@ -310,6 +484,9 @@ class _Session:
 
     cfg: TrainConfig
     run_dir: Path
+    lock: RunLock
+    resumed: bool
+    created: bool  # this process created the run directory
     device: torch.device
     amp: bool
     channels_last: bool
@@ -324,17 +501,18 @@ class _Session:
     std: torch.Tensor
     extra: dict[str, Any]  # stored with the config, checkpoints and weights: normalisation and class names
     per_epoch: int
+    stats: _EpochStats
+    epoch_gen_state: torch.Tensor  # the generator's state at the start of the current epoch
+    interrupts: _Interrupts
     epoch: int = 0  # epochs completed
     batch_done: int = 0  # batches of the current epoch completed
     step: int = 0  # optimizer steps completed
+    done: dict[str, Any] | None = None  # the training half of the metrics row of the epoch just completed
+    rows: list[dict] = field(default_factory=list)  # metrics.jsonl
+    saved: tuple[int, int, int] | None = None  # position of the last checkpoint on disk
 
-
-@dataclass
-class _EpochStats:
-    loss_sum: torch.Tensor
-    batches: int
-    images: int
-    seconds: float
+    def position(self) -> tuple[int, int, int]:
+        return self.epoch, self.batch_done, self.step
 
 
 def train(
@@ -342,48 +520,275 @@ def train(
 ) -> Path:
     """Train a model; returns the run directory.
 
+    While it trains, the process holds the run directory's lock (``cascadenet.rundir``), and Ctrl-C or SIGTERM
+    (where the program left their handlers at the defaults) checkpoint the current step and raise
+    ``KeyboardInterrupt`` or :class:`Terminated`. A new run that stops before its first checkpoint leaves nothing.
+
     Args:
         cfg: the configuration (ignored when resuming: the run's stored configuration is used).
         resume: a run directory to continue from its last checkpoint (or from the start if it has none).
-        overrides: options a resumed run changes; only the ``RESUMABLE`` ones (where and how fast it runs, not
-            what it computes).
+        overrides: options given for a resumed run, by command-line name (as ``TrainConfig.options``); those
+            equal to the stored ones are no change, and only the ``RESUMABLE`` ones may differ (where and how
+            fast it runs, not what it computes).
 
     Raises:
-        TrainingError: the run directory is in the way, the checkpoint is unusable, or the loss diverged.
-        cascadenet.datasets.DataError: the dataset is missing or malformed.
-        ValueError: a bad option.
+        TrainingError: the run directory is in the way or in use, the checkpoint does not fit the run, the loss
+            diverged, or a file could not be written (full disk).
+        cascadenet.checkpoint.CheckpointError: the checkpoint or weights file is unreadable.
+        cascadenet.datasets.DataError: the dataset is missing or malformed, or not the one a resumed run used.
+        ValueError: a bad option or combination of options.
     """
-    s = _start(cfg or TrainConfig(), resume, overrides or {})
-    while s.epoch < s.cfg.epochs:
-        epoch_gen_state = s.generator.get_state()
-        stats = _train_epoch(s, epoch_gen_state)
-        s.epoch, s.batch_done = s.epoch + 1, 0
-        row = _validate(s, stats)
-        _checkpoint(s, s.generator.get_state())
-        _record(s, row)
-    save_weights(s.run_dir / WEIGHTS, s.model, {**s.extra, "epochs": s.cfg.epochs})
+    with _catch_signals() as interrupts:
+        s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts)
+        try:
+            start = s.saved
+            if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):
+                _record(s, _validate(s, s.done))  # killed between the epoch's checkpoint and its metrics row
+            s.done = None
+            while s.epoch < s.cfg.epochs:
+                _train_epoch(s)
+                with s.interrupts.critical():
+                    s.done = _epoch_summary(s)
+                    s.epoch, s.batch_done = s.epoch + 1, 0
+                    s.stats = _EpochStats(torch.zeros((), device=s.device))
+                    s.epoch_gen_state = s.generator.get_state()
+                _checkpoint(s)  # before validating: an interruption there loses nothing
+                _record(s, _validate(s, s.done))
+                s.done = None
+            if not (s.resumed and s.saved == start and (s.run_dir / WEIGHTS).is_file()):  # else: finished before
+                _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, {**s.extra, "epochs": s.cfg.epochs}))
+        except BaseException as e:
+            _stopped(s, e)
+            raise
+        finally:
+            _release(s)
     return s.run_dir
 
 
-def _start(cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[str, Any]) -> _Session:
-    """Set-up: the run directory (new or resumed), data, model, optimizer, schedule and position."""
-    ckpt = None
-    if resume is not None:
-        check_resume_overrides(overrides)
-        run_dir = Path(resume)
+def _stopped(s: _Session, e: BaseException) -> None:
+    """On an interruption, checkpoint the current position (unless it is on disk already or not consistent)."""
+    if not isinstance(e, KeyboardInterrupt):
+        return
+    what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    where = f"after {s.batch_done} batches of epoch {s.epoch + 1}" if s.batch_done else f"after epoch {s.epoch}"
+    resume = f"continue with: cascadenet train --resume {s.run_dir}"
+    if s.position() != s.saved and s.step > 0 and torch.isfinite(s.stats.loss_sum):
+        try:
+            _checkpoint(s)
+        except (OSError, TrainingError) as failed:
+            log.warning("%s %s; the checkpoint could not be written (%s)", what, where, failed)
+    if s.saved is None:
+        log.warning("%s before the first checkpoint; nothing was kept", what)
+    elif s.saved == s.position():
+        log.warning("%s %s; checkpoint saved; %s", what, where, resume)
+    else:
+        log.warning("%s; the last checkpoint (step %d) was kept; %s", what, s.saved[2], resume)
+
+
+def _release(s: _Session) -> None:
+    """Drop the lock; a new run that never checkpointed leaves nothing behind (so the same command can start
+    again)."""
+    if s.saved is None and not s.resumed:
+        _discard(s.run_dir, s.created, s.lock)
+    else:
+        s.lock.release()
+
+
+def _discard(run_dir: Path, created: bool, lock: RunLock) -> None:
+    for name in (CONFIG, METRICS):
+        (run_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        clean_temporaries(run_dir)
+    lock.release()
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if empty: another process may have claimed it meanwhile
+
+
+def _write(s: _Session, write: Any) -> None:
+    """Run a write of the run directory; a full disk or an I/O error becomes one ``TrainingError`` line."""
+    try:
+        write()
+    except OSError as e:
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+        if s.saved is None:
+            raise TrainingError(f"cannot write in {s.run_dir}: {reason}; no checkpoint was written yet") from None
+        raise TrainingError(
+            f"cannot write in {s.run_dir}: {reason}; the last checkpoint (step {s.saved[2]}) was kept: free space "
+            f"and continue with: cascadenet train --resume {s.run_dir}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: every check before anything is written
+
+
+def _read_run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The stored configuration of a run directory, and config.json's whole content."""
+    try:
         if not (run_dir / CONFIG).is_file():
             raise TrainingError(f"{run_dir}: no {CONFIG} here: not a run directory")
-        cfg = dataclasses.replace(TrainConfig.from_file(run_dir / CONFIG), **overrides)
-        if (run_dir / CHECKPOINT).is_file():
-            ckpt = load_checkpoint(run_dir / CHECKPOINT)
+        payload = json.loads((run_dir / CONFIG).read_bytes())
+    except OSError as e:
+        raise TrainingError(f"{run_dir}: cannot read the run directory: {e.strerror or e}") from None
+    except (ValueError, RecursionError):
+        payload = None  # from_file names the problem
+    stored = TrainConfig.from_file(run_dir / CONFIG)
+    return stored, payload if isinstance(payload, dict) else {}
+
+
+def _leftovers(run_dir: Path) -> set[str]:
+    """What a run directory holds besides its lock and the temporaries of killed writes."""
+    return {p.name for p in run_dir.iterdir() if p.name != LOCK and not is_temporary(p.name)}
+
+
+def _unstarted_same(run_dir: Path, cfg: TrainConfig, leftovers: set[str]) -> bool:
+    """The directory holds only the config.json of this very run, killed before its first checkpoint."""
+    if leftovers != {CONFIG}:
+        return False
+    try:
+        stored = TrainConfig.from_file(run_dir / CONFIG)
+    except ConfigError:
+        return False
+    return not any(k not in RESUMABLE for k in changed_options(stored, cfg))
+
+
+def _check_target(run_dir: Path, cfg: TrainConfig) -> None:
+    """Early, before the data is read: the new run's directory can be created and is free."""
+    try:
+        if run_dir.is_dir():
+            leftovers = _leftovers(run_dir)
+            if leftovers and not _unstarted_same(run_dir, cfg, leftovers):
+                raise TrainingError(
+                    f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+                    "or choose another --name or --out (nothing was overwritten)"
+                )
+            return
+        if run_dir.exists() or run_dir.is_symlink():
+            raise TrainingError(f"{run_dir} exists and is not a directory: choose another --name or --out")
+        parent = run_dir.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise TrainingError(f"{parent} is a file, not a folder: --out must name a folder (it is {cfg.out})")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise TrainingError(f"{parent}: cannot create the run directory {run_dir} there (not writable)")
+    except OSError as e:
+        raise TrainingError(f"{run_dir}: {e.strerror or e}") from None
+
+
+def _claim(run_dir: Path, cfg: TrainConfig, resuming: bool) -> tuple[RunLock, bool]:
+    """Take the run directory: create it (a new run), lock it, and check (under the lock) that a new run's is
+    free. Returns the lock and whether this process created the directory."""
+    created = False
+    try:
+        if not resuming:
+            created = not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock.acquire(run_dir)
+    except RunLockedError as e:
+        raise TrainingError(str(e)) from None
+    except OSError as e:
+        what = "lock" if resuming else "create"
+        raise TrainingError(f"cannot {what} the run directory {run_dir}: {e.strerror or e}") from None
+    try:
+        if not resuming:
+            leftovers = _leftovers(run_dir)
+            if leftovers and not _unstarted_same(run_dir, cfg, leftovers):
+                raise TrainingError(
+                    f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+                    "or choose another --name or --out (nothing was overwritten)"
+                )
+            if leftovers:
+                log.info("%s holds only the configuration of this run, stopped before its first checkpoint: "
+                         "starting it again", run_dir)  # fmt: skip
+        clean_temporaries(run_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, created
+
+
+def _describe_data(ds: ImageSet) -> str:
+    c, h, w = ds.images.shape[1:]
+    return f"{len(ds)} images of {c}x{h}x{w} in {ds.num_classes} classes"
+
+
+def _check_same_data(run_dir: Path, payload: dict[str, Any], full: ImageSet, mean: torch.Tensor,
+                     std: torch.Tensor, data_root: str | None) -> None:  # fmt: skip
+    """A resumed run reads the data it was trained on (what config.json recorded of it)."""
+    data = payload.get("data")
+    stored_model = payload.get("model")
+    found = {"examples": len(full), "shape": list(full.images.shape[1:]), "classes": full.num_classes}
+    differs = isinstance(data, dict) and any(data.get(k) != v for k, v in found.items())
+    if isinstance(stored_model, dict):
+        differs |= stored_model.get("num_classes", full.num_classes) != full.num_classes
+        differs |= stored_model.get("in_channels", full.num_channels) != full.num_channels
+    if isinstance(payload.get("classes"), list):
+        differs |= payload["classes"] != full.classes
+    norm = payload.get("normalization")
+    if isinstance(norm, dict):
+        differs |= norm.get("mean") != mean.tolist() or norm.get("std") != std.tolist()
+    if differs:
+        was = "other data"
+        if isinstance(data, dict) and {"examples", "shape", "classes"} <= set(data):
+            was = f"{data['examples']} images of {'x'.join(map(str, data['shape']))} in {data['classes']} classes"
+        where = f"--data-root {data_root}" if data_root else "the dataset"
+        raise TrainingError(
+            f"{where} holds {_describe_data(full)}, but {run_dir} was trained on {was}: resume with the data it "
+            "was trained on (pass its --data-root)"
+        )
+
+
+def _config_difference(a: ModelConfig, b: ModelConfig) -> str:
+    if type(a) is not type(b):
+        return f"a {a.family} model vs a {b.family} model"
+    pairs = [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)]
+    diff = [(n, x, y) for n, x, y in pairs if x != y]
+    return "; ".join(f"{'model' if n == 'arch' else n} {x} vs {y}" for n, x, y in diff)
+
+
+def _described_model(payload: dict[str, Any], fallback: ModelConfig) -> ModelConfig:
+    """The model config.json describes: its "model" record (as the first release wrote it, num_steps resolved),
+    else the training options' model."""
+    try:
+        return config_from_dict(payload["model"])
+    except (KeyError, TypeError, ValueError):
+        return fallback
+
+
+def _check_model_files(run_dir: Path, model_cfg: ModelConfig, ckpt: dict[str, Any] | None) -> None:
+    """The checkpoint and the final weights in a run directory hold the model its config.json describes."""
+    found = []
+    if ckpt is not None:
+        found.append((run_dir / CHECKPOINT, ckpt["model_config"]))
+    if (run_dir / WEIGHTS).is_file():
+        found.append((run_dir / WEIGHTS, read_metadata(run_dir / WEIGHTS).get("model_config")))
+    for path, raw in found:
+        try:
+            stored = config_from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable model configuration: {e}") from None
+        if stored != model_cfg:
+            raise TrainingError(
+                f"{path} holds another model than {run_dir / CONFIG} describes ({path.name} vs {CONFIG}: "
+                f"{_config_difference(stored, model_cfg)}); nothing was changed"
+            )
+
+
+def _start(
+    cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[str, Any], interrupts: _Interrupts
+) -> _Session:
+    """Set-up: every check first (options, data, model, the run directory's contents), then the claim of the
+    run directory, then the first write (config.json)."""
+    payload: dict[str, Any] = {}
+    if resume is not None:
+        run_dir = Path(resume)
+        stored, payload = _read_run(run_dir)
+        cfg = dataclasses.replace(stored, **check_resume_overrides(overrides, stored))
     else:
         run_dir = Path(cfg.out) / cfg.run_name()
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise TrainingError(
-                f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
-                "or choose another --name or --out (nothing was overwritten)"
-            )
-        # created below, once the data and the model are known to be good
+        _check_target(run_dir, cfg)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -397,62 +802,109 @@ def _start(cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[s
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     check_compatible(full, cfg.model.in_channels, cfg.model.num_classes)
-    if ckpt is not None:
-        model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    exits = getattr(model, "num_steps", None)
+    if isinstance(exits, int) and model.first_informative_exit >= exits:
+        raise ValueError(
+            f"the model has {exits} exit(s) and the first that sees the input is exit "
+            f"{model.first_informative_exit}: nothing to train or evaluate (more --num-steps?)"
+        )
 
     per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=True)
     if per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} examples)")
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} examples)")
     per_epoch = min(per_epoch, cfg.max_batches or per_epoch)
     total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, total, warmup, cfg.schedule))
-    s = _Session(
-        cfg=cfg, run_dir=run_dir, device=device, amp=device.type == "cuda" if cfg.amp is None else cfg.amp,
-        channels_last=channels_last, progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress,
-        model=model, optimizer=optimizer, scheduler=scheduler, generator=torch.Generator().manual_seed(cfg.seed),
-        train_set=train_set.to(device), val_set=val_set.to(device), mean=mean, std=std,
-        extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes},
-        per_epoch=per_epoch,
-    )  # fmt: skip
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        s.generator.set_state(ckpt["epoch_generator_state"])
-        _set_rng_state(ckpt["rng"])
-        s.epoch, s.batch_done, s.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
-        _trim_metrics(run_dir / METRICS, s.epoch)
-        log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra}
-    atomic_write(run_dir / CONFIG, (json.dumps(payload, indent=2) + "\n").encode())
+    if cfg.schedule != "constant" and warmup >= total:
+        raise ValueError(
+            f"--warmup-epochs {cfg.warmup_epochs} is {warmup} steps, the whole run ({total} steps): the learning "
+            "rate would never decay (use a shorter --warmup-epochs or more --epochs)"
+        )
+
+    # --- the run directory: claimed (locked) from here on; until config.json is written nothing in it changed
+    lock, created = _claim(run_dir, cfg, resume is not None)
+    try:
+        ckpt = None
+        if resume is not None:
+            _check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
+            if (run_dir / CHECKPOINT).is_file():
+                ckpt = load_checkpoint(run_dir / CHECKPOINT)
+            _check_model_files(run_dir, _described_model(payload, cfg.model), ckpt)
+            if ckpt is not None:
+                model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
+                cfg = dataclasses.replace(cfg, model=model.config)  # as stored (format 1 resolved num_steps)
+        channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, total, warmup, cfg.schedule))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        data = {"examples": len(full), "shape": list(full.images.shape[1:]), "classes": full.num_classes}
+        s = _Session(
+            cfg=cfg, run_dir=run_dir, lock=lock, resumed=resume is not None, created=created, device=device,
+            amp=device.type == "cuda" if cfg.amp is None else cfg.amp, channels_last=channels_last,
+            progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress, model=model,
+            optimizer=optimizer, scheduler=scheduler, generator=generator, train_set=train_set.to(device),
+            val_set=val_set.to(device), mean=mean, std=std,
+            extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes},
+            per_epoch=per_epoch, stats=_EpochStats(torch.zeros((), device=device)),
+            epoch_gen_state=generator.get_state(), interrupts=interrupts,
+        )  # fmt: skip
+        if ckpt is not None:
+            _restore(s, ckpt, run_dir / CHECKPOINT)
+            log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
+        if resume is not None:
+            s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
+        stored_payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra, "data": data}
+        _write(s, lambda: atomic_write(run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
+    except BaseException:
+        if resume is None:
+            _discard(run_dir, created, lock)
+        else:
+            lock.release()
+        raise
     s.model.train()
     return s
 
 
-def _checkpoint(s: _Session, epoch_gen_state: torch.Tensor) -> None:
-    """Save the position ``(s.epoch, s.batch_done, s.step)``; ``epoch_gen_state`` draws the current epoch."""
-    save_checkpoint(s.run_dir / CHECKPOINT, {
+def _restore(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
+    try:
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        s.scheduler.load_state_dict(ckpt["scheduler"])
+        s.generator.set_state(ckpt["epoch_generator_state"])
+        s.epoch_gen_state = ckpt["epoch_generator_state"]
+        _set_rng_state(ckpt["rng"])
+        s.epoch, s.batch_done, s.step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
+        s.stats = _EpochStats.restore(ckpt.get("epoch_stats"), s.device)
+        s.done = ckpt.get("epoch_done")
+    except Exception as e:  # a checkpoint of another version or a hand-edited one: whatever torch raises
+        raise CheckpointError(f"{path}: the training state does not fit this run ({first_sentence(e)})") from None
+    s.saved = s.position()
+
+
+def _checkpoint(s: _Session) -> None:
+    """Save the position ``(s.epoch, s.batch_done, s.step)``, the epoch's running sums, and the finished epoch's
+    training metrics while its validation is pending."""
+    state = {
         "model_config": s.model.config.to_dict(), "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-        "scheduler": s.scheduler.state_dict(), "epoch_generator_state": epoch_gen_state, "rng": _rng_state(),
+        "scheduler": s.scheduler.state_dict(), "epoch_generator_state": s.epoch_gen_state, "rng": _rng_state(),
         "epoch": s.epoch, "batch": s.batch_done, "step": s.step, "normalization": s.extra["normalization"],
-    })  # fmt: skip
+        "epoch_stats": s.stats.state(), "epoch_done": s.done,
+    }  # fmt: skip
+    _write(s, lambda: save_checkpoint(s.run_dir / CHECKPOINT, state))
+    s.saved = s.position()
 
 
-def _train_epoch(s: _Session, epoch_gen_state: torch.Tensor) -> _EpochStats:
-    """One epoch from batch ``s.batch_done`` on; on Ctrl-C, checkpoint the position and re-raise."""
+def _train_epoch(s: _Session) -> None:
+    """One epoch from batch ``s.batch_done`` on, adding to the running sums ``s.stats``."""
     cfg = s.cfg
+    s.epoch_gen_state = s.generator.get_state()
     batches = iterate_batches(s.train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, mean=s.mean,
                               std=s.std, generator=s.generator, drop_last=True)  # fmt: skip
     bar = tqdm(total=s.per_epoch, initial=s.batch_done, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
                disable=not s.progress, unit="batch", dynamic_ncols=True)  # fmt: skip
-    stats = _EpochStats(torch.zeros((), device=s.device), 0, 0, 0.0)
-    t0 = time.perf_counter()
-    updating = False  # between the optimizer step and the counters, weights and counters disagree
+    stats = s.stats
+    stats.since = time.perf_counter()
     try:
         for i, (x, y) in enumerate(batches):
             if i >= s.per_epoch:
@@ -465,59 +917,60 @@ def _train_epoch(s: _Session, epoch_gen_state: torch.Tensor) -> _EpochStats:
                 loss = compute_loss(s.model, x, y, cfg)
             s.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            updating = True
-            s.optimizer.step()
-            s.scheduler.step()
-            s.step += 1
-            s.batch_done = i + 1
-            updating = False
-            stats.loss_sum += loss.detach()
-            stats.batches += 1
-            stats.images += len(y)
+            with s.interrupts.critical():  # weights, counters and sums change together or not at all
+                s.optimizer.step()
+                s.scheduler.step()
+                s.step += 1
+                s.batch_done = i + 1
+                stats.loss_sum += loss.detach()
+                stats.batches += 1
+                stats.images += len(y)
             if stats.batches % 10 == 0 or s.batch_done == s.per_epoch:  # a sync every 10 steps, not every step
                 _check_finite(s, stats.loss_sum, i)
-                rate = stats.images / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{stats.loss_sum.item() / stats.batches:.4f}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{stats.loss_sum.item() / stats.batches:.4f}",
+                                img_s=f"{stats.images / max(stats.elapsed(), 1e-9):.0f}")  # fmt: skip
             bar.update(1)
             if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and s.batch_done < s.per_epoch:
                 _check_finite(s, stats.loss_sum, i)
-                _checkpoint(s, epoch_gen_state)
-    except KeyboardInterrupt:
+                _checkpoint(s)
+    finally:
         bar.close()
-        if updating or not torch.isfinite(stats.loss_sum):
-            log.warning("interrupted; the last checkpoint was kept: cascadenet train --resume %s", s.run_dir)
-        else:
-            _checkpoint(s, epoch_gen_state)
-            log.warning("interrupted after %d batches of epoch %d; checkpoint saved; continue with: "
-                        "cascadenet train --resume %s", s.batch_done, s.epoch + 1, s.run_dir)  # fmt: skip
-        raise
-    bar.close()
     _check_finite(s, stats.loss_sum, s.per_epoch)
-    stats.seconds = time.perf_counter() - t0
-    return stats
 
 
-def _validate(s: _Session, stats: _EpochStats) -> dict[str, Any]:
+def _epoch_summary(s: _Session) -> dict[str, Any]:
+    """The training half of the epoch's metrics row."""
+    seconds = s.stats.elapsed()
+    return {
+        "epoch": s.epoch + 1,
+        "step": s.step,
+        "train_loss": s.stats.loss_sum.item() / max(s.stats.batches, 1),
+        "lr": s.scheduler.get_last_lr()[0],
+        "train_images_per_s": s.stats.images / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+def _validate(s: _Session, done: dict[str, Any]) -> dict[str, Any]:
     """Validation accuracy per exit and anytime AUC after an epoch: the epoch's metrics row."""
     t0 = time.perf_counter()
     logits = dataset_logits(s.model, s.val_set, s.mean, s.std, batch_size=s.cfg.eval_batch_size, amp=s.amp,
                             progress=s.progress, desc="validate")  # fmt: skip
     summary = metrics.summarize(logits, s.val_set.labels.cpu(), first_step=s.model.first_informative_exit)
+    row = {k: done[k] for k in ("epoch", "step", "train_loss", "lr", "train_images_per_s")}
     return {
-        "epoch": s.epoch,
-        "step": s.step,
-        "train_loss": stats.loss_sum.item() / max(stats.batches, 1),
-        "lr": s.scheduler.get_last_lr()[0],
-        "train_images_per_s": stats.images / max(stats.seconds, 1e-9),
+        **row,
         "val_accuracy_per_step": summary["accuracy_per_step"],
         "val_anytime_auc": summary["anytime_auc"],
-        "seconds": stats.seconds + time.perf_counter() - t0,
+        "seconds": done["seconds"] + time.perf_counter() - t0,
     }
 
 
 def _record(s: _Session, row: dict[str, Any]) -> None:
-    with open(s.run_dir / METRICS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Add the epoch's row to metrics.jsonl (the whole file rewritten atomically: a kill leaves no torn line)."""
+    rows = [r for r in s.rows if r["epoch"] < row["epoch"]] + [row]
+    _write(s, lambda: atomic_write(s.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode()))
+    s.rows = rows
     log.info(
         "epoch %d/%d  loss %.4f  val acc (last exit) %.2f%%  val AUC %.4f  %.0f img/s  %.0fs", row["epoch"],
         s.cfg.epochs, row["train_loss"], 100 * row["val_accuracy_per_step"][-1], row["val_anytime_auc"],
@@ -527,8 +980,12 @@ def _record(s: _Session, row: dict[str, Any]) -> None:
 
 def _check_finite(s: _Session, loss_sum: torch.Tensor, batch: int) -> None:
     if not torch.isfinite(loss_sum):
-        where = s.run_dir / CHECKPOINT
-        kept = f"the last good checkpoint {where} was kept" if where.exists() else "no checkpoint was written"
+        if s.saved is not None:
+            kept = f"the last good checkpoint {s.run_dir / CHECKPOINT} was kept"
+        elif s.resumed:
+            kept = "no checkpoint was written"
+        else:
+            kept = f"nothing was checkpointed, so {s.run_dir} was removed"
         raise TrainingError(
             f"the loss became {loss_sum.item()} in epoch {s.epoch + 1} near batch {batch + 1}; training stopped and "
             f"{kept} (try a lower --lr)"
