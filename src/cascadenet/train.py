@@ -28,11 +28,8 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +54,7 @@ from .checkpoint import (
     save_weights,
 )
 from .datasets import ImageSet, load_dataset
+from .interrupts import Interrupts, Terminated, catch_signals
 from .loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
 from .losses import LOSSES, final_ce, stepwise_ce, td_loss
 from .norm import TemporalBatchNorm2d
@@ -99,10 +97,6 @@ class ConfigError(ValueError):
 
     def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
         return " ".join(line.strip() for line in super().__str__().splitlines())
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived while training: handled like Ctrl-C (the position is checkpointed); the CLI exits 143."""
 
 
 @dataclass
@@ -397,60 +391,6 @@ def _trim_metrics(path: Path, epochs_done: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Signals: SIGINT and SIGTERM become exceptions, but never inside a critical section
-
-
-class _Interrupts:
-    """While training, Ctrl-C raises ``KeyboardInterrupt`` and SIGTERM ``Terminated`` (once: a second SIGTERM
-    while the checkpoint is written is ignored). Inside ``critical()`` (an optimizer step and its counters, where
-    weights and position disagree) they wait for its end, so that an interrupted run can always save."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending: type[BaseException] | None = None
-        self.terminated = False
-
-    def handle(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGTERM:
-            if self.terminated:
-                return
-            self.terminated = True
-        exc = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        if self.depth:
-            self.pending = self.pending or exc
-            return
-        raise exc
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if not self.depth and self.pending is not None:
-            exc, self.pending = self.pending, None
-            raise exc
-
-
-@contextlib.contextmanager
-def _catch_signals() -> Iterator[_Interrupts]:
-    """Install ``_Interrupts`` for SIGINT and SIGTERM, where the program left them at their defaults (a program
-    with its own handlers keeps them) and only in the main thread (the only one that receives signals)."""
-    interrupts = _Interrupts()
-    installed = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-            if signal.getsignal(sig) is default:
-                installed[sig] = signal.signal(sig, interrupts.handle)
-    try:
-        yield interrupts
-    finally:
-        for sig, previous in installed.items():
-            signal.signal(sig, previous)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The session and the loop
 
 
@@ -503,7 +443,7 @@ class _Session:
     per_epoch: int
     stats: _EpochStats
     epoch_gen_state: torch.Tensor  # the generator's state at the start of the current epoch
-    interrupts: _Interrupts
+    interrupts: Interrupts
     epoch: int = 0  # epochs completed
     batch_done: int = 0  # batches of the current epoch completed
     step: int = 0  # optimizer steps completed
@@ -538,7 +478,7 @@ def train(
         cascadenet.datasets.DataError: the dataset is missing or malformed, or not the one a resumed run used.
         ValueError: a bad option or combination of options.
     """
-    with _catch_signals() as interrupts:
+    with catch_signals() as interrupts:
         s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts)
         try:
             start = s.saved
@@ -777,7 +717,7 @@ def _check_model_files(run_dir: Path, model_cfg: ModelConfig, ckpt: dict[str, An
 
 
 def _start(
-    cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[str, Any], interrupts: _Interrupts
+    cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[str, Any], interrupts: Interrupts
 ) -> _Session:
     """Set-up: every check first (options, data, model, the run directory's contents), then the claim of the
     run directory, then the first write (config.json)."""
