@@ -219,3 +219,39 @@ def test_engine_under_bf16_autocast_and_channels_last():
         if train:
             td_loss(za, y, 0.5).backward()
             assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in a.parameters())
+
+
+def test_evaluation_caches_follow_every_change_of_weights_and_statistics():
+    """Evaluation caches gathered normalisation parameters and the classes of identical slots; any change to
+    the tables must be seen at the next call."""
+    model = build(CONFIGS["resnet18"]).eval()
+    other = build(CONFIGS["resnet18"]).eval()
+    perturb(model)
+    x = torch.randn(2, 3, 16, 16)
+    changes = [
+        lambda m: m.norms()[3].running_mean.add_(0.5),
+        lambda m: m.norms()[5].weight.mul_(2),
+        # the stem sees one input at every step, so identical slots share one computation: slots 1 and 2 differ
+        # now, and sharing them would be wrong; then they are one again
+        lambda m: m.norms()[0].running_mean[2].add_(0.3),
+        lambda m: m.norms()[0].running_mean[2].copy_(m.norms()[0].running_mean[1]),
+        lambda m: m.load_state_dict(other.state_dict()),
+        lambda m: m.double(),
+    ]
+    stem = model.norms()[0]
+    stem.running_mean[2], stem.running_var[2] = stem.running_mean[1], stem.running_var[1]  # slots 1, 2 identical
+    with torch.no_grad():
+        before = model(x)
+        for change in changes:
+            change(model)
+            x = x.to(next(model.parameters()).dtype)
+            fresh = copy.deepcopy(model)
+            fresh.__dict__.pop("_eval_cache", None)
+            for bn in fresh.norms():
+                bn.__dict__.pop("_eval_cache", None)
+                bn.__dict__.pop("_stat_classes", None)
+            after = model(x)
+            assert torch.equal(after, fresh(x))  # the same as without any cache
+            assert torch.allclose(after, model(x, method="loop"), atol=1e-5)
+            assert after.dtype == x.dtype and (after.dtype != before.dtype or not torch.equal(after, before))
+            before = after

@@ -97,13 +97,12 @@ class TemporalBatchNorm2d(nn.Module):
             ``(G, C)`` for ``update``; ``None`` in evaluation.
         """
         b, g, c, h, w = x.shape
-        weight = self._gather(self.weight, affine_slots)  # (G*C,)
-        bias = self._gather(self.bias, affine_slots)
         if not self.training:
-            mean = self._gather(self.running_mean, stat_slots)
-            var = self._gather(self.running_var, stat_slots)
+            mean, var, weight, bias = self._eval_params(stat_slots, affine_slots)
             y = F.batch_norm(x.reshape(b, g * c, h, w), mean, var, weight, bias, False, 0.0, self.eps)
             return y.view(b, g, c, h, w), None
+        weight = self._gather(self.weight, affine_slots)  # (G*C,)
+        bias = self._gather(self.bias, affine_slots)
         if count is None:
             # The fused kernel computes each group's statistics; with momentum 1 it writes exactly the batch
             # mean and unbiased variance into the scratch buffers, which is how we read them back for free.
@@ -125,6 +124,32 @@ class TemporalBatchNorm2d(nn.Module):
         n = count * b * h * w
         unbiased = var.detach() * (n / max(n - 1, 1))
         return y.to(x.dtype), (mean.detach().to(self.running_mean.dtype), unbiased.to(self.running_mean.dtype))
+
+    def _eval_params(self, stat_slots: list[int], affine_slots: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Running mean, variance, scale and shift of each group, ``(G*C,)`` each.
+
+        Without autograd they are cached per slot pattern: a trajectory asks for the same groups at every call,
+        and gathering them is many small copies. An entry is used only while every table is the same tensor
+        object with the same storage and version counter, so any change (an optimizer step, load_state_dict, a
+        running-statistics update, a move to another device or dtype) recomputes it.
+        """
+        tables = (self.running_mean, self.running_var, self.weight, self.bias)
+
+        def gather() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            return (
+                *(self._gather(t, stat_slots) for t in tables[:2]),
+                *(self._gather(t, affine_slots) for t in tables[2:]),
+            )  # type: ignore[return-value]
+
+        if torch.is_grad_enabled():
+            return gather()
+        stamp = [(t, t.data_ptr(), t._version) for t in tables]
+        cache = self.__dict__.setdefault("_eval_cache", {})
+        key = (tuple(stat_slots), tuple(affine_slots))
+        held = cache.get(key)
+        if held is None or any(a is not b or p != q or v != w for (a, p, v), (b, q, w) in zip(held[0], stamp)):
+            held = cache[key] = (stamp, gather())
+        return held[1]
 
     @staticmethod
     def _gather(table: Tensor, slots: list[int]) -> Tensor:
@@ -148,5 +173,9 @@ class TemporalBatchNorm2d(nn.Module):
         if self.num_slots == 1:
             return [0]
         m, v = self.running_mean, self.running_var
-        same = (m[:, None] == m[None]).all(-1) & (v[:, None] == v[None]).all(-1)  # (S, S)
-        return same.int().argmax(dim=1).tolist()
+        key = (m.data_ptr(), m._version, v.data_ptr(), v._version)  # changes with every update of the statistics
+        held = self.__dict__.get("_stat_classes")
+        if held is None or held[0] != key:
+            same = (m[:, None] == m[None]).all(-1) & (v[:, None] == v[None]).all(-1)  # (S, S)
+            held = self.__dict__["_stat_classes"] = (key, same.int().argmax(dim=1).tolist())
+        return list(held[1])
