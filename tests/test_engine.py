@@ -88,13 +88,13 @@ def compare(model, x, scheme=None, num_steps=None, train=True):
 
 
 def check(d):
-    # float32: within 1e-4 of the exact result, or of the loop's own error when the loop itself is off by more
-    # than that (ill-conditioned training-mode step-0 states, see compare). Engine and loop sum in different
-    # orders, so either may be the closer one by chance: "at most the loop's error" failed now and then (engine
-    # 1.4x the loop on one random draw, bit-identical before and after the grouped-branch refactor); 4x the
-    # loop's error still catches a semantic error, which shows at 1e-2. Exactness is the float64 check below.
-    assert d["engine_err"] <= max(1e-4, 4 * d["loop_err"]), d
-    assert d["engine_buf_err"] <= max(1e-5, 4 * d["loop_buf_err"]), d
+    # float32 is a sanity check (dtype handling, no float64 leaking in or out); exactness is the float64 check
+    # below. Engine and loop sum in different orders, and in training mode the step-0 states are ill-conditioned
+    # (batch norm over near-constant fields, see compare): with batch 2 and 1x1 maps in the last stage either
+    # method may land 10x further from the exact result than the other. Measured worst over the property
+    # test's grid: 6e-4 for logits, 2e-5 for statistics (before and after the engine's optimisations alike).
+    assert d["engine_err"] <= max(2e-3, 4 * d["loop_err"]), d
+    assert d["engine_buf_err"] <= max(1e-4, 4 * d["loop_buf_err"]), d
     assert d["f64_diff"] <= 1e-8 and d["f64_buf_diff"] <= 1e-6, d
     assert d["grad_rel"] <= 1e-7, d
 

@@ -199,7 +199,10 @@ class CascadedResNet(nn.Module):
         return (self.heads[-1] if t is None else self.head(t))(pooled)
 
     def norms(self) -> list[TemporalBatchNorm2d]:
-        return [m for m in self.modules() if isinstance(m, TemporalBatchNorm2d)]
+        """Every temporal batch norm, in module order (the architecture is fixed at construction)."""
+        if "_norms" not in self.__dict__:
+            self.__dict__["_norms"] = [m for m in self.modules() if isinstance(m, TemporalBatchNorm2d)]
+        return self.__dict__["_norms"]
 
     # ---- validation -------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor, ndim: int = 4) -> None:

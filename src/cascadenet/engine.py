@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import Branch, ews_update
@@ -78,18 +77,32 @@ class _Run:
 
     def apply_updates(self) -> None:
         # The step loop updates each layer once per step, in step order; sorting by step (stable) replays it.
+        # A layer whose steps all have slots of their own (temporal batch norm) takes them in one call.
+        per_layer: dict[int, tuple[TemporalBatchNorm2d, list[tuple[int, Tensor, Tensor]]]] = {}
         for _, bn, slot, mean, var in sorted(self.updates, key=lambda u: u[0]):
-            bn.update(slot, mean, var)
+            per_layer.setdefault(id(bn), (bn, []))[1].append((slot, mean, var))
+        for bn, updates in per_layer.values():
+            slots = [u[0] for u in updates]
+            if len(set(slots)) == len(slots):
+                bn.update_slots(slots, torch.stack([u[1] for u in updates]), torch.stack([u[2] for u in updates]))
+            else:
+                for slot, mean, var in updates:
+                    bn.update(slot, mean, var)
 
 
 def _combine(
-    steps: Sequence[int], key_of: Callable[[int], Hashable], make: Callable[[Hashable], tuple[Tensor, bool]], relu: bool
+    steps: Sequence[int],
+    key_of: Callable[[int], Hashable],
+    make: Callable[[Hashable], tuple[tuple[Tensor, ...], bool]],
+    relu: bool,
+    batch: int,
 ) -> _Level:
-    """Build a level from per-step keys: ``make(key)`` gives each distinct state once (and whether it is
-    input-independent); the states are stacked, with an optional ReLU applied to the stacks (so autograd saves
-    one stacked activation, not a copy per state)."""
+    """Build a level from per-step keys: ``make(key)`` gives each distinct state once, as the one or two terms
+    whose sum it is, and whether it is input-independent. The states are stacked, with an optional ReLU applied
+    to the stacks in place (so autograd saves one stacked activation, not a copy per state). Without autograd
+    the sums are written straight into the stack: no temporary per state, no copy."""
     keys: dict[Hashable, int] = {}
-    made: list[tuple[Tensor, bool]] = []
+    made: list[tuple[tuple[Tensor, ...], bool]] = []
     of_step = {}
     for t in steps:
         key = key_of(t)
@@ -98,17 +111,39 @@ def _combine(
             made.append(make(key))
         of_step[t] = keys[key]
     level = _Level([None] * len(made), [c for _, c in made], of_step)  # type: ignore[list-item]
+    grad = torch.is_grad_enabled()
     for const in (False, True):
         classes = [i for i, (_, c) in enumerate(made) if c == const]
         if not classes:
             continue
-        stacked = torch.stack([made[i][0] for i in classes], dim=1)
+        if grad:
+            stacked = torch.stack([_sum(made[i][0]) for i in classes], dim=1)
+        else:
+            first = made[classes[0]][0][0]
+            stacked = first.new_empty((1 if const else batch, len(classes), *first.shape[1:]))
+            for j, i in enumerate(classes):
+                terms = made[i][0]
+                if len(terms) == 1:
+                    stacked[:, j].copy_(terms[0])
+                else:
+                    torch.add(*terms, out=stacked[:, j])
         if relu:
-            stacked = F.relu(stacked)
+            stacked.relu_()
         level.stacks[const] = (stacked, classes)
-        for j, i in enumerate(classes):
-            level.tensors[i] = stacked[:, j]
+        for i, piece in zip(classes, _split(stacked)):
+            level.tensors[i] = piece
     return level
+
+
+def _split(stacked: Tensor) -> tuple[Tensor, ...]:
+    """The states of a stack ``(B, G, ...)`` as views. One ``unbind``, not a ``select`` per state: in the backward
+    pass each select would spread its gradient over a zero tensor the size of the whole stack (G states: G^2
+    state-sized fills and adds), while unbind stacks the G gradients once."""
+    return stacked.unbind(1)
+
+
+def _sum(terms: tuple[Tensor, ...]) -> Tensor:
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 def _run_branch(branch: Branch, level: _Level, steps: Sequence[int], run: _Run, lag: int) -> _Level:
@@ -141,8 +176,8 @@ def _run_branch(branch: Branch, level: _Level, steps: Sequence[int], run: _Run, 
                     for t in unit_steps[u]:
                         run.updates.append((t, bn, bn.stat_slot(t), s[0][j], s[1][j]))
         out.stacks[const] = (x, members)
-        for j, u in enumerate(members):
-            out.tensors[u] = x[:, j]
+        for u, piece in zip(members, _split(x)):
+            out.tensors[u] = piece
             if run.costs is not None and not const:
                 run.costs.append((unit_steps[u][0] + lag, macs))
     return out
@@ -176,15 +211,15 @@ def _block(model: CascadedResNet, k: int, level: _Level, T: int, scheme: str, ru
         prev = key
         added_key.append(key)
 
-    def make(key: Hashable) -> tuple[Tensor, bool]:
+    def make(key: Hashable) -> tuple[tuple[Tensor, ...], bool]:
         s, a = key  # type: ignore[misc]
         x, const = short.tensors[s], short.const[s]
         if a is None:
-            return x, const
+            return (x,), const
         value, vconst = added[a]
-        return x + value, const and vconst
+        return (x, value), const and vconst
 
-    return _combine(range(T), lambda t: (short.of_step[t], added_key[t]), make, relu=True)
+    return _combine(range(T), lambda t: (short.of_step[t], added_key[t]), make, relu=True, batch=run.batch)
 
 
 def _trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str, run: _Run) -> Tensor:
@@ -194,10 +229,10 @@ def _trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str, run: _Run
     if model.stem_delay:
         zero = torch.zeros_like(stem.tensors[0][:1])
 
-        def make_stem(key: Hashable) -> tuple[Tensor, bool]:
-            return (zero, True) if key is None else (stem.tensors[key], stem.const[key])  # type: ignore[index]
+        def make_stem(key: Hashable) -> tuple[tuple[Tensor, ...], bool]:
+            return ((zero,), True) if key is None else ((stem.tensors[key],), stem.const[key])  # type: ignore[index]
 
-        level = _combine(range(T), lambda t: None if t == 0 else stem.of_step[t - 1], make_stem, relu=False)
+        level = _combine(range(T), lambda t: None if t == 0 else stem.of_step[t - 1], make_stem, False, B)
     else:
         level = stem
     for k in range(model.num_blocks):

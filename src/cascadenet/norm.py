@@ -49,20 +49,16 @@ class TemporalBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(affine_slots, num_features))
         self.register_buffer("running_mean", torch.zeros(num_slots, num_features))
         self.register_buffer("running_var", torch.ones(num_slots, num_features))
-
-    @property
-    def num_slots(self) -> int:
-        return self.running_mean.shape[0]
-
-    @property
-    def affine_slots(self) -> int:
-        return self.weight.shape[0]
+        # plain ints: the engine asks for slots thousands of times per trajectory (the shapes never change:
+        # load_state_dict refuses other shapes)
+        self.num_slots = num_slots
+        self.affine_slots = affine_slots
 
     def stat_slot(self, t: int) -> int:
-        return min(t, self.num_slots - 1)
+        return t if t < self.num_slots else self.num_slots - 1
 
     def affine_slot(self, t: int) -> int:
-        return min(t, self.affine_slots - 1)
+        return t if t < self.affine_slots else self.affine_slots - 1
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, slots={self.num_slots}, affine_slots={self.affine_slots}, eps={self.eps}"
@@ -163,6 +159,17 @@ class TemporalBatchNorm2d(nn.Module):
         m = self.momentum
         self.running_mean[slot].mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
         self.running_var[slot].mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
+
+    @torch.no_grad()
+    def update_slots(self, slots: list[int], mean: Tensor, var: Tensor) -> None:
+        """``update`` for several distinct slots at once: ``mean`` and ``var`` are ``(len(slots), C)``."""
+        if len(slots) == self.num_slots and slots == list(range(self.num_slots)):
+            index = slice(None)  # every slot, in order: no gather
+        else:
+            index = torch.tensor(slots, device=self.running_mean.device)
+        m = self.momentum
+        for table, value in ((self.running_mean, mean), (self.running_var, var)):
+            table[index] = table[index].mul_(1 - m).add_(value.to(table.dtype), alpha=m)
 
     def stat_classes(self) -> list[int]:
         """For each slot, the first slot with bit-identical running statistics.
