@@ -1,5 +1,14 @@
 """cascadenet: parallel cascaded ResNets with a temporal-difference loss, for anytime prediction."""
 
+import os
+
+# OpenMP threads that spin while they wait stall their whole team when another process takes one of its cores:
+# training on 2 cores beside one busy process ran 4x slower with the default policy and kept most of its speed
+# with sleeping waiters (benchmarks/threads.py, docs/benchmarks.md). OpenMP reads this once, when torch loads it,
+# so it is set before the first import of torch; a value the user set wins, and it changes nothing if torch was
+# imported before cascadenet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .anytime import AnytimeModel, ExitCosts, ModelConfig
 from .cascade import CascadeConfig, CascadedResNet, CascadeState
 from .checkpoint import load_model
