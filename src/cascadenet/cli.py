@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -242,7 +243,8 @@ def _run_train(cmd: TrainCommand, argv: Sequence[str]) -> None:
         options = {**model, **train_fields, "config": cmd.config}
         overrides = {name: options[name] for name in given_options(argv)}
         run_dir = train(resume=cmd.resume, overrides=overrides)
-    print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")
+    if _rank() == 0:
+        print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")
 
 
 def _run_eval(cmd: EvalCommand) -> None:
@@ -307,13 +309,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                       ModelsCommand: _run_models, ConvertCommand: _run_convert}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
-        print(f"cascadenet: error: {_one_line(e)}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"cascadenet: error: {_one_line(e)}", file=sys.stderr)
+        elif not getattr(e, "reported_by_rank0", False):  # under torchrun: an error of this process alone
+            print(f"cascadenet: error: process {_rank()}: {_one_line(e)}", file=sys.stderr)
         return 2
     except Terminated:
         return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _one_line(e: BaseException) -> str:
