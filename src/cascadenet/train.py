@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed, metrics
+from . import distributed, metrics, streaming
 from .anytime import ModelConfig, check_types
 from .cascade import CascadeConfig, CascadedResNet
 from .checkpoint import (
@@ -81,7 +82,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
 # Options a resumed run may change: where and how fast it runs, not what it computes.
-RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size")
+RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size", "workers")
 # Model options that training takes from the dataset, not from the user.
 FROM_DATASET = ("num_classes", "in_channels")
 
@@ -122,6 +123,14 @@ class TrainConfig:
     """Random crop with padding and horizontal flip (where the dataset allows it)."""
     synthetic_size: int | None = None
     """Samples of the synthetic dataset (tests)."""
+    stream: Literal["auto", "on", "off"] = "auto"
+    """Image folders: decode on the fly in DataLoader workers with the ImageNet transforms (on), hold the decoded
+    images in memory (off), or stream when they would take more than --stream-above-gb or half the available
+    memory (auto; the choice is stored with the run)."""
+    stream_above_gb: float = 8.0
+    """The size of decoded training images above which --stream auto streams."""
+    workers: int | None = None
+    """DataLoader worker processes of a streamed image folder (default: CPU cores - 1, at most 8)."""
     init: str | None = None
     """Start from the weights in this file (a model.safetensors: a finished run's, or `cascadenet convert`'s);
     the model is the file's (leave the model options out). A changed number of classes gets a new classifier."""
@@ -182,7 +191,7 @@ class TrainConfig:
             raise ValueError(f"model must be a model configuration (e.g. CascadeConfig), got {self.model!r}")
         check_types(self, flags=True)  # a config file can hold "epochs": "2" or "augment": "false"
         finite = [n for n in ("lr", "lam", "label_smoothing", "momentum", "weight_decay", "warmup_epochs",
-                              "val_fraction") if not math.isfinite(getattr(self, n))]  # fmt: skip
+                              "val_fraction", "stream_above_gb") if not math.isfinite(getattr(self, n))]  # fmt: skip
         if finite:
             raise ValueError(f"--{finite[0].replace('_', '-')} must be a finite number, got {getattr(self, finite[0])}")
         decays = self.schedule != "constant"
@@ -207,6 +216,12 @@ class TrainConfig:
             (self.loss in LOSSES, f"unknown loss {self.loss!r}; valid choices: {', '.join(LOSSES)}"),
             (self.max_batches is None or self.max_batches >= 1, f"--max-batches must be >= 1, got {self.max_batches}"),
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),
+            (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.stream_above_gb > 0, f"--stream-above-gb must be > 0, got {self.stream_above_gb}"),
+            (
+                self.stream != "on" or self.dataset == "imagefolder",
+                f"--stream on: only image folders stream (--dataset imagefolder); {self.dataset} is read into memory",
+            ),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
             (
@@ -680,8 +695,13 @@ def _claim(run_dir: Path, cfg: TrainConfig, resuming: bool) -> tuple[RunLock, bo
     return lock, created
 
 
-def _describe_data(ds: ImageSet) -> str:
-    c, h, w = ds.images.shape[1:]
+def _shape(ds: Any) -> list[int]:
+    """(C, H, W) of the images of an in-memory set or a streamed folder."""
+    return list(ds.images.shape[1:]) if isinstance(ds, ImageSet) else ds.shape
+
+
+def _describe_data(ds: Any) -> str:
+    c, h, w = _shape(ds)
     return f"{len(ds)} images of {c}x{h}x{w} in {ds.num_classes} classes"
 
 
@@ -690,7 +710,7 @@ def _check_same_data(run_dir: Path, payload: dict[str, Any], full: ImageSet, mea
     """A resumed run reads the data it was trained on (what config.json recorded of it)."""
     data = payload.get("data")
     stored_model = payload.get("model")
-    found = {"examples": len(full), "shape": list(full.images.shape[1:]), "classes": full.num_classes}
+    found = {"examples": len(full), "shape": _shape(full), "classes": full.num_classes}
     differs = isinstance(data, dict) and any(data.get(k) != v for k, v in found.items())
     if isinstance(stored_model, dict):
         differs |= stored_model.get("num_classes", full.num_classes) != full.num_classes
@@ -917,7 +937,30 @@ class _Objective(nn.Module):
         return compute_loss(self.model, x, y, self.cfg)
 
 
-def _load_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, ImageSet, torch.Tensor, torch.Tensor]:
+def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
+    """``--stream auto`` decided: on for an image folder whose decoded training images would exceed the
+    threshold or half the available memory, else off."""
+    if cfg.stream != "auto":
+        return cfg
+    if cfg.dataset != "imagefolder" or cfg.data_root is None:
+        return dataclasses.replace(cfg, stream="off")
+    need = streaming.estimated_bytes(cfg.data_root, cfg.image_size)
+    limit = min(cfg.stream_above_gb * 2**30, streaming.available_memory() / 2)
+    if need > limit:
+        log.info("the decoded training images would take %.1f GiB (more than %.1f GiB): streaming them from %s "
+                 "with DataLoader workers (--stream off to hold them in memory)", need / 2**30, limit / 2**30,
+                 cfg.data_root)  # fmt: skip
+    return dataclasses.replace(cfg, stream="on" if need > limit else "off")
+
+
+def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
+    if cfg.stream == "on":
+        if cfg.data_root is None:
+            raise DataError("no default location for dataset 'imagefolder': pass --data-root with its files")
+        full = streaming.index_folder(cfg.data_root, "train", cfg.image_size or streaming.DEFAULT_SIZE)
+        train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)  # type: ignore[arg-type]
+        mean, std = streaming.streaming_normalization()
+        return full, train_set, val_set, mean, std
     full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
                         synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
     train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
@@ -1005,6 +1048,7 @@ def _start_here(
         run_dir = Path(cfg.out) / cfg.run_name()
         _check_target(run_dir, cfg)
     device = _device(cfg, world)
+    cfg = _resolve_stream(cfg)
     processes = 1 if world is None else world.size
 
     data = _load_data(cfg)
@@ -1053,7 +1097,7 @@ def _start_here(
             log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
         if resume is not None:
             s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
-        described = {"examples": len(full), "shape": list(full.images.shape[1:]), "classes": full.num_classes}
+        described = {"examples": len(full), "shape": _shape(full), "classes": full.num_classes}
         stored_payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra, "data": described,
                           "processes": processes}  # fmt: skip
         _write(s, lambda: atomic_write(run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
@@ -1103,18 +1147,25 @@ def _train_epoch(s: _Session) -> None:
     cfg = s.cfg
     s.epoch_gen_state = s.generator.get_state()
     shard = (0, 1) if s.world is None else (s.world.rank, s.world.size)
-    batches = iterate_batches(s.train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, mean=s.mean,
-                              std=s.std, generator=s.generator, drop_last=True, shard=shard)  # fmt: skip
+    if isinstance(s.train_set, streaming.FolderIndex):  # decoded from batch_done on: skipped ones are not read
+        batches = streaming.stream_batches(
+            s.train_set, cfg.batch_size, train=cfg.augment, shuffle=True, mean=s.mean, std=s.std, device=s.device,
+            generator=s.generator, drop_last=True, shard=shard, start=s.batch_done, workers=cfg.workers,
+        )  # fmt: skip
+    else:
+        batches = itertools.islice(
+            iterate_batches(s.train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, mean=s.mean,
+                            std=s.std, generator=s.generator, drop_last=True, shard=shard),
+            s.batch_done, None,
+        )  # fmt: skip
     bar = tqdm(total=s.per_epoch, initial=s.batch_done, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
                disable=not s.progress, unit="batch", dynamic_ncols=True)  # fmt: skip
     stats = s.stats
     stats.since = time.perf_counter()
     try:
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y) in enumerate(batches, start=s.batch_done):  # resumed mid-epoch: from the first not done
             if i >= s.per_epoch:
                 break
-            if i < s.batch_done:
-                continue  # resumed mid-epoch: these batches were trained before the interruption
             if s.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(s.device.type, s.amp):
@@ -1164,8 +1215,7 @@ def _validate(s: _Session, done: dict[str, Any]) -> dict[str, Any]:
         val = val.subset(torch.arange(len(val)).tensor_split(s.world.size)[s.world.rank])
     logits = None
     if len(val):
-        logits = dataset_logits(s.model, val, s.mean, s.std, batch_size=s.cfg.eval_batch_size, amp=s.amp,
-                                progress=s.progress, desc="validate")  # fmt: skip
+        logits = _logits(s, val)
     if s.world is not None:
         logits = torch.cat([part for part in distributed.gather(logits) if part is not None], dim=1)
     summary = metrics.summarize(logits, s.val_set.labels.cpu(), first_step=s.model.first_informative_exit)
@@ -1176,6 +1226,26 @@ def _validate(s: _Session, done: dict[str, Any]) -> dict[str, Any]:
         "val_anytime_auc": summary["anytime_auc"],
         "seconds": done["seconds"] + time.perf_counter() - t0,
     }
+
+
+def _logits(s: _Session, ds: Any) -> torch.Tensor:
+    """The exit logits of a validation set (in memory, or a streamed folder), ``(E, N, C)`` on the CPU."""
+    if not isinstance(ds, streaming.FolderIndex):
+        return dataset_logits(s.model, ds, s.mean, s.std, batch_size=s.cfg.eval_batch_size, amp=s.amp,
+                              progress=s.progress, desc="validate")  # fmt: skip
+    s.model.eval()
+    try:
+        with torch.no_grad():
+            out = []
+            for x, _ in streaming.stream_batches(ds, s.cfg.eval_batch_size, train=False, shuffle=False, mean=s.mean,
+                                                 std=s.std, device=s.device, workers=s.cfg.workers):  # fmt: skip
+                if s.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(s.device.type, s.amp):
+                    out.append(s.model(x).float().cpu())
+    finally:
+        s.model.train()
+    return torch.cat(out, dim=1)
 
 
 def _record(s: _Session, row: dict[str, Any]) -> None:
