@@ -148,7 +148,7 @@ class TrainConfig:
     epochs: int = 30
     """Passes over the training set."""
     batch_size: int = 128
-    """Examples per optimizer step."""
+    """Examples per optimizer step, per process (under torchrun, N processes step on N x this)."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """SGD with Nesterov momentum, or AdamW."""
     lr: float = 0.1
