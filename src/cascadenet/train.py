@@ -333,6 +333,8 @@ def check_resume_overrides(overrides: dict[str, Any], stored: TrainConfig | None
 def changed_options(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
     """The options (by command-line name) whose value in ``wanted`` differs from ``stored``."""
     a, b = stored.options(), wanted.options()
+    if b.get("stream") == "auto":  # a stored run holds what auto chose for it
+        b.pop("stream")
     return {k: v for k, v in b.items() if a.get(k) != v}
 
 
@@ -943,7 +945,7 @@ def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
     if cfg.stream != "auto":
         return cfg
     if cfg.dataset != "imagefolder" or cfg.data_root is None:
-        return dataclasses.replace(cfg, stream="off")
+        return cfg  # read into memory: auto is off (and stays auto in config.json)
     need = streaming.estimated_bytes(cfg.data_root, cfg.image_size)
     limit = min(cfg.stream_above_gb * 2**30, streaming.available_memory() / 2)
     if need > limit:
