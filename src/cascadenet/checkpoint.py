@@ -145,15 +145,18 @@ def first_sentence(error: BaseException) -> str:
     return (head + dot.strip()) if dot else text
 
 
-def save_weights(path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+def save_weights(
+    path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None, *, overwrite: bool = True
+) -> None:
     """Save the model's weights and buffers as safetensors, with its configuration (``model.config``) as
-    metadata, so that ``load_model`` rebuilds it."""
+    metadata, so that ``load_model`` rebuilds it. With ``overwrite=False`` an existing file is never replaced
+    (``FileExistsError``)."""
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise ValueError("the model has no ModelConfig in .config: it cannot be rebuilt, so it is not saved")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"model_config": json.dumps(config.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    atomic_write(path, save(tensors, metadata=metadata))
+    atomic_write(path, save(tensors, metadata=metadata), overwrite=overwrite)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

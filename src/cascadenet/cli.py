@@ -6,6 +6,7 @@
     cascadenet plot runs/a runs/b -o speed_accuracy.png
     cascadenet demo
     cascadenet models
+    cascadenet convert resnet18.pth -o resnet18-cascade.safetensors    # a torchvision ResNet, then --init it
 
 User errors (bad options, missing or malformed data, unusable or busy run directories, unwritable folders, a
 full disk) print one line and exit 2; a run interrupted by Ctrl-C exits 130 and one stopped by SIGTERM exits 143,
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -164,6 +166,32 @@ class DemoCommand:
 
 
 @dataclass
+class ConvertCommand:
+    """Convert a torchvision-layout ResNet state dict (a local file; nothing is downloaded) into a cascaded
+    ResNet of the same depth: same weights, batch-norm statistics copied to every step. Fine-tune it with
+    `cascadenet train --init OUTPUT`."""
+
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RESNET.pth")]
+    """A state dict of torchvision's ResNet (resnet18/34/50 layout): .pth, .pt or .safetensors."""
+    output: Annotated[str, tyro.conf.arg(aliases=("-o",))]
+    """The cascaded model to write (.safetensors)."""
+    overwrite: bool = False
+    """Allow replacing an existing output file."""
+    num_steps: int | None = None
+    """Steps of a trajectory (default: the settling time, blocks + 2 with the stem delayed)."""
+    scheme: Literal["parallel", "serial"] = "parallel"
+    """Default execution scheme of the cascade."""
+    stem_delay: bool = True
+    """Delay the stem output by one step."""
+    temporal_bn: bool = True
+    """Batch-norm running statistics per step (each starts as the pretrained network's)."""
+    temporal_affine: bool = False
+    """Batch-norm scale and shift per step too."""
+    multi_head: bool = False
+    """One classifier per step (each starts as the pretrained classifier)."""
+
+
+@dataclass
 class ModelsCommand:
     """List the registered architectures."""
 
@@ -195,6 +223,7 @@ def _parse(argv: list[str]):
         | Annotated[PlotCommand, sub("plot")]
         | Annotated[DemoCommand, sub("demo")]
         | Annotated[ModelsCommand, sub("models")]
+        | Annotated[ConvertCommand, sub("convert")]
     )
     return tyro.cli(spec, args=argv, prog="cascadenet", description=DESCRIPTION,
                     config=(tyro.conf.OmitSubcommandPrefixes,))  # fmt: skip
@@ -214,7 +243,8 @@ def _run_train(cmd: TrainCommand, argv: Sequence[str]) -> None:
         options = {**model, **train_fields, "config": cmd.config}
         overrides = {name: options[name] for name in given_options(argv)}
         run_dir = train(resume=cmd.resume, overrides=overrides)
-    print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")
+    if _rank() == 0:
+        print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")
 
 
 def _run_eval(cmd: EvalCommand) -> None:
@@ -249,6 +279,17 @@ def _run_demo(cmd: DemoCommand) -> None:
     print(f"report: {report}")
 
 
+def _run_convert(cmd: ConvertCommand) -> None:
+    from .pretrained import convert_file
+
+    options = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(cmd)}
+    source, output, overwrite = options.pop("source"), options.pop("output"), options.pop("overwrite")
+    model = convert_file(source, output, overwrite=overwrite, **options)
+    c = model.config
+    print(f"wrote {output}: cascaded {c.arch}, width {c.width}, {c.num_classes} classes, {model.num_steps} steps "
+          f"(next: cascadenet train --init {output} ...)")  # fmt: skip
+
+
 def _run_models(cmd: ModelsCommand) -> None:
     from .registry import list_models
 
@@ -265,16 +306,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_train(cmd, argv[1:])
         else:
             runner = {EvalCommand: _run_eval, PlotCommand: _run_plot, DemoCommand: _run_demo,
-                      ModelsCommand: _run_models}[type(cmd)]  # fmt: skip
+                      ModelsCommand: _run_models, ConvertCommand: _run_convert}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
-        print(f"cascadenet: error: {_one_line(e)}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"cascadenet: error: {_one_line(e)}", file=sys.stderr)
+        elif not getattr(e, "reported_by_rank0", False):  # under torchrun: an error of this process alone
+            print(f"cascadenet: error: process {_rank()}: {_one_line(e)}", file=sys.stderr)
         return 2
     except Terminated:
         return 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _one_line(e: BaseException) -> str:

@@ -347,6 +347,27 @@ def _class_dirs(split_dir: Path) -> list[Path]:
 
 
 def _image_folder(root: Path, split: str, image_size: int | None) -> ImageSet:
+    files, labels, classes = image_folder_files(root, split)
+    images = _load_images(files, image_size)
+    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, "imagefolder", True, str(root))
+
+
+def image_folder_files(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
+    """The image files of one split of an image folder, their labels and the class names (nothing decoded).
+
+    Raises:
+        DataError: a missing or malformed layout.
+    """
+    root = Path(root)
+    try:
+        if not root.is_dir():
+            raise DataError(f"{root}: dataset root does not exist or is not a directory (pass --data-root)")
+        return _image_folder_files(root, split)
+    except OSError as e:
+        raise DataError(f"{e.filename or root}: cannot read ({e.strerror or e})") from None
+
+
+def _image_folder_files(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(f"{train_dir}: missing train folder (expected root/train/<class>/<images>)")
@@ -380,8 +401,7 @@ def _image_folder(root: Path, split: str, image_size: int | None) -> ImageSet:
             labels += [index[d.name]] * len(found)
     if not files:
         raise DataError(f"{split_dir}: no images found")
-    images = _load_images(files, image_size)
-    return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, "imagefolder", True, str(root))
+    return files, labels, classes
 
 
 def _tiny_imagenet_val(val_dir: Path, annotations: Path, index: dict[str, int]) -> tuple[list[Path], list[int]]:

@@ -81,6 +81,7 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     crop_padding: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yields one epoch of normalized batches ``(x, y)`` on the device of ``ds.images``.
 
@@ -98,12 +99,18 @@ def iterate_batches(
         generator: source of randomness.
         drop_last: drop the last incomplete batch.
         crop_padding: padding of the random crop; default 4 for images of 32 px or more, else 2. 0 disables it.
+        shard: ``(rank, processes)``: the epoch is cut into global batches of ``processes * batch_size`` (with the
+            same draws as one process at that batch size) and this process gets part ``rank`` of each, so the
+            processes' parts are disjoint and together are the epoch.
 
     Returns:
         An iterator of ``x`` float32 (B, C, H, W) and ``y`` int64 (B,).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rank, processes = shard
+    if not 0 <= rank < processes:
+        raise ValueError(f"shard must be (rank, processes) with 0 <= rank < processes, got {shard}")
     c, h, w = ds.images.shape[1:]
     if mean.shape != (c,) or std.shape != (c,):
         raise ValueError(f"mean and std must have shape ({c},), got {tuple(mean.shape)} and {tuple(std.shape)}")
@@ -123,8 +130,9 @@ def iterate_batches(
     offset = (mean.float() / std.float()).to(device).view(1, c, 1, 1)
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, num_batches(n, batch_size, drop_last) * batch_size, batch_size):
-            window = slice(start, start + batch_size)
+        step = batch_size * processes
+        for start in range(0, num_batches(n, step, drop_last) * step, step):
+            window = slice(start + rank * batch_size, min(start + (rank + 1) * batch_size, n))
             x = ds.images[order[window]]
             if augment:
                 x = _crop_flip(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import logging
 import math
@@ -35,12 +36,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import distributed, metrics, streaming
 from .anytime import ModelConfig, check_types
-from .cascade import CascadeConfig
+from .cascade import CascadeConfig, CascadedResNet
 from .checkpoint import (
     CHECKPOINT,
     WEIGHTS,
@@ -53,7 +56,7 @@ from .checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from .datasets import ImageSet, load_dataset
+from .datasets import DataError, ImageSet, load_dataset
 from .interrupts import Interrupts, Terminated, catch_signals
 from .loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
 from .losses import LOSSES, final_ce, stepwise_ce, td_loss
@@ -79,7 +82,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
 # Options a resumed run may change: where and how fast it runs, not what it computes.
-RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size")
+RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size", "workers")
 # Model options that training takes from the dataset, not from the user.
 FROM_DATASET = ("num_classes", "in_channels")
 
@@ -120,6 +123,17 @@ class TrainConfig:
     """Random crop with padding and horizontal flip (where the dataset allows it)."""
     synthetic_size: int | None = None
     """Samples of the synthetic dataset (tests)."""
+    stream: Literal["auto", "on", "off"] = "auto"
+    """Image folders: decode on the fly in DataLoader workers with the ImageNet transforms (on), hold the decoded
+    images in memory (off), or stream when they would take more than --stream-above-gb or half the available
+    memory (auto; the choice is stored with the run)."""
+    stream_above_gb: float = 8.0
+    """The size of decoded training images above which --stream auto streams."""
+    workers: int | None = None
+    """DataLoader worker processes of a streamed image folder (default: CPU cores - 1, at most 8)."""
+    init: str | None = None
+    """Start from the weights in this file (a model.safetensors: a finished run's, or `cascadenet convert`'s);
+    the model is the file's (leave the model options out). A changed number of classes gets a new classifier."""
 
     # --- objective ---
     loss: Literal["td", "ce", "final"] = "td"
@@ -134,7 +148,7 @@ class TrainConfig:
     epochs: int = 30
     """Passes over the training set."""
     batch_size: int = 128
-    """Examples per optimizer step."""
+    """Examples per optimizer step, per process (under torchrun, N processes step on N x this)."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
     """SGD with Nesterov momentum, or AdamW."""
     lr: float = 0.1
@@ -177,7 +191,7 @@ class TrainConfig:
             raise ValueError(f"model must be a model configuration (e.g. CascadeConfig), got {self.model!r}")
         check_types(self, flags=True)  # a config file can hold "epochs": "2" or "augment": "false"
         finite = [n for n in ("lr", "lam", "label_smoothing", "momentum", "weight_decay", "warmup_epochs",
-                              "val_fraction") if not math.isfinite(getattr(self, n))]  # fmt: skip
+                              "val_fraction", "stream_above_gb") if not math.isfinite(getattr(self, n))]  # fmt: skip
         if finite:
             raise ValueError(f"--{finite[0].replace('_', '-')} must be a finite number, got {getattr(self, finite[0])}")
         decays = self.schedule != "constant"
@@ -202,6 +216,12 @@ class TrainConfig:
             (self.loss in LOSSES, f"unknown loss {self.loss!r}; valid choices: {', '.join(LOSSES)}"),
             (self.max_batches is None or self.max_batches >= 1, f"--max-batches must be >= 1, got {self.max_batches}"),
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),
+            (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
+            (self.stream_above_gb > 0, f"--stream-above-gb must be > 0, got {self.stream_above_gb}"),
+            (
+                self.stream != "on" or self.dataset == "imagefolder",
+                f"--stream on: only image folders stream (--dataset imagefolder); {self.dataset} is read into memory",
+            ),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
             (
@@ -313,6 +333,8 @@ def check_resume_overrides(overrides: dict[str, Any], stored: TrainConfig | None
 def changed_options(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
     """The options (by command-line name) whose value in ``wanted`` differs from ``stored``."""
     a, b = stored.options(), wanted.options()
+    if b.get("stream") == "auto":  # a stored run holds what auto chose for it
+        b.pop("stream")
     return {k: v for k, v in b.items() if a.get(k) != v}
 
 
@@ -424,7 +446,7 @@ class _Session:
 
     cfg: TrainConfig
     run_dir: Path
-    lock: RunLock
+    lock: RunLock | None  # None on processes other than rank 0
     resumed: bool
     created: bool  # this process created the run directory
     device: torch.device
@@ -450,6 +472,13 @@ class _Session:
     done: dict[str, Any] | None = None  # the training half of the metrics row of the epoch just completed
     rows: list[dict] = field(default_factory=list)  # metrics.jsonl
     saved: tuple[int, int, int] | None = None  # position of the last checkpoint on disk
+    world: distributed.World | None = None  # None: a single process
+    objective: nn.Module | None = None  # the loss under DistributedDataParallel (several processes)
+
+    @property
+    def main(self) -> bool:
+        """This process writes the run directory (a single process, or rank 0)."""
+        return self.world is None or self.world.main
 
     def position(self) -> tuple[int, int, int]:
         return self.epoch, self.batch_done, self.step
@@ -478,36 +507,50 @@ def train(
         cascadenet.datasets.DataError: the dataset is missing or malformed, or not the one a resumed run used.
         ValueError: a bad option or combination of options.
     """
-    with catch_signals() as interrupts:
-        s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts)
-        try:
-            start = s.saved
-            if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):
-                _record(s, _validate(s, s.done))  # killed between the epoch's checkpoint and its metrics row
+    world = distributed.setup()
+    try:
+        with distributed.quiet_followers(world), catch_signals() as interrupts:
+            return _train(cfg, resume, overrides, interrupts, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(
+    cfg: TrainConfig | None,
+    resume: str | os.PathLike | None,
+    overrides: dict[str, Any] | None,
+    interrupts: Interrupts,
+    world: distributed.World | None,
+) -> Path:
+    s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts, world)
+    try:
+        start = s.saved
+        if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):
+            _record(s, _validate(s, s.done))  # killed between the epoch's checkpoint and its metrics row
+        s.done = None
+        while s.epoch < s.cfg.epochs:
+            _train_epoch(s)
+            with s.interrupts.critical():
+                s.done = _epoch_summary(s)
+                s.epoch, s.batch_done = s.epoch + 1, 0
+                s.stats = _EpochStats(torch.zeros((), device=s.device))
+                s.epoch_gen_state = s.generator.get_state()
+            _checkpoint(s)  # before validating: an interruption there loses nothing
+            _record(s, _validate(s, s.done))
             s.done = None
-            while s.epoch < s.cfg.epochs:
-                _train_epoch(s)
-                with s.interrupts.critical():
-                    s.done = _epoch_summary(s)
-                    s.epoch, s.batch_done = s.epoch + 1, 0
-                    s.stats = _EpochStats(torch.zeros((), device=s.device))
-                    s.epoch_gen_state = s.generator.get_state()
-                _checkpoint(s)  # before validating: an interruption there loses nothing
-                _record(s, _validate(s, s.done))
-                s.done = None
-            if not (s.resumed and s.saved == start and (s.run_dir / WEIGHTS).is_file()):  # else: finished before
-                _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, {**s.extra, "epochs": s.cfg.epochs}))
-        except BaseException as e:
-            _stopped(s, e)
-            raise
-        finally:
-            _release(s)
+        if not (s.resumed and s.saved == start and (s.run_dir / WEIGHTS).is_file()):  # else: finished before
+            _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, {**s.extra, "epochs": s.cfg.epochs}))
+    except BaseException as e:
+        _stopped(s, e)
+        raise
+    finally:
+        _release(s)
     return s.run_dir
 
 
 def _stopped(s: _Session, e: BaseException) -> None:
     """On an interruption, checkpoint the current position (unless it is on disk already or not consistent)."""
-    if not isinstance(e, KeyboardInterrupt):
+    if not isinstance(e, KeyboardInterrupt) or not s.main:  # rank 0 checkpoints and reports
         return
     what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
     where = f"after {s.batch_done} batches of epoch {s.epoch + 1}" if s.batch_done else f"after epoch {s.epoch}"
@@ -528,6 +571,8 @@ def _stopped(s: _Session, e: BaseException) -> None:
 def _release(s: _Session) -> None:
     """Drop the lock; a new run that never checkpointed leaves nothing behind (so the same command can start
     again)."""
+    if s.lock is None:  # not rank 0: nothing held, nothing written
+        return
     if s.saved is None and not s.resumed:
         _discard(s.run_dir, s.created, s.lock)
     else:
@@ -546,7 +591,10 @@ def _discard(run_dir: Path, created: bool, lock: RunLock) -> None:
 
 
 def _write(s: _Session, write: Any) -> None:
-    """Run a write of the run directory; a full disk or an I/O error becomes one ``TrainingError`` line."""
+    """Run a write of the run directory (only in the process that writes it: a single one, or rank 0); a full
+    disk or an I/O error becomes one ``TrainingError`` line."""
+    if not s.main:
+        return
     try:
         write()
     except OSError as e:
@@ -649,8 +697,13 @@ def _claim(run_dir: Path, cfg: TrainConfig, resuming: bool) -> tuple[RunLock, bo
     return lock, created
 
 
-def _describe_data(ds: ImageSet) -> str:
-    c, h, w = ds.images.shape[1:]
+def _shape(ds: Any) -> list[int]:
+    """(C, H, W) of the images of an in-memory set or a streamed folder."""
+    return list(ds.images.shape[1:]) if isinstance(ds, ImageSet) else ds.shape
+
+
+def _describe_data(ds: Any) -> str:
+    c, h, w = _shape(ds)
     return f"{len(ds)} images of {c}x{h}x{w} in {ds.num_classes} classes"
 
 
@@ -659,7 +712,7 @@ def _check_same_data(run_dir: Path, payload: dict[str, Any], full: ImageSet, mea
     """A resumed run reads the data it was trained on (what config.json recorded of it)."""
     data = payload.get("data")
     stored_model = payload.get("model")
-    found = {"examples": len(full), "shape": list(full.images.shape[1:]), "classes": full.num_classes}
+    found = {"examples": len(full), "shape": _shape(full), "classes": full.num_classes}
     differs = isinstance(data, dict) and any(data.get(k) != v for k, v in found.items())
     if isinstance(stored_model, dict):
         differs |= stored_model.get("num_classes", full.num_classes) != full.num_classes
@@ -678,6 +731,83 @@ def _check_same_data(run_dir: Path, payload: dict[str, Any], full: ImageSet, mea
             f"{where} holds {_describe_data(full)}, but {run_dir} was trained on {was}: resume with the data it "
             "was trained on (pass its --data-root)"
         )
+
+
+def _read_init(cfg: TrainConfig, full: ImageSet) -> tuple[ModelConfig, tuple[dict[str, torch.Tensor], ModelConfig]]:
+    """The model and weights of ``--init FILE``, for the dataset's classes and channels. ``cfg.model`` must be
+    left at its default (the file decides the model) or describe the file's model."""
+    path = Path(cfg.init)  # type: ignore[arg-type]
+    if not path.is_file():
+        raise CheckpointError(f"--init {path}: no such file")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"--init {path}: not a .safetensors model file (convert a torchvision ResNet with: cascadenet convert "
+            f"{path} -o MODEL.safetensors)"
+        )
+    meta = read_metadata(path)
+    if "model_config" not in meta:
+        raise CheckpointError(f"--init {path}: no model configuration in the metadata (not written by cascadenet?)")
+    try:
+        stored = config_from_dict(meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"--init {path}: unreadable model configuration: {e}") from None
+    if stored.in_channels != full.num_channels:
+        raise CheckpointError(
+            f"--init {path} takes {stored.in_channels}-channel images but the dataset has {full.num_channels} "
+            "channel(s)"
+        )
+    dataset = {"num_classes": full.num_classes, "in_channels": full.num_channels}
+    model_cfg = dataclasses.replace(stored, **dataset)
+    given = dataclasses.replace(cfg.model, **dataset)
+    default = dataclasses.replace(type(cfg.model)(), **dataset)
+    if given != model_cfg and given != default:
+        if type(given) is not type(model_cfg):
+            differ = _config_difference(given, model_cfg)
+        else:  # the options set away from their defaults that the file contradicts
+            fields = [f.name for f in dataclasses.fields(given)]
+            differ = "; ".join(
+                f"{'model' if n == 'arch' else n} {getattr(given, n)} vs {getattr(model_cfg, n)} in the file"
+                for n in fields
+                if getattr(given, n) != getattr(model_cfg, n) and getattr(given, n) != getattr(default, n)
+            )
+        raise ValueError(
+            f"--init {path} holds its own model, and the model options given differ from it ({differ}): leave the "
+            "model options out"
+        )
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"--init {path}: not a readable safetensors file: {first_sentence(e)}") from None
+    if stored.num_classes != full.num_classes:
+        log.warning(
+            "%s was trained for %d classes and the dataset has %d: its classifier is replaced by a new one "
+            "(initialised at random); every other weight comes from %s", path, stored.num_classes,
+            full.num_classes, path.name,
+        )  # fmt: skip
+    return model_cfg, (state, stored)
+
+
+def _load_init(model: nn.Module, initial: tuple[dict[str, torch.Tensor], ModelConfig], path: str | None) -> None:
+    """Load ``--init``'s weights; those whose shape changed with the class count (the classifier) stay as
+    initialised. Anything else that does not fit is an error."""
+    initial, stored = initial
+    target = model.state_dict()
+    changed = {k for k, v in initial.items() if k in target and target[k].shape != v.shape}
+    if changed:
+        with torch.random.fork_rng():  # the shapes of the file's model, without using the seeded stream
+            reference = stored.build().state_dict()
+        not_classifier = sorted(k for k in changed if reference[k].shape != initial[k].shape)
+        if not_classifier:
+            k = not_classifier[0]
+            raise CheckpointError(
+                f"--init {path}: {k} has shape {tuple(initial[k].shape)}, expected {tuple(target[k].shape)}"
+            )
+    kept = {k: v for k, v in initial.items() if k not in changed}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    missing = sorted(set(missing) - changed)
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"--init {path}: the weights do not fit the model ({what})")
 
 
 def _config_difference(a: ModelConfig, b: ModelConfig) -> str:
@@ -717,10 +847,200 @@ def _check_model_files(run_dir: Path, model_cfg: ModelConfig, ckpt: dict[str, An
 
 
 def _start(
-    cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[str, Any], interrupts: Interrupts
+    cfg: TrainConfig,
+    resume: str | os.PathLike | None,
+    overrides: dict[str, Any],
+    interrupts: Interrupts,
+    world: distributed.World | None = None,
 ) -> _Session:
     """Set-up: every check first (options, data, model, the run directory's contents), then the claim of the
-    run directory, then the first write (config.json)."""
+    run directory, then the first write (config.json).
+
+    With several processes, rank 0 does all of that and sends the resolved configuration and the checkpoint's
+    training state to the others, which load the data and build the model themselves; then every process
+    reports whether it could start, and they fail together or go on together (DistributedDataParallel)."""
+    if world is None:
+        return _start_here(cfg, resume, overrides, interrupts, None)[0]
+    if not world.main:
+        return _start_follower(interrupts, world)
+    try:
+        s, ckpt = _start_here(cfg, resume, overrides, interrupts, world)
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # tell the others, which wait for the configuration
+            distributed.broadcast({"error": (type(e).__name__, str(e))})
+        raise
+    try:
+        state = None if ckpt is None else {k: v for k, v in ckpt.items() if k != "model"}  # weights: broadcast
+        distributed.broadcast({"cfg": s.cfg.to_dict(), "run_dir": str(s.run_dir), "resumed": s.resumed,
+                               "state": state})  # fmt: skip
+        _agree(None, world)
+        _distribute(s)
+    except BaseException:
+        _release(s)
+        raise
+    return s
+
+
+_ERRORS: dict[str, type[Exception]] = {
+    "ValueError": ValueError, "DataError": DataError, "CheckpointError": CheckpointError,
+    "ConfigError": ConfigError, "TrainingError": TrainingError,
+}  # fmt: skip
+
+
+def _start_follower(interrupts: Interrupts, world: distributed.World) -> _Session:
+    packet = distributed.broadcast(None)
+    if "error" in packet:  # rank 0 could not start: the same error here (rank 0 reports it)
+        name, message = packet["error"]
+        if name in ("KeyboardInterrupt", "Terminated"):
+            raise KeyboardInterrupt
+        error = _ERRORS.get(name, TrainingError)(message)
+        error.reported_by_rank0 = True  # type: ignore[attr-defined]
+        raise error
+    s = None
+    try:
+        s = _follow(packet, interrupts, world)
+        error = None
+    except Exception as e:
+        error = " ".join(f"{type(e).__name__}: {e}".split())
+    _agree(error, world)
+    assert s is not None
+    _distribute(s)
+    return s
+
+
+def _agree(error: str | None, world: distributed.World) -> None:
+    """Every process says whether it could start; all stop (TrainingError) if one could not."""
+    failed = [(rank, e) for rank, e in enumerate(distributed.gather(error)) if e]
+    if failed:
+        rank, e = failed[0]
+        stop = TrainingError(f"process {rank} of {world.size} could not start: {e}")
+        stop.reported_by_rank0 = not world.main  # type: ignore[attr-defined]
+        raise stop
+
+
+def _distribute(s: _Session) -> None:
+    """Synchronised batch norm, rank 0's weights everywhere, and DistributedDataParallel around the objective."""
+    distributed.convert_sync_temporal_bn(s.model)
+    distributed.broadcast_module(s.model)
+    unused = not isinstance(s.model, CascadedResNet) or s.model.config.multi_head  # heads of uninformative exits
+    s.objective = distributed.wrap(_Objective(s.model, s.cfg), s.device, find_unused_parameters=unused)
+
+
+class _Objective(nn.Module):
+    """The training loss as a module, so that DistributedDataParallel sees every loss's forward pass (the
+    ``final`` loss calls ``feedforward``, not ``forward``)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return compute_loss(self.model, x, y, self.cfg)
+
+
+def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
+    """``--stream auto`` decided: on for an image folder whose decoded training images would exceed the
+    threshold or half the available memory, else off."""
+    if cfg.stream != "auto":
+        return cfg
+    if cfg.dataset != "imagefolder" or cfg.data_root is None:
+        return cfg  # read into memory: auto is off (and stays auto in config.json)
+    need = streaming.estimated_bytes(cfg.data_root, cfg.image_size)
+    limit = min(cfg.stream_above_gb * 2**30, streaming.available_memory() / 2)
+    if need > limit:
+        log.info("the decoded training images would take %.1f GiB (more than %.1f GiB): streaming them from %s "
+                 "with DataLoader workers (--stream off to hold them in memory)", need / 2**30, limit / 2**30,
+                 cfg.data_root)  # fmt: skip
+    return dataclasses.replace(cfg, stream="on" if need > limit else "off")
+
+
+def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
+    if cfg.stream == "on":
+        if cfg.data_root is None:
+            raise DataError("no default location for dataset 'imagefolder': pass --data-root with its files")
+        full = streaming.index_folder(cfg.data_root, "train", cfg.image_size or streaming.DEFAULT_SIZE)
+        train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)  # type: ignore[arg-type]
+        mean, std = streaming.streaming_normalization()
+        return full, train_set, val_set, mean, std
+    full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
+                        synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+    train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
+    mean, std = normalization(train_set)
+    return full, train_set, val_set, mean, std
+
+
+def _schedule(cfg: TrainConfig, n_train: int, processes: int) -> tuple[int, int, int]:
+    """Optimizer steps per epoch, in all, and of warm-up."""
+    per_epoch = num_batches(n_train, cfg.batch_size * processes, drop_last=True)
+    if per_epoch == 0:
+        on = f" on {processes} processes (a global batch of {cfg.batch_size * processes})" if processes > 1 else ""
+        raise ValueError(f"--batch-size {cfg.batch_size}{on} is larger than the training set ({n_train} examples)")
+    per_epoch = min(per_epoch, cfg.max_batches or per_epoch)
+    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
+    if cfg.schedule != "constant" and warmup >= total:
+        raise ValueError(
+            f"--warmup-epochs {cfg.warmup_epochs} is {warmup} steps, the whole run ({total} steps): the learning "
+            "rate would never decay (use a shorter --warmup-epochs or more --epochs)"
+        )
+    return per_epoch, total, warmup
+
+
+def _device(cfg: TrainConfig, world: distributed.World | None) -> torch.device:
+    device = resolve_device(cfg.device) if world is None else distributed.device_for(cfg.device, world)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return device
+
+
+def _session(cfg: TrainConfig, model: nn.Module, device: torch.device, data: tuple, schedule: tuple[int, int, int],
+             interrupts: Interrupts, world: distributed.World | None, **where: Any) -> _Session:  # fmt: skip
+    """The session of a model on its device, with a fresh optimizer, scheduler and batch-order generator."""
+    full, train_set, val_set, mean, std = data
+    per_epoch, total, warmup = schedule
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, total, warmup, cfg.schedule))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    main = world is None or world.main
+    return _Session(
+        cfg=cfg, device=device, amp=device.type == "cuda" if cfg.amp is None else cfg.amp,
+        channels_last=channels_last, progress=main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress),
+        model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, train_set=train_set.to(device),
+        val_set=val_set.to(device), mean=mean, std=std,
+        extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes},
+        per_epoch=per_epoch, stats=_EpochStats(torch.zeros((), device=device)),
+        epoch_gen_state=generator.get_state(), interrupts=interrupts, world=world, **where,
+    )  # fmt: skip
+
+
+def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.World) -> _Session:
+    """A process other than rank 0: rank 0's configuration and training state, its own data and model (whose
+    weights rank 0 broadcasts next)."""
+    cfg = TrainConfig.from_dict(packet["cfg"])
+    device = _device(cfg, world)
+    data = _load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = cfg.model.build()
+    s = _session(cfg, model, device, data, _schedule(cfg, len(data[1]), world.size), interrupts, world,
+                 run_dir=Path(packet["run_dir"]), lock=None, resumed=packet["resumed"], created=False)  # fmt: skip
+    if packet["state"] is not None:
+        _restore(s, packet["state"], Path(packet["run_dir"]) / CHECKPOINT)
+    s.model.train()
+    return s
+
+
+def _start_here(
+    cfg: TrainConfig,
+    resume: str | os.PathLike | None,
+    overrides: dict[str, Any],
+    interrupts: Interrupts,
+    world: distributed.World | None,
+) -> tuple[_Session, dict[str, Any] | None]:
+    """The set-up of a single process, or of rank 0; returns the session and the checkpoint it resumed from."""
     payload: dict[str, Any] = {}
     if resume is not None:
         run_dir = Path(resume)
@@ -729,18 +1049,22 @@ def _start(
     else:
         run_dir = Path(cfg.out) / cfg.run_name()
         _check_target(run_dir, cfg)
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = _device(cfg, world)
+    cfg = _resolve_stream(cfg)
+    processes = 1 if world is None else world.size
 
-    full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
-                        synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
-    train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
-    mean, std = normalization(train_set)
+    data = _load_data(cfg)
+    full, train_set, val_set, mean, std = data
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=full.num_classes,
                                                              in_channels=full.num_channels))  # fmt: skip
+    initial = None
+    if cfg.init is not None and not (resume is not None and (run_dir / CHECKPOINT).is_file()):
+        model_cfg, initial = _read_init(cfg, full)
+        cfg = dataclasses.replace(cfg, model=model_cfg)
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
+    if initial is not None:
+        _load_init(model, initial, cfg.init)
     check_compatible(full, cfg.model.in_channels, cfg.model.num_classes)
     exits = getattr(model, "num_steps", None)
     if isinstance(exits, int) and model.first_informative_exit >= exits:
@@ -748,17 +1072,7 @@ def _start(
             f"the model has {exits} exit(s) and the first that sees the input is exit "
             f"{model.first_informative_exit}: nothing to train or evaluate (more --num-steps?)"
         )
-
-    per_epoch = num_batches(len(train_set), cfg.batch_size, drop_last=True)
-    if per_epoch == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} examples)")
-    per_epoch = min(per_epoch, cfg.max_batches or per_epoch)
-    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
-    if cfg.schedule != "constant" and warmup >= total:
-        raise ValueError(
-            f"--warmup-epochs {cfg.warmup_epochs} is {warmup} steps, the whole run ({total} steps): the learning "
-            "rate would never decay (use a shorter --warmup-epochs or more --epochs)"
-        )
+    schedule = _schedule(cfg, len(train_set), processes)
 
     # --- the run directory: claimed (locked) from here on; until config.json is written nothing in it changed
     lock, created = _claim(run_dir, cfg, resume is not None)
@@ -766,36 +1080,28 @@ def _start(
         ckpt = None
         if resume is not None:
             _check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
+            trained_on = payload.get("processes", 1)
+            if trained_on != processes:
+                raise TrainingError(
+                    f"{run_dir} was trained by {trained_on} process(es) and this is {processes}: resume it with "
+                    f"{trained_on} (--batch-size is per process, so the number of processes is part of the run)"
+                )
             if (run_dir / CHECKPOINT).is_file():
                 ckpt = load_checkpoint(run_dir / CHECKPOINT)
             _check_model_files(run_dir, _described_model(payload, cfg.model), ckpt)
             if ckpt is not None:
                 model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
                 cfg = dataclasses.replace(cfg, model=model.config)  # as stored (format 1 resolved num_steps)
-        channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, total, warmup, cfg.schedule))
-        generator = torch.Generator().manual_seed(cfg.seed)
-        data = {"examples": len(full), "shape": list(full.images.shape[1:]), "classes": full.num_classes}
-        s = _Session(
-            cfg=cfg, run_dir=run_dir, lock=lock, resumed=resume is not None, created=created, device=device,
-            amp=device.type == "cuda" if cfg.amp is None else cfg.amp, channels_last=channels_last,
-            progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress, model=model,
-            optimizer=optimizer, scheduler=scheduler, generator=generator, train_set=train_set.to(device),
-            val_set=val_set.to(device), mean=mean, std=std,
-            extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes},
-            per_epoch=per_epoch, stats=_EpochStats(torch.zeros((), device=device)),
-            epoch_gen_state=generator.get_state(), interrupts=interrupts,
-        )  # fmt: skip
+        s = _session(cfg, model, device, data, schedule, interrupts, world, run_dir=run_dir, lock=lock,
+                     resumed=resume is not None, created=created)  # fmt: skip
         if ckpt is not None:
             _restore(s, ckpt, run_dir / CHECKPOINT)
             log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
         if resume is not None:
             s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
-        stored_payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra, "data": data}
+        described = {"examples": len(full), "shape": _shape(full), "classes": full.num_classes}
+        stored_payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra, "data": described,
+                          "processes": processes}  # fmt: skip
         _write(s, lambda: atomic_write(run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
     except BaseException:
         if resume is None:
@@ -804,7 +1110,7 @@ def _start(
             lock.release()
         raise
     s.model.train()
-    return s
+    return s, ckpt
 
 
 def _restore(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
@@ -825,6 +1131,9 @@ def _restore(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
 def _checkpoint(s: _Session) -> None:
     """Save the position ``(s.epoch, s.batch_done, s.step)``, the epoch's running sums, and the finished epoch's
     training metrics while its validation is pending."""
+    if not s.main:  # rank 0 writes it; every process has the same state
+        s.saved = s.position()
+        return
     state = {
         "model_config": s.model.config.to_dict(), "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
         "scheduler": s.scheduler.state_dict(), "epoch_generator_state": s.epoch_gen_state, "rng": _rng_state(),
@@ -839,32 +1148,41 @@ def _train_epoch(s: _Session) -> None:
     """One epoch from batch ``s.batch_done`` on, adding to the running sums ``s.stats``."""
     cfg = s.cfg
     s.epoch_gen_state = s.generator.get_state()
-    batches = iterate_batches(s.train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, mean=s.mean,
-                              std=s.std, generator=s.generator, drop_last=True)  # fmt: skip
+    shard = (0, 1) if s.world is None else (s.world.rank, s.world.size)
+    if isinstance(s.train_set, streaming.FolderIndex):  # decoded from batch_done on: skipped ones are not read
+        batches = streaming.stream_batches(
+            s.train_set, cfg.batch_size, train=cfg.augment, shuffle=True, mean=s.mean, std=s.std, device=s.device,
+            generator=s.generator, drop_last=True, shard=shard, start=s.batch_done, workers=cfg.workers,
+        )  # fmt: skip
+    else:
+        batches = itertools.islice(
+            iterate_batches(s.train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, mean=s.mean,
+                            std=s.std, generator=s.generator, drop_last=True, shard=shard),
+            s.batch_done, None,
+        )  # fmt: skip
     bar = tqdm(total=s.per_epoch, initial=s.batch_done, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
                disable=not s.progress, unit="batch", dynamic_ncols=True)  # fmt: skip
     stats = s.stats
     stats.since = time.perf_counter()
     try:
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y) in enumerate(batches, start=s.batch_done):  # resumed mid-epoch: from the first not done
             if i >= s.per_epoch:
                 break
-            if i < s.batch_done:
-                continue  # resumed mid-epoch: these batches were trained before the interruption
             if s.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(s.device.type, s.amp):
-                loss = compute_loss(s.model, x, y, cfg)
+                loss = compute_loss(s.model, x, y, cfg) if s.objective is None else s.objective(x, y)
             s.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            step_loss = loss.detach() if s.world is None else distributed.mean(loss)  # the global batch's loss
             with s.interrupts.critical():  # weights, counters and sums change together or not at all
                 s.optimizer.step()
                 s.scheduler.step()
                 s.step += 1
                 s.batch_done = i + 1
-                stats.loss_sum += loss.detach()
+                stats.loss_sum += step_loss
                 stats.batches += 1
-                stats.images += len(y)
+                stats.images += len(y) * shard[1]
             if stats.batches % 10 == 0 or s.batch_done == s.per_epoch:  # a sync every 10 steps, not every step
                 _check_finite(s, stats.loss_sum, i)
                 bar.set_postfix(loss=f"{stats.loss_sum.item() / stats.batches:.4f}",
@@ -894,8 +1212,14 @@ def _epoch_summary(s: _Session) -> dict[str, Any]:
 def _validate(s: _Session, done: dict[str, Any]) -> dict[str, Any]:
     """Validation accuracy per exit and anytime AUC after an epoch: the epoch's metrics row."""
     t0 = time.perf_counter()
-    logits = dataset_logits(s.model, s.val_set, s.mean, s.std, batch_size=s.cfg.eval_batch_size, amp=s.amp,
-                            progress=s.progress, desc="validate")  # fmt: skip
+    val = s.val_set
+    if s.world is not None:  # each process its contiguous part, gathered in order
+        val = val.subset(torch.arange(len(val)).tensor_split(s.world.size)[s.world.rank])
+    logits = None
+    if len(val):
+        logits = _logits(s, val)
+    if s.world is not None:
+        logits = torch.cat([part for part in distributed.gather(logits) if part is not None], dim=1)
     summary = metrics.summarize(logits, s.val_set.labels.cpu(), first_step=s.model.first_informative_exit)
     row = {k: done[k] for k in ("epoch", "step", "train_loss", "lr", "train_images_per_s")}
     return {
@@ -904,6 +1228,26 @@ def _validate(s: _Session, done: dict[str, Any]) -> dict[str, Any]:
         "val_anytime_auc": summary["anytime_auc"],
         "seconds": done["seconds"] + time.perf_counter() - t0,
     }
+
+
+def _logits(s: _Session, ds: Any) -> torch.Tensor:
+    """The exit logits of a validation set (in memory, or a streamed folder), ``(E, N, C)`` on the CPU."""
+    if not isinstance(ds, streaming.FolderIndex):
+        return dataset_logits(s.model, ds, s.mean, s.std, batch_size=s.cfg.eval_batch_size, amp=s.amp,
+                              progress=s.progress, desc="validate")  # fmt: skip
+    s.model.eval()
+    try:
+        with torch.no_grad():
+            out = []
+            for x, _ in streaming.stream_batches(ds, s.cfg.eval_batch_size, train=False, shuffle=False, mean=s.mean,
+                                                 std=s.std, device=s.device, workers=s.cfg.workers):  # fmt: skip
+                if s.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(s.device.type, s.amp):
+                    out.append(s.model(x).float().cpu())
+    finally:
+        s.model.train()
+    return torch.cat(out, dim=1)
 
 
 def _record(s: _Session, row: dict[str, Any]) -> None:

@@ -1,0 +1,232 @@
+"""Starting from pretrained ResNets: a torchvision-layout state dict as a cascaded ResNet.
+
+torchvision names the parts of a ResNet ``conv1``, ``bn1`` (the stem), ``layer{1..4}.{i}.conv{j}`` /
+``bn{j}`` (residual branches: j = 1, 2 for basic blocks, 1, 2, 3 for bottlenecks), ``layer{s}.{i}.downsample.0``
+/ ``.1`` (projection shortcut: 1x1 conv, batch norm) and ``fc`` (classifier). A cascaded ResNet of the same depth
+holds the same convolutions and classifier; its batch norms keep one set of running statistics (and, with
+``temporal_affine``, of scale and shift) per step, and each is given the pretrained layer's values. Every
+step then uses the pretrained network's normalisation, so the cascade settles on the pretrained network: the
+last step of the trajectory (at the settling time) and ``feedforward`` equal its output.
+
+The weights are read from a local file only (``torch.load(weights_only=True)``): nothing is downloaded, and
+torchvision is not needed. ``cascadenet convert RESNET.pth -o MODEL.safetensors`` is the command-line form;
+``cascadenet train --init MODEL.safetensors`` fine-tunes from the result.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .blocks import BasicBlock, Bottleneck
+from .cascade import ARCHITECTURES, CascadeConfig, CascadedResNet
+from .checkpoint import CheckpointError, first_sentence, save_weights
+
+__all__ = ["convert_state_dict", "convert_file", "load_torchvision_state_dict"]
+
+# Options that the weights decide (architecture, width, stem, classes, input channels); the rest are free.
+DECIDED = ("arch", "width", "stem", "num_classes", "in_channels")
+
+_BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
+
+
+def load_torchvision_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a torchvision-layout ResNet state dict from a local ``.pth``/``.pt`` file (weights-only), or a
+    ``.safetensors`` file. A checkpoint that wraps it (``{"state_dict": ...}``, ``{"model": ...}``) and the
+    ``module.`` prefix of weights saved from DistributedDataParallel are accepted.
+
+    Raises:
+        CheckpointError: unreadable, not weights-only, or not a dict of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a pickle at all, or a broken one
+            raise CheckpointError(f"{path}: not a readable weights file (truncated or corrupt?)") from None
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and plain data (a pickled model, not a state dict?); it was "
+            "not loaded and nothing in it was run: save model.state_dict() instead"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    except Exception as e:  # torch and safetensors raise several types for truncated or foreign files
+        raise CheckpointError(
+            f"{path}: not a readable weights file (truncated or corrupt?): {first_sentence(e)}"
+        ) from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    state = dict(state)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _infer_architecture(state: Mapping[str, Tensor], source: str) -> tuple[str, type, tuple[int, ...]]:
+    """The registered architecture whose block type and blocks per stage match the state dict's keys."""
+    blocks: dict[int, set[int]] = {}
+    for key in state:
+        m = _BLOCK_KEY.match(key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if "conv1.weight" not in state or not blocks:
+        raise CheckpointError(
+            f"{source}: not a torchvision-layout ResNet (expected conv1, bn1, layer1.0.conv1, ..., fc; found "
+            f"{', '.join(list(state)[:4]) or 'no keys'}{', ...' if len(state) > 4 else ''})"
+        )
+    stages = sorted(blocks)
+    if stages != list(range(1, len(stages) + 1)) or any(blocks[s] != set(range(len(blocks[s]))) for s in stages):
+        raise CheckpointError(f"{source}: the layer{{s}}.{{i}} keys are not numbered consecutively from layer1.0")
+    layers = tuple(len(blocks[s]) for s in stages)
+    block = Bottleneck if "layer1.0.conv3.weight" in state else BasicBlock
+    for name, (known_block, known_layers) in ARCHITECTURES.items():
+        if known_block is block and tuple(known_layers) == layers:
+            return name, block, layers
+    kind = "bottleneck" if block is Bottleneck else "basic"
+    known = ", ".join(f"{n} {'-'.join(map(str, ls))}" for n, (_, ls) in ARCHITECTURES.items())
+    raise CheckpointError(
+        f"{source}: a ResNet of {kind} blocks {'-'.join(map(str, layers))} per stage matches no known architecture "
+        f"({known}; cascadenet.register_architecture adds one)"
+    )
+
+
+def _mapping(model: CascadedResNet, layers: tuple[int, ...]) -> dict[str, str]:
+    """torchvision parameter prefix -> the cascade's module prefix, for every conv, batch norm and the classifier."""
+    names = {"conv1": "stem.units.0.conv", "bn1": "stem.units.0.bn"}
+    k = 0
+    for s, n in enumerate(layers, start=1):
+        for i in range(n):
+            block = model.blocks[k]
+            for j in range(len(block.residual.units)):
+                names[f"layer{s}.{i}.conv{j + 1}"] = f"blocks.{k}.residual.units.{j}.conv"
+                names[f"layer{s}.{i}.bn{j + 1}"] = f"blocks.{k}.residual.units.{j}.bn"
+            if block.shortcut is not None:
+                names[f"layer{s}.{i}.downsample.0"] = f"blocks.{k}.shortcut.units.0.conv"
+                names[f"layer{s}.{i}.downsample.1"] = f"blocks.{k}.shortcut.units.0.bn"
+            k += 1
+    return names
+
+
+def convert_state_dict(
+    state: Mapping[str, Tensor], *, source: str = "the state dict", **options: Any
+) -> CascadedResNet:
+    """A cascaded ResNet holding the weights of a torchvision-layout ResNet state dict.
+
+    The architecture (block type, blocks per stage), width, classes and input channels are read from the
+    weights; the stem is torchvision's (7x7/2 conv and max-pool: ``stem="imagenet"``). Convolution and linear
+    weights are copied; each batch norm's running statistics and scale/shift go to every step's slot (and
+    the classifier to every head with ``multi_head``).
+
+    Args:
+        state: the state dict (``torchvision.models.resnet18().state_dict()`` or a file's content).
+        source: how messages name it.
+        **options: other options of :class:`~cascadenet.CascadeConfig` (``num_steps``, ``scheme``,
+            ``stem_delay``, ``temporal_bn``, ``temporal_affine``, ``multi_head``...). ``delay="ews"`` with
+            ``alpha > 0`` changes what the network computes, so the cascade then no longer settles on the
+            pretrained network.
+
+    Returns:
+        the model, in evaluation mode.
+
+    Raises:
+        CheckpointError: not a torchvision-layout ResNet, an unknown architecture, missing, unexpected or
+            misshapen weights.
+        ValueError: a bad option, or one that the weights decide.
+    """
+    decided = sorted(set(options) & set(DECIDED))
+    if decided:
+        raise ValueError(f"{', '.join(decided)}: set by the weights being converted, not an option here")
+    arch, _, layers = _infer_architecture(state, source)
+    conv1 = state["conv1.weight"]
+    if conv1.ndim != 4 or tuple(conv1.shape[2:]) != (7, 7):
+        raise CheckpointError(f"{source}: conv1 is {tuple(conv1.shape)}, not the 7x7 stem of a torchvision ResNet")
+    if "fc.weight" not in state:
+        raise CheckpointError(f"{source}: no classifier (fc.weight)")
+    config = CascadeConfig(arch=arch, width=conv1.shape[0], stem="imagenet", in_channels=conv1.shape[1],
+                           num_classes=state["fc.weight"].shape[0], **options)  # fmt: skip
+    model = config.build()
+    target = model.state_dict()
+    names = _mapping(model, layers)
+    out: dict[str, Tensor] = {}
+    used = set()
+    for tv, ours in names.items():
+        kind = "bn" if ours.endswith(".bn") else "conv"
+        fields = ("weight", "bias", "running_mean", "running_var") if kind == "bn" else ("weight",)
+        for f in fields:
+            key = f"{tv}.{f}"
+            if key not in state:
+                raise CheckpointError(f"{source}: missing {key}")
+            value, want = state[key], target[f"{ours}.{f}"]
+            if kind == "bn":  # one vector -> every slot
+                if value.shape != want.shape[1:]:
+                    raise CheckpointError(
+                        f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(want.shape[1:])}"
+                    )
+                value = value.unsqueeze(0).expand_as(want)
+            elif value.shape != want.shape:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+            out[f"{ours}.{f}"] = value.to(want.dtype).clone()
+            used.add(key)
+        used.add(f"{tv}.num_batches_tracked")
+    for f in ("weight", "bias"):
+        key = f"fc.{f}"
+        if key not in state:
+            raise CheckpointError(f"{source}: missing {key}")
+        for h in range(len(model.heads)):
+            want = target[f"heads.{h}.{f}"]
+            if state[key].shape != want.shape:
+                raise CheckpointError(
+                    f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(want.shape)}"
+                )
+            out[f"heads.{h}.{f}"] = state[key].to(want.dtype).clone()
+        used.add(key)
+    unexpected = sorted(set(state) - used)
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise CheckpointError(f"{source}: weights that a {arch} has no place for: {', '.join(unexpected[:3])}{more}")
+    model.load_state_dict(out)
+    return model.eval()
+
+
+def convert_file(
+    source: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False, **options: Any
+) -> CascadedResNet:
+    """``convert_state_dict`` of a local file, saved as ``output`` (safetensors with the model configuration,
+    what ``cascadenet train --init`` and ``load_model`` read). An existing ``output`` is never replaced unless
+    ``overwrite``; nothing is written when the conversion fails.
+
+    Raises:
+        CheckpointError: as ``convert_state_dict``, or an unreadable source.
+        FileExistsError: ``output`` exists and ``overwrite`` is false.
+        ValueError: a bad option.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists (nothing was written): choose another -o or pass --overwrite")
+    if output.suffix != ".safetensors":
+        raise ValueError(f"-o {output}: the converted model is written as safetensors: name it *.safetensors")
+    if not output.parent.is_dir():
+        raise ValueError(f"-o {output}: the folder {output.parent} does not exist")
+    model = convert_state_dict(load_torchvision_state_dict(source), source=str(source), **options)
+    save_weights(output, model, {"converted_from": Path(source).name}, overwrite=overwrite)
+    return model

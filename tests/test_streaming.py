@@ -1,0 +1,130 @@
+"""Streaming image folders through DataLoader workers: transforms, determinism, sharding, resume, training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cascadenet import streaming
+from cascadenet.train import TrainConfig, train
+from test_train import config_of
+
+
+def make_folder(root, per_class=12, classes=("a", "b", "c"), size=(80, 60), seed=0):
+    """JPEG and PNG images of mixed sizes: class c is brighter in channel c (learnable, and any crop keeps it)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", 4)):
+        for k, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                w, h = size[0] + 8 * (i % 3), size[1] + 4 * (i % 2)
+                img = rng.integers(0, 100, (h, w, 3), dtype=np.uint8)
+                img[..., k] += 120
+                ext = "jpg" if i % 2 else "png"
+                Image.fromarray(img).save(d / f"{i}.{ext}")
+    return root
+
+
+def test_transforms_are_the_imagenet_ones_and_deterministic(tmp_path):
+    make_folder(tmp_path)
+    index = streaming.index_folder(tmp_path, "train", 32)
+    assert len(index) == 36 and index.classes == ["a", "b", "c"] and index.shape == [3, 32, 32]
+    path = index.files[1]
+    a = streaming.load_transformed(path, 32, True, seed=5)
+    assert a.shape == (3, 32, 32) and a.dtype == np.uint8
+    assert np.array_equal(a, streaming.load_transformed(path, 32, True, seed=5))  # the seed decides every draw
+    assert not np.array_equal(a, streaming.load_transformed(path, 32, True, seed=6))
+    # evaluation: the centre crop of 87.5% of the shorter side, resized (no randomness)
+    with Image.open(path) as im:
+        w, h = im.size
+        side = min(w, h) * 0.875
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        expected = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR, box=box)).transpose(2, 0, 1)
+    assert np.array_equal(streaming.load_transformed(path, 32, False, seed=1), expected)
+    # random resized crops stay inside the image, with area and ratio in the standard ranges
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        left, top, right, bottom = streaming._random_resized_crop(80, 60, rng)
+        assert 0 <= left < right <= 80 and 0 <= top < bottom <= 60
+        assert (right - left) * (bottom - top) >= 0.08 * 80 * 60 * 0.9
+
+
+def test_stream_batches_shard_resume_and_workers(tmp_path):
+    make_folder(tmp_path)
+    index = streaming.index_folder(tmp_path, "train", 24)
+    mean, std = streaming.streaming_normalization()
+
+    def epoch(batch, shard=(0, 1), start=0, workers=0):
+        g = torch.Generator().manual_seed(3)
+        return list(streaming.stream_batches(index, batch, train=True, shuffle=True, mean=mean, std=std,
+                                             device=torch.device("cpu"), generator=g, drop_last=True, shard=shard,
+                                             start=start, workers=workers))  # fmt: skip
+
+    whole = epoch(12)
+    assert len(whole) == 3 and whole[0][0].shape == (12, 3, 24, 24) and whole[0][0].dtype == torch.float32
+    assert torch.equal(torch.cat([y for _, y in whole]).sort().values, index.labels.sort().values)  # the epoch
+    with_workers = epoch(12, workers=2)
+    for (x, y), (xw, yw) in zip(whole, with_workers):  # workers change nothing
+        assert torch.equal(x, xw) and torch.equal(y, yw)
+    parts = [epoch(6, shard=(r, 2)) for r in (0, 1)]
+    for i, (x, y) in enumerate(whole):  # two processes: disjoint halves of each global batch
+        assert torch.equal(torch.cat([parts[0][i][0], parts[1][i][0]]), x)
+        assert torch.equal(torch.cat([parts[0][i][1], parts[1][i][1]]), y)
+    resumed = epoch(12, start=2)  # a resumed epoch: the same remaining batches
+    assert len(resumed) == 1 and torch.equal(resumed[0][0], whole[2][0])
+
+
+def test_training_streams_above_the_threshold_and_resumes(tmp_path, monkeypatch, caplog):
+    root = make_folder(tmp_path / "data")
+    base = dict(model="resnet10", width=4, dataset="imagefolder", data_root=str(root), image_size=24, epochs=2,
+                batch_size=8, lr=0.05, warmup_epochs=0.5, out=str(tmp_path / "runs"), workers=0, val_fraction=0.25,
+                eval_batch_size=16)  # fmt: skip
+    with caplog.at_level("INFO", logger="cascadenet"):
+        run = train(config_of(**base, name="auto", stream_above_gb=1e-6))  # 1 KiB: this folder is "too large"
+    assert "streaming them" in caplog.text
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["train"]["stream"] == "on"  # the choice is part of the run
+    assert stored["data"] == {"examples": 36, "shape": [3, 24, 24], "classes": 3}
+    assert stored["normalization"]["mean"] == pytest.approx(list(streaming.IMAGENET_MEAN))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and len(rows[-1]["val_accuracy_per_step"]) == 6
+
+    # in memory below the threshold; --stream on/off force it
+    small = train(config_of(**base, name="small"))
+    assert json.loads((small / "config.json").read_text())["train"]["stream"] == "off"
+
+    # interrupted mid-epoch and resumed: the weights of the uninterrupted run (epoch order and crops replayed)
+    import cascadenet.train as T
+
+    real, calls = T.compute_loss, [0]
+
+    def interrupt(*args):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(T, "compute_loss", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_of(**base, name="cut", stream="on"))
+    monkeypatch.setattr(T, "compute_loss", real)
+    cut = train(resume=tmp_path / "runs" / "cut")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ValueError, match="--stream cannot change"):
+        train(resume=cut, overrides={"stream": "off"})
+
+
+def test_stream_on_needs_an_image_folder():
+    with pytest.raises(ValueError, match="only image folders stream"):
+        TrainConfig(dataset="synthetic", stream="on")
