@@ -31,8 +31,10 @@ import tyro
 from .cascade import CascadeConfig
 from .checkpoint import CheckpointError
 from .datasets import DataError
+from .interrupts import Terminated
+from .runconfig import TrainConfig
 from .rundir import RunLockedError
-from .train import Terminated, TrainConfig, TrainingError
+from .train import TrainingError
 
 __all__ = ["main"]
 

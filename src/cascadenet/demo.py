@@ -20,7 +20,8 @@ from .cascade import CascadeConfig
 from .checkpoint import WEIGHTS
 from .evaluate import evaluate
 from .plotting import plot_runs
-from .train import CONFIG, RESUMABLE, TrainConfig, changed_options, train
+from .runconfig import CONFIG, RESUMABLE, TrainConfig, changed_options
+from .train import train
 
 __all__ = ["DEMO_RUNS", "run_demo"]
 

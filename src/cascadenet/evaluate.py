@@ -34,8 +34,8 @@ from .checkpoint import CheckpointError, atomic_write, load_model
 from .datasets import load_dataset
 from .loader import check_compatible, iterate_batches
 from .registry import config_from_dict
+from .runconfig import CONFIG, TrainConfig
 from .runtime import dataset_logits, resolve_device
-from .train import CONFIG, TrainConfig
 
 __all__ = ["evaluate", "eval_filename", "format_table"]
 
