@@ -63,8 +63,8 @@ def record(model, x):
         calls.append((branch, xs.detach().clone(), list(steps), count))
         return forward_groups(branch, xs, steps, count)
 
-    def record_combine(steps, key_of, make, relu, batch):
-        level = combine(steps, key_of, make, relu, batch)
+    def record_combine(steps, key_of, make, relu, *rest, **options):  # (steps, key_of, make, relu, batch)
+        level = combine(steps, key_of, make, relu, *rest, **options)
         if relu:  # a block output: shortcut + delayed residual, ReLU
             blocks.extend(stack.shape for stack, _ in level.stacks.values())
         return level

@@ -43,6 +43,16 @@ if TYPE_CHECKING:
 __all__ = ["trajectory", "cumulative_macs", "feedforward_macs"]
 
 
+# A state to add into a level: the state itself (a view), and the stack it is a view of with its position there
+# (so that consecutive states of one stack can be added with one operation on a slice).
+Term = tuple[Tensor, Tensor, int]
+
+
+def _alone(x: Tensor) -> Term:
+    """A state that is not part of a stack, as a term."""
+    return x, x.unsqueeze(1), 0
+
+
 @dataclass
 class _Level:
     """The distinct states of one activation across the steps of a trajectory."""
@@ -51,6 +61,10 @@ class _Level:
     const: list[bool]  # class -> does not depend on the input
     of_step: dict[int, int]  # step -> class
     stacks: dict[bool, tuple[Tensor, list[int]]] = field(default_factory=dict)  # const flag -> (stack, classes)
+    where: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # class -> (its stack, position in it)
+
+    def term(self, c: int) -> Term:
+        return (self.tensors[c], *self.where[c])
 
     def stack(self, classes: list[int], const: bool) -> Tensor:
         """The given classes stacked on a group axis ``(B, G, ...)``; free when they are a stack already."""
@@ -93,16 +107,17 @@ class _Run:
 def _combine(
     steps: Sequence[int],
     key_of: Callable[[int], Hashable],
-    make: Callable[[Hashable], tuple[tuple[Tensor, ...], bool]],
+    make: Callable[[Hashable], tuple[tuple[Term, ...], bool]],
     relu: bool,
     batch: int,
 ) -> _Level:
     """Build a level from per-step keys: ``make(key)`` gives each distinct state once, as the one or two terms
     whose sum it is, and whether it is input-independent. The states are stacked, with an optional ReLU applied
     to the stacks in place (so autograd saves one stacked activation, not a copy per state). Without autograd
-    the sums are written straight into the stack: no temporary per state, no copy."""
+    the sums are written straight into the stack, one operation for each run of states whose terms are
+    consecutive in their own stacks (in a parallel cascade, two per block: no temporary per state, no copy)."""
     keys: dict[Hashable, int] = {}
-    made: list[tuple[tuple[Tensor, ...], bool]] = []
+    made: list[tuple[tuple[Term, ...], bool]] = []
     of_step = {}
     for t in steps:
         key = key_of(t)
@@ -119,20 +134,36 @@ def _combine(
         if grad:
             stacked = torch.stack([_sum(made[i][0]) for i in classes], dim=1)
         else:
-            first = made[classes[0]][0][0]
+            first = made[classes[0]][0][0][0]
             stacked = first.new_empty((1 if const else batch, len(classes), *first.shape[1:]))
-            for j, i in enumerate(classes):
-                terms = made[i][0]
+            for j, k in _runs([made[i][0] for i in classes]):
+                terms = [base[:, pos : pos + k - j] for _, base, pos in made[classes[j]][0]]
                 if len(terms) == 1:
-                    stacked[:, j].copy_(terms[0])
+                    stacked[:, j:k].copy_(terms[0])
                 else:
-                    torch.add(*terms, out=stacked[:, j])
+                    torch.add(*terms, out=stacked[:, j:k])
         if relu:
             stacked.relu_()
         level.stacks[const] = (stacked, classes)
-        for i, piece in zip(classes, _split(stacked)):
+        for j, (i, piece) in enumerate(zip(classes, _split(stacked))):
             level.tensors[i] = piece
+            level.where[i] = (stacked, j)
     return level
+
+
+def _runs(states: list[tuple[Term, ...]]) -> list[tuple[int, int]]:
+    """Split a list of states into runs ``[j, k)`` in which each term comes from the same stack as in the state
+    before, one position further."""
+    runs, start = [], 0
+    for j in range(1, len(states) + 1):
+        if j == len(states) or not _follows(states[j - 1], states[j]):
+            runs.append((start, j))
+            start = j
+    return runs
+
+
+def _follows(a: tuple[Term, ...], b: tuple[Term, ...]) -> bool:
+    return len(a) == len(b) and all(x[1] is y[1] and x[2] + 1 == y[2] for x, y in zip(a, b))
 
 
 def _split(stacked: Tensor) -> tuple[Tensor, ...]:
@@ -142,8 +173,8 @@ def _split(stacked: Tensor) -> tuple[Tensor, ...]:
     return stacked.unbind(1)
 
 
-def _sum(terms: tuple[Tensor, ...]) -> Tensor:
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+def _sum(terms: tuple[Term, ...]) -> Tensor:
+    return terms[0][0] if len(terms) == 1 else terms[0][0] + terms[1][0]
 
 
 def _run_branch(branch: Branch, level: _Level, steps: Sequence[int], run: _Run, lag: int) -> _Level:
@@ -176,8 +207,9 @@ def _run_branch(branch: Branch, level: _Level, steps: Sequence[int], run: _Run, 
                     for t in unit_steps[u]:
                         run.updates.append((t, bn, bn.stat_slot(t), s[0][j], s[1][j]))
         out.stacks[const] = (x, members)
-        for u, piece in zip(members, _split(x)):
+        for j, (u, piece) in enumerate(zip(members, _split(x))):
             out.tensors[u] = piece
+            out.where[u] = (x, j)
             if run.costs is not None and not const:
                 run.costs.append((unit_steps[u][0] + lag, macs))
     return out
@@ -192,7 +224,7 @@ def _block(model: CascadedResNet, k: int, level: _Level, T: int, scheme: str, ru
 
     # The value added to the shortcut at each step, by key: the delayed residual (OSD) or the smoothed
     # residual (EWS, whose key chains the previous step's key, so it is new at every step unless alpha = 0).
-    added: dict[Hashable, tuple[Tensor, bool]] = {}
+    added: dict[Hashable, tuple[Term, bool]] = {}
     added_key: list[Hashable] = []
     prev: Hashable = None
     for t in range(T):
@@ -200,20 +232,21 @@ def _block(model: CascadedResNet, k: int, level: _Level, T: int, scheme: str, ru
         if osd and t >= 1 and model.active(k, t, scheme):
             c = res.of_step[t - 1]
             key = ("res", c)
-            added.setdefault(key, (res.tensors[c], res.const[c]))
+            added.setdefault(key, (res.term(c), res.const[c]))
         elif not osd and model.active(k, t, scheme):
             c = res.of_step[t]
             key = ("res", c) if model.alpha == 0 else ("ews", prev, c)
             if key not in added:
                 held = None if prev is None else added[prev]
-                value = ews_update(None if held is None else held[0], res.tensors[c], model.alpha)
-                added[key] = (value, res.const[c] and (held is None or held[1]))
+                value = ews_update(None if held is None else held[0][0], res.tensors[c], model.alpha)
+                term = res.term(c) if value is res.tensors[c] else _alone(value)
+                added[key] = (term, res.const[c] and (held is None or held[1]))
         prev = key
         added_key.append(key)
 
-    def make(key: Hashable) -> tuple[tuple[Tensor, ...], bool]:
+    def make(key: Hashable) -> tuple[tuple[Term, ...], bool]:
         s, a = key  # type: ignore[misc]
-        x, const = short.tensors[s], short.const[s]
+        x, const = short.term(s), short.const[s]
         if a is None:
             return (x,), const
         value, vconst = added[a]
@@ -224,13 +257,13 @@ def _block(model: CascadedResNet, k: int, level: _Level, T: int, scheme: str, ru
 
 def _trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str, run: _Run) -> Tensor:
     B = x.shape[0]
-    inp = _Level([x], [False], dict.fromkeys(range(T), 0), {False: (x.unsqueeze(1), [0])})
+    inp = _Level([x], [False], dict.fromkeys(range(T), 0), {False: (x.unsqueeze(1), [0])}, {0: (x.unsqueeze(1), 0)})
     stem = _run_branch(model.stem, inp, range(T), run, lag=1 if model.stem_delay else 0)
     if model.stem_delay:
         zero = torch.zeros_like(stem.tensors[0][:1])
 
-        def make_stem(key: Hashable) -> tuple[tuple[Tensor, ...], bool]:
-            return ((zero,), True) if key is None else ((stem.tensors[key],), stem.const[key])  # type: ignore[index]
+        def make_stem(key: Hashable) -> tuple[tuple[Term, ...], bool]:
+            return ((_alone(zero),), True) if key is None else ((stem.term(key),), stem.const[key])  # type: ignore[arg-type]
 
         level = _combine(range(T), lambda t: None if t == 0 else stem.of_step[t - 1], make_stem, False, B)
     else:
