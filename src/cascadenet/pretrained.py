@@ -10,11 +10,15 @@ last step of the trajectory (at the settling time) and ``feedforward`` equal its
 
 The weights are read from a local file only (``torch.load(weights_only=True)``): nothing is downloaded, and
 torchvision is not needed. ``cascadenet convert RESNET.pth -o MODEL.safetensors`` is the command-line form;
-``cascadenet train --init MODEL.safetensors`` fine-tunes from the result.
+``cascadenet train --init MODEL.safetensors`` fine-tunes from the result (``read_init`` and ``load_init`` are
+that option's two halves: which model the file holds, and loading its weights, the classifier replaced when the
+class count differs).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import pickle
 import re
@@ -24,13 +28,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
 
+from .anytime import ModelConfig
 from .blocks import BasicBlock, Bottleneck
 from .cascade import ARCHITECTURES, CascadeConfig, CascadedResNet
-from .checkpoint import CheckpointError, first_sentence, save_weights
+from .checkpoint import CheckpointError, first_sentence, read_metadata, save_weights
+from .registry import config_from_dict
 
-__all__ = ["convert_state_dict", "convert_file", "load_torchvision_state_dict"]
+__all__ = [
+    "convert_state_dict",
+    "convert_file",
+    "load_torchvision_state_dict",
+    "read_init",
+    "load_init",
+    "config_difference",
+]
+
+log = logging.getLogger(__name__)
 
 # Options that the weights decide (architecture, width, stem, classes, input channels); the rest are free.
 DECIDED = ("arch", "width", "stem", "num_classes", "in_channels")
@@ -230,3 +247,100 @@ def convert_file(
     model = convert_state_dict(load_torchvision_state_dict(source), source=str(source), **options)
     save_weights(output, model, {"converted_from": Path(source).name}, overwrite=overwrite)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Starting a training from a model file (train --init)
+
+
+def read_init(
+    init: str, model: ModelConfig, num_classes: int, in_channels: int
+) -> tuple[ModelConfig, tuple[dict[str, Tensor], ModelConfig]]:
+    """The model and weights of ``train --init FILE`` (a model file written by cascadenet: a converted ResNet or
+    a trained run), for a dataset of ``num_classes`` classes and ``in_channels`` channels. ``model`` (the
+    training options' model) must be left at its default (the file decides the model) or describe the file's.
+
+    Returns:
+        the model configuration to train, and the file's weights with the configuration they were saved for
+        (for ``load_init``).
+    """
+    path = Path(init)
+    if not path.is_file():
+        raise CheckpointError(f"--init {path}: no such file")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"--init {path}: not a .safetensors model file (convert a torchvision ResNet with: cascadenet convert "
+            f"{path} -o MODEL.safetensors)"
+        )
+    meta = read_metadata(path)
+    if "model_config" not in meta:
+        raise CheckpointError(f"--init {path}: no model configuration in the metadata (not written by cascadenet?)")
+    try:
+        stored = config_from_dict(meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"--init {path}: unreadable model configuration: {e}") from None
+    if stored.in_channels != in_channels:
+        raise CheckpointError(
+            f"--init {path} takes {stored.in_channels}-channel images but the dataset has {in_channels} channel(s)"
+        )
+    dataset = {"num_classes": num_classes, "in_channels": in_channels}
+    model_cfg = dataclasses.replace(stored, **dataset)
+    given = dataclasses.replace(model, **dataset)
+    default = dataclasses.replace(type(model)(), **dataset)
+    if given != model_cfg and given != default:
+        if type(given) is not type(model_cfg):
+            differ = config_difference(given, model_cfg)
+        else:  # the options set away from their defaults that the file contradicts
+            fields = [f.name for f in dataclasses.fields(given)]
+            differ = "; ".join(
+                f"{'model' if n == 'arch' else n} {getattr(given, n)} vs {getattr(model_cfg, n)} in the file"
+                for n in fields
+                if getattr(given, n) != getattr(model_cfg, n) and getattr(given, n) != getattr(default, n)
+            )
+        raise ValueError(
+            f"--init {path} holds its own model, and the model options given differ from it ({differ}): leave the "
+            "model options out"
+        )
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"--init {path}: not a readable safetensors file: {first_sentence(e)}") from None
+    if stored.num_classes != num_classes:
+        log.warning(
+            "%s was trained for %d classes and the dataset has %d: its classifier is replaced by a new one "
+            "(initialised at random); every other weight comes from %s", path, stored.num_classes,
+            num_classes, path.name,
+        )  # fmt: skip
+    return model_cfg, (state, stored)
+
+
+def load_init(model: nn.Module, initial: tuple[dict[str, Tensor], ModelConfig], path: str | None) -> None:
+    """Load ``--init``'s weights; those whose shape changed with the class count (the classifier) stay as
+    initialised. Anything else that does not fit is an error."""
+    initial, stored = initial
+    target = model.state_dict()
+    changed = {k for k, v in initial.items() if k in target and target[k].shape != v.shape}
+    if changed:
+        with torch.random.fork_rng():  # the shapes of the file's model, without using the seeded stream
+            reference = stored.build().state_dict()
+        not_classifier = sorted(k for k in changed if reference[k].shape != initial[k].shape)
+        if not_classifier:
+            k = not_classifier[0]
+            raise CheckpointError(
+                f"--init {path}: {k} has shape {tuple(initial[k].shape)}, expected {tuple(target[k].shape)}"
+            )
+    kept = {k: v for k, v in initial.items() if k not in changed}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    missing = sorted(set(missing) - changed)
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"--init {path}: the weights do not fit the model ({what})")
+
+
+def config_difference(a: ModelConfig, b: ModelConfig) -> str:
+    """The options in which two model configurations differ, as "name a vs b; ..." (``arch`` named ``model``)."""
+    if type(a) is not type(b):
+        return f"a {a.family} model vs a {b.family} model"
+    pairs = [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)]
+    diff = [(n, x, y) for n, x, y in pairs if x != y]
+    return "; ".join(f"{'model' if n == 'arch' else n} {x} vs {y}" for n, x, y in diff)

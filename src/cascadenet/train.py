@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -61,6 +59,7 @@ from .interrupts import Interrupts, Terminated, catch_signals
 from .loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
 from .losses import final_ce, stepwise_ce, td_loss
 from .norm import TemporalBatchNorm2d
+from .pretrained import config_difference, load_init, read_init
 from .registry import config_from_dict
 from .runconfig import (
     CONFIG,
@@ -498,91 +497,6 @@ def _check_same_data(run_dir: Path, payload: dict[str, Any], full: ImageSet, mea
         )
 
 
-def _read_init(cfg: TrainConfig, full: ImageSet) -> tuple[ModelConfig, tuple[dict[str, torch.Tensor], ModelConfig]]:
-    """The model and weights of ``--init FILE``, for the dataset's classes and channels. ``cfg.model`` must be
-    left at its default (the file decides the model) or describe the file's model."""
-    path = Path(cfg.init)  # type: ignore[arg-type]
-    if not path.is_file():
-        raise CheckpointError(f"--init {path}: no such file")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(
-            f"--init {path}: not a .safetensors model file (convert a torchvision ResNet with: cascadenet convert "
-            f"{path} -o MODEL.safetensors)"
-        )
-    meta = read_metadata(path)
-    if "model_config" not in meta:
-        raise CheckpointError(f"--init {path}: no model configuration in the metadata (not written by cascadenet?)")
-    try:
-        stored = config_from_dict(meta["model_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"--init {path}: unreadable model configuration: {e}") from None
-    if stored.in_channels != full.num_channels:
-        raise CheckpointError(
-            f"--init {path} takes {stored.in_channels}-channel images but the dataset has {full.num_channels} "
-            "channel(s)"
-        )
-    dataset = {"num_classes": full.num_classes, "in_channels": full.num_channels}
-    model_cfg = dataclasses.replace(stored, **dataset)
-    given = dataclasses.replace(cfg.model, **dataset)
-    default = dataclasses.replace(type(cfg.model)(), **dataset)
-    if given != model_cfg and given != default:
-        if type(given) is not type(model_cfg):
-            differ = _config_difference(given, model_cfg)
-        else:  # the options set away from their defaults that the file contradicts
-            fields = [f.name for f in dataclasses.fields(given)]
-            differ = "; ".join(
-                f"{'model' if n == 'arch' else n} {getattr(given, n)} vs {getattr(model_cfg, n)} in the file"
-                for n in fields
-                if getattr(given, n) != getattr(model_cfg, n) and getattr(given, n) != getattr(default, n)
-            )
-        raise ValueError(
-            f"--init {path} holds its own model, and the model options given differ from it ({differ}): leave the "
-            "model options out"
-        )
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"--init {path}: not a readable safetensors file: {first_sentence(e)}") from None
-    if stored.num_classes != full.num_classes:
-        log.warning(
-            "%s was trained for %d classes and the dataset has %d: its classifier is replaced by a new one "
-            "(initialised at random); every other weight comes from %s", path, stored.num_classes,
-            full.num_classes, path.name,
-        )  # fmt: skip
-    return model_cfg, (state, stored)
-
-
-def _load_init(model: nn.Module, initial: tuple[dict[str, torch.Tensor], ModelConfig], path: str | None) -> None:
-    """Load ``--init``'s weights; those whose shape changed with the class count (the classifier) stay as
-    initialised. Anything else that does not fit is an error."""
-    initial, stored = initial
-    target = model.state_dict()
-    changed = {k for k, v in initial.items() if k in target and target[k].shape != v.shape}
-    if changed:
-        with torch.random.fork_rng():  # the shapes of the file's model, without using the seeded stream
-            reference = stored.build().state_dict()
-        not_classifier = sorted(k for k in changed if reference[k].shape != initial[k].shape)
-        if not_classifier:
-            k = not_classifier[0]
-            raise CheckpointError(
-                f"--init {path}: {k} has shape {tuple(initial[k].shape)}, expected {tuple(target[k].shape)}"
-            )
-    kept = {k: v for k, v in initial.items() if k not in changed}
-    missing, unexpected = model.load_state_dict(kept, strict=False)
-    missing = sorted(set(missing) - changed)
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise CheckpointError(f"--init {path}: the weights do not fit the model ({what})")
-
-
-def _config_difference(a: ModelConfig, b: ModelConfig) -> str:
-    if type(a) is not type(b):
-        return f"a {a.family} model vs a {b.family} model"
-    pairs = [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)]
-    diff = [(n, x, y) for n, x, y in pairs if x != y]
-    return "; ".join(f"{'model' if n == 'arch' else n} {x} vs {y}" for n, x, y in diff)
-
-
 def _described_model(payload: dict[str, Any], fallback: ModelConfig) -> ModelConfig:
     """The model config.json describes: its "model" record (as the first release wrote it, num_steps resolved),
     else the training options' model."""
@@ -607,7 +521,7 @@ def _check_model_files(run_dir: Path, model_cfg: ModelConfig, ckpt: dict[str, An
         if stored != model_cfg:
             raise TrainingError(
                 f"{path} holds another model than {run_dir / CONFIG} describes ({path.name} vs {CONFIG}: "
-                f"{_config_difference(stored, model_cfg)}); nothing was changed"
+                f"{config_difference(stored, model_cfg)}); nothing was changed"
             )
 
 
@@ -824,12 +738,12 @@ def _start_here(
                                                              in_channels=full.num_channels))  # fmt: skip
     initial = None
     if cfg.init is not None and not (resume is not None and (run_dir / CHECKPOINT).is_file()):
-        model_cfg, initial = _read_init(cfg, full)
+        model_cfg, initial = read_init(cfg.init, cfg.model, full.num_classes, full.num_channels)
         cfg = dataclasses.replace(cfg, model=model_cfg)
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     if initial is not None:
-        _load_init(model, initial, cfg.init)
+        load_init(model, initial, cfg.init)
     check_compatible(full, cfg.model.in_channels, cfg.model.num_classes)
     exits = getattr(model, "num_steps", None)
     if isinstance(exits, int) and model.first_informative_exit >= exits:
