@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 
@@ -33,17 +32,7 @@ import torch.nn.functional as F
 import cascadenet as cn
 from cascadenet.losses import td_loss
 from cascadenet.runtime import autocast
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from engine import cpu_model  # benchmarks/engine.py, beside this script
 
 
 def sync(device: torch.device) -> None:
