@@ -20,6 +20,7 @@ writes the same eval.json ("step" there means exit). What a family lacks is null
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import json
 import os
@@ -140,10 +141,12 @@ def _evaluate(
     ds = ds.to(dev)
     amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
     input_size = tuple(ds.images.shape[1:])
-    try:
-        costs = model.exit_costs(input_size, **run_options)
-    except TypeError:
-        raise ValueError(f"this {model.config.family} model takes no {' or '.join(run_options)} option") from None
+    # refuse an option the model's family lacks up front, rather than catching a TypeError that could come from
+    # anywhere inside the model
+    lacking = [k for k in run_options if k not in inspect.signature(model.exit_costs).parameters]
+    if lacking:
+        raise ValueError(f"this {model.config.family} model takes no {' or '.join(lacking)} option")
+    costs = model.exit_costs(input_size, **run_options)
     logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
                             desc="evaluate", **run_options)  # fmt: skip
     labels = ds.labels.cpu()
