@@ -275,9 +275,13 @@ def test_demo_report_and_reuse(tmp_path, monkeypatch):
     before = (tmp_path / "demo" / "cascaded-td" / "model.safetensors").read_bytes()
     assert "reused" in demo.run_demo(tmp_path / "demo", threads=None).read_text()
     assert (tmp_path / "demo" / "cascaded-td" / "model.safetensors").read_bytes() == before
-    # an unfinished run with other options is not silently continued with the demo's
+    # a finished run with other options is not reused under the demo's recipe, and an unfinished one is not
+    # continued with it: both are refused naming the option, and nothing is changed
+    with pytest.raises(ValueError, match="--epochs 1, but this would train --epochs 2"):
+        demo.run_demo(tmp_path / "demo", threads=None, epochs=2)
+    assert (tmp_path / "demo" / "cascaded-td" / "model.safetensors").read_bytes() == before
     (tmp_path / "demo" / "cascaded-td" / "model.safetensors").unlink()
-    with pytest.raises(ValueError, match="other options"):
+    with pytest.raises(ValueError, match="--epochs 1, but this would train --epochs 2"):
         demo.run_demo(tmp_path / "demo", threads=None, epochs=2)
 
 

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from .cascade import CascadeConfig
-from .checkpoint import WEIGHTS
 from .evaluate import evaluate
 from .plotting import plot_runs
-from .runconfig import CONFIG, RESUMABLE, TrainConfig, changed_options
-from .train import train
+from .reproduce import train_or_reuse
+from .runconfig import TrainConfig, changed_options
 
 __all__ = ["DEMO_RUNS", "run_demo"]
 
@@ -33,19 +32,6 @@ DEMO_RUNS = {
     "cascaded-td": TrainConfig(**_COMMON, loss="td", lam=0.5, epochs=6),
     "cascaded-ce": TrainConfig(**_COMMON, loss="final", epochs=6),
 }
-
-
-def _train_or_reuse(cfg: TrainConfig, run_dir: Path) -> str:
-    if (run_dir / WEIGHTS).is_file():
-        return "reused"
-    if (run_dir / CONFIG).is_file():
-        changes = changed_options(TrainConfig.from_file(run_dir / CONFIG), cfg)
-        if any(k not in RESUMABLE for k in changes):
-            raise ValueError(f"{run_dir} holds a run with other options; choose another --out (nothing was changed)")
-        train(resume=run_dir, overrides=changes)
-        return "resumed"
-    train(cfg)
-    return "trained"
 
 
 def run_demo(
@@ -66,7 +52,7 @@ def run_demo(
         cfg = dataclasses.replace(base, out=str(out), name=name, data_root=data_root, threads=threads, device=device,
                                   epochs=epochs or base.epochs)  # fmt: skip
         t0 = time.perf_counter()
-        how = _train_or_reuse(cfg, out / name)
+        how = train_or_reuse(cfg)  # refuses a run directory holding a run with other options
         timings[name] = (how, time.perf_counter() - t0)
         configs[name] = cfg
         log.info("%s: %s in %.0fs", name, how, timings[name][1])
