@@ -5,6 +5,7 @@
     cascadenet eval runs/resnet18-td-fashion-mnist-s0 [--scheme serial] [--save-logits logits.npz]
     cascadenet plot runs/a runs/b -o speed_accuracy.png
     cascadenet demo
+    cascadenet reproduce --dataset fashion-mnist --seeds 3 --budget small
     cascadenet models
     cascadenet convert resnet18.pth -o resnet18-cascade.safetensors    # a torchvision ResNet, then --init it
 
@@ -168,6 +169,31 @@ class DemoCommand:
 
 
 @dataclass
+class ReproduceCommand:
+    """The paper's comparison in one command: CascadedTD(-MultiHead), SerialTD(-MultiHead), CascadedCE, SerialCE,
+    SDN, SDN-IC-only and MSDNet, same data, seeds and recipe, lambda chosen on validation; writes
+    <out>/<dataset>-<budget>/<dataset>.md (table and plots) and <dataset>.json. Finished runs are reused (if their
+    options match), interrupted ones resumed."""
+
+    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "fashion-mnist"
+    """Dataset (read from --data-root in its standard layout)."""
+    data_root: str | None = None
+    """Dataset folder (default for fashion-mnist: Debian's dataset-fashion-mnist)."""
+    seeds: int = 3
+    """Seeds per model (0..N-1)."""
+    budget: Literal["small", "full"] = "small"
+    """small: ResNet-10 width 8, 3 short epochs (2 CPU cores); full: the paper's recipe (ResNet-18, 150 epochs)."""
+    out: str = "runs/reproduce"
+    """Parent folder of the runs and the report."""
+    threads: int | None = 2
+    """CPU threads."""
+    device: str = "auto"
+    """cpu, cuda or auto."""
+    progress: bool | None = None
+    """Overall progress bar (default: when stderr is a terminal)."""
+
+
+@dataclass
 class ConvertCommand:
     """Convert a torchvision-layout ResNet state dict (a local file; nothing is downloaded) into a cascaded
     ResNet of the same depth: same weights, batch-norm statistics copied to every step. Fine-tune it with
@@ -224,6 +250,7 @@ def _parse(argv: list[str]):
         | Annotated[EvalCommand, sub("eval")]
         | Annotated[PlotCommand, sub("plot")]
         | Annotated[DemoCommand, sub("demo")]
+        | Annotated[ReproduceCommand, sub("reproduce")]
         | Annotated[ModelsCommand, sub("models")]
         | Annotated[ConvertCommand, sub("convert")]
     )
@@ -281,6 +308,15 @@ def _run_demo(cmd: DemoCommand) -> None:
     print(f"report: {report}")
 
 
+def _run_reproduce(cmd: ReproduceCommand) -> None:
+    from .reproduce import reproduce
+
+    progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
+    report = reproduce(cmd.dataset, data_root=cmd.data_root, seeds=cmd.seeds, budget=cmd.budget, out=cmd.out,
+                       threads=cmd.threads, device=cmd.device, progress=progress)  # fmt: skip
+    print(f"report: {report}")
+
+
 def _run_convert(cmd: ConvertCommand) -> None:
     from .pretrained import convert_file
 
@@ -308,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_train(cmd, argv[1:])
         else:
             runner = {EvalCommand: _run_eval, PlotCommand: _run_plot, DemoCommand: _run_demo,
-                      ModelsCommand: _run_models, ConvertCommand: _run_convert}[type(cmd)]  # fmt: skip
+                      ReproduceCommand: _run_reproduce, ModelsCommand: _run_models,
+                      ConvertCommand: _run_convert}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         if _rank() == 0:

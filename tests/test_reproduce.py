@@ -1,0 +1,82 @@
+"""`cascadenet reproduce` end to end on the synthetic dataset with a tiny recipe: every model trained and
+evaluated, the lambda chosen on validation, finished runs reused, interrupted ones resumed, a run with other
+options refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import cascadenet.train as train_module
+from cascadenet.reproduce import ENTRIES, Budget, reproduce
+
+TINY = Budget(description="tiny", arch="resnet10", width=4, stem="cifar_pool", epochs=2, batch_size=32,
+              max_batches=2, warmup_epochs=0.5, sweep=(0.0, 1.0))  # fmt: skip
+
+
+def _run(out, **kw):
+    options = dict(seeds=1, out=out, threads=None, device="cpu", progress=False, synthetic_size=160, recipe=TINY)
+    return reproduce("synthetic", budget="tiny", **{**options, **kw})
+
+
+def test_reproduce_end_to_end_reuse_resume_and_refusal(tmp_path, monkeypatch):
+    # interrupt the second training in its second epoch, as Ctrl-C would (it stops at its epoch-1 checkpoint)
+    calls = {"n": 0}
+    real_epoch = train_module._train_epoch
+
+    def interrupted_epoch(s):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        real_epoch(s)
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupted_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    monkeypatch.setattr(train_module, "_train_epoch", real_epoch)
+
+    report = _run(tmp_path)
+    root = tmp_path / "synthetic-tiny"
+    record = json.loads((root / "synthetic.json").read_text())
+    text = report.read_text()
+    for entry in ENTRIES:
+        assert f"| {entry.label} |" in text
+        assert len(record["per_seed"][entry.key]) == 1
+    how = record["how"]
+    assert sorted(how.values()).count("resumed") == 1  # the interrupted run went on from its checkpoint
+    # lambda chosen among the sweep's values, by validation AUC, and the seed-0 run at that lambda is the sweep's
+    chosen = record["lambda_chosen"]
+    sweep = {(r["model"], r["lam"]): r["val_anytime_auc"] for r in record["lambda_sweep"]}
+    best = max((0.0, 1.0), key=lambda lam: (sweep["cascaded-td", lam], -lam))
+    assert chosen["parallel (CascadedTD, CascadedTD-MultiHead)"] == best
+    assert record["models"]["cascaded-td"]["runs"] == [f"runs/cascaded-td-lam{best:g}-s0"]
+    # CascadedCE and SerialCE are one training evaluated in two schemes
+    assert record["models"]["cascaded-ce"]["runs"] == record["models"]["serial-ce"]["runs"]
+    assert record["per_seed"]["serial-ce"][0]["scheme"] == "serial"
+    # the cost fractions are relative to CascadedTD's full serial cost: at 100% CascadedTD has its final accuracy
+    td = record["models"]["cascaded-td"]
+    assert td["accuracy_at_100pct_td_cost"]["mean"] == pytest.approx(td["final_accuracy"]["mean"])
+    for name in ("synthetic-latency.png", "synthetic-macs.png", "synthetic-budgeted.png"):
+        assert (root / name).is_file()
+
+    # run again: everything is reused, nothing retrained, the same numbers
+    weights = {p: p.read_bytes() for p in (root / "runs").glob("*/model.safetensors")}
+    again = json.loads((_run(tmp_path).parent / "synthetic.json").read_text())
+    assert set(again["how"].values()) == {"reused"}
+    assert again["models"]["cascaded-td"]["final_accuracy"] == record["models"]["cascaded-td"]["final_accuracy"]
+    assert {p: p.read_bytes() for p in weights} == weights
+
+    # another recipe in the same folder: refused naming the option, nothing changed
+    other = Budget(**{**TINY.__dict__, "lr": 0.05})
+    with pytest.raises(ValueError, match=r"--lr 0.1, but this would train --lr 0.05"):
+        _run(tmp_path, recipe=other)
+    assert {p: p.read_bytes() for p in weights} == weights
+
+
+def test_reproduce_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown budget 'huge'"):
+        reproduce("synthetic", budget="huge", out=tmp_path)
+    with pytest.raises(ValueError, match="--seeds must be a positive integer"):
+        reproduce("synthetic", seeds=0, out=tmp_path)
+    assert not any(tmp_path.iterdir())
