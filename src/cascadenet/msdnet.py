@@ -19,8 +19,9 @@ can be matched to another model's.
 Costs (``MSDNet.exit_costs``) are counted analytically from the layer shapes: a conv costs
 ``k*k*Cin*Cout*Hout*Wout / groups`` multiply-accumulates, a linear layer ``in*out``; batch norm, ReLU and pooling
 are not counted (as for the cascaded ResNets). Exit k's count is cumulative over everything computed to produce
-exits 0..k, the earlier classifiers included, as the reference's ``op_counter.py`` counts it (that counter also
-adds ReLU and pooling, which changes its CIFAR totals by less than 0.05 M; see docs/msdnet.md).
+exits 0..k, the earlier classifiers included, as the reference's ``op_counter.py`` accumulates it. That counter
+also charges one operation per ReLU input element, the pooling and the linear bias (about 1% more); the per-exit
+counts quoted for the reference networks are conv and linear only, and these reproduce them (docs/msdnet.md).
 """
 
 from __future__ import annotations
