@@ -22,7 +22,7 @@ TINY_VARIANTS = [
     {**TINY, "bottleneck": False, "reduction": 0.0},
     {**TINY, "num_scales": 2, "gr_factor": (1, 2), "bn_factor": (1, 2)},
     {**TINY, "num_scales": 4, "gr_factor": (1, 2, 4, 8), "bn_factor": (1, 2, 4, 4), "num_blocks": 2, "base": 3},
-    {**TINY, "channels": 6, "growth_rate": 3, "width": 1.0},  # odd new-channel counts at every scale
+    {**TINY, "channels": 6, "growth_rate": 3, "width": 1.0, "gr_factor": (1, 1, 3)},  # odd new-channel counts: 3, 3, 9
 ]
 
 # The tiny network written out in docs/msdnet.md, layer by layer.
