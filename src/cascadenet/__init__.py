@@ -13,6 +13,7 @@ from .anytime import AnytimeModel, ExitCosts, ModelConfig
 from .cascade import CascadeConfig, CascadedResNet, CascadeState
 from .checkpoint import load_model
 from .losses import stepwise_ce, td_loss
+from .msdnet import MSDNet, MSDNetConfig
 from .registry import create_model, list_models, register_architecture, register_family, register_model
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "CascadeState",
     "ExitCosts",
     "ModelConfig",
+    "MSDNet",
+    "MSDNetConfig",
     "create_model",
     "list_models",
     "load_model",
