@@ -134,19 +134,27 @@ def _sdn(budget: Budget) -> ModelConfig:
 
 
 def _msdnet(budget: Budget, input_size: tuple[int, int, int], num_classes: int) -> ModelConfig:
-    """MSDNet (CIFAR configuration) with the width factor whose full cost is nearest the ResNet's feed-forward cost."""
+    """MSDNet (CIFAR configuration) with the width factor whose full serial cost is nearest (in ratio) CascadedTD's:
+    both anytime runs then cost the same on serial hardware. (A small ResNet's feed-forward cost is below what
+    MSDNet can reach: its growth rate rounds to at least one channel.)"""
     from .msdnet import MSDNetConfig
 
-    c, _, _ = input_size
-    target = _cascade(budget, in_channels=c, num_classes=num_classes).build().feedforward_macs(input_size)
-    best = None
-    for width in np.round(np.arange(0.25, 4.0001, 0.125), 3):
-        cfg = MSDNetConfig(width=float(width), in_channels=c, num_classes=num_classes)
-        cost = cfg.build().exit_costs(input_size).macs[-1]
-        if best is None or abs(math.log(cost / target)) < best[0]:
-            best = (abs(math.log(cost / target)), cfg)
-    assert best is not None
-    return best[1]
+    c = input_size[0]
+    target = _cascade(budget, in_channels=c, num_classes=num_classes).build().exit_costs(input_size).macs[-1]
+
+    def config(hundredths: int) -> ModelConfig:
+        return MSDNetConfig(width=hundredths / 100, in_channels=c, num_classes=num_classes)
+
+    def cost(hundredths: int) -> int:
+        return config(hundredths).build().exit_costs(input_size).macs[-1]
+
+    # the cost never falls as the width grows (channel counts round half up): bisect on widths 0.05 ... 4.00
+    lo, hi = 5, 400
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if cost(mid) < target else (lo, mid)
+    candidates = [w for w in (lo - 1, lo) if w >= 5]
+    return config(min(candidates, key=lambda w: abs(math.log(cost(w) / target))))
 
 
 def plan_runs(
