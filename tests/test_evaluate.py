@@ -104,6 +104,8 @@ def test_other_splits_have_their_own_files(run, capsys):
     train_part = evaluate(run, split="train", scheme="serial")
     assert (run / "eval.json").read_bytes() == before  # eval.json stays the test split's
     assert json.loads((run / "eval-val.json").read_text())["split"] == "val" and val["num_examples"] == 6
+    assert val["budgeted_batch"] is None  # never measured on the examples it would be fitted on
+    assert len(train_part["budgeted_batch"]["q"]) == 39  # fitted on val, measured on the training part
     assert json.loads((run / "eval-serial-train.json").read_text())["num_examples"] == 58
     assert train_part["split"] == "train" and train_part["scheme"] == "serial"
     assert main(["eval", str(run), "--split", "val"]) == 0

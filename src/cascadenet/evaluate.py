@@ -23,7 +23,7 @@ Definitions (also in the README); "step" means exit (a cascade's exit t is its s
 - budgeted batch (MSDNet's protocol): for q = p / 20, p = 1..39, target exit fractions proportional to q^k;
   per-exit confidence thresholds fitted on the run's own validation split (the one training held out, never
   the split reported), applied to the evaluated split: accuracy against mean MACs (and mean latency) per
-  example; null when the run held out no validation split;
+  example; null when the run held out no validation split, and for ``--split val`` itself;
 - steps to 50% / 95% of final: the first step whose accuracy reaches that fraction of the final step's
   accuracy; steps to 50% / 95% accuracy: the first step reaching that absolute accuracy (with its MACs and
   latency), null if none does;
@@ -186,10 +186,11 @@ def _evaluate(
                             desc="evaluate", **run_options)  # fmt: skip
     labels = ds.labels.cpu()
     budgeted = None
-    if val_set is not None:  # thresholds fitted on the held-out split, applied to the evaluated one
-        val_logits = logits if split == "val" else dataset_logits(
-            model, val_set.to(dev), mean, std, batch_size=batch_size, amp=amp, progress=progress,
-            desc="validation (budgeted batch)", **run_options)  # fmt: skip
+    # thresholds fitted on the held-out split, applied to another one: on the validation split itself the curve
+    # would be measured on the examples it was fitted on (optimistic), so there it is null
+    if val_set is not None and split != "val":
+        val_logits = dataset_logits(model, val_set.to(dev), mean, std, batch_size=batch_size, amp=amp,
+                                    progress=progress, desc="validation (budgeted batch)", **run_options)  # fmt: skip
         curve = metrics.budgeted_curve(val_logits, logits, labels, costs.macs, first_exit=model.first_informative_exit)
         budgeted = {
             "fit_split": "val",

@@ -178,8 +178,11 @@ def _max_softmax(logits: np.ndarray) -> np.ndarray:
     The largest shifted logit is exactly 0, so the max probability is 1 / sum(exp(shifted)) and the full softmax
     never needs materialising; the shift keeps exp from overflowing.
     """
-    shifted = logits.astype(np.float64) - logits.max(axis=2, keepdims=True).astype(np.float64)  # (T, N, C)
-    return 1.0 / np.exp(shifted).sum(axis=2)  # (T, N)
+    out = np.empty(logits.shape[:2])
+    for t, step in enumerate(logits):  # one step at a time: a float64 copy of all of (T, N, C) can be gigabytes
+        shifted = step.astype(np.float64) - step.max(axis=1, keepdims=True).astype(np.float64)  # (N, C)
+        out[t] = 1.0 / np.exp(shifted).sum(axis=1)
+    return out  # (T, N)
 
 
 def per_step_accuracy(logits: Any, labels: Any) -> np.ndarray:
@@ -544,7 +547,11 @@ def fit_budget_thresholds(val_logits: Any, q: float, *, first_exit: int = 0) -> 
     Raises:
         ValueError: If the inputs are malformed.
     """
-    conf = _max_softmax(_check_logits(val_logits, "val_logits"))  # (K, N)
+    return _fit_thresholds(_max_softmax(_check_logits(val_logits, "val_logits")), q, first_exit)
+
+
+def _fit_thresholds(conf: np.ndarray, q: float, first_exit: int) -> np.ndarray:
+    """fit_budget_thresholds on the (K, N) confidences."""
     num_exits, n = conf.shape
     if not 0 <= first_exit < num_exits:
         raise ValueError(f"first_exit must be in [0, {num_exits}), got {first_exit}")
@@ -586,9 +593,15 @@ def apply_thresholds(test_logits: Any, labels: Any, thresholds: Any, costs: Any)
     if t.shape != (num_exits,) or np.any(np.isnan(t)):
         raise ValueError(f"thresholds must be {num_exits} numbers (one per exit, no NaN), got {t.tolist()}")
     c = _check_costs(costs, num_exits, monotone=False)
-    passes = _max_softmax(logits) >= t[:, None]  # (K, N)
+    return _apply(_max_softmax(logits), logits.argmax(axis=2), labels, t, c)
+
+
+def _apply(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, t: np.ndarray, c: np.ndarray) -> dict[str, Any]:
+    """apply_thresholds on the (K, N) confidences and predictions."""
+    num_exits, n = conf.shape
+    passes = conf >= t[:, None]  # (K, N)
     exit_at = np.where(passes.any(axis=0), passes.argmax(axis=0), num_exits - 1)  # (N,)
-    correct = logits.argmax(axis=2)[exit_at, np.arange(n)] == labels
+    correct = pred[exit_at, np.arange(n)] == labels
     fractions = np.bincount(exit_at, minlength=num_exits) / n
     return {
         "accuracy": float(correct.mean()),
@@ -631,10 +644,13 @@ def budgeted_curve(
             f"val_logits (exits, classes) = {(val.shape[0], val.shape[2])} differ from test_logits "
             f"{(test.shape[0], test.shape[2])}"
         )
+    c = _check_costs(costs, test.shape[0], monotone=False)
     qs = np.asarray(q, dtype=np.float64).reshape(-1)
+    # the confidences once, not once per q
+    val_conf, test_conf, test_pred = _max_softmax(val), _max_softmax(test), test.argmax(axis=2)
     out: dict[str, list] = {"q": [], "accuracy": [], "mean_cost": [], "exit_fractions": []}
     for ratio in qs:
-        point = apply_thresholds(test, labels, fit_budget_thresholds(val, float(ratio), first_exit=first_exit), costs)
+        point = _apply(test_conf, test_pred, labels, _fit_thresholds(val_conf, float(ratio), first_exit), c)
         out["q"].append(float(ratio))
         out["accuracy"].append(point["accuracy"])
         out["mean_cost"].append(point["mean_cost"])
