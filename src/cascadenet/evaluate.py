@@ -308,11 +308,13 @@ def format_table(result: dict[str, Any]) -> str:
     if "macs_auc" in result:
         lines.append(f"AUC on normalised MACs {result['macs_auc']:.4f}   on normalised latency "
                      f"{result['latency_auc']:.4f}   (chance {100 * result['chance_accuracy']:.2f}%)")  # fmt: skip
-        lines.append(f"first step reaching 50% / 95% accuracy: {result['steps_to_50pct_accuracy']} / "
-                     f"{result['steps_to_95pct_accuracy']}")  # fmt: skip
+        reach = [result[f"steps_to_{p}pct_accuracy"] for p in (50, 95)]
+        lines.append("first step reaching 50% / 95% accuracy: " + " / ".join("never" if r is None else str(r)
+                                                                          for r in reach))  # fmt: skip
         budget = result["accuracy_at_budget"]
-        points = "   ".join(f"{100 * f:g}%: {100 * a:.2f}%" for f, a in zip(budget["fractions"], budget["accuracy"]))
-        lines.append(f"accuracy at a budget of {budget['reference_macs'] / 1e6:.2f} MMACs x {points}")
+        fractions = "/".join(f"{100 * f:g}" for f in budget["fractions"])
+        points = " / ".join(f"{100 * a:.2f}%" for a in budget["accuracy"])
+        lines.append(f"accuracy at {fractions}% of {budget['reference_macs'] / 1e6:.2f} MMACs: {points}")
     budgeted = result.get("budgeted_batch")
     if budgeted:
         cheap = min(range(len(budgeted["q"])), key=lambda i: budgeted["mean_macs"][i])
