@@ -12,7 +12,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from cascadenet.metrics import (
+    accuracy_at_budgets,
     anytime_auc,
+    apply_thresholds,
+    budget_exit_fractions,
+    budgeted_curve,
+    cost_auc,
+    cost_summary,
+    first_step_reaching,
+    fit_budget_thresholds,
+    mean_confidence_per_step,
     normalized_time,
     per_step_accuracy,
     steps_to_fraction,
@@ -324,3 +333,250 @@ def test_summarize_anchors_threshold_auc_at_step_zero_when_policy_starts_later()
     summary = summarize(HAND_LOGITS, HAND_LABELS, [0.0, 1.0], first_step=1)
     assert summary["threshold_auc"] == pytest.approx(0.625)
     assert summary["threshold_curve"]["mean_step"] == [1.0, 2.0]  # the anchor is not a policy point
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cost-aware metrics: mean confidence, areas on the cost axes, budgets, absolute targets.
+
+
+def test_mean_confidence_per_step_hand_made() -> None:
+    # Max-softmax per step from _TABLE: step 0 (.75, .75, .90, .75), step 1 (.90, .75, .75, .75),
+    # step 2 (.95, .95, .90, .75).
+    np.testing.assert_allclose(mean_confidence_per_step(HAND_LOGITS), [0.7875, 0.7875, 0.8875])
+    with pytest.raises(ValueError, match="logits must have shape"):
+        mean_confidence_per_step(np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "costs", "num_classes", "expected"),
+    [
+        # a multi-exit network: chance (0.1) over [0, .15), exit 0 over [.15, .5), exit 1 over [.5, 1)
+        ([0.6, 0.8, 0.9], [15, 50, 100], 10, 0.1 * 0.15 + 0.6 * 0.35 + 0.8 * 0.5),
+        # a cascade in MACs: step 0 costs 0, so no chance part; .25 * .5 + .75 * .5
+        ([0.25, 0.75, 0.75], [0, 10, 20], 2, 0.5),
+        # the same cascade in latency (one block per step: 1, 2, 3): chance over the first third
+        ([0.25, 0.75, 0.75], [1, 2, 3], 2, (0.5 + 0.25 + 0.75) / 3),
+        # ties: exits 0 and 1 both cost 0 (exit 1 is held from b = 0), exits 2 and 3 both cost 10
+        ([0.1, 0.2, 0.3, 0.4], [0, 0, 10, 10], 4, 0.2),
+        ([0.7], [5], 4, 0.25),  # one exit: chance until it completes at b = 1
+        ([0.3, 0.7], [0, 0], 4, 0.7),  # nothing costs anything: the last exit's answer at once
+    ],
+)
+def test_cost_auc_hand_made(accuracy: list, costs: list, num_classes: int, expected: float) -> None:
+    assert cost_auc(accuracy, costs, num_classes) == pytest.approx(expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), min_size=1, max_size=6),
+    st.lists(st.integers(0, 50), min_size=6, max_size=6),
+    st.integers(1, 20),
+)
+def test_cost_auc_is_the_integral_of_accuracy_at_budgets(accuracy: list, steps: list, num_classes: int) -> None:
+    costs = np.cumsum(steps[: len(accuracy)]).astype(float)
+    if costs[-1] == 0:
+        costs = costs + 1.0
+    # midpoints of a fine grid never fall on a cost exactly, so the step function is integrated without ambiguity
+    grid = (np.arange(20_000) + 0.5) / 20_000
+    numeric = accuracy_at_budgets(accuracy, costs, grid * costs[-1], num_classes).mean()
+    assert cost_auc(accuracy, costs, num_classes) == pytest.approx(numeric, abs=2e-3)
+
+
+def test_accuracy_at_budgets_hand_made() -> None:
+    acc, costs = [0.6, 0.8, 0.9], [15, 50, 100]
+    got = accuracy_at_budgets(acc, costs, [0, 14.99, 15, 49, 50, 100, 1000, 20], 10)
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.6, 0.6, 0.8, 0.9, 0.9, 0.6])
+    with pytest.raises(ValueError, match="budgets"):
+        accuracy_at_budgets(acc, costs, [-1], 10)
+    with pytest.raises(ValueError, match="cumulative"):
+        accuracy_at_budgets(acc, [15, 10, 100], [20], 10)
+    with pytest.raises(ValueError, match="one entry per step"):
+        accuracy_at_budgets(acc, [15, 100], [20], 10)
+    with pytest.raises(ValueError, match="num_classes"):
+        accuracy_at_budgets(acc, costs, [20], 0)
+
+
+def test_first_step_reaching() -> None:
+    acc = [0.3, 0.5, 0.94, 0.95, 0.99]
+    assert first_step_reaching(acc, 0.5) == 1
+    assert first_step_reaching(acc, 0.95) == 3
+    assert first_step_reaching(acc, 0.995) is None
+    assert first_step_reaching([0.0], 0.0) == 0
+    with pytest.raises(ValueError, match="target"):
+        first_step_reaching(acc, 1.5)
+
+
+def test_cost_summary_hand_made() -> None:
+    acc, macs, latency = [0.2, 0.6, 0.97], [0, 40, 100], [1.0, 2.0, 3.0]
+    s = cost_summary(acc, macs, latency, 5)
+    assert json.loads(json.dumps(s)) == s
+    assert s["chance_accuracy"] == pytest.approx(0.2)
+    assert s["macs_auc"] == pytest.approx(0.2 * 0.4 + 0.6 * 0.6)
+    assert s["latency_auc"] == pytest.approx((0.2 + 0.2 + 0.6) / 3)
+    assert (s["steps_to_50pct_accuracy"], s["macs_to_50pct_accuracy"], s["latency_to_50pct_accuracy"]) == (1, 40, 2.0)
+    assert (s["steps_to_95pct_accuracy"], s["macs_to_95pct_accuracy"], s["latency_to_95pct_accuracy"]) == (2, 100, 3.0)
+    assert type(s["macs_to_50pct_accuracy"]) is int
+    budget = s["accuracy_at_budget"]  # the model's own full cost, 100 MACs: budgets 25, 50, 75, 100
+    assert budget["reference_macs"] == 100.0 and budget["fractions"] == [0.25, 0.5, 0.75, 1.0]
+    assert budget["macs"] == [25.0, 50.0, 75.0, 100.0]
+    assert budget["accuracy"] == pytest.approx([0.2, 0.6, 0.6, 0.97])
+    # against a reference model twice as expensive: budgets 50, 100, 150, 200
+    other = cost_summary(acc, macs, latency, 5, reference_macs=200)["accuracy_at_budget"]
+    assert other["macs"] == [50.0, 100.0, 150.0, 200.0]
+    assert other["accuracy"] == pytest.approx([0.6, 0.97, 0.97, 0.97])
+    never = cost_summary([0.1, 0.4], [10, 20], [1, 2], 10)
+    assert never["steps_to_50pct_accuracy"] is None and never["macs_to_50pct_accuracy"] is None
+    assert never["latency_to_95pct_accuracy"] is None
+    for bad in (0, -5, float("nan"), "100", True):
+        with pytest.raises(ValueError, match="reference_macs"):
+            cost_summary(acc, macs, latency, 5, reference_macs=bad)
+
+
+def test_summarize_has_mean_confidence() -> None:
+    summary = summarize(HAND_LOGITS, HAND_LABELS)
+    assert summary["mean_confidence_per_step"] == pytest.approx([0.7875, 0.7875, 0.8875])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Budgeted batch (MSDNet's adaptive_inference.py).
+
+
+def _conf_logits(conf: list[list[float]], preds: list[list[int]] | None = None) -> np.ndarray:
+    """(K, N, 2) logits with the given max-softmax confidences (> .5) and predictions (default class 0)."""
+    k, n = len(conf), len(conf[0])
+    preds = preds or [[0] * n for _ in range(k)]
+    return np.array([[_two_class_logits(preds[e][i], conf[e][i]) for i in range(n)] for e in range(k)])
+
+
+def test_budget_exit_fractions() -> None:
+    np.testing.assert_allclose(budget_exit_fractions(1.0, 4), [0.25] * 4)
+    np.testing.assert_allclose(budget_exit_fractions(2.0, 3), [2 / 14, 4 / 14, 8 / 14])
+    np.testing.assert_allclose(budget_exit_fractions(0.5, 2), [2 / 3, 1 / 3])
+    big = budget_exit_fractions(1.95, 2000)  # q^k overflows float64 without the log-space normalisation
+    assert np.all(np.isfinite(big)) and big.sum() == pytest.approx(1.0)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="q must be"):
+            budget_exit_fractions(bad, 3)
+
+
+def test_fit_budget_thresholds_hand_made() -> None:
+    # K = 3, N = 6, q = 1: P = 1/3 each, rank floor(6 / 3) = 2 at exits 0 and 1.
+    val = _conf_logits([
+        [0.9, 0.8, 0.8, 0.7, 0.6, 0.55],  # exit 0: 2nd most confident is .8 -> T0 = .8; the tie makes 3 exit
+        [0.99, 0.99, 0.99, 0.6, 0.9, 0.7],  # exit 1: ex 3, 4, 5 remain (.6, .9, .7): the 2nd is .7 -> T1 = .7
+        [0.6, 0.6, 0.6, 0.6, 0.6, 0.6],
+    ])  # fmt: skip
+    t = fit_budget_thresholds(val, 1.0)
+    conf = 1 / (1 + np.exp(-np.abs(val[:, :, 0] - val[:, :, 1])))  # the two-class max softmax
+    assert t[0] == pytest.approx(0.8) and t[0] == conf[0, 1]  # exactly a validation confidence
+    assert t[1] == pytest.approx(0.7) and t[1] == conf[1, 5]
+    assert t[2] == -np.inf
+
+
+def test_fit_budget_thresholds_infinite_cases() -> None:
+    # q = 0.05, K = 3: P = (.950, .0475, .0024); N = 6 -> ranks 5, floor(.285) = 0 -> +inf at exit 1.
+    val = _conf_logits([[0.9, 0.85, 0.8, 0.75, 0.7, 0.65], [0.9] * 6, [0.9] * 6])
+    t = fit_budget_thresholds(val, 0.05)
+    assert t[0] == pytest.approx(0.7) and t[1] == np.inf and t[2] == -np.inf
+    # q = 1: rank 2 at every exit; a five-way tie at exit 0 lets 5 exit, so exit 1's 2nd remaining example never
+    # comes: +inf
+    tied = _conf_logits([[0.8, 0.8, 0.8, 0.8, 0.8, 0.6], [0.9] * 6, [0.9] * 6])
+    t = fit_budget_thresholds(tied, 1.0)
+    assert t[0] == pytest.approx(0.8) and t[1] == np.inf and t[2] == -np.inf
+    # one exit: everybody exits there
+    np.testing.assert_array_equal(fit_budget_thresholds(val[:1], 1.0), [-np.inf])
+    # first_exit: exit 0 is never taken and the fractions spread over exits 1 and 2 (q = 1: rank 3 at exit 1)
+    t = fit_budget_thresholds(_conf_logits([[0.99] * 6, [0.9, 0.8, 0.7, 0.6, 0.6, 0.55], [0.6] * 6]), 1.0,
+                              first_exit=1)  # fmt: skip
+    assert t[0] == np.inf and t[1] == pytest.approx(0.7) and t[2] == -np.inf
+    with pytest.raises(ValueError, match="first_exit"):
+        fit_budget_thresholds(val, 1.0, first_exit=3)
+
+
+def test_apply_thresholds_hand_made() -> None:
+    # thresholds (.8, .7, -inf), costs (10, 20, 40); label 0 throughout
+    #   ex 0: exit 0 at .85, right      ex 1: exit 0 at .8 (a tie exits), wrong
+    #   ex 2: exit 1 at .7, right       ex 3: below both, exit 2, right
+    logits = _conf_logits(
+        [[0.85, 0.8, 0.6, 0.6], [0.6, 0.6, 0.7, 0.65], [0.6, 0.6, 0.6, 0.55]],
+        [[0, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]],
+    )
+    val = _conf_logits([[0.8, 0.9], [0.7, 0.9], [0.6, 0.6]])
+    thresholds = np.array([_max_conf(val, 0, 0), _max_conf(val, 1, 0), -np.inf])  # the same floats as the .8, .7
+    point = apply_thresholds(logits, [0, 0, 0, 0], thresholds, [10, 20, 40])
+    assert point["accuracy"] == pytest.approx(0.75)
+    assert point["exit_fractions"] == pytest.approx([0.5, 0.25, 0.25])
+    assert point["mean_cost"] == pytest.approx(0.5 * 10 + 0.25 * 20 + 0.25 * 40)
+    # +inf everywhere but the last: everyone answers at the last exit (ex 3 alone is right there)
+    point = apply_thresholds(logits, [0, 0, 0, 0], [np.inf, np.inf, -np.inf], [10, 20, 40])
+    assert point == {"accuracy": 0.25, "mean_cost": 40.0, "exit_fractions": [0.0, 0.0, 1.0]}
+    # nobody passes a finite last threshold: the last exit answers anyway
+    assert apply_thresholds(logits, [0, 0, 0, 0], [1.0, 1.0, 1.0], [10, 20, 40])["mean_cost"] == 40.0
+    with pytest.raises(ValueError, match="thresholds must be 3"):
+        apply_thresholds(logits, [0, 0, 0, 0], [0.5, np.nan, 0.1], [10, 20, 40])
+    with pytest.raises(ValueError, match="costs"):
+        apply_thresholds(logits, [0, 0, 0, 0], thresholds, [10, -1, 40])
+
+
+def _max_conf(logits: np.ndarray, exit: int, example: int) -> float:
+    z = logits[exit, example] - logits[exit, example].max()
+    return float(1 / np.exp(z).sum())
+
+
+def _reference_budgeted(val: np.ndarray, test: np.ndarray, labels: np.ndarray, costs: list, q: float) -> tuple:
+    """A transcription of MSDNet-PyTorch's dynamic_eval_find_threshold and dynamic_eval_with_threshold."""
+    k_exits, n_val, _ = val.shape
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p = np.array([q ** (k + 1) for k in range(k_exits)])
+    p = p / p.sum()
+    max_preds = softmax(val).max(axis=2)
+    sorted_idx = np.argsort(-max_preds, axis=1, kind="stable")
+    filtered = np.zeros(n_val)
+    thresholds = np.full(k_exits, 1e8)
+    for k in range(k_exits - 1):
+        count, out_n = 0, math.floor(n_val * p[k] + 1e-9)
+        for i in range(n_val):
+            ori = sorted_idx[k][i]
+            if filtered[ori] == 0:
+                count += 1
+                if count == out_n:
+                    thresholds[k] = max_preds[k][ori]
+                    break
+        filtered += max_preds[k] >= thresholds[k]
+    thresholds[-1] = -1e8
+    test_conf, test_pred = softmax(test).max(axis=2), test.argmax(axis=2)
+    right, exits = 0, np.zeros(k_exits)
+    for i in range(test.shape[1]):
+        for k in range(k_exits):
+            if test_conf[k][i] >= thresholds[k]:
+                right += int(test_pred[k][i] == labels[i])
+                exits[k] += 1
+                break
+    return right / test.shape[1], float(exits @ np.asarray(costs, dtype=float)) / test.shape[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_budgeted_curve_matches_the_reference_code(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k_exits, num_classes = int(rng.integers(2, 6)), int(rng.integers(2, 6))
+    drift = np.arange(k_exits)[:, None, None]
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, num_classes, n)
+        logits = rng.normal(size=(k_exits, n, num_classes)) + drift * np.eye(num_classes)[labels]
+        return np.round(logits, 1), labels  # rounding makes ties in confidence
+
+    (val, _), (test, labels) = split(int(rng.integers(5, 60))), split(int(rng.integers(5, 60)))
+    costs = np.cumsum(rng.integers(1, 100, k_exits)).tolist()
+    curve = budgeted_curve(val, test, labels, costs)
+    assert curve["q"] == [p / 20 for p in range(1, 40)]
+    for q, acc, cost, fractions in zip(curve["q"], curve["accuracy"], curve["mean_cost"], curve["exit_fractions"]):
+        ref_acc, ref_cost = _reference_budgeted(val, test, labels, costs, q)
+        assert acc == pytest.approx(ref_acc) and cost == pytest.approx(ref_cost)
+        assert sum(fractions) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="differ"):
+        budgeted_curve(val[:1], test, labels, costs)

@@ -114,12 +114,13 @@ def given_options(argv: Sequence[str]) -> set[str]:
 
 @dataclass
 class EvalCommand:
-    """Evaluate a run on the test split: per-step accuracy, threshold curve, AUCs, MACs; writes eval.json."""
+    """Evaluate a run: per-step accuracy, threshold and budgeted-batch curves, AUCs, MACs; writes eval.json."""
 
     run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
     """Run directory written by `cascadenet train`."""
-    split: Literal["test", "train"] = "test"
-    """Split to evaluate."""
+    split: Literal["test", "val", "train"] = "test"
+    """Split to evaluate: test (eval.json), or the run's held-out val or its train part (eval-val.json,
+    eval-train.json)."""
     scheme: Literal["parallel", "serial"] | None = None
     """Evaluate the same weights in another scheme (written to eval-<scheme>.json)."""
     num_steps: int | None = None
@@ -136,6 +137,8 @@ class EvalCommand:
     """Allow --save-logits to replace an existing file."""
     progress: bool | None = None
     """Progress bar (default: when stderr is a terminal)."""
+    reference_macs: float | None = None
+    """Full serial cost (MACs) that the 25/50/75/100% accuracy budgets are fractions of (default: this model's)."""
 
 
 @dataclass
@@ -282,7 +285,8 @@ def _run_eval(cmd: EvalCommand) -> None:
     progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
     result = evaluate(cmd.run_dir, split=cmd.split, scheme=cmd.scheme, num_steps=cmd.num_steps,
                       data_root=cmd.data_root, batch_size=cmd.batch_size, device=cmd.device,
-                      save_logits=cmd.save_logits, overwrite=cmd.overwrite, progress=progress)  # fmt: skip
+                      save_logits=cmd.save_logits, overwrite=cmd.overwrite, progress=progress,
+                      reference_macs=cmd.reference_macs)  # fmt: skip
     print(format_table(result))
 
 

@@ -1,14 +1,32 @@
 """Anytime evaluation of a trained run: per-step accuracy, the threshold policy's speed-accuracy curve,
-areas under both, and the cost of every step in multiply-accumulates.
+areas under accuracy on three axes, accuracy at cost budgets, the budgeted-batch curve, and the cost of every
+step in multiply-accumulates and parallel latency.
 
-Definitions (also in the README):
-- accuracy at step t: fraction of test examples whose argmax at step t is the label;
-- anytime AUC: area under accuracy against normalised time t / (T - 1), trapezoidal, in [0, 1];
+Definitions (also in the README); "step" means exit (a cascade's exit t is its step t):
+- accuracy at step t: fraction of the split's examples whose argmax at step t is the label; mean confidence at
+  step t: the mean over examples of the max softmax probability;
+- three areas under accuracy, each in [0, 1]:
+  - anytime AUC (the first release's, kept for continuity): trapezoid of accuracy against normalised time
+    t / (T - 1); every step counts as equally expensive, so it only compares models with the same exits;
+  - MACs AUC: area under anytime accuracy against cumulative serial MACs divided by the last exit's MACs;
+  - latency AUC: the same against parallel latency divided by the last exit's latency;
+  the last two use the anytime semantics "at budget b you hold the answer of the last exit completed within b
+  (cost <= b); before the first exit, chance (1 / num_classes)", a step function, so a model whose first exit
+  costs 15% of the network is at chance over the first 15% of the axis, and a cascade's step 0 (0 MACs) counts
+  from budget 0;
+- accuracy at budget: the same step function at 25/50/75/100% of a reference full serial cost (by default the
+  model's own last exit; ``reference_macs`` sets another model's, to compare at equal absolute cost);
 - threshold policy: for a threshold q, each example stops at the first step whose max softmax >= q (else at
   the last step), never before the first step that can see the input (step 1 with the stem delayed); the
   curve is accuracy against mean stopping step over a grid of q in [0, 1], and its area is taken against mean
   stopping step / (T - 1), starting from (0, accuracy at step 0) and extended flat to 1;
-- steps to 50% / 95%: the first step whose accuracy reaches that fraction of the final step's accuracy;
+- budgeted batch (MSDNet's protocol): for q = p / 20, p = 1..39, target exit fractions proportional to q^k;
+  per-exit confidence thresholds fitted on the run's own validation split (the one training held out, never
+  the split reported), applied to the evaluated split: accuracy against mean MACs (and mean latency) per
+  example; null when the run held out no validation split, and for ``--split val`` itself;
+- steps to 50% / 95% of final: the first step whose accuracy reaches that fraction of the final step's
+  accuracy; steps to 50% / 95% accuracy: the first step reaching that absolute accuracy (with its MACs and
+  latency), null if none does;
 - MACs: serial hardware, cumulative multiply-accumulates per example to produce steps 0..t (each distinct
   state computed once); parallel hardware, latency in blocks (one block per step).
 
@@ -24,6 +42,7 @@ import inspect
 import io
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +51,8 @@ import torch
 
 from . import metrics
 from .checkpoint import CheckpointError, atomic_write, load_model
-from .datasets import load_dataset
-from .loader import check_compatible, iterate_batches
+from .datasets import DataError, load_dataset
+from .loader import check_compatible, iterate_batches, train_val_split
 from .registry import config_from_dict
 from .runconfig import CONFIG, TrainConfig
 from .runtime import dataset_logits, resolve_device
@@ -41,13 +60,20 @@ from .runtime import dataset_logits, resolve_device
 __all__ = ["evaluate", "eval_filename", "format_table"]
 
 
-def eval_filename(scheme: str | None, model_scheme: str | None, num_steps: int | None) -> str:
-    """``eval.json`` for the model's own scheme and length; ``eval-serial.json``, ``eval-T20.json`` otherwise."""
+SPLITS = ("test", "val", "train")
+
+
+def eval_filename(scheme: str | None, model_scheme: str | None, num_steps: int | None, split: str = "test") -> str:
+    """``eval.json`` for the test split with the model's own scheme and length; otherwise one part per
+    difference, joined by ``-``: ``eval-serial.json``, ``eval-T20.json``, ``eval-train.json``,
+    ``eval-serial-train.json`` (the split last)."""
     parts = []
     if scheme and scheme != model_scheme:
         parts.append(scheme)
     if num_steps:
         parts.append(f"T{num_steps}")
+    if split != "test":
+        parts.append(split)
     return "eval.json" if not parts else f"eval-{'-'.join(parts)}.json"
 
 
@@ -63,23 +89,32 @@ def evaluate(
     save_logits: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    reference_macs: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run on its dataset's test split; writes ``eval.json`` (or a scheme/length-specific name) in
-    the run directory and returns its content.
+    """Evaluate a run on one split; writes ``eval.json`` (the test split; other splits, schemes and lengths get
+    their own name, see ``eval_filename``) in the run directory and returns its content.
 
     Args:
         run_dir: a run directory written by ``cascadenet train``.
-        split: ``test`` (default) or ``train``.
+        split: ``test`` (default), ``val`` (the part of the training set the run held out, split as training
+            split it) or ``train`` (the part it trained on).
         scheme: evaluate the same weights in another scheme (``parallel``/``serial``).
         num_steps: run this many steps instead of the model's own.
         data_root: override the dataset location stored in the run.
         save_logits: also store the trajectory logits ``(T, N, C)`` and labels in this ``.npz`` file.
         overwrite: allow ``save_logits`` to replace an existing file.
+        reference_macs: the full serial cost that ``accuracy_at_budget``'s 25/50/75/100% budgets are fractions
+            of (e.g. another model's last-exit MACs); default: this model's own.
     """
     run_dir = Path(run_dir)
+    if split not in SPLITS:
+        raise ValueError(f"unknown --split {split!r}; valid choices: {', '.join(SPLITS)}")
+    if reference_macs is not None and (isinstance(reference_macs, bool) or not isinstance(reference_macs, (int, float))
+                                       or not reference_macs > 0 or reference_macs == float("inf")):  # fmt: skip
+        raise ValueError(f"--reference-macs must be a number > 0, got {reference_macs!r}")
     try:
         return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
-                         progress)  # fmt: skip
+                         progress, reference_macs)  # fmt: skip
     except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
         if isinstance(e, FileExistsError) and not e.strerror:
             raise
@@ -97,6 +132,7 @@ def _evaluate(
     save_logits: str | os.PathLike | None,
     overwrite: bool,
     progress: bool,
+    reference_macs: float | None,
 ) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
@@ -128,8 +164,7 @@ def _evaluate(
     # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
     run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
 
-    ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split, image_size=cfg.image_size,
-                      synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+    ds, val_set = _split_data(cfg, data_root, split)
     check_compatible(ds, model.config.in_channels, model.config.num_classes)
     try:
         mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
@@ -150,6 +185,20 @@ def _evaluate(
     logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
                             desc="evaluate", **run_options)  # fmt: skip
     labels = ds.labels.cpu()
+    budgeted = None
+    # thresholds fitted on the held-out split, applied to another one: on the validation split itself the curve
+    # would be measured on the examples it was fitted on (optimistic), so there it is null
+    if val_set is not None and split != "val":
+        val_logits = dataset_logits(model, val_set.to(dev), mean, std, batch_size=batch_size, amp=amp,
+                                    progress=progress, desc="validation (budgeted batch)", **run_options)  # fmt: skip
+        curve = metrics.budgeted_curve(val_logits, logits, labels, costs.macs, first_exit=model.first_informative_exit)
+        budgeted = {
+            "fit_split": "val",
+            "q": curve["q"],
+            "accuracy": curve["accuracy"],
+            "mean_macs": curve["mean_cost"],
+            "mean_latency": [float(np.dot(f, costs.latency)) for f in curve["exit_fractions"]],
+        }
     feedforward = getattr(model, "feedforward", None)
     ff_accuracy = ff_macs = None
     if feedforward is not None:
@@ -161,6 +210,8 @@ def _evaluate(
         ff_macs = count(input_size) if count is not None else None
     summary = metrics.summarize(logits, labels, first_step=model.first_informative_exit)
     model_scheme = getattr(model, "scheme", None)
+    cost_metrics = metrics.cost_summary(summary["accuracy_per_step"], costs.macs, costs.latency,
+                                        model.config.num_classes, reference_macs=reference_macs)  # fmt: skip
     result = {
         "run": run_dir.name,
         "split": split,
@@ -172,14 +223,40 @@ def _evaluate(
         "parallel_latency_blocks": costs.latency,
         "macs_feedforward": ff_macs,
         "model": model.config.to_dict(),
+        **cost_metrics,
+        "budgeted_batch": budgeted,
     }
-    name = eval_filename(scheme, model_scheme, num_steps)
+    name = eval_filename(scheme, model_scheme, num_steps, split)
     if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite
         buffer = io.BytesIO()
         np.savez_compressed(buffer, logits=logits.numpy(), labels=labels.numpy())
         atomic_write(save_logits, buffer.getvalue(), overwrite=overwrite)
     atomic_write(run_dir / name, (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def _split_data(cfg: TrainConfig, data_root: str | None, split: str) -> tuple[Any, Any]:
+    """The evaluated split and the run's validation split (None when it held none out).
+
+    ``val`` and ``train`` are the two parts of the training set that training made: the same reader and
+    ``train_val_split(full, cfg.val_fraction, seed=cfg.seed)`` as ``train._load_data``, so the same examples.
+    """
+    root = data_root or cfg.data_root
+    options = {"image_size": cfg.image_size, "synthetic_size": cfg.synthetic_size, "seed": cfg.seed}
+    held_out = 0 < cfg.val_fraction < 1
+    if split == "val" and not held_out:
+        raise ValueError(f"--split val: this run held out no validation split (val_fraction {cfg.val_fraction})")
+    if split == "test":
+        test = load_dataset(cfg.dataset, root, "test", **options)
+        try:
+            full = load_dataset(cfg.dataset, root, "train", **options) if held_out else None
+        except DataError as e:  # the test split alone still evaluates; only the budgeted-batch curve needs this
+            warnings.warn(f"no budgeted-batch curve: the run's validation split is unreadable ({e})", stacklevel=3)
+            full = None
+        return test, None if full is None else train_val_split(full, cfg.val_fraction, seed=cfg.seed)[1]
+    full = load_dataset(cfg.dataset, root, "train", **options)
+    trained, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed) if held_out else (full, None)
+    return (val_set if split == "val" else trained), val_set
 
 
 def _check_model(run_dir: Path, stored: Any, found: Any) -> None:
@@ -206,13 +283,18 @@ def _check_model(run_dir: Path, stored: Any, found: Any) -> None:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A short text table of an evaluation: accuracy and cost per step, then the summary numbers."""
+    """A short text table of an evaluation: accuracy, confidence and cost per step, then the summary numbers.
+    Keys added after the first release are shown when present, so an older eval.json still formats."""
     acc = result["accuracy_per_step"]
     macs = result["macs_per_step"]
-    lines = [f"{result['run']} ({result['scheme']}, {result['num_examples']} {result['split']} examples)",
-             f"{'step':>4} {'accuracy':>9} {'cum. MMACs':>11}"]  # fmt: skip
-    for t, (a, m) in enumerate(zip(acc, macs)):
-        lines.append(f"{t:>4} {100 * a:>8.2f}% {m / 1e6:>11.2f}")
+    conf = result.get("mean_confidence_per_step") or [None] * len(acc)
+    latency = result.get("parallel_latency_blocks") or [None] * len(acc)
+    lines = [f"{result['run']} ({result['scheme']}, {result['split']} split, {result['num_examples']} examples)",
+             f"{'step':>4} {'accuracy':>9} {'confidence':>10} {'cum. MMACs':>11} {'latency':>8}"]  # fmt: skip
+    for t, (a, c, m, lat) in enumerate(zip(acc, conf, macs, latency)):
+        c_text = f"{c:>10.3f}" if c is not None else f"{'-':>10}"
+        lat_text = f"{lat:>8g}" if lat is not None else f"{'-':>8}"
+        lines.append(f"{t:>4} {100 * a:>8.2f}% {c_text} {m / 1e6:>11.2f} {lat_text}")
     s50, s95 = result["steps_to_50pct_final"], result["steps_to_95pct_final"]
     if result.get("feedforward_accuracy") is not None:
         lines.append(
@@ -223,4 +305,23 @@ def format_table(result: dict[str, Any]) -> str:
         f"anytime AUC {result['anytime_auc']:.4f}   threshold-policy AUC {result['threshold_auc']:.4f}",
         f"first step reaching 50% / 95% of final accuracy: {s50} / {s95}",
     ]
+    if "macs_auc" in result:
+        lines.append(f"AUC on normalised MACs {result['macs_auc']:.4f}   on normalised latency "
+                     f"{result['latency_auc']:.4f}   (chance {100 * result['chance_accuracy']:.2f}%)")  # fmt: skip
+        reach = [result[f"steps_to_{p}pct_accuracy"] for p in (50, 95)]
+        lines.append("first step reaching 50% / 95% accuracy: " + " / ".join("never" if r is None else str(r)
+                                                                          for r in reach))  # fmt: skip
+        budget = result["accuracy_at_budget"]
+        fractions = "/".join(f"{100 * f:g}" for f in budget["fractions"])
+        points = " / ".join(f"{100 * a:.2f}%" for a in budget["accuracy"])
+        lines.append(f"accuracy at {fractions}% of {budget['reference_macs'] / 1e6:.2f} MMACs: {points}")
+    budgeted = result.get("budgeted_batch")
+    if budgeted:
+        cheap = min(range(len(budgeted["q"])), key=lambda i: budgeted["mean_macs"][i])
+        dear = max(range(len(budgeted["q"])), key=lambda i: budgeted["mean_macs"][i])
+        lines.append(
+            f"budgeted batch ({len(budgeted['q'])} points, thresholds fitted on {budgeted['fit_split']}): from "
+            f"{100 * budgeted['accuracy'][cheap]:.2f}% at {budgeted['mean_macs'][cheap] / 1e6:.2f} MMACs to "
+            f"{100 * budgeted['accuracy'][dear]:.2f}% at {budgeted['mean_macs'][dear] / 1e6:.2f} MMACs"
+        )
     return "\n".join(lines)

@@ -2,6 +2,16 @@
 
 An anytime classifier emits logits at every internal time step, giving a trajectory of shape (T, N, C): T steps,
 N examples, C classes, step 0 first. Everything here works in numpy and accepts numpy arrays or torch tensors.
+"Step" and "exit" are the same thing here: a multi-exit network's exit e is step e of its trajectory.
+
+Three areas summarise a trajectory (evaluate.py's docstring and the README define them for users):
+
+- ``anytime_auc``: trapezoid of accuracy against ``t / (T - 1)``; kept as the first release defined it, but it
+  treats every step as equally expensive, so it cannot compare models whose exits cost different amounts;
+- ``cost_auc`` on cumulative serial MACs and on parallel latency, each normalised by the model's own last exit:
+  the area under "at budget b you hold the answer of the last exit completed within b; before the first exit,
+  chance (1 / num_classes)", a step function. This is the fair comparison across families: a multi-exit network
+  whose first exit costs 15% of the network is at chance for the first 15% of the axis.
 """
 
 from __future__ import annotations
@@ -12,7 +22,17 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "BUDGET_Q",
+    "accuracy_at_budgets",
     "anytime_auc",
+    "apply_thresholds",
+    "budget_exit_fractions",
+    "budgeted_curve",
+    "cost_auc",
+    "cost_summary",
+    "first_step_reaching",
+    "fit_budget_thresholds",
+    "mean_confidence_per_step",
     "normalized_time",
     "per_step_accuracy",
     "steps_to_fraction",
@@ -20,6 +40,10 @@ __all__ = [
     "threshold_auc",
     "threshold_curve",
 ]
+
+# The budgeted-batch protocol's grid (MSDNet, adaptive_inference.py): q = p / 20 for p = 1..39, so exit
+# fractions range from "almost everyone at the first exit" (q = 0.05) to "almost everyone at the last" (1.95).
+BUDGET_Q: tuple[float, ...] = tuple(p / 20 for p in range(1, 40))
 
 # Accuracies are ratios k / N, and fraction * final rarely lands on one exactly (0.95 * 0.8 == 0.7600000000000001),
 # so comparisons against such targets allow this much rounding slack.
@@ -72,6 +96,44 @@ def _check_trajectory(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]
     return logits, labels.astype(np.int64, copy=False)
 
 
+def _check_logits(logits: Any, name: str = "logits") -> np.ndarray:
+    """Validates and converts a logit trajectory of shape (T, N, C) that comes without labels."""
+    logits = _to_numpy(logits)
+    if logits.ndim != 3:
+        raise ValueError(f"{name} must have shape (T, N, C), got ndim={logits.ndim} with shape {logits.shape}")
+    if 0 in logits.shape:
+        raise ValueError(f"{name} must be non-empty, got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.floating) and not np.issubdtype(logits.dtype, np.integer):
+        raise ValueError(f"{name} must be real numbers, got dtype {logits.dtype}")
+    if not np.all(np.isfinite(logits)):
+        raise ValueError(f"{name} contain NaN or infinite values")
+    return logits
+
+
+def _check_costs(costs: Any, num_steps: int, name: str = "costs", monotone: bool = True) -> np.ndarray:
+    """Validates per-exit costs: one finite value >= 0 per step, non-decreasing when ``monotone`` (cumulative
+    costs: an exit never costs less than the exits before it)."""
+    c = np.asarray(_to_numpy(costs), dtype=np.float64)
+    if c.ndim != 1 or c.size != num_steps:
+        raise ValueError(f"{name} must have one entry per step ({num_steps}), got shape {c.shape}")
+    if not np.all(np.isfinite(c)) or c.min() < 0.0:
+        raise ValueError(f"{name} must be finite and >= 0, got {c.tolist()}")
+    if monotone and np.any(np.diff(c) < 0):
+        raise ValueError(f"{name} must be cumulative (non-decreasing from exit to exit), got {c.tolist()}")
+    return c
+
+
+def _check_num_classes(num_classes: int) -> int:
+    """Validates a class count (chance accuracy is 1 / num_classes)."""
+    try:
+        n = operator.index(num_classes)
+    except TypeError:
+        raise ValueError(f"num_classes must be an integer, got {num_classes!r}") from None
+    if n < 1:
+        raise ValueError(f"num_classes must be >= 1, got {n}")
+    return n
+
+
 def _check_thresholds(thresholds: Any) -> np.ndarray:
     """Validates confidence thresholds, defaulting to 101 evenly spaced values in [0, 1]."""
     if thresholds is None:
@@ -116,8 +178,11 @@ def _max_softmax(logits: np.ndarray) -> np.ndarray:
     The largest shifted logit is exactly 0, so the max probability is 1 / sum(exp(shifted)) and the full softmax
     never needs materialising; the shift keeps exp from overflowing.
     """
-    shifted = logits.astype(np.float64) - logits.max(axis=2, keepdims=True).astype(np.float64)  # (T, N, C)
-    return 1.0 / np.exp(shifted).sum(axis=2)  # (T, N)
+    out = np.empty(logits.shape[:2])
+    for t, step in enumerate(logits):  # one step at a time: a float64 copy of all of (T, N, C) can be gigabytes
+        shifted = step.astype(np.float64) - step.max(axis=1, keepdims=True).astype(np.float64)  # (N, C)
+        out[t] = 1.0 / np.exp(shifted).sum(axis=1)
+    return out  # (T, N)
 
 
 def per_step_accuracy(logits: Any, labels: Any) -> np.ndarray:
@@ -273,6 +338,326 @@ def steps_to_fraction(accuracy_per_step: Any, fraction: float) -> int | None:
     return int(reached.argmax()) if reached.any() else None
 
 
+def mean_confidence_per_step(logits: Any) -> np.ndarray:
+    """Mean over examples of the max softmax probability at each step.
+
+    Args:
+        logits: Trajectory of shape (T, N, C).
+
+    Returns:
+        Shape (T,) array in [1 / C, 1].
+
+    Raises:
+        ValueError: If the logits are malformed.
+    """
+    return _max_softmax(_check_logits(logits)).mean(axis=1)
+
+
+def _anytime_step(acc: np.ndarray, costs: np.ndarray, budgets: np.ndarray, chance: float) -> np.ndarray:
+    """Accuracy held at each budget: that of the last exit whose cost is <= the budget, else chance.
+
+    ``searchsorted(side="right")`` counts the exits whose cost is <= b, so among exits of equal cost the later one
+    counts as completed (it is free once the earlier one is done).
+    """
+    done = np.searchsorted(costs, budgets, side="right")  # exits completed within each budget
+    return np.where(done > 0, acc[np.maximum(done - 1, 0)], chance)
+
+
+def accuracy_at_budgets(accuracy_per_step: Any, costs: Any, budgets: Any, num_classes: int) -> np.ndarray:
+    """Anytime accuracy at absolute cost budgets: the accuracy of the last exit completed within each budget, or
+    chance (1 / num_classes) for a budget below the first exit's cost.
+
+    Args:
+        accuracy_per_step: Accuracy in [0, 1] at each step, shape (T,).
+        costs: Cumulative cost of producing each step (e.g. MACs), non-decreasing, shape (T,).
+        budgets: Budgets in the same unit as ``costs`` (finite, >= 0), any order.
+        num_classes: Number of classes (chance accuracy is its inverse).
+
+    Returns:
+        The accuracy at each budget, in the budgets' order.
+
+    Raises:
+        ValueError: If the inputs are malformed.
+    """
+    acc = _check_accuracy(accuracy_per_step)
+    c = _check_costs(costs, acc.size)
+    b = np.asarray(_to_numpy(budgets), dtype=np.float64)
+    if b.ndim != 1 or b.size == 0 or not np.all(np.isfinite(b)) or b.min() < 0.0:
+        raise ValueError(f"budgets must be a non-empty 1-D sequence of finite numbers >= 0, got {b.tolist()}")
+    return _anytime_step(acc, c, b, 1.0 / _check_num_classes(num_classes))
+
+
+def cost_auc(accuracy_per_step: Any, costs: Any, num_classes: int) -> float:
+    """Area under anytime accuracy against cost normalised by the last exit's cost, over budgets in [0, 1].
+
+    At budget b you hold the answer of the last exit completed within b (cost <= b); before the first exit, chance
+    (1 / num_classes). The curve is that step function, so the area is exact:
+    ``chance * c[0] + sum_k acc[k] * (c[k+1] - c[k])`` with ``c = costs / costs[-1]``. The last exit completes at
+    b = 1 and adds no area; an exit of cost 0 (a cascade's step 0 in MACs) is held from b = 0, with no chance part.
+    When the last exit costs nothing, every exit is complete at once and the area is the last exit's accuracy.
+
+    Args:
+        accuracy_per_step: Accuracy in [0, 1] at each step, shape (T,).
+        costs: Cumulative cost of each step (MACs, latency), non-decreasing, shape (T,).
+        num_classes: Number of classes.
+
+    Returns:
+        The area, in [0, 1].
+
+    Raises:
+        ValueError: If the inputs are malformed.
+    """
+    acc = _check_accuracy(accuracy_per_step)
+    c = _check_costs(costs, acc.size)
+    chance = 1.0 / _check_num_classes(num_classes)
+    if c[-1] == 0.0:
+        return float(acc[-1])
+    c = c / c[-1]
+    return float(chance * c[0] + np.sum(acc[:-1] * np.diff(c)))
+
+
+def first_step_reaching(accuracy_per_step: Any, target: float) -> int | None:
+    """First step whose accuracy reaches an absolute target (e.g. 0.5 for 50% accuracy).
+
+    Args:
+        accuracy_per_step: Accuracy in [0, 1] at each step, shape (T,).
+        target: Accuracy to reach, in [0, 1].
+
+    Returns:
+        The 0-based step, or None if no step reaches it.
+
+    Raises:
+        ValueError: If the accuracies are malformed or the target lies outside [0, 1].
+    """
+    acc = _check_accuracy(accuracy_per_step)
+    if not np.isfinite(target) or not 0.0 <= target <= 1.0:
+        raise ValueError(f"target must be an accuracy in [0, 1], got {target!r}")
+    reached = acc >= target - _ATOL
+    return int(reached.argmax()) if reached.any() else None
+
+
+def cost_summary(
+    accuracy_per_step: Any,
+    macs: Any,
+    latency: Any,
+    num_classes: int,
+    reference_macs: float | None = None,
+    budget_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0),
+) -> dict[str, Any]:
+    """The cost-aware metrics of a per-step accuracy curve, as plain JSON-serialisable Python types.
+
+    Args:
+        accuracy_per_step: Accuracy in [0, 1] at each step, shape (T,).
+        macs: Cumulative serial multiply-accumulates per example of each step, shape (T,).
+        latency: Parallel latency of each step (non-decreasing), shape (T,).
+        num_classes: Number of classes (chance accuracy 1 / num_classes before the first exit).
+        reference_macs: The full serial cost that the budgets are fractions of (another model's, to compare two
+            models at equal absolute cost); defaults to this model's own full cost, ``macs[-1]``.
+        budget_fractions: The budgets as fractions of ``reference_macs``.
+
+    Returns:
+        {"chance_accuracy", "macs_auc", "latency_auc", "steps_to_50pct_accuracy", "steps_to_95pct_accuracy",
+        "macs_to_50pct_accuracy", "macs_to_95pct_accuracy", "latency_to_50pct_accuracy",
+        "latency_to_95pct_accuracy", "accuracy_at_budget": {"reference_macs", "fractions", "macs", "accuracy"}}.
+        A target never reached is None in all three of its keys.
+
+    Raises:
+        ValueError: If the inputs are malformed or reference_macs is not a positive number.
+    """
+    acc = _check_accuracy(accuracy_per_step)
+    m = _check_costs(macs, acc.size, "macs")
+    lat = _check_costs(latency, acc.size, "latency")
+    num_classes = _check_num_classes(num_classes)
+    if reference_macs is None:
+        reference = float(m[-1])
+    elif isinstance(reference_macs, bool) or not isinstance(reference_macs, (int, float, np.number)):
+        raise ValueError(f"reference_macs must be a number > 0, got {reference_macs!r}")
+    else:
+        reference = float(reference_macs)
+        if not np.isfinite(reference) or reference <= 0:
+            raise ValueError(f"reference_macs must be a number > 0, got {reference_macs!r}")
+    fractions = np.asarray(budget_fractions, dtype=np.float64)
+    budgets = fractions * reference
+    out: dict[str, Any] = {
+        "chance_accuracy": 1.0 / num_classes,
+        "macs_auc": cost_auc(acc, m, num_classes),
+        "latency_auc": cost_auc(acc, lat, num_classes),
+    }
+    for pct in (50, 95):
+        step = first_step_reaching(acc, pct / 100)
+        out[f"steps_to_{pct}pct_accuracy"] = step
+        out[f"macs_to_{pct}pct_accuracy"] = None if step is None else _plain_number(np.asarray(macs)[step])
+        out[f"latency_to_{pct}pct_accuracy"] = None if step is None else float(lat[step])
+    out["accuracy_at_budget"] = {
+        "reference_macs": reference,
+        "fractions": [float(f) for f in fractions],
+        "macs": [float(b) for b in budgets],
+        "accuracy": [float(a) for a in _anytime_step(acc, m, budgets, 1.0 / num_classes)],
+    }
+    return out
+
+
+def _plain_number(x: Any) -> int | float:
+    """A numpy or torch scalar as a Python int (integral types) or float."""
+    x = np.asarray(_to_numpy(x))
+    return int(x) if np.issubdtype(x.dtype, np.integer) else float(x)
+
+
+def budget_exit_fractions(q: float, num_exits: int) -> np.ndarray:
+    """Target fraction of examples exiting at each exit in the budgeted-batch protocol: P_k proportional to q^k for
+    k = 1..K, normalised to sum to 1 (q < 1 favours early exits, q > 1 late ones, q = 1 is uniform).
+
+    Args:
+        q: The protocol's ratio, a finite number > 0.
+        num_exits: K, the number of exits the examples may take.
+
+    Returns:
+        Shape (K,) array summing to 1.
+
+    Raises:
+        ValueError: If q or num_exits is invalid.
+    """
+    k = _check_num_steps(num_exits)
+    if isinstance(q, bool) or not np.isfinite(q) or q <= 0:
+        raise ValueError(f"q must be a finite number > 0, got {q!r}")
+    log_w = np.arange(1, k + 1) * np.log(q)
+    w = np.exp(log_w - log_w.max())  # in log space: q^k overflows for large K and q > 1
+    return w / w.sum()
+
+
+def fit_budget_thresholds(val_logits: Any, q: float, *, first_exit: int = 0) -> np.ndarray:
+    """Per-exit confidence thresholds of the budgeted-batch protocol (MSDNet), fitted on held-out logits.
+
+    With target fractions P = budget_exit_fractions(q, K) over the exits the examples may take, for each exit k but
+    the last: walk the examples that have not exited yet in descending confidence (max softmax) at exit k, and set
+    T_k to the confidence of the floor(N * P_k)-th one, N being the whole set; every remaining example whose
+    confidence at k is >= T_k exits there (ties at T_k all exit, so slightly more than N * P_k may). If that rank
+    is 0 or fewer examples remain, T_k = +inf (nobody exits at k). The last exit's threshold is -inf (everyone
+    left exits there). Labels are not used: fit on the validation split, never on the split you report.
+
+    Args:
+        val_logits: Held-out trajectory of shape (K, N, C).
+        q: The protocol's ratio (see budget_exit_fractions).
+        first_exit: Exits before it get +inf (nobody exits there) and are not counted in K: a cascade's step 0
+            with the stem delayed answers the same for every example, and its equal confidences would all tie.
+
+    Returns:
+        Shape (K,) float array of thresholds, +inf for exits nobody takes, -inf at the last exit.
+
+    Raises:
+        ValueError: If the inputs are malformed.
+    """
+    return _fit_thresholds(_max_softmax(_check_logits(val_logits, "val_logits")), q, first_exit)
+
+
+def _fit_thresholds(conf: np.ndarray, q: float, first_exit: int) -> np.ndarray:
+    """fit_budget_thresholds on the (K, N) confidences."""
+    num_exits, n = conf.shape
+    if not 0 <= first_exit < num_exits:
+        raise ValueError(f"first_exit must be in [0, {num_exits}), got {first_exit}")
+    fractions = budget_exit_fractions(q, num_exits - first_exit)
+    thresholds = np.full(num_exits, np.inf)
+    exited = np.zeros(n, dtype=bool)
+    for j, k in enumerate(range(first_exit, num_exits - 1)):
+        # N * P_k may land a hair below a whole number (0.2 * 10 == 2.0000000000000004, 0.7 * 10 < 7): the slack
+        # makes the floor that of the exact product.
+        rank = int(np.floor(n * fractions[j] + 1e-9))
+        remaining = np.sort(conf[k, ~exited])[::-1]  # descending
+        if 0 < rank <= remaining.size:
+            thresholds[k] = remaining[rank - 1]
+        exited |= conf[k] >= thresholds[k]
+    thresholds[-1] = -np.inf
+    return thresholds
+
+
+def apply_thresholds(test_logits: Any, labels: Any, thresholds: Any, costs: Any) -> dict[str, Any]:
+    """Each example exits at the first exit whose confidence (max softmax) is >= its threshold and answers with
+    that exit's argmax; an example that passes none exits at the last exit.
+
+    Args:
+        test_logits: Trajectory of shape (K, N, C).
+        labels: Integer class labels of shape (N,).
+        thresholds: One threshold per exit (may be +inf or -inf; not NaN), shape (K,).
+        costs: Cumulative cost of each exit (e.g. MACs), finite and >= 0, shape (K,).
+
+    Returns:
+        {"accuracy": correct / N, "mean_cost": sum_k (fraction exiting at k) * costs[k],
+        "exit_fractions": fraction of examples exiting at each exit}.
+
+    Raises:
+        ValueError: If the inputs are malformed.
+    """
+    logits, labels = _check_trajectory(test_logits, labels)
+    num_exits, n = logits.shape[:2]
+    t = np.asarray(_to_numpy(thresholds), dtype=np.float64)
+    if t.shape != (num_exits,) or np.any(np.isnan(t)):
+        raise ValueError(f"thresholds must be {num_exits} numbers (one per exit, no NaN), got {t.tolist()}")
+    c = _check_costs(costs, num_exits, monotone=False)
+    return _apply(_max_softmax(logits), logits.argmax(axis=2), labels, t, c)
+
+
+def _apply(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, t: np.ndarray, c: np.ndarray) -> dict[str, Any]:
+    """apply_thresholds on the (K, N) confidences and predictions."""
+    num_exits, n = conf.shape
+    passes = conf >= t[:, None]  # (K, N)
+    exit_at = np.where(passes.any(axis=0), passes.argmax(axis=0), num_exits - 1)  # (N,)
+    correct = pred[exit_at, np.arange(n)] == labels
+    fractions = np.bincount(exit_at, minlength=num_exits) / n
+    return {
+        "accuracy": float(correct.mean()),
+        "mean_cost": float(fractions @ c),
+        "exit_fractions": [float(f) for f in fractions],
+    }
+
+
+def budgeted_curve(
+    val_logits: Any,
+    test_logits: Any,
+    test_labels: Any,
+    costs: Any,
+    *,
+    first_exit: int = 0,
+    q: Any = BUDGET_Q,
+) -> dict[str, list]:
+    """The budgeted-batch accuracy/cost curve: for each q, thresholds fitted on ``val_logits``
+    (fit_budget_thresholds), applied to the test split (apply_thresholds).
+
+    Args:
+        val_logits: Held-out trajectory (K, N_val, C) the thresholds are fitted on (its labels are not needed).
+        test_logits: Trajectory (K, N, C) the curve is measured on.
+        test_labels: Labels (N,) of test_logits.
+        costs: Cumulative cost of each exit, shape (K,).
+        first_exit: Exits before it are never taken (see fit_budget_thresholds).
+        q: The ratios, by default the protocol's p / 20 for p = 1..39.
+
+    Returns:
+        {"q", "accuracy", "mean_cost", "exit_fractions"}: per q, the test accuracy, the mean cost per example and
+        the fraction of examples exiting at each exit.
+
+    Raises:
+        ValueError: If the inputs are malformed or the two trajectories differ in exits or classes.
+    """
+    val = _check_logits(val_logits, "val_logits")
+    test, labels = _check_trajectory(test_logits, test_labels)
+    if val.shape[0] != test.shape[0] or val.shape[2] != test.shape[2]:
+        raise ValueError(
+            f"val_logits (exits, classes) = {(val.shape[0], val.shape[2])} differ from test_logits "
+            f"{(test.shape[0], test.shape[2])}"
+        )
+    c = _check_costs(costs, test.shape[0], monotone=False)
+    qs = np.asarray(q, dtype=np.float64).reshape(-1)
+    # the confidences once, not once per q
+    val_conf, test_conf, test_pred = _max_softmax(val), _max_softmax(test), test.argmax(axis=2)
+    out: dict[str, list] = {"q": [], "accuracy": [], "mean_cost": [], "exit_fractions": []}
+    for ratio in qs:
+        point = _apply(test_conf, test_pred, labels, _fit_thresholds(val_conf, float(ratio), first_exit), c)
+        out["q"].append(float(ratio))
+        out["accuracy"].append(point["accuracy"])
+        out["mean_cost"].append(point["mean_cost"])
+        out["exit_fractions"].append(point["exit_fractions"])
+    return out
+
+
 def summarize(logits: Any, labels: Any, thresholds: Any = None, first_step: int = 0) -> dict[str, Any]:
     """All anytime metrics of a trajectory as plain JSON-serialisable Python types.
 
@@ -285,7 +670,8 @@ def summarize(logits: Any, labels: Any, thresholds: Any = None, first_step: int 
 
     Returns:
         {"num_steps", "num_examples", "accuracy_per_step", "anytime_auc", "threshold_curve", "threshold_auc",
-        "steps_to_50pct_final", "steps_to_95pct_final", "final_accuracy"}.
+        "steps_to_50pct_final", "steps_to_95pct_final", "final_accuracy", "policy_first_step",
+        "mean_confidence_per_step"}.
 
     Raises:
         ValueError: If the inputs are malformed.
@@ -310,4 +696,5 @@ def summarize(logits: Any, labels: Any, thresholds: Any = None, first_step: int 
         "steps_to_95pct_final": steps_to_fraction(acc, 0.95),
         "final_accuracy": float(acc[-1]),
         "policy_first_step": int(first_step),
+        "mean_confidence_per_step": [float(c) for c in mean_confidence_per_step(logits)],
     }
