@@ -29,16 +29,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from . import metrics
 from .checkpoint import CheckpointError, atomic_write, load_model
-from .datasets import load_dataset
+from .datasets import ImageSet, load_dataset
 from .loader import check_compatible, iterate_batches
 from .registry import config_from_dict
 from .runconfig import CONFIG, TrainConfig
 from .runtime import dataset_logits, resolve_device
 
-__all__ = ["evaluate", "eval_filename", "format_table"]
+__all__ = ["evaluate", "eval_filename", "format_table", "load_run", "LoadedRun"]
 
 
 def eval_filename(scheme: str | None, model_scheme: str | None, num_steps: int | None) -> str:
@@ -98,10 +99,7 @@ def _evaluate(
     overwrite: bool,
     progress: bool,
 ) -> dict[str, Any]:
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
-    if not (run_dir / CONFIG).is_file():
-        raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
+    _check_run_dir(run_dir)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
@@ -116,30 +114,11 @@ def _evaluate(
             raise ValueError(f"{save_logits}: the folder {save_logits.parent} of --save-logits does not exist")
         if not os.access(save_logits.parent, os.W_OK | os.X_OK):
             raise ValueError(f"{save_logits}: the folder {save_logits.parent} of --save-logits is not writable")
-    cfg = TrainConfig.from_file(run_dir / CONFIG)
-    stored = json.loads((run_dir / CONFIG).read_bytes())  # from_file read it: it is a JSON object
-    norm = stored.get("normalization") if isinstance(stored, dict) else None
-    if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
-        raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
-    dev = resolve_device(device)
-    model = load_model(run_dir, map_location=dev)
-    _check_model(run_dir, stored.get("model"), model.config)
-    finished = (run_dir / "model.safetensors").is_file()
+    loaded = _load_run(run_dir, split, data_root, device)
+    model, ds, mean, std = loaded.model, loaded.data, loaded.mean, loaded.std
+    amp, finished = loaded.amp, loaded.finished
     # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
     run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
-
-    ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split, image_size=cfg.image_size,
-                      synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
-    check_compatible(ds, model.config.in_channels, model.config.num_classes)
-    try:
-        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{run_dir / CONFIG}: unreadable normalization statistics ({e})") from None
-    if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
-        raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channels, but the "
-                              f"data has {ds.num_channels}")  # fmt: skip
-    ds = ds.to(dev)
-    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
     input_size = tuple(ds.images.shape[1:])
     # refuse an option the model's family lacks up front, rather than catching a TypeError that could come from
     # anywhere inside the model
@@ -180,6 +159,64 @@ def _evaluate(
         atomic_write(save_logits, buffer.getvalue(), overwrite=overwrite)
     atomic_write(run_dir / name, (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run directory's trained model (on the device) and one split of its data (on the device), with the
+    run's normalisation statistics and mixed-precision choice."""
+
+    model: nn.Module
+    data: ImageSet
+    mean: Tensor
+    std: Tensor
+    amp: bool
+    finished: bool  # the run finished training (model.safetensors), else the last checkpoint
+
+
+def load_run(
+    run_dir: str | os.PathLike, *, split: str = "test", data_root: str | None = None, device: str = "auto"
+) -> LoadedRun:
+    """Load a run's model and a split of its dataset as ``evaluate`` does (checked against each other and the
+    stored configuration); errors name the file (``CheckpointError``, ``DataError``, ``ValueError``)."""
+    run_dir = Path(run_dir)
+    try:
+        return _load_run(run_dir, split, data_root, device)
+    except OSError as e:  # as in evaluate: one line naming the file
+        raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
+
+
+def _load_run(run_dir: Path, split: str, data_root: str | None, device: str) -> LoadedRun:
+    _check_run_dir(run_dir)
+    cfg = TrainConfig.from_file(run_dir / CONFIG)
+    stored = json.loads((run_dir / CONFIG).read_bytes())  # from_file read it: it is a JSON object
+    norm = stored.get("normalization") if isinstance(stored, dict) else None
+    if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
+        raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
+    dev = resolve_device(device)
+    model = load_model(run_dir, map_location=dev)
+    _check_model(run_dir, stored.get("model"), model.config)
+    finished = (run_dir / "model.safetensors").is_file()
+
+    ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split, image_size=cfg.image_size,
+                      synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+    check_compatible(ds, model.config.in_channels, model.config.num_classes)
+    try:
+        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG}: unreadable normalization statistics ({e})") from None
+    if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
+        raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channels, but the "
+                              f"data has {ds.num_channels}")  # fmt: skip
+    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
+    return LoadedRun(model, ds.to(dev), mean, std, amp, finished)
 
 
 def _check_model(run_dir: Path, stored: Any, found: Any) -> None:
