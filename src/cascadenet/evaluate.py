@@ -39,7 +39,7 @@ from .registry import config_from_dict
 from .runconfig import CONFIG, TrainConfig
 from .runtime import dataset_logits, resolve_device
 
-__all__ = ["evaluate", "eval_filename", "format_table", "load_run", "LoadedRun"]
+__all__ = ["evaluate", "eval_filename", "format_table", "load_run", "LoadedRun", "check_npz_output"]
 
 
 def eval_filename(scheme: str | None, model_scheme: str | None, num_steps: int | None) -> str:
@@ -105,15 +105,7 @@ def _evaluate(
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"--num-steps must be a positive integer, got {num_steps!r}")
     if save_logits is not None:  # checked before the evaluation, not after it
-        save_logits = Path(save_logits)
-        if save_logits.suffix != ".npz":
-            raise ValueError(f"{save_logits}: --save-logits takes a .npz file name")
-        if save_logits.exists() and not overwrite:
-            raise FileExistsError(f"{save_logits} exists; pass --overwrite to replace it (nothing was written)")
-        if not save_logits.parent.is_dir():
-            raise ValueError(f"{save_logits}: the folder {save_logits.parent} of --save-logits does not exist")
-        if not os.access(save_logits.parent, os.W_OK | os.X_OK):
-            raise ValueError(f"{save_logits}: the folder {save_logits.parent} of --save-logits is not writable")
+        save_logits = check_npz_output(save_logits, "--save-logits", overwrite)
     loaded = _load_run(run_dir, split, data_root, device)
     model, ds, mean, std = loaded.model, loaded.data, loaded.mean, loaded.std
     amp, finished = loaded.amp, loaded.finished
@@ -184,6 +176,21 @@ def load_run(
         return _load_run(run_dir, split, data_root, device)
     except OSError as e:  # as in evaluate: one line naming the file
         raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
+
+
+def check_npz_output(path: str | os.PathLike, flag: str, overwrite: bool) -> Path:
+    """Refuse, before any work, an output file that could not be written or would replace a file without
+    ``overwrite`` (``FileExistsError``; ``ValueError`` naming ``flag`` otherwise)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: {flag} takes a .npz file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it (nothing was written)")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} of {flag} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: the folder {path.parent} of {flag} is not writable")
+    return path
 
 
 def _check_run_dir(run_dir: Path) -> None:
