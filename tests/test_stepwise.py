@@ -198,3 +198,17 @@ def test_float32_and_states_are_freed():
     # a few states per block, not the whole trajectory (the engine holds ~ T per block)
     assert max(held) <= 4 * model.num_blocks + 4, held
     assert held[-1] == 0
+
+
+def test_a_plan_is_reused_only_while_the_statistics_it_shares_are_identical():
+    model = build(dict(name="resnet10"))
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    before = [s.macs for s in model.anytime(x)]
+    with torch.no_grad():  # every slot of every layer identical: settled states are now shared
+        for bn in model.norms():
+            bn.running_mean.copy_(bn.running_mean[:1].expand_as(bn.running_mean))
+            bn.running_var.copy_(bn.running_var[:1].expand_as(bn.running_var))
+        expected = model(x)
+    after = list(model.anytime(x))
+    assert [s.macs for s in after] == model.exit_costs((3, 16, 16)).macs != before
+    assert all((s.logits - expected[s.step]).abs().max().item() <= 1e-8 for s in after)

@@ -158,6 +158,45 @@ class _Planner:
         return self.ops, self.memo[key]
 
 
+Plan = tuple[list[tuple[list[_Op], int]], list[bool], dict[int, int], list[int]]
+
+
+def _plan(model: CascadedResNet, hw: tuple[int, int], num_steps: int, scheme: str) -> Plan:
+    """Per step its computations and logits value, whether each value is input-independent, the last step that
+    reads each value (as an operand or as a step's logits: it is freed after it), and each step's MACs.
+
+    Cached on the model (a batched early exit starts one run per batch): the plan depends only on the input size,
+    the run's length and scheme, and which statistics slots are identical, which is part of the key.
+    """
+    key = (hw, num_steps, scheme, tuple(tuple(bn.stat_classes()) for bn in model.norms()))
+    cache = model.__dict__.setdefault("_anytime_plans", {})
+    if key in cache:
+        return cache[key]
+    planner = _Planner(model, hw, scheme)
+    steps = [planner.step(t) for t in range(num_steps)]
+    last_use: dict[int, int] = {}
+    for t, (ops, logits) in enumerate(steps):
+        for op in ops:
+            for v in _operands(op):
+                last_use[v] = t
+        last_use[logits] = t
+    plan = (steps, planner.const, last_use, [sum(op.macs for op in ops) for ops, _ in steps])
+    if len(cache) >= 8:  # a few input sizes and schemes; not an unbounded store
+        cache.clear()
+    cache[key] = plan
+    return plan
+
+
+def _operands(op: _Op) -> list[int]:
+    if op.kind == "branch":
+        return [op.args[1]]
+    if op.kind in ("sum", "ews"):
+        return [v for v in op.args if v is not None]
+    if op.kind == "head":
+        return [op.args[1]]
+    return []
+
+
 class AnytimeRun(Iterator[AnytimeStep]):
     """The steps of a cascade on a constant input, computed one ``next()`` at a time; see the module docstring.
     Made by ``CascadedResNet.anytime(x)``.
@@ -177,35 +216,15 @@ class AnytimeRun(Iterator[AnytimeStep]):
     """
 
     def __init__(self, model: CascadedResNet, x: Tensor, num_steps: int, scheme: str) -> None:
-        planner = _Planner(model, tuple(x.shape[-2:]), scheme)  # type: ignore[arg-type]
         self._model = model
         self._num_steps = num_steps
-        self._plan = [planner.step(t) for t in range(num_steps)]
-        self._const = planner.const
-        # the last step that reads each value (as an operand or as the step's logits): it is freed after it
-        self._last_use: dict[int, int] = {}
-        for t, (ops, logits) in enumerate(self._plan):
-            for op in ops:
-                for v in self._operands(op):
-                    self._last_use[v] = t
-            self._last_use[logits] = t
-        self._step_macs = [sum(op.macs for op in ops) for ops, _ in self._plan]
+        self._plan, self._const, self._last_use, self._step_macs = _plan(model, tuple(x.shape[-2:]), num_steps, scheme)
         self._values: dict[int, Tensor] = {0: x}
         self._t = 0
         self._macs = 0
         self._pending: Tensor | None = None  # rows to keep, relative to the current rows, applied at the next step
         self.indices = torch.arange(x.shape[0], device=x.device)
         self.macs_spent = 0
-
-    @staticmethod
-    def _operands(op: _Op) -> list[int]:
-        if op.kind == "branch":
-            return [op.args[1]]
-        if op.kind in ("sum", "ews"):
-            return [v for v in op.args if v is not None]
-        if op.kind == "head":
-            return [op.args[1]]
-        return []
 
     @property
     def step(self) -> int:
