@@ -13,6 +13,7 @@ from .anytime import AnytimeModel, ExitCosts, ModelConfig
 from .cascade import CascadeConfig, CascadedResNet, CascadeState
 from .checkpoint import load_model
 from .losses import stepwise_ce, td_loss
+from .predict import Predictions, predict  # the function: the module stays importable as cascadenet.predict
 from .registry import create_model, list_models, register_architecture, register_family, register_model
 
 __all__ = [
@@ -22,9 +23,11 @@ __all__ = [
     "CascadeState",
     "ExitCosts",
     "ModelConfig",
+    "Predictions",
     "create_model",
     "list_models",
     "load_model",
+    "predict",
     "register_architecture",
     "register_family",
     "register_model",
