@@ -152,7 +152,7 @@ class PredictCommand:
     margin: float | None = None
     """Stop at the first step whose two largest softmax probabilities differ by >= this."""
     stable: int | None = None
-    """Stop at the first step whose predicted class is unchanged over this many steps."""
+    """Stop at the first step whose predicted class is the one of each of the K steps before it."""
     budget: float | None = None
     """At most this many MACs per example: stop at the last step within it."""
     output: Annotated[str | None, tyro.conf.arg(aliases=("-o",))] = None
