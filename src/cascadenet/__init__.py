@@ -12,6 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .anytime import AnytimeModel, ExitCosts, ModelConfig
 from .cascade import CascadeConfig, CascadedResNet, CascadeState
 from .checkpoint import load_model
+from .early_exit import Predictions, predict
 from .losses import stepwise_ce, td_loss
 from .msdnet import MSDNet, MSDNetConfig
 from .registry import create_model, list_models, register_architecture, register_family, register_model
@@ -25,9 +26,11 @@ __all__ = [
     "ModelConfig",
     "MSDNet",
     "MSDNetConfig",
+    "Predictions",
     "create_model",
     "list_models",
     "load_model",
+    "predict",
     "register_architecture",
     "register_family",
     "register_model",

@@ -30,6 +30,7 @@ from . import engine
 from .anytime import ExitCosts, ModelConfig, choice, positive_int
 from .blocks import STEMS, BasicBlock, Bottleneck, ews_update, make_stem
 from .norm import TemporalBatchNorm2d
+from .stepwise import AnytimeRun
 
 __all__ = ["ARCHITECTURES", "CascadeConfig", "CascadedResNet", "CascadeState", "SCHEMES", "DELAYS"]
 
@@ -137,6 +138,8 @@ class CascadedResNet(nn.Module):
         ``model(x)``: logits at every step for a constant input, ``(T, B, num_classes)``; a time-varying
         input ``(T, B, C, H, W)`` is streamed through the step loop.
         ``model.step(x_t, state)``: one step of the streaming form.
+        ``model.anytime(x)``: the steps of ``model(x)`` one at a time, each computed only when asked for, with
+        examples leaving the batch between steps (real early exit).
         ``model.feedforward(x)``: the ordinary ResNet with the same weights, ``(B, num_classes)``.
     """
 
@@ -245,6 +248,29 @@ class CascadedResNet(nn.Module):
         if method == "loop":
             return self._loop([x] * T, scheme)
         return engine.trajectory(self, x, T, scheme)
+
+    def anytime(self, x: Tensor, *, num_steps: int | None = None, scheme: str | None = None) -> AnytimeRun:
+        """Real anytime inference on a constant input: an iterator over the steps of ``model(x)``, each step
+        computed by ``next()`` (only the states that changed since the previous step), and ``keep(...)`` to drop
+        the examples that are done between steps. See ``cascadenet.stepwise``.
+
+        Each step yields ``AnytimeStep(step, logits (B_t, C), macs, indices)``: the logits equal ``model(x)[t]``
+        for the remaining rows, and ``macs`` is ``exit_costs(...).macs[t]``, what the run has actually spent per
+        example. Evaluation mode only; the model must not change while the run is in progress.
+
+        Args:
+            x: a constant input ``(B, C, H, W)`` (a time-varying input streams through ``model.step``).
+            num_steps: steps to run at most (default ``self.num_steps``).
+            scheme: ``"parallel"`` or ``"serial"`` (default: the model's).
+        """
+        if self.training:
+            raise ValueError(
+                "model.anytime runs in evaluation mode only (in training mode batch norm would use the statistics "
+                "of a batch that shrinks as examples leave, and update its running statistics): call model.eval()"
+            )
+        self._check_input(x)
+        scheme, T = self._resolve(scheme, num_steps)
+        return AnytimeRun(self, x, T, scheme)
 
     def _loop(self, frames: list[Tensor], scheme: str) -> Tensor:
         state = None

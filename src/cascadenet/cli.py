@@ -3,6 +3,7 @@
     cascadenet train --dataset fashion-mnist --model resnet18 --width 16 --loss td --lam 0.5
     cascadenet train --resume runs/resnet18-td-fashion-mnist-s0
     cascadenet eval runs/resnet18-td-fashion-mnist-s0 [--scheme serial] [--save-logits logits.npz]
+    cascadenet predict runs/resnet18-td-fashion-mnist-s0 --threshold 0.9 -o predictions.npz   # early exit
     cascadenet plot runs/a runs/b -o speed_accuracy.png
     cascadenet demo
     cascadenet reproduce --dataset fashion-mnist --seeds 3 --budget small
@@ -142,6 +143,37 @@ class EvalCommand:
 
 
 @dataclass
+class PredictCommand:
+    """Predict a split with early exit: each example stops at the step its policy chooses and leaves the batch;
+    prints accuracy, mean step, mean MACs and wall time, and optionally writes each example's result."""
+
+    run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by `cascadenet train`."""
+    split: Literal["test", "train"] = "test"
+    """Split to predict."""
+    threshold: float | None = None
+    """Stop at the first step whose max softmax probability is >= this."""
+    margin: float | None = None
+    """Stop at the first step whose two largest softmax probabilities differ by >= this."""
+    stable: int | None = None
+    """Stop at the first step whose predicted class is the one of each of the K steps before it."""
+    budget: float | None = None
+    """At most this many MACs per example: stop at the last step within it."""
+    output: Annotated[str | None, tyro.conf.arg(aliases=("-o",))] = None
+    """Write each example's prediction, step, MACs and label to this .npz file."""
+    overwrite: bool = False
+    """Allow --output to replace an existing file."""
+    data_root: str | None = None
+    """Dataset folder, if it moved since training."""
+    batch_size: int = 500
+    """Examples per batch."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    progress: bool | None = None
+    """Progress bar (default: when stderr is a terminal)."""
+
+
+@dataclass
 class PlotCommand:
     """Overlay per-step accuracy and the threshold speed-accuracy curves of several evaluated runs."""
 
@@ -251,6 +283,7 @@ def _parse(argv: list[str]):
     spec = (
         Annotated[TrainCommand, sub("train", default=default_train)]
         | Annotated[EvalCommand, sub("eval")]
+        | Annotated[PredictCommand, sub("predict")]
         | Annotated[PlotCommand, sub("plot")]
         | Annotated[DemoCommand, sub("demo")]
         | Annotated[ReproduceCommand, sub("reproduce")]
@@ -288,6 +321,17 @@ def _run_eval(cmd: EvalCommand) -> None:
                       save_logits=cmd.save_logits, overwrite=cmd.overwrite, progress=progress,
                       reference_macs=cmd.reference_macs)  # fmt: skip
     print(format_table(result))
+
+
+def _run_predict(cmd: PredictCommand) -> None:
+    from .early_exit import format_summary, policy_from_flags, predict_run
+
+    policy = policy_from_flags(cmd.threshold, cmd.margin, cmd.stable)
+    progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
+    summary = predict_run(cmd.run_dir, split=cmd.split, policy=policy, budget=cmd.budget, data_root=cmd.data_root,
+                          batch_size=cmd.batch_size, device=cmd.device, output=cmd.output, overwrite=cmd.overwrite,
+                          progress=progress)  # fmt: skip
+    print(format_summary(summary))
 
 
 def _run_plot(cmd: PlotCommand) -> None:
@@ -347,8 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(cmd, TrainCommand):
             _run_train(cmd, argv[1:])
         else:
-            runner = {EvalCommand: _run_eval, PlotCommand: _run_plot, DemoCommand: _run_demo,
-                      ReproduceCommand: _run_reproduce, ModelsCommand: _run_models,
+            runner = {EvalCommand: _run_eval, PredictCommand: _run_predict, PlotCommand: _run_plot,
+                      DemoCommand: _run_demo, ReproduceCommand: _run_reproduce, ModelsCommand: _run_models,
                       ConvertCommand: _run_convert}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:

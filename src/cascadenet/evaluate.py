@@ -48,16 +48,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from . import metrics
 from .checkpoint import CheckpointError, atomic_write, load_model
-from .datasets import DataError, load_dataset
+from .datasets import DataError, ImageSet, load_dataset
 from .loader import check_compatible, iterate_batches, train_val_split
 from .registry import config_from_dict
 from .runconfig import CONFIG, TrainConfig
 from .runtime import dataset_logits, resolve_device
 
-__all__ = ["evaluate", "eval_filename", "format_table"]
+__all__ = ["evaluate", "eval_filename", "format_table", "load_run", "LoadedRun", "check_npz_output"]
 
 
 SPLITS = ("test", "val", "train")
@@ -134,47 +135,18 @@ def _evaluate(
     progress: bool,
     reference_macs: float | None,
 ) -> dict[str, Any]:
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
-    if not (run_dir / CONFIG).is_file():
-        raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
+    _check_run_dir(run_dir)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"--num-steps must be a positive integer, got {num_steps!r}")
     if save_logits is not None:  # checked before the evaluation, not after it
-        save_logits = Path(save_logits)
-        if save_logits.suffix != ".npz":
-            raise ValueError(f"{save_logits}: --save-logits takes a .npz file name")
-        if save_logits.exists() and not overwrite:
-            raise FileExistsError(f"{save_logits} exists; pass --overwrite to replace it (nothing was written)")
-        if not save_logits.parent.is_dir():
-            raise ValueError(f"{save_logits}: the folder {save_logits.parent} of --save-logits does not exist")
-        if not os.access(save_logits.parent, os.W_OK | os.X_OK):
-            raise ValueError(f"{save_logits}: the folder {save_logits.parent} of --save-logits is not writable")
-    cfg = TrainConfig.from_file(run_dir / CONFIG)
-    stored = json.loads((run_dir / CONFIG).read_bytes())  # from_file read it: it is a JSON object
-    norm = stored.get("normalization") if isinstance(stored, dict) else None
-    if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
-        raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
-    dev = resolve_device(device)
-    model = load_model(run_dir, map_location=dev)
-    _check_model(run_dir, stored.get("model"), model.config)
-    finished = (run_dir / "model.safetensors").is_file()
+        save_logits = check_npz_output(save_logits, "--save-logits", overwrite)
+    loaded = _load_run(run_dir, split, data_root, device, with_val=True)
+    model, ds, val_set, mean, std = loaded.model, loaded.data, loaded.val, loaded.mean, loaded.std
+    amp, finished, dev = loaded.amp, loaded.finished, loaded.data.images.device
     # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
     run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
-
-    ds, val_set = _split_data(cfg, data_root, split)
-    check_compatible(ds, model.config.in_channels, model.config.num_classes)
-    try:
-        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{run_dir / CONFIG}: unreadable normalization statistics ({e})") from None
-    if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
-        raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channels, but the "
-                              f"data has {ds.num_channels}")  # fmt: skip
-    ds = ds.to(dev)
-    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
     input_size = tuple(ds.images.shape[1:])
     # refuse an option the model's family lacks up front, rather than catching a TypeError that could come from
     # anywhere inside the model
@@ -235,8 +207,82 @@ def _evaluate(
     return result
 
 
-def _split_data(cfg: TrainConfig, data_root: str | None, split: str) -> tuple[Any, Any]:
-    """The evaluated split and the run's validation split (None when it held none out).
+@dataclasses.dataclass
+class LoadedRun:
+    """A run directory's trained model (on the device) and one split of its data (on the device), with the
+    run's normalisation statistics and mixed-precision choice."""
+
+    model: nn.Module
+    data: ImageSet
+    mean: Tensor
+    std: Tensor
+    amp: bool
+    finished: bool  # the run finished training (model.safetensors), else the last checkpoint
+    val: ImageSet | None = None  # the run's validation split (on the device) when the split asked is not it
+
+
+def load_run(
+    run_dir: str | os.PathLike, *, split: str = "test", data_root: str | None = None, device: str = "auto"
+) -> LoadedRun:
+    """Load a run's model and a split of its dataset as ``evaluate`` does (checked against each other and the
+    stored configuration); errors name the file (``CheckpointError``, ``DataError``, ``ValueError``)."""
+    run_dir = Path(run_dir)
+    try:
+        return _load_run(run_dir, split, data_root, device)
+    except OSError as e:  # as in evaluate: one line naming the file
+        raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
+
+
+def check_npz_output(path: str | os.PathLike, flag: str, overwrite: bool) -> Path:
+    """Refuse, before any work, an output file that could not be written or would replace a file without
+    ``overwrite`` (``FileExistsError``; ``ValueError`` naming ``flag`` otherwise)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: {flag} takes a .npz file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it (nothing was written)")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} of {flag} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: the folder {path.parent} of {flag} is not writable")
+    return path
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
+
+
+def _load_run(run_dir: Path, split: str, data_root: str | None, device: str, with_val: bool = False) -> LoadedRun:
+    _check_run_dir(run_dir)
+    cfg = TrainConfig.from_file(run_dir / CONFIG)
+    stored = json.loads((run_dir / CONFIG).read_bytes())  # from_file read it: it is a JSON object
+    norm = stored.get("normalization") if isinstance(stored, dict) else None
+    if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
+        raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
+    dev = resolve_device(device)
+    model = load_model(run_dir, map_location=dev)
+    _check_model(run_dir, stored.get("model"), model.config)
+    finished = (run_dir / "model.safetensors").is_file()
+
+    ds, val_set = _split_data(cfg, data_root, split, with_val)
+    check_compatible(ds, model.config.in_channels, model.config.num_classes)
+    try:
+        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG}: unreadable normalization statistics ({e})") from None
+    if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
+        raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channels, but the "
+                              f"data has {ds.num_channels}")  # fmt: skip
+    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
+    return LoadedRun(model, ds.to(dev), mean, std, amp, finished, None if val_set is None else val_set.to(dev))
+
+
+def _split_data(cfg: TrainConfig, data_root: str | None, split: str, with_val: bool = True) -> tuple[Any, Any]:
+    """The evaluated split and the run's validation split (None when it held none out, or, for the test split,
+    when ``with_val`` is false).
 
     ``val`` and ``train`` are the two parts of the training set that training made: the same reader and
     ``train_val_split(full, cfg.val_fraction, seed=cfg.seed)`` as ``train._load_data``, so the same examples.
@@ -249,7 +295,7 @@ def _split_data(cfg: TrainConfig, data_root: str | None, split: str) -> tuple[An
     if split == "test":
         test = load_dataset(cfg.dataset, root, "test", **options)
         try:
-            full = load_dataset(cfg.dataset, root, "train", **options) if held_out else None
+            full = load_dataset(cfg.dataset, root, "train", **options) if held_out and with_val else None
         except DataError as e:  # the test split alone still evaluates; only the budgeted-batch curve needs this
             warnings.warn(f"no budgeted-batch curve: the run's validation split is unreadable ({e})", stacklevel=3)
             full = None

@@ -1,0 +1,183 @@
+"""Benchmark: real batched early exit against running every step, in wall-clock time, next to accuracy.
+
+    python benchmarks/early_exit.py --run-dir runs/resnet18-td-fashion-mnist-s0          # a trained run
+    python benchmarks/early_exit.py                     # no run: trains a tiny one on synthetic data first
+    python benchmarks/early_exit.py --random            # random weights (timing only; accuracy meaningless)
+    python benchmarks/early_exit.py --device cuda --batch 1000
+
+Variants, each over the whole split in batches of --batch:
+- ``engine``: ``model(x)``, every step at once (the trajectory engine), prediction of the last step;
+- ``anytime``: ``model.anytime(x)`` run to the end (the same computations one step at a time);
+- ``exit@q``: ``cascadenet.predict`` with the confidence policy at threshold q: each example stops at the first
+  step whose max softmax is >= q and leaves the batch.
+Reported per variant: median wall time over --repeats (after a warm-up, variants interleaved so that drifting
+machine load hits them alike), its speed ratio against the engine, accuracy, mean stopping step and mean MACs
+per example as a fraction of the last step's. Ratios are what to read: absolute times on a shared machine are not
+stable. The MAC fraction is the bound the speed ratio can approach when per-step overheads are small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import cascadenet as cn
+from cascadenet.early_exit import Predictions, predict
+from cascadenet.evaluate import load_run
+from cascadenet.loader import iterate_batches
+from cascadenet.policies import Confidence
+from cascadenet.runtime import autocast
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", help="a trained run directory (default: train a tiny one on synthetic data)")
+    p.add_argument("--random", action="store_true", help="with no run directory: random weights, no training")
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=500, help="examples per batch")
+    p.add_argument("--thresholds", default="0.5,0.8,0.9,0.95,0.99", help="comma-separated confidence thresholds")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N examples of the split")
+    p.add_argument("--train-epochs", type=int, default=4, help="epochs of the tiny model trained when no run is given")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def tiny_run(out: str, epochs: int, device: str) -> str:
+    """A ResNet-10 of width 8 trained briefly on the synthetic dataset (seconds on a CPU)."""
+    from cascadenet.train import TrainConfig, train
+
+    cfg = TrainConfig(model=cn.CascadeConfig(arch="resnet10", width=8), dataset="synthetic", synthetic_size=1024,
+                      epochs=epochs, batch_size=64, lr=0.05, out=out, name="tiny", device=device, progress=False,
+                      warmup_epochs=0.5)  # fmt: skip
+    return str(train(cfg))
+
+
+def load(args, tmp: str):
+    note = None
+    if args.run_dir:
+        run = args.run_dir
+    elif args.random:
+        run = None
+        note = "random weights: accuracies are meaningless, and few examples reach high thresholds"
+    else:
+        run = tiny_run(tmp, args.train_epochs, args.device)
+        note = f"a tiny ResNet-10 (width 8) trained {args.train_epochs} epochs on synthetic data"
+    if run is not None:
+        loaded = load_run(run, split=args.split, device=args.device)
+        model, amp = loaded.model.eval(), loaded.amp
+        batches = list(iterate_batches(loaded.data, args.batch, shuffle=False, augment=False, mean=loaded.mean,
+                                       std=loaded.std))  # fmt: skip
+    else:
+        torch.manual_seed(0)
+        model, amp = cn.create_model("resnet10", width=8, num_classes=4).to(args.device).eval(), False
+        n = args.limit or 1024
+        x = torch.randn(n, 3, 16, 16, device=args.device)
+        y = torch.randint(0, 4, (n,), device=args.device)
+        batches = [(x[i : i + args.batch], y[i : i + args.batch]) for i in range(0, n, args.batch)]
+    if args.limit:
+        kept, seen = [], 0
+        for x, y in batches:
+            if seen >= args.limit:
+                break
+            kept.append((x[: args.limit - seen], y[: args.limit - seen]))
+            seen += len(kept[-1][1])
+        batches = kept
+    return model, amp, batches, note
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def variants(model, batches, thresholds):
+    """name -> function running the whole split and returning (correct predictions, Predictions or None)."""
+
+    def engine():
+        correct = sum(int((model(x)[-1].argmax(-1) == y).sum()) for x, y in batches)
+        return correct, None
+
+    def anytime():
+        correct = 0
+        for x, y in batches:
+            *_, last = model.anytime(x)  # every step, one at a time
+            correct += int((last.logits.argmax(-1) == y).sum())
+        return correct, None
+
+    def early(q):
+        def run():
+            parts = [predict(model, x, Confidence(q)) for x, _ in batches]
+            result = Predictions.cat(parts)
+            labels = torch.cat([y.cpu() for _, y in batches])
+            return int((result.predictions == labels).sum()), result
+
+        return run
+
+    table = {"engine": engine, "anytime": anytime}
+    for q in thresholds:
+        table[f"exit@{q:g}"] = early(q)
+    return table
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    thresholds = [float(q) for q in args.thresholds.split(",") if q]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, amp, batches, note = load(args, tmp)
+    n = sum(len(y) for _, y in batches)
+    input_size = tuple(batches[0][0].shape[1:])
+    macs = model.exit_costs(input_size).macs
+    table = variants(model, batches, thresholds)
+    times: dict[str, list[float]] = {name: [] for name in table}
+    outcome = {}
+    with autocast(args.device.split(":")[0], amp):
+        for name, fn in table.items():  # warm-up, and the outcome (it does not change between repeats)
+            outcome[name] = fn()
+        for _ in range(args.repeats):
+            for name, fn in table.items():
+                sync(args.device)
+                start = time.perf_counter()
+                fn()
+                sync(args.device)
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["engine"])
+    rows = []
+    for name in table:
+        correct, result = outcome[name]
+        t = statistics.median(times[name])
+        mean_step = len(macs) - 1 if result is None else float(result.steps.float().mean())
+        mean_macs = macs[-1] if result is None else float(result.macs.double().mean())
+        rows.append(dict(variant=name, seconds=t, speedup_vs_engine=base / t, accuracy=correct / n,
+                         mean_step=mean_step, macs_fraction=mean_macs / macs[-1]))  # fmt: skip
+    print(f"{n} examples, batch {args.batch}, {args.device}, {torch.get_num_threads()} threads, "
+          f"{len(macs)} steps, {macs[-1] / 1e6:.2f} MMACs per example to the last step")  # fmt: skip
+    if note:
+        print(f"note: {note}")
+    print(f"{'variant':>10} {'seconds':>9} {'vs engine':>9} {'accuracy':>9} {'mean step':>9} {'MACs':>7}")
+    for r in rows:
+        print(f"{r['variant']:>10} {r['seconds']:>9.3f} {r['speedup_vs_engine']:>8.2f}x {100 * r['accuracy']:>8.2f}% "
+              f"{r['mean_step']:>9.2f} {100 * r['macs_fraction']:>6.1f}%")  # fmt: skip
+    if args.json:
+        meta = dict(examples=n, batch=args.batch, device=args.device, threads=torch.get_num_threads(),
+                    steps=len(macs), macs_last_step=macs[-1], note=note, run_dir=args.run_dir,
+                    machine=platform.processor() or platform.machine(), torch=torch.__version__)  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
