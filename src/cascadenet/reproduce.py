@@ -256,9 +256,11 @@ def _eval_cached(run_dir: Path, scheme: str | None, model_scheme: str | None, de
     path = run_dir / eval_filename(scheme, model_scheme, None)
     if path.is_file() and path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime:
         try:
-            return json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+            if isinstance(cached, dict) and all(k in cached for k in ("macs_auc", "budgeted_batch")):
+                return cached
         except ValueError:
-            pass  # unreadable: evaluate again
+            pass  # unreadable, or written by a version without these numbers: evaluate again
     return evaluate(run_dir, scheme=scheme if scheme != model_scheme else None, device=device)
 
 
@@ -407,23 +409,16 @@ def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[st
         rows: dict[str, list[Any]] = {}
         for r in results:
             acc = r["accuracy_per_step"]
-            chance = 1.0 / r["model"]["num_classes"]
+            budgets = [f * reference for f in COST_FRACTIONS]
+            at_budgets = metrics.accuracy_at_budgets(acc, r["macs_per_step"], budgets, r["model"]["num_classes"])
             values = {
                 "final_accuracy": acc[-1],
                 "anytime_auc": r["anytime_auc"],
-                "auc_macs": r["auc_macs"],
-                "auc_latency": r["auc_latency"],
-                **{
-                    f"accuracy_at_{round(100 * f)}pct_td_cost": a
-                    for f, a in zip(
-                        COST_FRACTIONS,
-                        metrics.accuracy_at_budgets(
-                            acc, r["macs_per_step"], [f * reference for f in COST_FRACTIONS], chance
-                        ),
-                    )  # fmt: skip
-                },
-                "step_to_50pct": r["exit_to_50pct_accuracy"],
-                "step_to_95pct": r["exit_to_95pct_accuracy"],
+                "auc_macs": r["macs_auc"],
+                "auc_latency": r["latency_auc"],
+                **{f"accuracy_at_{round(100 * f)}pct_td_cost": float(a) for f, a in zip(COST_FRACTIONS, at_budgets)},
+                "step_to_50pct": r["steps_to_50pct_accuracy"],
+                "step_to_95pct": r["steps_to_95pct_accuracy"],
                 "threshold_auc": r["threshold_auc"],
                 "full_macs": r["macs_per_step"][-1],
                 "train_seconds": r.get("train_seconds"),
@@ -448,7 +443,8 @@ def _plots(root: Path, dataset: str, per_seed: dict[str, list[dict[str, Any]]]) 
         plot_mean_curves(groups, path, axis=axis, title=f"{dataset}, test split, mean over seeds")
         figures[axis] = path.name
     path = root / f"{dataset}-budgeted.png"
-    plot_mean_curves(groups, path, axis="budgeted", title=f"{dataset}, budgeted batch (thresholds fit on validation)")
+    title = f"{dataset}: budgeted batch (dashed; thresholds fitted on validation) and exits"
+    plot_mean_curves(groups, path, axis="macs", budgeted=True, title=title)
     figures["budgeted"] = path.name
     return figures
 
