@@ -13,6 +13,7 @@ from .anytime import AnytimeModel, ExitCosts, ModelConfig
 from .cascade import CascadeConfig, CascadedResNet, CascadeState
 from .checkpoint import load_model
 from .losses import stepwise_ce, td_loss
+from .recalibrate import recalibrate_bn
 from .registry import create_model, list_models, register_architecture, register_family, register_model
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_model",
+    "recalibrate_bn",
     "register_architecture",
     "register_family",
     "register_model",
