@@ -3,6 +3,7 @@
     cascadenet train --dataset fashion-mnist --model resnet18 --width 16 --loss td --lam 0.5
     cascadenet train --resume runs/resnet18-td-fashion-mnist-s0
     cascadenet eval runs/resnet18-td-fashion-mnist-s0 [--scheme serial] [--save-logits logits.npz]
+    cascadenet recalibrate runs/resnet18-td-fashion-mnist-s0 [--batches 4]    # batch-norm statistics at the weights
     cascadenet plot runs/a runs/b -o speed_accuracy.png
     cascadenet demo
     cascadenet models
@@ -135,6 +136,27 @@ class EvalCommand:
     """Allow --save-logits to replace an existing file."""
     progress: bool | None = None
     """Progress bar (default: when stderr is a terminal)."""
+    weights: str | None = None
+    """Evaluate this weights file of the run instead of model.safetensors (e.g. model-recalibrated.safetensors;
+    written to eval-recalibrated.json)."""
+
+
+@dataclass
+class RecalibrateCommand:
+    """Recompute a finished run's batch-norm statistics at its final weights over training batches (precise batch
+    norm); writes new weights beside the old ones, never over a file."""
+
+    run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by `cascadenet train`."""
+    batches: int | None = None
+    """Training batches (of the run's batch size, augmented as in training; default: the run's
+    --recalibrate-batches, or 4)."""
+    output: str = "model-recalibrated.safetensors"
+    """File name of the new weights, in the run directory."""
+    data_root: str | None = None
+    """Dataset folder, if it moved since training."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
 
 
 @dataclass
@@ -222,6 +244,7 @@ def _parse(argv: list[str]):
     spec = (
         Annotated[TrainCommand, sub("train", default=default_train)]
         | Annotated[EvalCommand, sub("eval")]
+        | Annotated[RecalibrateCommand, sub("recalibrate")]
         | Annotated[PlotCommand, sub("plot")]
         | Annotated[DemoCommand, sub("demo")]
         | Annotated[ModelsCommand, sub("models")]
@@ -255,8 +278,18 @@ def _run_eval(cmd: EvalCommand) -> None:
     progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
     result = evaluate(cmd.run_dir, split=cmd.split, scheme=cmd.scheme, num_steps=cmd.num_steps,
                       data_root=cmd.data_root, batch_size=cmd.batch_size, device=cmd.device,
-                      save_logits=cmd.save_logits, overwrite=cmd.overwrite, progress=progress)  # fmt: skip
+                      save_logits=cmd.save_logits, overwrite=cmd.overwrite, progress=progress,
+                      weights=cmd.weights)  # fmt: skip
     print(format_table(result))
+
+
+def _run_recalibrate(cmd: RecalibrateCommand) -> None:
+    from .recalibrate import recalibrate_run
+
+    path, record = recalibrate_run(cmd.run_dir, batches=cmd.batches, output=cmd.output, data_root=cmd.data_root,
+                                   device=cmd.device)  # fmt: skip
+    print(f"wrote {path}: statistics over {record['batches']} batches ({record['examples']} examples) "
+          f"(next: cascadenet eval {cmd.run_dir} --weights {path.name})")  # fmt: skip
 
 
 def _run_plot(cmd: PlotCommand) -> None:
@@ -308,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_train(cmd, argv[1:])
         else:
             runner = {EvalCommand: _run_eval, PlotCommand: _run_plot, DemoCommand: _run_demo,
-                      ModelsCommand: _run_models, ConvertCommand: _run_convert}[type(cmd)]  # fmt: skip
+                      ModelsCommand: _run_models, ConvertCommand: _run_convert,
+                      RecalibrateCommand: _run_recalibrate}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         if _rank() == 0:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .checkpoint import CheckpointError, atomic_write, load_model
+from .checkpoint import WEIGHTS, CheckpointError, atomic_write, load_model
 from .datasets import load_dataset
 from .loader import check_compatible, iterate_batches
 from .registry import config_from_dict
@@ -41,9 +41,16 @@ from .runtime import dataset_logits, resolve_device
 __all__ = ["evaluate", "eval_filename", "format_table"]
 
 
-def eval_filename(scheme: str | None, model_scheme: str | None, num_steps: int | None) -> str:
-    """``eval.json`` for the model's own scheme and length; ``eval-serial.json``, ``eval-T20.json`` otherwise."""
+def eval_filename(
+    scheme: str | None, model_scheme: str | None, num_steps: int | None, weights: str | None = None
+) -> str:
+    """``eval.json`` for the model's own scheme and length; ``eval-serial.json``, ``eval-T20.json`` otherwise.
+    Weights other than ``model.safetensors`` add their name: ``model-recalibrated.safetensors`` ->
+    ``eval-recalibrated.json``, ``other.safetensors`` -> ``eval-other.json``."""
     parts = []
+    if weights and weights != WEIGHTS:
+        stem = Path(weights).name.removesuffix(".safetensors")
+        parts.append(stem.removeprefix("model-") or stem)
     if scheme and scheme != model_scheme:
         parts.append(scheme)
     if num_steps:
@@ -63,6 +70,7 @@ def evaluate(
     save_logits: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run on its dataset's test split; writes ``eval.json`` (or a scheme/length-specific name) in
     the run directory and returns its content.
@@ -75,11 +83,14 @@ def evaluate(
         data_root: override the dataset location stored in the run.
         save_logits: also store the trajectory logits ``(T, N, C)`` and labels in this ``.npz`` file.
         overwrite: allow ``save_logits`` to replace an existing file.
+        weights: a weights file in the run directory to evaluate instead of ``model.safetensors`` (e.g.
+            ``cascadenet recalibrate``'s ``model-recalibrated.safetensors``); the file name says so
+            (``eval-recalibrated.json``).
     """
     run_dir = Path(run_dir)
     try:
         return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
-                         progress)  # fmt: skip
+                         progress, weights)  # fmt: skip
     except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
         if isinstance(e, FileExistsError) and not e.strerror:
             raise
@@ -97,6 +108,7 @@ def _evaluate(
     save_logits: str | os.PathLike | None,
     overwrite: bool,
     progress: bool,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run directory")
@@ -121,8 +133,13 @@ def _evaluate(
     norm = stored.get("normalization") if isinstance(stored, dict) else None
     if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
         raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
+    if weights is not None:
+        if not weights.endswith(".safetensors") or Path(weights).name != weights:
+            raise ValueError(f"--weights {weights!r}: the name of a .safetensors file in the run directory")
+        if not (run_dir / weights).is_file():
+            raise CheckpointError(f"{run_dir / weights}: no such weights file in the run directory")
     dev = resolve_device(device)
-    model = load_model(run_dir, map_location=dev)
+    model = load_model(run_dir if weights is None else run_dir / weights, map_location=dev)
     _check_model(run_dir, stored.get("model"), model.config)
     finished = (run_dir / "model.safetensors").is_file()
     # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
@@ -166,6 +183,7 @@ def _evaluate(
         "split": split,
         "scheme": scheme or model_scheme,
         "finished_training": finished,
+        **({"weights": weights} if weights is not None else {}),
         **summary,
         "feedforward_accuracy": ff_accuracy,
         "macs_per_step": costs.macs,
@@ -173,7 +191,7 @@ def _evaluate(
         "macs_feedforward": ff_macs,
         "model": model.config.to_dict(),
     }
-    name = eval_filename(scheme, model_scheme, num_steps)
+    name = eval_filename(scheme, model_scheme, num_steps, weights)
     if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite
         buffer = io.BytesIO()
         np.savez_compressed(buffer, logits=logits.numpy(), labels=labels.numpy())
