@@ -311,3 +311,10 @@ def test_recalibrate_batches_is_checked_and_loss_final_refuses_untrained_paramet
     assert not any(tmp_path.iterdir())
     assert main(["recalibrate", str(tmp_path), "--batches", "0"]) == 2
     assert "--batches must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_run_written_before_the_option_reads_as_not_recalibrating(tmp_path):
+    stored = {"train": {k: v for k, v in TrainConfig().to_dict().items() if k != "recalibrate_batches"}}
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert TrainConfig.from_file(tmp_path / "config.json").recalibrate_batches == 0
+    assert TrainConfig.from_dict(stored["train"]).recalibrate_batches == 4  # options given from Python: the default

@@ -246,7 +246,8 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a config.json written by a run (this version or the first release).
+        """Read a config.json written by a run (this version or the first release). A run's file without
+        ``recalibrate_batches`` predates the option: it reads as 0 (the run did not recalibrate).
 
         Raises:
             ConfigError: unreadable, not JSON, or not a valid configuration (the message names the file).
@@ -259,6 +260,9 @@ class TrainConfig:
             raise ConfigError(f"{path}: cannot read the configuration: not JSON ({first_sentence(e)})") from None
         if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
             raw = raw["train"]
+            # a run written before --recalibrate-batches kept its running averages: resumed or replayed, it
+            # computes what it did
+            raw.setdefault("recalibrate_batches", 0)
         try:
             return cls.from_dict(raw)
         except (TypeError, ValueError) as e:
