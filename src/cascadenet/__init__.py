@@ -15,6 +15,7 @@ from .checkpoint import load_model
 from .early_exit import Predictions, predict
 from .losses import stepwise_ce, td_loss
 from .msdnet import MSDNet, MSDNetConfig
+from .recalibrate import recalibrate_bn
 from .registry import create_model, list_models, register_architecture, register_family, register_model
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "list_models",
     "load_model",
     "predict",
+    "recalibrate_bn",
     "register_architecture",
     "register_family",
     "register_model",

@@ -4,6 +4,7 @@
     cascadenet train --resume runs/resnet18-td-fashion-mnist-s0
     cascadenet eval runs/resnet18-td-fashion-mnist-s0 [--scheme serial] [--save-logits logits.npz]
     cascadenet predict runs/resnet18-td-fashion-mnist-s0 --threshold 0.9 -o predictions.npz   # early exit
+    cascadenet recalibrate runs/resnet18-td-fashion-mnist-s0 [--batches 4]    # batch-norm statistics at the weights
     cascadenet plot runs/a runs/b -o speed_accuracy.png
     cascadenet demo
     cascadenet reproduce --dataset fashion-mnist --seeds 3 --budget small
@@ -140,6 +141,9 @@ class EvalCommand:
     """Progress bar (default: when stderr is a terminal)."""
     reference_macs: float | None = None
     """Full serial cost (MACs) that the 25/50/75/100% accuracy budgets are fractions of (default: this model's)."""
+    weights: str | None = None
+    """Evaluate this weights file of the run instead of model.safetensors (e.g. model-recalibrated.safetensors;
+    written to eval-recalibrated.json)."""
 
 
 @dataclass
@@ -171,6 +175,24 @@ class PredictCommand:
     """cpu, cuda, cuda:N or auto."""
     progress: bool | None = None
     """Progress bar (default: when stderr is a terminal)."""
+
+
+@dataclass
+class RecalibrateCommand:
+    """Recompute a finished run's batch-norm statistics at its final weights over training batches (precise batch
+    norm); writes new weights beside the old ones, never over a file."""
+
+    run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by `cascadenet train`."""
+    batches: int | None = None
+    """Training batches (of the run's batch size, augmented as in training; default: the run's
+    --recalibrate-batches, or 4)."""
+    output: str = "model-recalibrated.safetensors"
+    """File name of the new weights, in the run directory."""
+    data_root: str | None = None
+    """Dataset folder, if it moved since training."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
 
 
 @dataclass
@@ -284,6 +306,7 @@ def _parse(argv: list[str]):
         Annotated[TrainCommand, sub("train", default=default_train)]
         | Annotated[EvalCommand, sub("eval")]
         | Annotated[PredictCommand, sub("predict")]
+        | Annotated[RecalibrateCommand, sub("recalibrate")]
         | Annotated[PlotCommand, sub("plot")]
         | Annotated[DemoCommand, sub("demo")]
         | Annotated[ReproduceCommand, sub("reproduce")]
@@ -319,7 +342,7 @@ def _run_eval(cmd: EvalCommand) -> None:
     result = evaluate(cmd.run_dir, split=cmd.split, scheme=cmd.scheme, num_steps=cmd.num_steps,
                       data_root=cmd.data_root, batch_size=cmd.batch_size, device=cmd.device,
                       save_logits=cmd.save_logits, overwrite=cmd.overwrite, progress=progress,
-                      reference_macs=cmd.reference_macs)  # fmt: skip
+                      reference_macs=cmd.reference_macs, weights=cmd.weights)  # fmt: skip
     print(format_table(result))
 
 
@@ -332,6 +355,15 @@ def _run_predict(cmd: PredictCommand) -> None:
                           batch_size=cmd.batch_size, device=cmd.device, output=cmd.output, overwrite=cmd.overwrite,
                           progress=progress)  # fmt: skip
     print(format_summary(summary))
+
+
+def _run_recalibrate(cmd: RecalibrateCommand) -> None:
+    from .recalibrate import recalibrate_run
+
+    path, record = recalibrate_run(cmd.run_dir, batches=cmd.batches, output=cmd.output, data_root=cmd.data_root,
+                                   device=cmd.device)  # fmt: skip
+    print(f"wrote {path}: statistics over {record['batches']} batches ({record['examples']} examples) "
+          f"(next: cascadenet eval {cmd.run_dir} --weights {path.name})")  # fmt: skip
 
 
 def _run_plot(cmd: PlotCommand) -> None:
@@ -393,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             runner = {EvalCommand: _run_eval, PredictCommand: _run_predict, PlotCommand: _run_plot,
                       DemoCommand: _run_demo, ReproduceCommand: _run_reproduce, ModelsCommand: _run_models,
-                      ConvertCommand: _run_convert}[type(cmd)]  # fmt: skip
+                      ConvertCommand: _run_convert, RecalibrateCommand: _run_recalibrate}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         if _rank() == 0:

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics
-from .checkpoint import CheckpointError, atomic_write, load_model
+from .checkpoint import WEIGHTS, CheckpointError, atomic_write, load_model
 from .datasets import DataError, ImageSet, load_dataset
 from .loader import check_compatible, iterate_batches, train_val_split
 from .registry import config_from_dict
@@ -64,11 +64,17 @@ __all__ = ["evaluate", "eval_filename", "format_table", "load_run", "LoadedRun",
 SPLITS = ("test", "val", "train")
 
 
-def eval_filename(scheme: str | None, model_scheme: str | None, num_steps: int | None, split: str = "test") -> str:
-    """``eval.json`` for the test split with the model's own scheme and length; otherwise one part per
+def eval_filename(
+    scheme: str | None, model_scheme: str | None, num_steps: int | None, split: str = "test", weights: str | None = None
+) -> str:
+    """``eval.json`` for the test split with the model's own weights, scheme and length; otherwise one part per
     difference, joined by ``-``: ``eval-serial.json``, ``eval-T20.json``, ``eval-train.json``,
-    ``eval-serial-train.json`` (the split last)."""
+    ``eval-serial-train.json`` (the split last). Weights other than ``model.safetensors`` add their name first:
+    ``model-recalibrated.safetensors`` -> ``eval-recalibrated.json``, ``other.safetensors`` -> ``eval-other.json``."""
     parts = []
+    if weights and weights != WEIGHTS:
+        stem = Path(weights).name.removesuffix(".safetensors")
+        parts.append(stem.removeprefix("model-") or stem)
     if scheme and scheme != model_scheme:
         parts.append(scheme)
     if num_steps:
@@ -91,6 +97,7 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = False,
     reference_macs: float | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run on one split; writes ``eval.json`` (the test split; other splits, schemes and lengths get
     their own name, see ``eval_filename``) in the run directory and returns its content.
@@ -106,6 +113,9 @@ def evaluate(
         overwrite: allow ``save_logits`` to replace an existing file.
         reference_macs: the full serial cost that ``accuracy_at_budget``'s 25/50/75/100% budgets are fractions
             of (e.g. another model's last-exit MACs); default: this model's own.
+        weights: a weights file in the run directory to evaluate instead of ``model.safetensors`` (e.g.
+            ``cascadenet recalibrate``'s ``model-recalibrated.safetensors``); the file name says so
+            (``eval-recalibrated.json``).
     """
     run_dir = Path(run_dir)
     if split not in SPLITS:
@@ -115,7 +125,7 @@ def evaluate(
         raise ValueError(f"--reference-macs must be a number > 0, got {reference_macs!r}")
     try:
         return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
-                         progress, reference_macs)  # fmt: skip
+                         progress, reference_macs, weights)  # fmt: skip
     except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
         if isinstance(e, FileExistsError) and not e.strerror:
             raise
@@ -134,6 +144,7 @@ def _evaluate(
     overwrite: bool,
     progress: bool,
     reference_macs: float | None,
+    weights: str | None,
 ) -> dict[str, Any]:
     _check_run_dir(run_dir)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -142,7 +153,12 @@ def _evaluate(
         raise ValueError(f"--num-steps must be a positive integer, got {num_steps!r}")
     if save_logits is not None:  # checked before the evaluation, not after it
         save_logits = check_npz_output(save_logits, "--save-logits", overwrite)
-    loaded = _load_run(run_dir, split, data_root, device, with_val=True)
+    if weights is not None:
+        if not weights.endswith(".safetensors") or Path(weights).name != weights:
+            raise ValueError(f"--weights {weights!r}: the name of a .safetensors file in the run directory")
+        if not (run_dir / weights).is_file():
+            raise CheckpointError(f"{run_dir / weights}: no such weights file in the run directory")
+    loaded = _load_run(run_dir, split, data_root, device, with_val=True, weights=weights)
     model, ds, val_set, mean, std = loaded.model, loaded.data, loaded.val, loaded.mean, loaded.std
     amp, finished, dev = loaded.amp, loaded.finished, loaded.data.images.device
     # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
@@ -189,6 +205,7 @@ def _evaluate(
         "split": split,
         "scheme": scheme or model_scheme,
         "finished_training": finished,
+        **({"weights": weights} if weights is not None else {}),
         **summary,
         "feedforward_accuracy": ff_accuracy,
         "macs_per_step": costs.macs,
@@ -198,7 +215,7 @@ def _evaluate(
         **cost_metrics,
         "budgeted_batch": budgeted,
     }
-    name = eval_filename(scheme, model_scheme, num_steps, split)
+    name = eval_filename(scheme, model_scheme, num_steps, split, weights)
     if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite
         buffer = io.BytesIO()
         np.savez_compressed(buffer, logits=logits.numpy(), labels=labels.numpy())
@@ -255,7 +272,9 @@ def _check_run_dir(run_dir: Path) -> None:
         raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
 
 
-def _load_run(run_dir: Path, split: str, data_root: str | None, device: str, with_val: bool = False) -> LoadedRun:
+def _load_run(
+    run_dir: Path, split: str, data_root: str | None, device: str, with_val: bool = False, weights: str | None = None
+) -> LoadedRun:
     _check_run_dir(run_dir)
     cfg = TrainConfig.from_file(run_dir / CONFIG)
     stored = json.loads((run_dir / CONFIG).read_bytes())  # from_file read it: it is a JSON object
@@ -263,7 +282,7 @@ def _load_run(run_dir: Path, split: str, data_root: str | None, device: str, wit
     if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
         raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
     dev = resolve_device(device)
-    model = load_model(run_dir, map_location=dev)
+    model = load_model(run_dir if weights is None else run_dir / weights, map_location=dev)
     _check_model(run_dir, stored.get("model"), model.config)
     finished = (run_dir / "model.safetensors").is_file()
 

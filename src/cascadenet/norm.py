@@ -13,7 +13,10 @@ The layer has two entry points that must agree exactly:
   step order, so the engine reproduces the step loop's updates exactly.
 
 Unlike the published reference code (which passed options positionally and ended up with eps=0.1 and
-momentum=1.0), eps and momentum have the standard PyTorch values.
+momentum=1.0), eps and momentum have the standard PyTorch values. ``momentum=None`` is the cumulative average
+(as ``nn.BatchNorm2d``'s): each slot counts its own updates, so a slot that receives several updates per forward
+pass (steps past the last slot, or the feed-forward pass writing every slot) averages all of them equally;
+``cascadenet.recalibrate`` uses it to recompute the statistics at the final weights.
 """
 
 from __future__ import annotations
@@ -33,11 +36,17 @@ class TemporalBatchNorm2d(nn.Module):
         num_slots: sets of running statistics (1 = ordinary batch norm shared by all steps).
         affine_slots: sets of scale/shift parameters (1 = shared by all steps).
         eps: added to the variance.
-        momentum: weight of the new batch statistics in the running average.
+        momentum: weight of the new batch statistics in the running average; None: the cumulative average of
+            every update since the counts ``slot_updates`` were last reset (``reset_running_stats``).
     """
 
     def __init__(
-        self, num_features: int, num_slots: int = 1, affine_slots: int = 1, eps: float = 1e-5, momentum: float = 0.1
+        self,
+        num_features: int,
+        num_slots: int = 1,
+        affine_slots: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
         if num_slots < 1 or affine_slots < 1:
@@ -53,6 +62,9 @@ class TemporalBatchNorm2d(nn.Module):
         # load_state_dict refuses other shapes)
         self.num_slots = num_slots
         self.affine_slots = affine_slots
+        # updates folded into each slot (what momentum=None divides by); not saved with the weights, as
+        # nn.BatchNorm2d's num_batches_tracked would be: only a cumulative average in progress needs it
+        self.slot_updates = [0] * num_slots
 
     def stat_slot(self, t: int) -> int:
         return t if t < self.num_slots else self.num_slots - 1
@@ -154,9 +166,21 @@ class TemporalBatchNorm2d(nn.Module):
         return table[torch.tensor(slots, device=table.device)].reshape(-1)
 
     @torch.no_grad()
+    def reset_running_stats(self) -> None:
+        """Running means 0, variances 1, and no updates counted (the start of a cumulative average)."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.slot_updates = [0] * self.num_slots
+
+    def _weight_of_new(self, slot: int) -> float:
+        """The weight of the next update of ``slot``: the momentum, or 1/n for its n-th update (cumulative)."""
+        self.slot_updates[slot] += 1
+        return 1.0 / self.slot_updates[slot] if self.momentum is None else self.momentum
+
+    @torch.no_grad()
     def update(self, slot: int, mean: Tensor, var: Tensor) -> None:
         """Fold one step's batch statistics into the running statistics of ``slot``."""
-        m = self.momentum
+        m = self._weight_of_new(slot)
         self.running_mean[slot].mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
         self.running_var[slot].mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
 
@@ -164,12 +188,19 @@ class TemporalBatchNorm2d(nn.Module):
     def update_slots(self, slots: list[int], mean: Tensor, var: Tensor) -> None:
         """``update`` for several distinct slots at once: ``mean`` and ``var`` are ``(len(slots), C)``."""
         if len(slots) == self.num_slots and slots == list(range(self.num_slots)):
-            index = slice(None)  # every slot, in order: no gather
+            index: slice | Tensor = slice(None)  # every slot, in order: no gather
         else:
             index = torch.tensor(slots, device=self.running_mean.device)
-        m = self.momentum
+        weights = [self._weight_of_new(s) for s in slots]
+        if self.momentum is not None:
+            m = self.momentum
+            for table, value in ((self.running_mean, mean), (self.running_var, var)):
+                table[index] = table[index].mul_(1 - m).add_(value.to(table.dtype), alpha=m)
+            return
+        # cumulative: each slot its own weight 1/n, computed as update() would (same operations, same rounding)
         for table, value in ((self.running_mean, mean), (self.running_var, var)):
-            table[index] = table[index].mul_(1 - m).add_(value.to(table.dtype), alpha=m)
+            w = torch.tensor(weights, dtype=table.dtype, device=table.device)[:, None]
+            table[index] = table[index] * (1 - w) + value.to(table.dtype) * w
 
     def stat_classes(self) -> list[int]:
         """For each slot, the first slot with bit-identical running statistics.

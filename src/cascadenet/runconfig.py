@@ -107,6 +107,10 @@ class TrainConfig:
     """Length of the linear warm-up, in epochs (may be fractional)."""
     max_batches: int | None = None
     """Stop each epoch after this many batches (quick tests)."""
+    recalibrate_batches: int = 4
+    """At the end of training, recompute every batch-norm statistic at the final weights over this many training
+    batches (drawn as in training, seeded from --seed), before the last validation and the final weights; 0: keep
+    the running averages. See docs/semantics.md (precise batch norm)."""
 
     # --- run ---
     seed: int = 0
@@ -159,6 +163,7 @@ class TrainConfig:
             (self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}"),
             (self.loss in LOSSES, f"unknown loss {self.loss!r}; valid choices: {', '.join(LOSSES)}"),
             (self.max_batches is None or self.max_batches >= 1, f"--max-batches must be >= 1, got {self.max_batches}"),
+            (self.recalibrate_batches >= 0, f"--recalibrate-batches must be >= 0, got {self.recalibrate_batches}"),
             (self.threads is None or self.threads >= 1, f"--threads must be >= 1, got {self.threads}"),
             (self.workers is None or self.workers >= 0, f"--workers must be >= 0, got {self.workers}"),
             (self.stream_above_gb > 0, f"--stream-above-gb must be > 0, got {self.stream_above_gb}"),
@@ -181,6 +186,17 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        # --loss final trains the feed-forward network: the last step's classifier and scale/shift only; per-step
+        # copies would keep their initial values, and the cascade uses them at test time
+        untrained = {"multi_head": "classifiers", "temporal_affine": "batch-norm scales and shifts"}
+        flags = [n for n in untrained if getattr(self.model, n, False)]
+        if self.loss == "final" and flags:
+            names = " and ".join(f"--{n.replace('_', '-')}" for n in flags)
+            what = " and ".join(untrained[n] for n in flags)
+            raise ValueError(
+                f"--loss final trains only the feed-forward network: with {names} the other steps' {what} would "
+                f"stay untrained yet be used at test time (drop {names}, or use --loss td or ce)"
+            )
 
     def options(self) -> dict[str, Any]:
         """Every option under its command-line name, the model's inlined (``arch`` is ``model``, as the flag
@@ -230,7 +246,8 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a config.json written by a run (this version or the first release).
+        """Read a config.json written by a run (this version or the first release). A run's file without
+        ``recalibrate_batches`` predates the option: it reads as 0 (the run did not recalibrate).
 
         Raises:
             ConfigError: unreadable, not JSON, or not a valid configuration (the message names the file).
@@ -243,6 +260,9 @@ class TrainConfig:
             raise ConfigError(f"{path}: cannot read the configuration: not JSON ({first_sentence(e)})") from None
         if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
             raw = raw["train"]
+            # a run written before --recalibrate-batches kept its running averages: resumed or replayed, it
+            # computes what it did
+            raw.setdefault("recalibrate_batches", 0)
         try:
             return cls.from_dict(raw)
         except (TypeError, ValueError) as e:

@@ -7,7 +7,8 @@ A run directory holds
   SIGTERM), so a kill at any moment leaves the previous one;
 - ``metrics.jsonl``: one line per epoch (train loss, throughput, validation accuracy per exit and AUC), rewritten
   atomically; a row lost to a kill after the epoch's checkpoint is recomputed on resume;
-- ``model.safetensors``: the final weights, with the model configuration as metadata;
+- ``model.safetensors``: the final weights, with the model configuration as metadata (and, with
+  ``recalibrate_batches``, the batch-norm statistics recomputed at those weights: see ``cascadenet.recalibrate``);
 - ``train.lock`` while a process trains it (``cascadenet.rundir``): one live process per run directory.
 
 Resuming restores everything the loop depends on (the batch order of an epoch is drawn from a generator
@@ -60,6 +61,7 @@ from .loader import check_compatible, iterate_batches, normalization, num_batche
 from .losses import final_ce, stepwise_ce, td_loss
 from .norm import TemporalBatchNorm2d
 from .pretrained import config_difference, load_init, read_init
+from .recalibrate import calibration_forward, recalibrate_bn, training_batches
 from .registry import config_from_dict
 from .runconfig import (
     CONFIG,
@@ -238,6 +240,7 @@ class _Session:
     saved: tuple[int, int, int] | None = None  # position of the last checkpoint on disk
     world: distributed.World | None = None  # None: a single process
     objective: nn.Module | None = None  # the loss under DistributedDataParallel (several processes)
+    recalibration: dict[str, int] | None = None  # batches and examples of the final statistics, once recomputed
 
     @property
     def main(self) -> bool:
@@ -290,6 +293,7 @@ def _train(
     try:
         start = s.saved
         if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):
+            _recalibrate(s)
             _record(s, _validate(s, s.done))  # killed between the epoch's checkpoint and its metrics row
         s.done = None
         while s.epoch < s.cfg.epochs:
@@ -300,10 +304,18 @@ def _train(
                 s.stats = _EpochStats(torch.zeros((), device=s.device))
                 s.epoch_gen_state = s.generator.get_state()
             _checkpoint(s)  # before validating: an interruption there loses nothing
+            _recalibrate(s)  # after the checkpoint, which keeps the training state (the running averages)
             _record(s, _validate(s, s.done))
             s.done = None
-        if not (s.resumed and s.saved == start and (s.run_dir / WEIGHTS).is_file()):  # else: finished before
-            _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, {**s.extra, "epochs": s.cfg.epochs}))
+        write = not (s.resumed and s.saved == start and (s.run_dir / WEIGHTS).is_file())  # else: finished before
+        if s.world is not None:  # every process recalibrates or none (synchronised batch norm): rank 0 decides
+            write = distributed.broadcast(write)
+        if write:
+            _recalibrate(s)  # a run killed after its last metrics row: the same statistics again
+            extra = {**s.extra, "epochs": s.cfg.epochs}
+            if s.recalibration is not None:
+                extra["recalibration"] = s.recalibration
+            _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, extra))
     except BaseException as e:
         _stopped(s, e)
         raise
@@ -888,6 +900,24 @@ def _epoch_summary(s: _Session) -> dict[str, Any]:
     }
 
 
+def _recalibrate(s: _Session) -> None:
+    """After the last epoch (once): every batch-norm statistic recomputed at the final weights over
+    ``recalibrate_batches`` training batches (``cascadenet.recalibrate``). Deterministic from the weights and the
+    seed, so a run resumed from the last checkpoint (which holds the running averages) computes the same."""
+    cfg = s.cfg
+    if s.epoch < cfg.epochs or not cfg.recalibrate_batches or s.recalibration is not None:
+        return
+    shard = (0, 1) if s.world is None else (s.world.rank, s.world.size)
+    batches = training_batches(s.train_set, cfg, s.mean, s.std, s.device, cfg.recalibrate_batches, shard=shard)
+    t0 = time.perf_counter()
+    # interrupted, recalibrate_bn puts the running averages back; the checkpoint on disk holds them anyway
+    record = recalibrate_bn(s.model, batches, forward=calibration_forward(cfg, s.amp, s.channels_last))
+    record["examples"] *= shard[1]  # every process's part of each global batch
+    s.recalibration = record
+    log.info("batch-norm statistics recomputed at the final weights over %d batches (%d examples, %.1fs)",
+             record["batches"], record["examples"], time.perf_counter() - t0)  # fmt: skip
+
+
 def _validate(s: _Session, done: dict[str, Any]) -> dict[str, Any]:
     """Validation accuracy per exit and anytime AUC after an epoch: the epoch's metrics row."""
     t0 = time.perf_counter()
@@ -901,6 +931,8 @@ def _validate(s: _Session, done: dict[str, Any]) -> dict[str, Any]:
         logits = torch.cat([part for part in distributed.gather(logits) if part is not None], dim=1)
     summary = metrics.summarize(logits, s.val_set.labels.cpu(), first_step=s.model.first_informative_exit)
     row = {k: done[k] for k in ("epoch", "step", "train_loss", "lr", "train_images_per_s")}
+    if s.recalibration is not None:  # the last epoch's validation is of the recalibrated weights
+        row["bn_recalibration"] = s.recalibration
     return {
         **row,
         "val_accuracy_per_step": summary["accuracy_per_step"],
