@@ -14,6 +14,7 @@ from .cascade import CascadeConfig, CascadedResNet, CascadeState
 from .checkpoint import load_model
 from .losses import stepwise_ce, td_loss
 from .registry import create_model, list_models, register_architecture, register_family, register_model
+from .sdn import SDN, SDNConfig
 
 __all__ = [
     "AnytimeModel",
@@ -28,6 +29,8 @@ __all__ = [
     "register_architecture",
     "register_family",
     "register_model",
+    "SDN",
+    "SDNConfig",
     "stepwise_ce",
     "td_loss",
 ]
