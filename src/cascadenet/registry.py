@@ -22,6 +22,7 @@ __all__ = [
     "config_from_dict",
     "model_entry",
     "model_name",
+    "registered_families",
 ]
 
 _FAMILIES: dict[str, type[ModelConfig]] = {}
@@ -35,6 +36,11 @@ def register_family(config_cls: type[ModelConfig]) -> None:
     known = _FAMILIES.setdefault(config_cls.family, config_cls)
     if known is not config_cls:
         raise ValueError(f"model family {config_cls.family!r} is already registered by {known.__name__}")
+
+
+def registered_families() -> list[type[ModelConfig]]:
+    """The configuration classes of the registered model families, in registration order."""
+    return list(_FAMILIES.values())
 
 
 def register_model(name: str, config_cls: type[ModelConfig], **preset: Any) -> None:
