@@ -125,8 +125,10 @@ def place_ics(cumulative: list[int], total: int, fractions: tuple[float, ...] = 
     """SDN's default placement: for each fraction f, the block k (1-based) among 1..D-1 whose cumulative cost
     ``cumulative[k - 1]`` is nearest to ``f * total`` (ties: the earlier block); sorted, without repeats."""
     candidates = range(1, len(cumulative))  # never the last block
+    if not candidates:  # a one-block backbone: its final head is the only exit
+        return ()
     chosen = {min(candidates, key=lambda k: (abs(cumulative[k - 1] - f * total), k)) for f in fractions}
-    return tuple(sorted(chosen)) if candidates else ()
+    return tuple(sorted(chosen))
 
 
 class SDN(nn.Module):
