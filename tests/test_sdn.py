@@ -1,7 +1,9 @@
 """Shallow-Deep Networks: the hand count of docs/baselines.md, the IC head, the placement rule, the SDN losses, the
 IC-only mode, and SDN runs through train, evaluate and the command line."""
 
+import dataclasses
 import json
+from typing import Literal
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from safetensors.torch import load_file
 
 import cascadenet as cn
 import cascadenet.train as T
+from cascadenet import cli
 from cascadenet.checkpoint import load_model, save_weights
 from cascadenet.cli import main
 from cascadenet.evaluate import evaluate
@@ -233,3 +236,23 @@ def test_cli_trains_an_sdn_and_refuses_flags_of_other_families(tmp_path, monkeyp
     # a cascade flag given with a cascade stays valid, an SDN flag with a cascade is refused
     assert main(["train", "--model", "resnet10", "--ic-after", "1"]) == 2
     assert "--ic-after: not an option of the cascaded-resnet family" in capsys.readouterr().err
+
+
+def test_model_flags_are_the_fields_of_every_family():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class OtherConfig(cn.ModelConfig):
+        family = "test-flags-other"
+
+        stem: Literal["cifar", "patch"] = "patch"
+        """Stem."""
+        width: int = 16
+        """Width."""
+        growth: int = 6
+        """Channels each layer adds."""
+
+    cn.register_family(OtherConfig)  # after cli's import: its flags appear when they are collected again
+    flags = cli._collect_flags()
+    assert flags["stem"].kind == Literal["cifar", "cifar_pool", "imagenet", "patch"]  # one flag, choices merged
+    assert flags["width"].families == {"cascaded-resnet": 64, "sdn": 64, "test-flags-other": 16}
+    assert flags["growth"].doc == "Channels each layer adds." and flags["growth"].families == {"test-flags-other": 6}
+    assert flags["ic_after"].families == {"sdn": None} and "arch" not in flags and "input_size" not in flags

@@ -170,7 +170,8 @@ ModelFlags = _model_flags_class()
 
 @dataclass
 class TrainCommand(TrainConfig):
-    """Train a cascaded ResNet; writes a run directory (config, checkpoints, metrics, final weights)."""
+    """Train an anytime model (a cascaded ResNet, an SDN, ...); writes a run directory (config, checkpoints,
+    metrics, final weights)."""
 
     model: Annotated[ModelFlags, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelFlags)  # type: ignore[assignment,valid-type]
     """The model."""
