@@ -17,6 +17,7 @@ from .losses import stepwise_ce, td_loss
 from .msdnet import MSDNet, MSDNetConfig
 from .recalibrate import recalibrate_bn
 from .registry import create_model, list_models, register_architecture, register_family, register_model
+from .sdn import SDN, SDNConfig
 
 __all__ = [
     "AnytimeModel",
@@ -36,6 +37,8 @@ __all__ = [
     "register_architecture",
     "register_family",
     "register_model",
+    "SDN",
+    "SDNConfig",
     "stepwise_ce",
     "td_loss",
 ]

@@ -24,18 +24,20 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import tyro
 
-from .cascade import CascadeConfig
+from .anytime import ModelConfig
 from .checkpoint import CheckpointError
 from .datasets import DataError
 from .interrupts import Terminated
-from .runconfig import TrainConfig
+from .registry import model_entry, model_name, registered_families
+from .runconfig import FROM_DATASET, TrainConfig
 from .rundir import RunLockedError
 from .train import TrainingError
 
@@ -44,39 +46,138 @@ __all__ = ["main"]
 DESCRIPTION = "Train, evaluate and plot parallel cascaded ResNets for anytime prediction."
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelFlags(CascadeConfig):
-    """CascadeConfig as command-line flags: ``--model`` names the architecture, the dataset sets the rest."""
+# ---- model flags ---------------------------------------------------------------------------------------------
+# `--model` names any registered model (`cascadenet models`); the other model flags are the fields of every model
+# family registered when this module is imported (its ModelConfig subclass: type, default and docstring become the
+# flag), so a new family needs no code here. A field that several families have is one flag. Not flags: the
+# options the dataset sets (FROM_DATASET) and `arch`, which the --model name carries (resnet18, sdn-resnet18).
+NOT_FLAGS = (*FROM_DATASET, "arch")
 
-    num_classes: tyro.conf.Suppress[int] = 10
-    in_channels: tyro.conf.Suppress[int] = 3
-    arch: Annotated[str, tyro.conf.arg(name="model")] = "resnet18"
-    """Architecture: resnet10, resnet18, resnet34 or resnet50."""
 
-    def __post_init__(self) -> None:
-        pass  # checked in config(), so that a bad value is one error line, not the parser's box
+@dataclass(frozen=True)
+class _Flag:
+    kind: Any  # the annotation tyro parses
+    default: Any  # the first family's default (what tyro shows and fills in when the flag is not typed)
+    doc: str
+    families: dict[str, Any]  # family name -> its default
 
-    @classmethod
-    def of(cls, config: object) -> ModelFlags:
-        if not isinstance(config, CascadeConfig):
-            raise ValueError(f"the command line trains cascaded ResNets; this configuration holds {config!r}")
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(CascadeConfig)})
 
-    def config(self) -> CascadeConfig:
-        try:
-            return CascadeConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(CascadeConfig)})
-        except ValueError as e:  # the model's messages name its fields: name the flags instead
-            names = [f.name for f in dataclasses.fields(CascadeConfig) if f.name != "arch"]
-            pattern = r"(?<![-\w])(" + "|".join(names) + r")(=True)?(?![\w])"
-            raise ValueError(re.sub(pattern, lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from None
+def _collect_flags() -> dict[str, _Flag]:
+    flags: dict[str, _Flag] = {}
+    for config_cls in registered_families():
+        hints = typing.get_type_hints(config_cls)
+        for f in dataclasses.fields(config_cls):
+            if f.name in NOT_FLAGS or not f.init:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            kind, known = hints[f.name], flags.get(f.name)
+            if known is None:
+                doc = _docstring(config_cls, f.name)
+                flags[f.name] = _Flag(kind, default, doc, {config_cls.family: default})
+                continue
+            known.families[config_cls.family] = default
+            if kind != known.kind:  # the same name, another type: one flag that takes either
+                flags[f.name] = dataclasses.replace(known, kind=_merge(known.kind, kind))
+    return flags
+
+
+def _merge(a: Any, b: Any) -> Any:
+    if typing.get_origin(a) is Literal and typing.get_origin(b) is Literal:
+        return Literal[tuple(dict.fromkeys(typing.get_args(a) + typing.get_args(b)))]  # type: ignore[valid-type]
+    if bool in (a, b):
+        return a  # a bool flag is a --x/--no-x pair; the family's own check refuses a value it cannot take
+    return a | b
+
+
+def _docstring(cls: type, name: str) -> str:
+    try:  # tyro's reader of field docstrings (what it shows for ordinary dataclasses)
+        from tyro._docstrings import get_field_docstring
+
+        return get_field_docstring(cls, name, ()) or ""
+    except Exception:  # a class without source, or another tyro
+        return ""
+
+
+FLAGS = _collect_flags()
+
+
+def _flag_field(name: str, flag: _Flag) -> tuple[str, Any, Any]:
+    families = list(flag.families)
+    defaults = set(map(repr, flag.families.values()))
+    if len(defaults) == 1:
+        hint = f"({', '.join(families)}; default: {_shown(flag.default)})"
+    else:
+        hint = "(" + "; ".join(f"{fam} default: {_shown(d)}" for fam, d in flag.families.items()) + ")"
+    arg = tyro.conf.arg(help=flag.doc, help_behavior_hint=hint)
+    return name, Annotated[flag.kind, arg], field(default=flag.default)
+
+
+def _shown(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+def _model_flags_class() -> type:
+    model_help = (
+        "The model: a registered name (`cascadenet models`): cascaded ResNets resnet10/18/34/50, Shallow-Deep "
+        "Networks sdn-resnet10/18/34/50, ...; its family decides which other model flags apply."
+    )
+    fields: list[Any] = [("model", Annotated[str, tyro.conf.arg(help=model_help)], field(default="resnet18"))]
+    fields += [_flag_field(name, flag) for name, flag in FLAGS.items()]
+    # which options came from a --config file (not typed: a family that lacks one drops it silently)
+    fields.append(("file_options", tyro.conf.Suppress[tuple[str, ...]], field(default=())))
+    return dataclasses.make_dataclass("ModelFlags", fields, frozen=True, kw_only=True, namespace={
+        "__doc__": "The model options as command-line flags: --model names the model, the dataset sets the rest.",
+        "of": classmethod(_flags_of), "config": _flags_config, "__module__": __name__,
+    })  # fmt: skip
+
+
+def _flags_of(cls: type, config: ModelConfig) -> Any:
+    """The flags that reproduce ``config`` (``train --config FILE``: the file's options become the defaults)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in FLAGS}
+    return cls(model=model_name(config), **values, file_options=tuple(values))
+
+
+def _flags_config(self: Any, typed: Collection[str] = ()) -> ModelConfig:
+    """The model configuration of the flags: the --model name's preset, the options of a --config file, the
+    flags typed (``typed``: option names, as ``given_options`` finds them). A typed flag that the model's family
+    lacks is refused, naming the flag and the family.
+
+    Raises:
+        ValueError: an unknown model, a flag of another family, a bad value (the message names the flag).
+    """
+    config_cls, preset = model_entry(self.model)
+    own = [f.name for f in dataclasses.fields(config_cls) if f.name in FLAGS]
+    lacking = [n for n in FLAGS if n in typed and n not in own]
+    if lacking:
+        names = ", ".join(_flag(n) for n in lacking)
+        theirs = ", ".join(_flag(n) for n in own) or "none"
+        raise ValueError(
+            f"{names}: not an option of the {config_cls.family} family (--model {self.model}); its model options: "
+            f"{theirs}"
+        )
+    from_file = {n: getattr(self, n) for n in own if n in self.file_options and n not in typed}
+    options = {**from_file, **preset, **{n: getattr(self, n) for n in own if n in typed}}
+    try:
+        return config_cls(**options)
+    except ValueError as e:  # the model's messages name its fields: name the flags instead
+        pattern = r"(?<![-\w])(" + "|".join(own) + r")(=True)?(?![\w])"
+        raise ValueError(re.sub(pattern, lambda m: _flag(m.group(1)), str(e))) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+ModelFlags = _model_flags_class()
 
 
 @dataclass
 class TrainCommand(TrainConfig):
-    """Train a cascaded ResNet; writes a run directory (config, checkpoints, metrics, final weights)."""
+    """Train an anytime model (a cascaded ResNet, an SDN, ...); writes a run directory (config, checkpoints,
+    metrics, final weights)."""
 
-    model: Annotated[ModelFlags, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelFlags)  # type: ignore[assignment]
-    """The cascaded ResNet."""
+    model: Annotated[ModelFlags, tyro.conf.OmitArgPrefixes] = field(default_factory=ModelFlags)  # type: ignore[assignment,valid-type]
+    """The model."""
     config: str | None = None
     """Start from the options in this config.json (written by a run); options given on the line override them."""
     resume: str | None = None
@@ -85,16 +186,17 @@ class TrainCommand(TrainConfig):
     def __post_init__(self) -> None:
         pass  # checked in train_config(), so that a bad value is one error line, not the parser's box
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self, typed: Collection[str] = ()) -> TrainConfig:
+        """The run's options; ``typed``: the options typed on the command line (``given_options``)."""
         names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
-        return TrainConfig(model=self.model.config(), **{k: getattr(self, k) for k in names})
+        return TrainConfig(model=self.model.config(typed), **{k: getattr(self, k) for k in names})
 
 
 def _option_flags() -> dict[str, str]:
     """Every flag of ``cascadenet train`` that sets a training option -> the option's name in
     ``TrainConfig.options`` (``--model`` -> ``model``, ``--no-augment`` -> ``augment``)."""
     flags = {"--config": "config"}
-    for name in TrainConfig().options():
+    for name in [*TrainConfig().options(), *FLAGS]:
         flags["--" + name.replace("_", "-")] = name
         flags["--no-" + name.replace("_", "-")] = name
     return flags
@@ -278,7 +380,7 @@ class ConvertCommand:
 
 @dataclass
 class ModelsCommand:
-    """List the registered architectures."""
+    """List the registered models (the names --model takes)."""
 
     pattern: tyro.conf.Positional[str | None] = None
     """Glob pattern, e.g. 'resnet1*'."""
@@ -321,12 +423,11 @@ def _run_train(cmd: TrainCommand, argv: Sequence[str]) -> None:
     from .train import train
 
     if cmd.resume is None:
-        run_dir = train(cmd.train_config())
+        run_dir = train(cmd.train_config(given_options(argv)))
     else:
         # the options typed on the line, whatever their value; train() compares them with the stored ones
         # (read from the parsed flags, not from a TrainConfig: the defaults around them need not be a valid run)
-        model = {"model" if f.name == "arch" else f.name: getattr(cmd.model, f.name)
-                 for f in dataclasses.fields(CascadeConfig)}  # fmt: skip
+        model = {"model": cmd.model.model, **{n: getattr(cmd.model, n) for n in FLAGS}}
         train_fields = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
         options = {**model, **train_fields, "config": cmd.config}
         overrides = {name: options[name] for name in given_options(argv)}

@@ -8,6 +8,10 @@ label and sg a stop-gradient, the targets run backwards in time,
 and the loss is the soft cross-entropy -sum_c q_t[c] log p_t[c], averaged over the batch and *summed* over
 the steps whose output can depend on the input. lambda = 1 is cross-entropy at every step; lambda = 0 makes
 each step predict the next step's output (pure bootstrapping), only the last step seeing the label.
+
+Shallow-Deep Networks (Kaya et al. 2019) train their internal classifiers (all exits but the last) with
+``sdn_loss``, sum_i tau_i(e) CE(IC_i) + CE(final), whose weights ``sdn_weights`` ramp up over the epochs, or, on
+a trained and frozen backbone, with ``ic_only_loss``, the unweighted sum of the ICs' cross-entropies.
 """
 
 from __future__ import annotations
@@ -16,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "td_targets", "td_loss", "stepwise_ce", "final_ce"]
+__all__ = ["LOSSES", "td_targets", "td_loss", "stepwise_ce", "final_ce", "sdn_weights", "sdn_loss", "ic_only_loss"]
 
-LOSSES = ("td", "ce", "final")
+LOSSES = ("td", "ce", "final", "sdn", "ic-only")
 
 
 def _check(logits: Tensor, targets: Tensor, label_smoothing: float) -> None:
@@ -88,3 +92,32 @@ def final_ce(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def sdn_weights(fractions: tuple[float, ...] | list[float], epoch: int, epochs: int) -> list[float]:
+    """SDN's IC weights in epoch ``epoch`` (1-based) of ``epochs``: tau_i(e) = min(tau_i, 0.01 + e * tau_i / E),
+    tau_i the IC's cost fraction (``model_funcs.sdn_train`` of the reference code): each weight starts near 0.01
+    and reaches tau_i only in the last epoch."""
+    if not 1 <= epoch <= epochs:
+        raise ValueError(f"epoch must be in [1, {epochs}], got {epoch}")
+    return [min(tau, 0.01 + epoch * tau / epochs) for tau in fractions]
+
+
+def sdn_loss(logits: Tensor, targets: Tensor, weights: list[float], *, label_smoothing: float = 0.0) -> Tensor:
+    """SDN's joint loss of exits ``(E, B, C)`` (internal classifiers, then the final head):
+    sum_i weights[i] * CE(exit i) + CE(final), each CE averaged over the batch."""
+    _check(logits, targets, label_smoothing)
+    if len(weights) != logits.shape[0] - 1:
+        raise ValueError(f"{logits.shape[0] - 1} internal classifiers but {len(weights)} weights")
+    ce = [F.cross_entropy(z.float(), targets, label_smoothing=label_smoothing) for z in logits]
+    return sum((w * c for w, c in zip(weights, ce[:-1])), ce[-1])
+
+
+def ic_only_loss(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
+    """SDN's IC-only loss: the unweighted sum of the internal classifiers' cross-entropies (every exit of
+    ``(E, B, C)`` but the last, the final head, which is frozen)."""
+    _check(logits, targets, label_smoothing)
+    if logits.shape[0] < 2:
+        raise ValueError("the IC-only loss needs internal classifiers: the logits hold only the final exit")
+    ce = [F.cross_entropy(z.float(), targets, label_smoothing=label_smoothing) for z in logits[:-1]]
+    return sum(ce[1:], ce[0])

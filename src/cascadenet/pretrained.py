@@ -287,16 +287,18 @@ def read_init(
     model_cfg = dataclasses.replace(stored, **dataset)
     given = dataclasses.replace(model, **dataset)
     default = dataclasses.replace(type(model)(), **dataset)
+    differ = ""
     if given != model_cfg and given != default:
         if type(given) is not type(model_cfg):
             differ = config_difference(given, model_cfg)
-        else:  # the options set away from their defaults that the file contradicts
-            fields = [f.name for f in dataclasses.fields(given)]
+        else:  # the options set away from their defaults that the file contradicts (none: the file's model)
+            fields = [f.name for f in dataclasses.fields(given) if f.name not in dataset]
             differ = "; ".join(
                 f"{'model' if n == 'arch' else n} {getattr(given, n)} vs {getattr(model_cfg, n)} in the file"
                 for n in fields
                 if getattr(given, n) != getattr(model_cfg, n) and getattr(given, n) != getattr(default, n)
             )
+    if differ:
         raise ValueError(
             f"--init {path} holds its own model, and the model options given differ from it ({differ}): leave the "
             "model options out"

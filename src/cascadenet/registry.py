@@ -20,6 +20,9 @@ __all__ = [
     "register_architecture",
     "register_family",
     "config_from_dict",
+    "model_entry",
+    "model_name",
+    "registered_families",
 ]
 
 _FAMILIES: dict[str, type[ModelConfig]] = {}
@@ -33,6 +36,11 @@ def register_family(config_cls: type[ModelConfig]) -> None:
     known = _FAMILIES.setdefault(config_cls.family, config_cls)
     if known is not config_cls:
         raise ValueError(f"model family {config_cls.family!r} is already registered by {known.__name__}")
+
+
+def registered_families() -> list[type[ModelConfig]]:
+    """The configuration classes of the registered model families, in registration order."""
+    return list(_FAMILIES.values())
 
 
 def register_model(name: str, config_cls: type[ModelConfig], **preset: Any) -> None:
@@ -59,6 +67,33 @@ def list_models(pattern: str | None = None) -> list[str]:
     """Registered model names, optionally filtered by a glob pattern such as ``"resnet1*"``."""
     names = sorted(_MODELS)
     return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def model_entry(name: str) -> tuple[type[ModelConfig], dict[str, Any]]:
+    """The configuration class and preset options of a registered model name; a family name (what
+    ``model_name`` gives a configuration that no preset matches) stands for its class with no preset.
+
+    Raises:
+        ValueError: an unknown name (the message lists the registered models).
+    """
+    if name in _MODELS:
+        config_cls, preset = _MODELS[name]
+        return config_cls, dict(preset)
+    if name in _FAMILIES:
+        return _FAMILIES[name], {}
+    raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(list_models())}")
+
+
+def model_name(config: ModelConfig) -> str:
+    """The registered name a configuration is an instance of: among the models of its class whose preset options
+    it has, the one with the most preset options (the first registered on a tie), e.g. ``"resnet18"`` or
+    ``"sdn-resnet18"``; the family name when no preset fits."""
+    best, most = config.family, -1
+    for name, (config_cls, preset) in _MODELS.items():
+        fits = type(config) is config_cls and all(getattr(config, k, None) == v for k, v in preset.items())
+        if fits and len(preset) > most:
+            best, most = name, len(preset)
+    return best
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:

@@ -19,12 +19,15 @@ from .anytime import ModelConfig, check_types
 from .cascade import CascadeConfig
 from .checkpoint import first_sentence
 from .losses import LOSSES
-from .registry import config_from_dict
+from .registry import config_from_dict, model_entry, model_name
+from .sdn import SDNConfig
 
 __all__ = [
     "CONFIG",
     "RESUMABLE",
     "FROM_DATASET",
+    "IC_LOSSES",
+    "check_loss_fits",
     "ConfigError",
     "TrainConfig",
     "check_resume_overrides",
@@ -35,8 +38,11 @@ CONFIG = "config.json"
 
 # Options a resumed run may change: where and how fast it runs, not what it computes.
 RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size", "workers")
-# Model options that training takes from the dataset, not from the user.
-FROM_DATASET = ("num_classes", "in_channels")
+# Model options that training takes from the dataset, not from the user (those the model's family has; an SDN's
+# internal classifiers are sized for the images' side).
+FROM_DATASET = ("num_classes", "in_channels", "input_size")
+# Losses that train a Shallow-Deep Network's internal classifiers, and so need one.
+IC_LOSSES = ("sdn", "ic-only")
 
 
 class ConfigError(ValueError):
@@ -80,9 +86,11 @@ class TrainConfig:
     the model is the file's (leave the model options out). A changed number of classes gets a new classifier."""
 
     # --- objective ---
-    loss: Literal["td", "ce", "final"] = "td"
+    loss: Literal["td", "ce", "final", "sdn", "ic-only"] = "td"
     """td: TD(lambda) over the trajectory; ce: cross-entropy at every step; final: ordinary feed-forward
-    cross-entropy (the CascadedCE / SerialCE baselines, delays inserted only at test time)."""
+    cross-entropy (the CascadedCE / SerialCE baselines, delays inserted only at test time; an SDN's plain ResNet);
+    sdn: SDN's joint loss, IC weights ramping over the epochs; ic-only: the ICs alone on a frozen backbone (SDN
+    models; start it with --init from a run trained with --loss final)."""
     lam: float = 0.5
     """Lambda of the TD loss, in [0, 1] (1 = cross-entropy at every step)."""
     label_smoothing: float = 0.0
@@ -197,19 +205,23 @@ class TrainConfig:
                 f"--loss final trains only the feed-forward network: with {names} the other steps' {what} would "
                 f"stay untrained yet be used at test time (drop {names}, or use --loss td or ce)"
             )
+        if self.init is None:  # else the model is the --init file's: checked when training reads it
+            check_loss_fits(self.loss, self.model)
 
     def options(self) -> dict[str, Any]:
         """Every option under its command-line name, the model's inlined (``arch`` is ``model``, as the flag
         ``--model``), without those the dataset sets: what tells two runs apart."""
-        flat = {}
+        name = model_name(self.model)
+        implied = model_entry(name)[1]  # arch is in the name (resnet18, sdn-resnet18): not repeated
+        flat = {"model": name}
         for f in dataclasses.fields(self.model):
-            if f.name not in FROM_DATASET:
-                flat["model" if f.name == "arch" else f.name] = getattr(self.model, f.name)
+            if f.name not in FROM_DATASET and not (f.name == "arch" and "arch" in implied):
+                flat[f.name] = getattr(self.model, f.name)
         flat.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "model")
         return flat
 
     def run_name(self) -> str:
-        return self.name or f"{getattr(self.model, 'arch', self.model.family)}-{self.loss}-{self.dataset}-s{self.seed}"
+        return self.name or f"{model_name(self.model)}-{self.loss}-{self.dataset}-s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; ``from_dict`` reads it back."""
@@ -267,6 +279,18 @@ class TrainConfig:
             return cls.from_dict(raw)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def check_loss_fits(loss: str, model: ModelConfig) -> None:
+    """Raise ``ValueError`` unless ``loss`` can train ``model``: the SDN losses need a Shallow-Deep Network, and
+    ``ic-only`` one with internal classifiers."""
+    if loss in IC_LOSSES and not isinstance(model, SDNConfig):
+        raise ValueError(
+            f"--loss {loss} trains the internal classifiers of a Shallow-Deep Network; model {model_name(model)} "
+            f"(family {model.family}) has none (choose an SDN, e.g. --model sdn-resnet18)"
+        )
+    if loss == "ic-only" and model.ic_after == ():
+        raise ValueError("--loss ic-only trains internal classifiers, and this SDN has none (its ic_after is empty)")
 
 
 def check_resume_overrides(overrides: dict[str, Any], stored: TrainConfig | None = None) -> dict[str, Any]:

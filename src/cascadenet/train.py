@@ -58,7 +58,7 @@ from .checkpoint import (
 from .datasets import DataError, ImageSet, load_dataset
 from .interrupts import Interrupts, Terminated, catch_signals
 from .loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
-from .losses import final_ce, stepwise_ce, td_loss
+from .losses import final_ce, ic_only_loss, sdn_loss, sdn_weights, stepwise_ce, td_loss
 from .norm import TemporalBatchNorm2d
 from .pretrained import config_difference, load_init, read_init
 from .recalibrate import calibration_forward, recalibrate_bn, training_batches
@@ -69,6 +69,7 @@ from .runconfig import (
     ConfigError,
     TrainConfig,
     changed_options,
+    check_loss_fits,
     check_resume_overrides,
 )
 from .rundir import LOCK, RunLock, RunLockedError, clean_temporaries, is_temporary
@@ -126,15 +127,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # Weight decay on conv and linear weights only: decaying normalisation scales and biases only hurts.
     # (temporal batch-norm scales are 2-D, (slots, C), so dimensionality alone does not tell them apart)
     norm = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
-    decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in norm]
-    other = [p for p in model.parameters() if p.ndim < 2 or id(p) in norm]
+    params = [p for p in model.parameters() if p.requires_grad]  # not the frozen parts (SDN's IC-only mode)
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in norm]
+    other = [p for p in params if p.ndim < 2 or id(p) in norm]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, epoch: int = 1) -> torch.Tensor:
+    """The training loss of a batch in epoch ``epoch`` (1-based; SDN's IC weights ramp over the epochs)."""
     if cfg.loss == "final":
         # the model's own final prediction: a cascade's ordinary ResNet, else the last exit
         feedforward = getattr(model, "feedforward", None)
@@ -144,6 +147,11 @@ def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainC
     first = model.first_informative_exit
     if cfg.loss == "ce":
         return stepwise_ce(logits, y, first_step=first, label_smoothing=cfg.label_smoothing)
+    if cfg.loss == "sdn":
+        weights = sdn_weights(model.ic_fractions, epoch, cfg.epochs)
+        return sdn_loss(logits, y, weights, label_smoothing=cfg.label_smoothing)
+    if cfg.loss == "ic-only":
+        return ic_only_loss(logits, y, label_smoothing=cfg.label_smoothing)
     return td_loss(logits, y, cfg.lam, first_step=first, label_smoothing=cfg.label_smoothing)
 
 
@@ -626,8 +634,8 @@ class _Objective(nn.Module):
         self.model = model
         self.cfg = cfg
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return compute_loss(self.model, x, y, self.cfg)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        return compute_loss(self.model, x, y, self.cfg, epoch)
 
 
 def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
@@ -661,6 +669,17 @@ def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Ten
     return full, train_set, val_set, mean, std
 
 
+def _from_dataset(model: ModelConfig, full: Any) -> dict[str, Any]:
+    """The model options that the dataset sets (``FROM_DATASET``, those the model's family has)."""
+    c, h, w = _shape(full)
+    options = {"num_classes": full.num_classes, "in_channels": c}
+    if any(f.name == "input_size" for f in dataclasses.fields(model)):
+        if h != w:
+            raise ValueError(f"a {model.family} model needs square images, the dataset's are {h}x{w} (--image-size)")
+        options["input_size"] = h
+    return options
+
+
 def _schedule(cfg: TrainConfig, n_train: int, processes: int) -> tuple[int, int, int]:
     """Optimizer steps per epoch, in all, and of warm-up."""
     per_epoch = num_batches(n_train, cfg.batch_size * processes, drop_last=True)
@@ -690,6 +709,8 @@ def _session(cfg: TrainConfig, model: nn.Module, device: torch.device, data: tup
     full, train_set, val_set, mean, std = data
     per_epoch, total, warmup = schedule
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    if cfg.loss == "ic-only":  # before the optimizer, which then holds the internal classifiers only
+        model.freeze_backbone()
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -746,12 +767,16 @@ def _start_here(
 
     data = _load_data(cfg)
     full, train_set, val_set, mean, std = data
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=full.num_classes,
-                                                             in_channels=full.num_channels))  # fmt: skip
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **_from_dataset(cfg.model, full)))
     initial = None
     if cfg.init is not None and not (resume is not None and (run_dir / CHECKPOINT).is_file()):
         model_cfg, initial = read_init(cfg.init, cfg.model, full.num_classes, full.num_channels)
+        side = _from_dataset(model_cfg, full).get("input_size")
+        if side is not None and side != model_cfg.input_size:
+            raise CheckpointError(f"--init {cfg.init} holds a model sized for {model_cfg.input_size}x"
+                                  f"{model_cfg.input_size} images, but the dataset's are {side}x{side}")  # fmt: skip
         cfg = dataclasses.replace(cfg, model=model_cfg)
+        check_loss_fits(cfg.loss, cfg.model)  # the file decides the model
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     if initial is not None:
@@ -862,7 +887,8 @@ def _train_epoch(s: _Session) -> None:
             if s.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(s.device.type, s.amp):
-                loss = compute_loss(s.model, x, y, cfg) if s.objective is None else s.objective(x, y)
+                epoch = s.epoch + 1  # restored from the checkpoint on resume: the same weights as uninterrupted
+                loss = compute_loss(s.model, x, y, cfg, epoch) if s.objective is None else s.objective(x, y, epoch)
             s.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step_loss = loss.detach() if s.world is None else distributed.mean(loss)  # the global batch's loss
