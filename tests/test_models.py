@@ -243,3 +243,13 @@ def test_branch_macs_match_torch_flop_counter(stem):
             y = branch(x, 0)
         macs, out_hw = branch.macs(hw)
         assert macs * 2 == counter.get_total_flops() and tuple(y.shape[-2:]) == out_hw
+
+
+def test_cascade_exit_costs_match_the_hand_count_in_docs_baselines():
+    # docs/baselines.md writes these out computation by computation (stem delayed, 6 steps, 1x28x28)
+    parallel = cn.create_model("resnet10", width=4, stem="cifar", in_channels=1)
+    serial = cn.create_model("resnet10", width=4, stem="cifar", in_channels=1, scheme="serial")
+    assert parallel.exit_costs((1, 28, 28)).macs == [0, 49_280, 856_000, 1_430_656, 1_829_696, 2_051_200]
+    assert serial.exit_costs((1, 28, 28)).macs == [0, 49_280, 296_128, 480_256, 658_112, 879_616]
+    assert parallel.exit_costs((1, 28, 28)).latency == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert parallel.feedforward_macs((1, 28, 28)) == 834_944

@@ -25,7 +25,7 @@ TINY_VARIANTS = [
     {**TINY, "channels": 6, "growth_rate": 3, "width": 1.0, "gr_factor": (1, 1, 3)},  # odd new-channel counts: 3, 3, 9
 ]
 
-# The tiny network written out in docs/msdnet.md, layer by layer.
+# The tiny network written out in docs/baselines.md, layer by layer.
 HAND = dict(num_blocks=2, base=1, step=1, num_scales=2, gr_factor=(1, 2), bn_factor=(1, 2), channels=16,
             growth_rate=16, width=0.125, in_channels=1, num_classes=3)  # fmt: skip
 
@@ -70,7 +70,7 @@ def printed(macs):
     return [float(f"{m / 1e6:.1f}") for m in macs]
 
 
-# Cumulative MACs per exit of the reference's networks on 32x32 (docs/msdnet.md). The PyTorch README trains both
+# Cumulative MACs per exit of the reference's networks on 32x32 (docs/baselines.md). The PyTorch README trains both
 # of its networks on CIFAR-100 and the Lua README its networks on CIFAR-10, and each row is reproduced to the
 # printed digit only with that number of classes (100 classes add 128*90 MACs per classifier), which the
 # classifiers' linear layers being counted makes a check of its own.
@@ -138,7 +138,7 @@ def test_analytic_count_equals_torch_flop_counter(options, size):
 
 
 def test_hand_count_of_a_tiny_network():
-    # Written out in docs/msdnet.md. Input 1x8x8; scales 8x8 and 4x4; stem 2 and 4 channels, growth 2 (4 at the
+    # Written out in docs/baselines.md. Input 1x8x8; scales 8x8 and 4x4; stem 2 and 4 channels, growth 2 (4 at the
     # coarse scale, half from each side), classifiers of 16 channels, 3 classes.
     model = MSDNetConfig(**HAND).build()
     stem = 9 * 1 * 2 * 64 + 9 * 2 * 4 * 16  # 3x3 1->2 at 8x8; 3x3/2 2->4 to 4x4

@@ -21,7 +21,7 @@ Costs (``MSDNet.exit_costs``) are counted analytically from the layer shapes: a 
 are not counted (as for the cascaded ResNets). Exit k's count is cumulative over everything computed to produce
 exits 0..k, the earlier classifiers included, as the reference's ``op_counter.py`` accumulates it. That counter
 also charges one operation per ReLU input element, the pooling and the linear bias (about 1% more); the per-exit
-counts quoted for the reference networks are conv and linear only, and these reproduce them (docs/msdnet.md).
+counts quoted for the reference networks are conv and linear only, and these reproduce them (docs/baselines.md).
 """
 
 from __future__ import annotations
