@@ -5,6 +5,11 @@ options refused."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +85,33 @@ def test_reproduce_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="--seeds must be a positive integer"):
         reproduce("synthetic", seeds=0, out=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+KILLED = """
+import logging, sys
+from cascadenet.reproduce import reproduce
+from test_reproduce import TINY
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+reproduce("synthetic", budget="tiny", seeds=1, out=sys.argv[1], threads=1, device="cpu", progress=False,
+          synthetic_size=160, recipe=TINY)
+"""
+
+
+@pytest.mark.slow  # about 30 s on an idle 2-core machine; the Ctrl-C resume above runs in CI
+def test_reproduce_resumes_after_a_kill(tmp_path):
+    # a real SIGKILL of the whole command just after the second run's first-epoch checkpoint
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent / "src"), str(here)])}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env)
+    seen = 0
+    for line in proc.stderr:
+        seen += line.startswith("epoch 1/2")
+        if seen == 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert seen == 2 and proc.returncode == -signal.SIGKILL
+    record = json.loads((_run(tmp_path).parent / "synthetic.json").read_text())
+    assert list(record["how"].values())[:2] == ["reused", "resumed"]
