@@ -266,17 +266,38 @@ def _fit(train: ImageSet, options: EstimatorOptions, num_classes: int, mean: Ten
         torch.manual_seed(seed)
         model = _small_model(options, tuple(train.images.shape[1:]), num_classes)
     model = model.to(train.images.device)
-    opt = torch.optim.Adam(model.parameters(), lr=options.lr)
+    params = list(model.parameters())
+    adam = _Adam(params, options.lr)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(options.epochs):
         for x, y in iterate_batches(train, options.batch_size, shuffle=True, augment=False, mean=mean, std=std,
                                     generator=g):  # fmt: skip
             loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            grads = torch.autograd.grad(loss, params)
+            adam.step(grads)
     return model.eval()
+
+
+class _Adam:
+    """Adam (Kingma and Ba; torch.optim.Adam's defaults: betas 0.9, 0.999, eps 1e-8, no weight decay), written out
+    because the first use of any torch.optim optimizer imports torch._dynamo, which takes longer (seconds) than
+    the whole estimator on a small dataset."""
+
+    def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[Tensor]) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
 
 
 @torch.no_grad()
@@ -628,10 +649,7 @@ def typicality(
     }
     atomic_write(out / "typicality.json", (json.dumps(result, indent=2) + "\n").encode())
     atomic_write(out / "typicality.md", format_report(result).encode())
-    fig = _figure(result)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
-    atomic_write(out / "typicality.png", buffer.getvalue())
+    _save_figure(result, out / "typicality.png")
     result["out"] = str(out)
     return result
 
@@ -728,7 +746,15 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save_figure(result: dict[str, Any], path: Path) -> None:
+    buffer = io.BytesIO()
+    _figure(result).savefig(buffer, format="png", dpi=150)
+    atomic_write(path, buffer.getvalue())
+
+
 def _figure(result: dict[str, Any]) -> Any:
+    """Accuracy against step per typicality bin, one panel per run; a last panel of the mean settle step and
+    the mean stopping step (first threshold) per bin, one colour per run."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
