@@ -299,7 +299,7 @@ def test_cli_with_a_score_file_maps_the_val_split_to_original_indices(tmp_path, 
         (["--scores", str(tmp_path / "wrong.npz")], "labels disagree"),
         (["--scores", str(tmp_path / "none.npy")], "no such file"),
         (["--bins", "0"], "--bins"),
-        (["--bins", "7", "--scores", str(tmp_path / "s.npz")], "more bins than examples"),
+        (["--bins", "7"], "more bins than val examples (6)"),
         (["--thresholds", "1.5"], "--thresholds"),
         ([str(other)], "evaluate different val examples"),
     ]:

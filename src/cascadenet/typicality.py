@@ -589,6 +589,8 @@ def typicality(
     _, cfg, source, idx = first
     idx_np = idx.numpy()
     labels = source.labels[idx].numpy()
+    if bins > idx_np.size:  # before the estimator's work, not after it
+        raise ValueError(f"--bins {bins}: more bins than {split} examples ({idx_np.size})")
 
     out.mkdir(parents=True, exist_ok=True)
     tiebreak = None
