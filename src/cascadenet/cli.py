@@ -10,6 +10,7 @@
     cascadenet reproduce --dataset fashion-mnist --seeds 3 --budget small
     cascadenet models
     cascadenet convert resnet18.pth -o resnet18-cascade.safetensors    # a torchvision ResNet, then --init it
+    cascadenet typicality runs/td runs/ce [--scores cifar10-cscores-orig-order.npz]   # typical examples sooner?
 
 User errors (bad options, missing or malformed data, unusable or busy run directories, unwritable folders, a
 full disk) print one line and exit 2; a run interrupted by Ctrl-C exits 130 and one stopped by SIGTERM exits 143,
@@ -379,6 +380,49 @@ class ConvertCommand:
 
 
 @dataclass
+class TypicalityCommand:
+    """Are typical examples classified sooner? Bins a split's examples by typicality (a score file, or the built-in
+    hold-out consistency estimator) and reports, per bin and per run, accuracy at each step, the step from which
+    each example stays correct, and the confidence policy's stopping step; writes typicality.md/.json/.png."""
+
+    runs: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directories on the same examples (same dataset, seed, val fraction), e.g. CascadedTD, CascadedCE, SDN."""
+    scores: str | None = None
+    """Typicality file: .npy, or .npz with 'scores' (and optionally 'labels', checked), one score per example of the
+    dataset's training set (test set for --split test) in its original order, e.g. cifar10-cscores-orig-order.npz.
+    Default: the built-in hold-out consistency estimator."""
+    split: Literal["val", "test", "train"] = "val"
+    """Examples analysed: the run's held-out validation split (default), the test split, or its training part."""
+    bins: int = 5
+    """Typicality quantile bins."""
+    thresholds: tuple[float, ...] = (0.9,)
+    """Thresholds of the confidence policy (stop at the first step whose max softmax is >= q)."""
+    folds: int = 4
+    """Estimator: folds per repeat (each small model trains on the other folds of the training set)."""
+    repeats: int = 2
+    """Estimator: random fold partitions (each training example is scored once per repeat)."""
+    estimator_epochs: int = 3
+    """Estimator: training epochs of each small model."""
+    estimator_model: Literal["mlp", "cnn"] = "mlp"
+    """Estimator: the small model (an MLP on raw pixels, or a two-layer CNN)."""
+    estimator_seed: int = 0
+    """Estimator: seed of the folds, initialisations and batch orders."""
+    out: str | None = None
+    """Output folder (default: typicality/ in the first run directory; typicality-<split>/ for another split). The
+    estimator's scores are cached there and reused while the data and estimator options are unchanged."""
+    overwrite: bool = False
+    """Allow replacing the report files of an earlier call."""
+    data_root: str | None = None
+    """Dataset folder, if it moved since training."""
+    batch_size: int = 500
+    """Evaluation batch size."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (the runs and the estimator)."""
+    progress: bool | None = None
+    """Progress bars (default: when stderr is a terminal)."""
+
+
+@dataclass
 class ModelsCommand:
     """List the registered models (the names --model takes)."""
 
@@ -414,6 +458,7 @@ def _parse(argv: list[str]):
         | Annotated[ReproduceCommand, sub("reproduce")]
         | Annotated[ModelsCommand, sub("models")]
         | Annotated[ConvertCommand, sub("convert")]
+        | Annotated[TypicalityCommand, sub("typicality")]
     )
     return tyro.cli(spec, args=argv, prog="cascadenet", description=DESCRIPTION,
                     config=(tyro.conf.OmitSubcommandPrefixes,))  # fmt: skip
@@ -509,6 +554,18 @@ def _run_convert(cmd: ConvertCommand) -> None:
           f"(next: cascadenet train --init {output} ...)")  # fmt: skip
 
 
+def _run_typicality(cmd: TypicalityCommand) -> None:
+    from .typicality import EstimatorOptions, format_summary, typicality
+
+    estimator = EstimatorOptions(folds=cmd.folds, repeats=cmd.repeats, epochs=cmd.estimator_epochs,
+                                 model=cmd.estimator_model, seed=cmd.estimator_seed)  # fmt: skip
+    progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
+    result = typicality(cmd.runs, scores=cmd.scores, split=cmd.split, bins=cmd.bins, thresholds=cmd.thresholds,
+                        estimator=estimator, out=cmd.out, overwrite=cmd.overwrite, data_root=cmd.data_root,
+                        batch_size=cmd.batch_size, device=cmd.device, progress=progress)  # fmt: skip
+    print(format_summary(result))
+
+
 def _run_models(cmd: ModelsCommand) -> None:
     from .registry import list_models
 
@@ -526,7 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             runner = {EvalCommand: _run_eval, PredictCommand: _run_predict, PlotCommand: _run_plot,
                       DemoCommand: _run_demo, ReproduceCommand: _run_reproduce, ModelsCommand: _run_models,
-                      ConvertCommand: _run_convert, RecalibrateCommand: _run_recalibrate}[type(cmd)]  # fmt: skip
+                      ConvertCommand: _run_convert, RecalibrateCommand: _run_recalibrate,
+                      TypicalityCommand: _run_typicality}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         if _rank() == 0:

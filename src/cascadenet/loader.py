@@ -20,6 +20,7 @@ __all__ = [
     "iterate_batches",
     "normalization",
     "num_batches",
+    "train_val_indices",
     "train_val_split",
 ]
 
@@ -33,14 +34,25 @@ def train_val_split(ds: ImageSet, val_fraction: float = 0.1, seed: int = 0) -> t
     Raises:
         ValueError: ``val_fraction`` is not in (0, 1) or ``ds`` has fewer than two samples.
     """
+    train_idx, val_idx = train_val_indices(len(ds), val_fraction, seed)
+    return ds.subset(train_idx), ds.subset(val_idx)
+
+
+def train_val_indices(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The positions in the original order (sorted int64 tensors) of the two parts that :func:`train_val_split`
+    makes of ``n`` samples: what maps a run's validation example to per-example data of the whole training set
+    (e.g. published consistency scores, indexed in the dataset's original order).
+
+    Raises:
+        ValueError: ``val_fraction`` is not in (0, 1) or ``n`` < 2.
+    """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n = len(ds)
     if n < 2:
         raise ValueError(f"cannot split a dataset of {n} sample(s)")
     n_val = min(max(round(n * val_fraction), 1), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return ds.subset(perm[n_val:].sort().values), ds.subset(perm[:n_val].sort().values)
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
 def normalization(ds: ImageSet) -> tuple[Tensor, Tensor]:
