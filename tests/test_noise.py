@@ -174,7 +174,7 @@ def test_a_transient_clears_exactly_when_the_memory_ends(stem_delay, scheme):
             assert (traj[first_noisy_output] - clean[first_noisy_output]).abs().max() > 1e-4
 
 
-def synthetic(n=40, size=8):
+def synthetic(n=20, size=8):
     g = torch.Generator().manual_seed(3)
     return ImageSet(images(n, size, seed=4), torch.randint(0, 4, (n,), generator=g), list("abcd"), "synthetic", False)
 
@@ -255,35 +255,49 @@ def test_families_without_a_streaming_step_are_refused(name):
 def test_cli_writes_the_report_and_never_overwrites(tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
-    argv = ["noise", str(run), "--sigmas", "0.1", "0.3", "--max-examples", "24", "--device", "cpu"]
+    folder = tmp_path / "a" / "b"  # made when missing
+    argv = ["noise", str(run), "--protocols", "frozen", "transient", "--sigmas", "0.3", "--alphas", "0.5",
+            "--max-examples", "6", "--num-steps", "9", "--device", "cpu", "--out", str(folder)]  # fmt: skip
     assert main(argv) == 0
     screen = capsys.readouterr().out
-    folder = run / "noise"
-    assert "wrote" in screen and str(folder) in screen
+    assert "wrote" in screen and str(folder) in screen and "transient, sigma 0.3" in screen
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert set(files) == {"noise.md", "noise.json", "noise-steps.png", "noise-final.png"}
     assert all(files[n].startswith(b"\x89PNG") for n in ("noise-steps.png", "noise-final.png"))
     result = json.loads(files["noise.json"])
-    assert result["run"] == "run" and result["split"] == "test" and result["num_examples"] == 24
-    assert list(result["results"]) == list(PROTOCOLS) and result["sigmas"] == [0.1, 0.3]
+    assert result["run"] == "run" and result["split"] == "test" and result["num_examples"] == 6
+    assert list(result["results"]) == ["frozen", "transient"] and result["sigmas"] == [0.3]
+    assert result["num_steps"] == 9 and result["alphas"] == [0.5]
     report = files["noise.md"].decode()
-    assert "## transient: final accuracy" in report and "ews-0.9" in report
+    assert "## transient: final accuracy" in report and "ews-0.5" in report and "noise-steps.png" in report
     # the same numbers as the library on the loaded run
     loaded = load_run(run, device="cpu")
-    again = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, sigmas=(0.1, 0.3), max_examples=24)
+    again = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, sigmas=(0.3,), alphas=(0.5,),
+                             protocols=("frozen", "transient"), max_examples=6, num_steps=9)  # fmt: skip
     assert result["results"] == json.loads(json.dumps(again["results"]))
     # never over a file without --overwrite, one line; with it, replaced
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
-    out = tmp_path / "elsewhere"
-    assert main([*argv[:2], "--sigmas", "0.2", "--protocols", "frozen", "--alphas", "--out", str(out),
-                 "--max-examples", "8", "--num-steps", "7"]) == 0  # fmt: skip
-    other = json.loads((out / "noise.json").read_text())
+    cheap = ["--protocols", "frozen", "--alphas", "--max-examples", "4", "--num-steps", "7", "--out", str(folder)]
+    assert main([*argv[:2], *cheap, "--overwrite"]) == 0
+    other = json.loads((folder / "noise.json").read_text())
     assert other["alphas"] == [] and other["num_steps"] == 7 and list(other["results"]) == ["frozen"]
-    assert main([*argv, "--overwrite"]) == 0
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_cli_defaults_every_protocol_into_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    assert main(["noise", str(run), "--max-examples", "16", "--device", "cpu"]) == 0
+    result = json.loads((run / "noise" / "noise.json").read_text())
+    assert list(result["results"]) == list(PROTOCOLS) and result["sigmas"] == [0.1, 0.2, 0.4]
+    assert result["alphas"] == [0.9] and result["num_steps"] == 15  # 6 own steps; the burst 6..8 clears at 14
+    loaded = load_run(run, device="cpu")
+    again = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, max_examples=16)
+    assert result["results"] == json.loads(json.dumps(again["results"]))
 
 
 def test_cli_bad_options_are_one_line(tmp_path, capsys):
