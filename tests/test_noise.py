@@ -317,3 +317,13 @@ def test_cli_bad_options_are_one_line(tmp_path, capsys):
     assert not (run / "noise").exists()
     assert main(["noise", str(tmp_path / "nothing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_recovery_is_the_first_step_after_the_noise_from_which_agreement_stays_high():
+    from cascadenet.noise import _recovery
+
+    agree = torch.tensor
+    assert _recovery(agree([1.0, 1.0, 0.5, 1.0, 0.995]), 1) == 3
+    assert _recovery(agree([1.0, 1.0, 1.0, 1.0]), 1) == 2  # never at or before the last noisy step
+    assert _recovery(agree([1.0, 1.0, 1.0, 0.98]), 0) is None
+    assert _recovery(agree([1.0, 1.0]), 1) is None  # the noise lasts to the end
