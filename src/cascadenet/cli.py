@@ -5,6 +5,7 @@
     cascadenet eval runs/resnet18-td-fashion-mnist-s0 [--scheme serial] [--save-logits logits.npz]
     cascadenet predict runs/resnet18-td-fashion-mnist-s0 --threshold 0.9 -o predictions.npz   # early exit
     cascadenet recalibrate runs/resnet18-td-fashion-mnist-s0 [--batches 4]    # batch-norm statistics at the weights
+    cascadenet noise runs/resnet18-td-fashion-mnist-s0 --sigmas 0.1 0.2 0.4    # persistent and transient noise
     cascadenet plot runs/a runs/b -o speed_accuracy.png
     cascadenet demo
     cascadenet reproduce --dataset fashion-mnist --seeds 3 --budget small
@@ -299,6 +300,50 @@ class RecalibrateCommand:
 
 
 @dataclass
+class NoiseCommand:
+    """Robustness of a cascade to persistent and transient noise: Gaussian pixel noise fed through the streaming
+    step (fresh every step, frozen, for the first K steps, or in a burst), the cascade against the same weights
+    with the EWS kernel and the feed-forward ResNet (each frame, running average); writes noise.md, noise.json and
+    two plots."""
+
+    run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory of a cascade, written by `cascadenet train`."""
+    sigmas: tuple[float, ...] = (0.1, 0.2, 0.4)
+    """Noise standard deviations on the [0, 1] pixel scale (added before normalisation, clipped to [0, 1])."""
+    protocols: tuple[Literal["persistent", "frozen", "transient", "burst"], ...] = (
+        "persistent", "frozen", "transient", "burst")  # fmt: skip
+    """persistent: fresh noise every step; frozen: one draw held; transient: noise in the first K steps; burst:
+    noise in steps T0..T1 of a clean sequence."""
+    steps_noisy: int | None = None
+    """K, the transient's noisy steps (default: half the settling time)."""
+    burst: tuple[int, int] | None = None
+    """T0 T1, the burst's first and last noisy steps (default: from the model's own number of steps, K steps)."""
+    alphas: tuple[float, ...] = (0.9,)
+    """EWS smoothing factors of the same weights run with the EWS kernel at test time (none: --alphas alone)."""
+    num_steps: int | None = None
+    """Steps of every trajectory (default: the model's own, lengthened until the transient and the burst clear;
+    EWS near alpha 0.9 integrates over tens of steps)."""
+    split: Literal["test", "val", "train"] = "test"
+    """Split to evaluate."""
+    max_examples: int | None = None
+    """Evaluate a random subset of this many examples (seeded by --seed)."""
+    seed: int = 0
+    """Seed of the noise and of the subset."""
+    out: str | None = None
+    """Output folder (default: RUN_DIR/noise)."""
+    overwrite: bool = False
+    """Allow replacing the report files in --out."""
+    data_root: str | None = None
+    """Dataset folder, if it moved since training."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    batch_size: int = 500
+    """Examples per batch."""
+    progress: bool | None = None
+    """Progress bar (default: when stderr is a terminal)."""
+
+
+@dataclass
 class PlotCommand:
     """Overlay per-step accuracy and the threshold speed-accuracy curves of several evaluated runs."""
 
@@ -453,6 +498,7 @@ def _parse(argv: list[str]):
         | Annotated[EvalCommand, sub("eval")]
         | Annotated[PredictCommand, sub("predict")]
         | Annotated[RecalibrateCommand, sub("recalibrate")]
+        | Annotated[NoiseCommand, sub("noise")]
         | Annotated[PlotCommand, sub("plot")]
         | Annotated[DemoCommand, sub("demo")]
         | Annotated[ReproduceCommand, sub("reproduce")]
@@ -510,6 +556,20 @@ def _run_recalibrate(cmd: RecalibrateCommand) -> None:
                                    device=cmd.device)  # fmt: skip
     print(f"wrote {path}: statistics over {record['batches']} batches ({record['examples']} examples) "
           f"(next: cascadenet eval {cmd.run_dir} --weights {path.name})")  # fmt: skip
+
+
+def _run_noise(cmd: NoiseCommand) -> None:
+    from .noise import noise_run
+
+    progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
+    options = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(cmd) if f.name != "progress"}
+    result, paths = noise_run(options.pop("run_dir"), **options, progress=progress)
+    print(f"final accuracy (%) at step {result['num_steps'] - 1}, {result['num_examples']} examples:")
+    for p, entries in result["results"].items():
+        for e in entries:
+            finals = ", ".join(f"{m} {100 * v['final_accuracy']:.1f}" for m, v in e["methods"].items())
+            print(f"  {p}, sigma {e['sigma']:g}: {finals}")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 def _run_plot(cmd: PlotCommand) -> None:
@@ -584,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner = {EvalCommand: _run_eval, PredictCommand: _run_predict, PlotCommand: _run_plot,
                       DemoCommand: _run_demo, ReproduceCommand: _run_reproduce, ModelsCommand: _run_models,
                       ConvertCommand: _run_convert, RecalibrateCommand: _run_recalibrate,
-                      TypicalityCommand: _run_typicality}[type(cmd)]  # fmt: skip
+                      TypicalityCommand: _run_typicality,
+                      NoiseCommand: _run_noise}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         if _rank() == 0:
