@@ -608,7 +608,10 @@ def format_report(record: dict[str, Any]) -> str:
                          f"{op[p['parameter']]:.6g} | {100 * op['accuracy']:.2f}% | {op['mean_step']:.2f} | "
                          f"{op['mean_macs'] / 1e6:.3f} |")  # fmt: skip
         acc = run["accuracy_per_step"]["test"]
-        lines += ["", f"Last step alone: {100 * acc[-1]:.2f}% at {run['macs_per_step'][-1] / 1e6:.3f} MMACs.", ""]
+        # sampling error, to read the areas and the one-example tolerance of the dominance verdicts against
+        se = math.sqrt(acc[-1] * (1 - acc[-1]) / run["test_examples"])
+        lines += ["", f"Last step alone: {100 * acc[-1]:.2f}% at {run['macs_per_step'][-1] / 1e6:.3f} MMACs "
+                  f"(binomial standard error of such an accuracy: {100 * se:.2f} points).", ""]  # fmt: skip
         for axis, name in (("step", "mean step"), ("macs", "mean MACs")):
             c = run["comparison"][axis]
             dominant = c["dominant"] or "none (curves cross)"
