@@ -228,6 +228,9 @@ def test_cli_round_trip(tiny_run, capsys):
     assert "--out is needed" in capsys.readouterr().err
     assert main(["policy", str(tiny_run / "missing"), "--out", str(folder / "m")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+    assert main([*args[:2], "--batch-size", "0", "--out", str(folder / "m")]) == 2
+    assert "--batch-size must be a positive integer" in capsys.readouterr().err
+    assert not (folder / "m").exists()  # nothing written by the refused commands
 
 
 @pytest.mark.slow

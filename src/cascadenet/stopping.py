@@ -275,9 +275,12 @@ def _sweep_steps(kind: str, values: Sequence[float], probs: Tensor, first_step: 
         return torch.stack([_rule_policy(kind, v).stopping_steps(probs, first_step).cpu() for v in values])
     # GRUPolicy(net, tau).stopping_steps for every tau, with the GRU run once (tested to agree)
     scores = net.scores(probs[first_step:]).cpu()  # (S, N)
-    holds = scores[None] >= torch.tensor(values, dtype=scores.dtype)[:, None, None]  # (V, S, N)
-    holds[:, -1] = True  # as Policy.stopping_steps: an example never stopped leaves at the last step
-    return first_step + holds.int().argmax(dim=1).long()
+    rows = []
+    for tau in values:  # one value at a time: (values, S, N) at once can take gigabytes on a large test split
+        holds = scores >= float(tau)  # as GRUPolicy.rule
+        holds[-1] = True  # as Policy.stopping_steps: an example never stopped leaves at the last step
+        rows.append(first_step + holds.int().argmax(dim=0).long())
+    return torch.stack(rows)
 
 
 def policy_curve(steps: Tensor, probs: Tensor, labels: Tensor, macs: Sequence[float]) -> dict[str, list[float]]:
