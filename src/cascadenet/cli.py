@@ -7,6 +7,7 @@
     cascadenet recalibrate runs/resnet18-td-fashion-mnist-s0 [--batches 4]    # batch-norm statistics at the weights
     cascadenet noise runs/resnet18-td-fashion-mnist-s0 --sigmas 0.1 0.2 0.4    # persistent and transient noise
     cascadenet plot runs/a runs/b -o speed_accuracy.png
+    cascadenet policy runs/a runs/b --out stopping    # stopping policies fitted on val, compared on test
     cascadenet demo
     cascadenet reproduce --dataset fashion-mnist --seeds 3 --budget small
     cascadenet models
@@ -358,6 +359,29 @@ class PlotCommand:
 
 
 @dataclass
+class PolicyCommand:
+    """Compare stopping policies (confidence, margin, stable argmax, a learned GRU) on runs' output traces:
+    parameters fitted on each run's validation split, speed-accuracy curves on its test split."""
+
+    runs: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directories written by `cascadenet train` (each with a validation split)."""
+    out: str | None = None
+    """Folder of stopping.md, stopping.json and stopping.png (default: RUN_DIR/stopping; needed for several runs)."""
+    overwrite: bool = False
+    """Allow replacing an existing report in --out."""
+    data_root: str | None = None
+    """Dataset folder, if it moved since training."""
+    batch_size: int = 500
+    """Evaluation batch size."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (the GRU is always fitted on the CPU)."""
+    seed: int = 0
+    """Seed of the learned policy (its fit/held-out split of the validation examples and its initialisation)."""
+    progress: bool | None = None
+    """Progress bar (default: when stderr is a terminal)."""
+
+
+@dataclass
 class DemoCommand:
     """The main job: train CascadedTD and CascadedCE on Fashion-MNIST, evaluate both, write a report."""
 
@@ -500,6 +524,7 @@ def _parse(argv: list[str]):
         | Annotated[RecalibrateCommand, sub("recalibrate")]
         | Annotated[NoiseCommand, sub("noise")]
         | Annotated[PlotCommand, sub("plot")]
+        | Annotated[PolicyCommand, sub("policy")]
         | Annotated[DemoCommand, sub("demo")]
         | Annotated[ReproduceCommand, sub("reproduce")]
         | Annotated[ModelsCommand, sub("models")]
@@ -587,6 +612,16 @@ def _run_plot(cmd: PlotCommand) -> None:
     print(plot_runs(results, cmd.output, title=cmd.title))
 
 
+def _run_policy(cmd: PolicyCommand) -> None:
+    from .stopping import policy_report
+
+    progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
+    report = policy_report(cmd.runs, out=cmd.out, overwrite=cmd.overwrite, device=cmd.device,
+                           batch_size=cmd.batch_size, seed=cmd.seed, data_root=cmd.data_root,
+                           progress=progress)  # fmt: skip
+    print(f"report: {report}")
+
+
 def _run_demo(cmd: DemoCommand) -> None:
     from .demo import run_demo
 
@@ -645,7 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       DemoCommand: _run_demo, ReproduceCommand: _run_reproduce, ModelsCommand: _run_models,
                       ConvertCommand: _run_convert, RecalibrateCommand: _run_recalibrate,
                       TypicalityCommand: _run_typicality,
-                      NoiseCommand: _run_noise}[type(cmd)]  # fmt: skip
+                      NoiseCommand: _run_noise,
+                      PolicyCommand: _run_policy}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         if _rank() == 0:
