@@ -5,6 +5,7 @@
     cascadenet eval runs/resnet18-td-fashion-mnist-s0 [--scheme serial] [--save-logits logits.npz]
     cascadenet predict runs/resnet18-td-fashion-mnist-s0 --threshold 0.9 -o predictions.npz   # early exit
     cascadenet recalibrate runs/resnet18-td-fashion-mnist-s0 [--batches 4]    # batch-norm statistics at the weights
+    cascadenet ood runs/resnet18-td-fashion-mnist-s0 [--holdout] [--ood-dataset cifar10 --ood-data DIR]
     cascadenet noise runs/resnet18-td-fashion-mnist-s0 --sigmas 0.1 0.2 0.4    # persistent and transient noise
     cascadenet plot runs/a runs/b -o speed_accuracy.png
     cascadenet policy runs/a runs/b --out stopping    # stopping policies fitted on val, compared on test
@@ -345,6 +346,39 @@ class NoiseCommand:
 
 
 @dataclass
+class OodCommand:
+    """Out-of-distribution detection from the output trace: AUROC and FPR at 95% TPR of trace scores (max softmax
+    per step, settling step, prediction flips, entropy, a learned detector) against the max-softmax baseline, the
+    run's test split vs held-out classes, another dataset or synthetic images; writes ood.md, ood.json, ood.png."""
+
+    run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
+    """Run directory written by `cascadenet train`."""
+    ood_dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] | None = None
+    """Another dataset whose test split is out-of-distribution (converted to the model's channels and size)."""
+    ood_data: str | None = None
+    """The folder of --ood-dataset (default: its usual place, where it has one)."""
+    holdout: bool = False
+    """Test on the classes the run held out (--holdout-classes in training)."""
+    synthetic_ood: bool = False
+    """Test on synthetic images: uniform noise, inverted and upside-down test images. With none of --holdout,
+    --ood-dataset and --synthetic-ood: the held-out classes (if any) and the synthetic images."""
+    out: str | None = None
+    """Folder of the report (default: RUN_DIR/ood)."""
+    overwrite: bool = False
+    """Allow replacing the report's files."""
+    seed: int = 0
+    """Seed of the noise images."""
+    data_root: str | None = None
+    """The run's dataset folder, if it moved since training."""
+    batch_size: int = 500
+    """Examples per forward pass."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    progress: bool | None = None
+    """Progress bars (default: when stderr is a terminal)."""
+
+
+@dataclass
 class PlotCommand:
     """Overlay per-step accuracy and the threshold speed-accuracy curves of several evaluated runs."""
 
@@ -522,6 +556,7 @@ def _parse(argv: list[str]):
         | Annotated[EvalCommand, sub("eval")]
         | Annotated[PredictCommand, sub("predict")]
         | Annotated[RecalibrateCommand, sub("recalibrate")]
+        | Annotated[OodCommand, sub("ood")]
         | Annotated[NoiseCommand, sub("noise")]
         | Annotated[PlotCommand, sub("plot")]
         | Annotated[PolicyCommand, sub("policy")]
@@ -595,6 +630,21 @@ def _run_noise(cmd: NoiseCommand) -> None:
             finals = ", ".join(f"{m} {100 * v['final_accuracy']:.1f}" for m, v in e["methods"].items())
             print(f"  {p}, sigma {e['sigma']:g}: {finals}")
     print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+def _run_ood(cmd: OodCommand) -> None:
+    from .ood import ood_run
+
+    progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
+    out = Path(cmd.out) if cmd.out is not None else Path(cmd.run_dir) / "ood"
+    result = ood_run(cmd.run_dir, ood_dataset=cmd.ood_dataset, ood_data=cmd.ood_data, holdout=cmd.holdout,
+                     synthetic=cmd.synthetic_ood, out=out, overwrite=cmd.overwrite, data_root=cmd.data_root,
+                     batch_size=cmd.batch_size, device=cmd.device, seed=cmd.seed, progress=progress)  # fmt: skip
+    for data in result["ood_sets"].values():
+        scores = data["scores"]
+        best = max((n for n in scores if n != "msp"), key=lambda n: scores[n]["auroc"])
+        print(f"{data['title']}: AUROC msp {scores['msp']['auroc']:.4f}, best {best} {scores[best]['auroc']:.4f}")
+    print(f"report: {out / 'ood.md'}")
 
 
 def _run_plot(cmd: PlotCommand) -> None:
@@ -681,7 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       ConvertCommand: _run_convert, RecalibrateCommand: _run_recalibrate,
                       TypicalityCommand: _run_typicality,
                       NoiseCommand: _run_noise,
-                      PolicyCommand: _run_policy}[type(cmd)]  # fmt: skip
+                      PolicyCommand: _run_policy,
+                      OodCommand: _run_ood}[type(cmd)]  # fmt: skip
             runner(cmd)
     except (ValueError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         if _rank() == 0:

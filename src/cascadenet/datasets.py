@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ __all__ = [
     "DataError",
     "ImageSet",
     "load_dataset",
+    "kept_classes",
+    "split_classes",
 ]
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
@@ -133,6 +136,7 @@ def load_dataset(
     image_size: int | None = None,
     synthetic_size: int | None = None,
     seed: int = 0,
+    holdout_classes: Sequence[int] | None = None,
 ) -> ImageSet:
     """Loads one split of a dataset into memory (on the CPU).
 
@@ -144,13 +148,19 @@ def load_dataset(
             Needed for image folders whose images differ in size; ``None`` keeps the native size.
         synthetic_size: number of synthetic samples (default 512 for train, 256 for test).
         seed: seed of the synthetic data (train and test draw different samples).
+        holdout_classes: drop the examples of these classes and renumber the others 0..K-1 (the kept part of
+            :func:`split_classes`); ``None`` or empty keeps every class.
 
     Returns:
         The split as an :class:`ImageSet` with uint8 images on the CPU.
 
     Raises:
         DataError: unknown name or split, missing root, or missing, truncated or corrupt files.
+        ValueError: ``holdout_classes`` names a class the dataset lacks, or leaves fewer than two.
     """
+    if holdout_classes:
+        return split_classes(load_dataset(name, root, split, image_size=image_size, synthetic_size=synthetic_size,
+                                          seed=seed), holdout_classes)[0]  # fmt: skip
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -174,6 +184,48 @@ def load_dataset(
     except OSError as e:  # an unreadable folder (permissions, I/O errors) while looking for the files
         raise DataError(f"{e.filename or root}: cannot read ({e.strerror or e})") from None
     return ds if image_size is None else dataclasses.replace(ds, images=_resize(ds.images, image_size))
+
+
+def kept_classes(num_classes: int, holdout_classes: Sequence[int]) -> list[int]:
+    """The classes of a ``num_classes``-class dataset that holding out ``holdout_classes`` keeps, in order: label
+    ``k`` of the kept part is original class ``kept_classes(...)[k]``.
+
+    Raises:
+        ValueError: a held-out class outside 0..num_classes-1, a repeated one, or fewer than two classes kept (a
+            classifier needs two).
+    """
+    held = list(holdout_classes)
+    bad = [c for c in held if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--holdout-classes {bad[0]!r}: the dataset's classes are 0..{num_classes - 1}")
+    if len(set(held)) != len(held):
+        raise ValueError(f"--holdout-classes lists a class twice: {' '.join(map(str, held))}")
+    kept = [c for c in range(num_classes) if c not in held]
+    if len(kept) < 2:
+        raise ValueError(
+            f"--holdout-classes {' '.join(map(str, held))} leaves {len(kept)} of the dataset's {num_classes} classes; "
+            "a classifier needs at least two"
+        )
+    return kept
+
+
+def split_classes(ds: ImageSet, holdout_classes: Sequence[int]) -> tuple[ImageSet, ImageSet]:
+    """Split a dataset by class: ``(kept, held_out)``.
+
+    ``kept`` holds the examples of the other classes, labels renumbered 0..K-1 in the order of the original
+    class indices (:func:`kept_classes`) and ``classes`` their names; ``held_out`` holds the examples of
+    ``holdout_classes`` with their original labels and ``ds``'s class names. Both keep the examples' order.
+
+    Raises:
+        ValueError: as :func:`kept_classes`.
+    """
+    kept = kept_classes(ds.num_classes, holdout_classes)
+    renumber = torch.full((ds.num_classes,), -1, dtype=torch.int64, device=ds.labels.device)
+    renumber[torch.tensor(kept, device=ds.labels.device)] = torch.arange(len(kept), device=ds.labels.device)
+    mask = renumber[ds.labels] >= 0
+    inside = ds.subset(mask)
+    inside = dataclasses.replace(inside, labels=renumber[inside.labels], classes=[ds.classes[c] for c in kept])
+    return inside, ds.subset(~mask)
 
 
 def _resize(images: Tensor, size: int) -> Tensor:

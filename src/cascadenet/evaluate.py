@@ -307,7 +307,12 @@ def _split_data(cfg: TrainConfig, data_root: str | None, split: str, with_val: b
     ``train_val_split(full, cfg.val_fraction, seed=cfg.seed)`` as ``train._load_data``, so the same examples.
     """
     root = data_root or cfg.data_root
-    options = {"image_size": cfg.image_size, "synthetic_size": cfg.synthetic_size, "seed": cfg.seed}
+    options = {
+        "image_size": cfg.image_size,
+        "synthetic_size": cfg.synthetic_size,
+        "seed": cfg.seed,
+        "holdout_classes": cfg.holdout_classes,
+    }  # a held-out-classes run: its kept classes, renumbered
     held_out = 0 < cfg.val_fraction < 1
     if split == "val" and not held_out:
         raise ValueError(f"--split val: this run held out no validation split (val_fraction {cfg.val_fraction})")

@@ -239,8 +239,8 @@ def recalibrate_run(
             raise ValueError("the run streamed an image folder: pass --data-root with its files")
         full: Any = streaming.index_folder(root, "train", cfg.image_size or streaming.DEFAULT_SIZE)
     else:
-        full = load_dataset(cfg.dataset, root, "train", image_size=cfg.image_size,
-                            synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+        full = load_dataset(cfg.dataset, root, "train", image_size=cfg.image_size, synthetic_size=cfg.synthetic_size,
+                            seed=cfg.seed, holdout_classes=cfg.holdout_classes)  # fmt: skip
     train_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)[0]
     if isinstance(train_set, ImageSet):
         train_set = train_set.to(dev)

@@ -73,6 +73,10 @@ class TrainConfig:
     """Random crop with padding and horizontal flip (where the dataset allows it)."""
     synthetic_size: int | None = None
     """Samples of the synthetic dataset (tests)."""
+    holdout_classes: tuple[int, ...] | None = None
+    """Train on the other classes only (e.g. 7 8 9): these classes' examples are dropped before the validation
+    split and the rest renumbered 0..K-1 in order; evaluation uses the kept classes of the test split, and
+    `cascadenet ood` the held-out ones as out-of-distribution data."""
     stream: Literal["auto", "on", "off"] = "auto"
     """Image folders: decode on the fly in DataLoader workers with the ImageNet transforms (on), hold the decoded
     images in memory (off), or stream when they would take more than --stream-above-gb or half the available
@@ -145,7 +149,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
             raise ValueError(f"model must be a model configuration (e.g. CascadeConfig), got {self.model!r}")
+        if isinstance(self.holdout_classes, list):  # a JSON round trip turns the tuple into a list
+            self.holdout_classes = tuple(self.holdout_classes)
         check_types(self, flags=True)  # a config file can hold "epochs": "2" or "augment": "false"
+        self._check_holdout()
         finite = [n for n in ("lr", "lam", "label_smoothing", "momentum", "weight_decay", "warmup_epochs",
                               "val_fraction", "stream_above_gb") if not math.isfinite(getattr(self, n))]  # fmt: skip
         if finite:
@@ -207,6 +214,22 @@ class TrainConfig:
             )
         if self.init is None:  # else the model is the --init file's: checked when training reads it
             check_loss_fits(self.loss, self.model)
+
+    def _check_holdout(self) -> None:
+        """--holdout-classes: distinct class indices >= 0, stored sorted (the range is the dataset's to check)."""
+        held = self.holdout_classes
+        if held is None:
+            return
+        if not held:
+            raise ValueError("--holdout-classes needs at least one class index (leave it out to keep every class)")
+        bad = [c for c in held if isinstance(c, bool) or not isinstance(c, int) or c < 0]
+        if bad:
+            raise ValueError(f"--holdout-classes takes class indices >= 0, got {bad[0]!r}")
+        if len(set(held)) != len(held):
+            raise ValueError(f"--holdout-classes lists a class twice: {' '.join(map(str, held))}")
+        if self.stream == "on":
+            raise ValueError("--holdout-classes works on datasets read into memory, not with --stream on")
+        self.holdout_classes = tuple(sorted(held))
 
     def options(self) -> dict[str, Any]:
         """Every option under its command-line name, the model's inlined (``arch`` is ``model``, as the flag

@@ -55,7 +55,7 @@ from .checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from .datasets import DataError, ImageSet, load_dataset
+from .datasets import DataError, ImageSet, kept_classes, load_dataset
 from .interrupts import Interrupts, Terminated, catch_signals
 from .loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
 from .losses import final_ce, ic_only_loss, sdn_loss, sdn_weights, stepwise_ce, td_loss
@@ -656,6 +656,9 @@ def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
 
 def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
     if cfg.stream == "on":
+        if cfg.holdout_classes:  # --stream auto chose it: the folder is too large to hold in memory
+            raise ValueError(f"--holdout-classes works on datasets read into memory; {cfg.data_root} would be "
+                             "streamed (try --stream off, or a larger --stream-above-gb)")  # fmt: skip
         if cfg.data_root is None:
             raise DataError("no default location for dataset 'imagefolder': pass --data-root with its files")
         full = streaming.index_folder(cfg.data_root, "train", cfg.image_size or streaming.DEFAULT_SIZE)
@@ -663,7 +666,8 @@ def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Ten
         mean, std = streaming.streaming_normalization()
         return full, train_set, val_set, mean, std
     full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
-                        synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+                        synthetic_size=cfg.synthetic_size, seed=cfg.seed,
+                        holdout_classes=cfg.holdout_classes)  # fmt: skip
     train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
     mean, std = normalization(train_set)
     return full, train_set, val_set, mean, std
@@ -723,10 +727,20 @@ def _session(cfg: TrainConfig, model: nn.Module, device: torch.device, data: tup
         channels_last=channels_last, progress=main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress),
         model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, train_set=train_set.to(device),
         val_set=val_set.to(device), mean=mean, std=std,
-        extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes},
+        extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes,
+               **_label_map(cfg, full)},
         per_epoch=per_epoch, stats=_EpochStats(torch.zeros((), device=device)),
         epoch_gen_state=generator.get_state(), interrupts=interrupts, world=world, **where,
     )  # fmt: skip
+
+
+def _label_map(cfg: TrainConfig, full: Any) -> dict[str, Any]:
+    """With --holdout-classes, which original class each label of the model is (``kept_classes[k]`` is label
+    ``k``), stored with the run; ``full`` is the kept part, so the dataset had K + len(holdout) classes."""
+    if not cfg.holdout_classes:
+        return {}
+    held = list(cfg.holdout_classes)
+    return {"label_map": {"kept_classes": kept_classes(full.num_classes + len(held), held), "held_out_classes": held}}
 
 
 def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.World) -> _Session:
