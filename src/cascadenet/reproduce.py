@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
 COST_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+BUDGETED_AT = (0.25, 0.5)
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,8 @@ def reproduce(
         "per_seed": per_seed,
         "how": how,
         "seconds": elapsed,
+        # training time of every run (epochs and validation, from metrics.jsonl), whichever invocation trained it
+        "train_seconds_total": sum(_train_seconds(runs_dir / name) for name in how),
         "machine": {
             "cpu": _cpu_name(),
             "threads": torch.get_num_threads(),
@@ -417,6 +420,7 @@ def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[st
                 "auc_macs": r["macs_auc"],
                 "auc_latency": r["latency_auc"],
                 **{f"accuracy_at_{round(100 * f)}pct_td_cost": float(a) for f, a in zip(COST_FRACTIONS, at_budgets)},
+                **{f"budgeted_at_{round(100 * f)}pct_td_cost": _budgeted_at(r, f * reference) for f in BUDGETED_AT},
                 "step_to_50pct": r["steps_to_50pct_accuracy"],
                 "step_to_95pct": r["steps_to_95pct_accuracy"],
                 "threshold_auc": r["threshold_auc"],
@@ -430,6 +434,20 @@ def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[st
         out[key]["macs_per_step"] = results[0]["macs_per_step"]
         out[key]["latency_per_step"] = results[0]["parallel_latency_blocks"]
     return out
+
+
+def _budgeted_at(result: dict[str, Any], cost: float) -> float | None:
+    """Test accuracy of the budgeted-batch curve (thresholds fitted on validation) read at a mean cost, by linear
+    interpolation between its operating points; None outside the range of mean costs the curve covers. Reading
+    the curve at a cost chooses nothing on the test split."""
+    curve = result.get("budgeted_batch")
+    if not curve:
+        return None
+    order = np.argsort(curve["mean_macs"], kind="stable")
+    x, y = np.asarray(curve["mean_macs"], float)[order], np.asarray(curve["accuracy"], float)[order]
+    if not x[0] <= cost <= x[-1]:
+        return None
+    return float(np.interp(cost, x, y))
 
 
 def _plots(root: Path, dataset: str, per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
@@ -460,8 +478,10 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
     models = record["models"]
     n = len(record["seeds"])
     fractions = [round(100 * f) for f in COST_FRACTIONS]
+    budgeted = [round(100 * f) for f in BUDGETED_AT]
     head = ("| model | final acc. | AUC (steps) | AUC (MACs) | AUC (latency) | "
-            + " | ".join(f"acc. @{f}% TD cost" for f in fractions) + " | exit to 50% | exit to 95% |")  # fmt: skip
+            + " | ".join(f"acc. @{f}% TD cost" for f in fractions)
+            + "".join(f" | budgeted @{f}%" for f in budgeted) + " | exit to 50% | exit to 95% |")  # fmt: skip
     lines = [
         f"# Reproduction: {record['dataset']}, budget {record['budget']}",
         "",
@@ -474,16 +494,20 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
         "completed exit's answer (chance before the first exit). AUC (latency): the same against parallel latency.",
         "- acc. @f% TD cost: accuracy of the last exit completed within f% of CascadedTD's full serial cost "
         f"({models['cascaded-td']['full_macs']['mean'] / 1e6:.2f} MMACs); chance if none.",
+        "- budgeted @f%: the budgeted-batch curve (MSDNet's protocol: per-exit confidence thresholds fitted on the "
+        "validation split for a range of target costs, applied to the test split) read at a mean cost of f% of "
+        "CascadedTD's full serial cost (- where the curve does not reach that cost).",
         "- exit to 50% / 95%: first exit whose absolute accuracy reaches it (- where never reached; (k/n) where "
         "only k of n seeds reach it).",
         "",
         head,
-        "|---" * (5 + len(fractions) + 2) + "|",
+        "|---" * (5 + len(fractions) + len(budgeted) + 2) + "|",
     ]
     for m in models.values():
         cells = [m["label"], _fmt(m["final_accuracy"], 100), _fmt(m["anytime_auc"], 100), _fmt(m["auc_macs"], 100),
                  _fmt(m["auc_latency"], 100)]  # fmt: skip
         cells += [_fmt(m[f"accuracy_at_{f}pct_td_cost"], 100) for f in fractions]
+        cells += [_fmt(m[f"budgeted_at_{f}pct_td_cost"], 100) for f in budgeted]
         cells += [_fmt(m["step_to_50pct"]), _fmt(m["step_to_95pct"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Per-exit accuracy (mean over seeds, %) and cost", "",
@@ -511,9 +535,10 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
         "",
         "## How this was made",
         "",
-        f"`cascadenet reproduce --dataset {record['dataset']} --seeds {n} --budget {record['budget']}` in "
-        f"{record['seconds'] / 60:.0f} min on {record['machine']['cpu']} ({record['machine']['threads']} threads, "
-        f"torch {record['machine']['torch']}); runs trained, resumed or reused: "
+        f"`cascadenet reproduce --dataset {record['dataset']} --seeds {n} --budget {record['budget']}` on "
+        f"{record['machine']['cpu']} ({record['machine']['threads']} threads, torch {record['machine']['torch']}): "
+        f"{len(record['how'])} runs, {record['train_seconds_total'] / 60:.1f} min of training in all (epochs and "
+        f"validation); this invocation took {record['seconds'] / 60:.1f} min; runs trained, resumed or reused: "
         + ", ".join(f"{v} {sum(1 for h in record['how'].values() if h == v)}" for v in ("trained", "resumed", "reused"))
         + ". Every number is in the JSON file beside this report.",
         "",
