@@ -116,6 +116,21 @@ class Branch(nn.Module):
         return [u.bn for u in self.units]
 
 
+def make_stages(
+    block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], width: int, norm: NormFactory
+) -> tuple[nn.ModuleList, int]:
+    """A ResNet's residual blocks after the stem (stage s has ``width * 2**s`` planes, and the first block of every
+    later stage has stride 2), and the channels of the last block's output."""
+    blocks: list[nn.Module] = []
+    cin = width
+    for stage, n in enumerate(layers):
+        planes = width * 2**stage
+        for i in range(n):
+            blocks.append(block(cin, planes, 2 if stage > 0 and i == 0 else 1, norm))
+            cin = planes * block.expansion
+    return nn.ModuleList(blocks), cin
+
+
 def make_stem(kind: str, in_channels: int, width: int, norm: NormFactory) -> Branch:
     """``cifar``: 3x3 stride-1 conv. ``cifar_pool``: the same plus the 3x3/2 max-pool (what the published
     CIFAR code does; 4x cheaper). ``imagenet``: 7x7 stride-2 conv plus the 3x3/2 max-pool."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import engine
 from .anytime import ExitCosts, ModelConfig, choice, positive_int
-from .blocks import STEMS, BasicBlock, Bottleneck, ews_update, make_stem
+from .blocks import STEMS, BasicBlock, Bottleneck, ews_update, make_stages, make_stem
 from .norm import TemporalBatchNorm2d
 from .stepwise import AnytimeRun
 
@@ -165,14 +165,7 @@ class CascadedResNet(nn.Module):
 
         width = config.width
         self.stem = make_stem(config.stem, config.in_channels, width, norm)
-        blocks: list[nn.Module] = []
-        cin = width
-        for stage, n in enumerate(layers):
-            planes = width * 2**stage
-            for i in range(n):
-                blocks.append(block(cin, planes, 2 if stage > 0 and i == 0 else 1, norm))
-                cin = planes * block.expansion
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks, cin = make_stages(block, layers, width, norm)
         self.features = cin
         heads = T if config.multi_head else 1
         self.heads = nn.ModuleList([nn.Linear(cin, config.num_classes) for _ in range(heads)])

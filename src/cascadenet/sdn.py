@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .anytime import ExitCosts, ModelConfig, choice, positive_int
-from .blocks import STEMS, make_stem
+from .blocks import STEMS, make_stages, make_stem
 from .cascade import ARCHITECTURES
 from .norm import TemporalBatchNorm2d
 from .registry import register_model
@@ -156,14 +156,7 @@ class SDN(nn.Module):
 
         width = config.width
         self.stem = make_stem(config.stem, config.in_channels, width, norm)
-        blocks: list[nn.Module] = []
-        cin = width
-        for stage, n in enumerate(layers):
-            planes = width * 2**stage
-            for i in range(n):
-                blocks.append(block(cin, planes, 2 if stage > 0 and i == 0 else 1, norm))
-                cin = planes * block.expansion
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks, cin = make_stages(block, layers, width, norm)
         self.features = cin
         self.head = nn.Linear(cin, config.num_classes)
         for m in self.modules():
