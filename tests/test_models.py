@@ -202,7 +202,9 @@ def test_exit_costs_count_each_distinct_state_once():
     serial = costs.macs
     assert isinstance(costs, cn.ExitCosts)
     assert len(serial) == model.num_steps and serial == sorted(serial)
-    assert costs.latency == [t + 1 for t in range(model.num_steps)]  # one block of latency per step
+    assert costs.latency == [t for t in range(model.num_steps)]  # one block of latency per step, step 0 constant
+    undelayed = tiny_model("resnet10", width=8, stem_delay=False)
+    assert undelayed.exit_costs(size).latency == [t + 1 for t in range(undelayed.num_steps)]  # the stem first
 
     def branch_macs(branch, hw_in):
         """MACs of one example through a branch's convolutions, counted by torch (not by our code)."""
@@ -251,5 +253,5 @@ def test_cascade_exit_costs_match_the_hand_count_in_docs_baselines():
     serial = cn.create_model("resnet10", width=4, stem="cifar", in_channels=1, scheme="serial")
     assert parallel.exit_costs((1, 28, 28)).macs == [0, 49_280, 856_000, 1_430_656, 1_829_696, 2_051_200]
     assert serial.exit_costs((1, 28, 28)).macs == [0, 49_280, 296_128, 480_256, 658_112, 879_616]
-    assert parallel.exit_costs((1, 28, 28)).latency == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert parallel.exit_costs((1, 28, 28)).latency == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert parallel.feedforward_macs((1, 28, 28)) == 834_944

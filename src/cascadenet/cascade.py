@@ -336,9 +336,14 @@ class CascadedResNet(nn.Module):
     ) -> ExitCosts:
         """Per step, per example: cumulative multiply-accumulates on serial hardware (what the exact engine
         spends to produce steps 0..t, each distinct state once; states that do not depend on the input are
-        constants and not counted), and latency on parallel hardware (one block per step: t + 1)."""
+        constants and not counted), and latency on parallel hardware in block units: the depth of the longest
+        path from the input to step t's output, every delayed computation one unit, shortcuts none. With the stem
+        delayed that is t (step 0 does not depend on the input: a constant, as its 0 MACs say; step t has gone
+        through the stem and t - 1 blocks, as an early-exit network's exit after block t - 1 has, at t units);
+        without the stem delay, t + 1 (the stem's unit comes first)."""
         scheme, T = self._resolve(scheme, num_steps)
-        return ExitCosts(engine.cumulative_macs(self, input_size, T, scheme), [float(t + 1) for t in range(T)])
+        offset = 0 if self.config.stem_delay else 1
+        return ExitCosts(engine.cumulative_macs(self, input_size, T, scheme), [float(t + offset) for t in range(T)])
 
     def feedforward_macs(self, input_size: tuple[int, int, int]) -> int:
         """Multiply-accumulates of one ordinary forward pass for one example (convolutions and the classifier)."""

@@ -28,7 +28,8 @@ Definitions (also in the README); "step" means exit (a cascade's exit t is its s
   accuracy; steps to 50% / 95% accuracy: the first step reaching that absolute accuracy (with its MACs and
   latency), null if none does;
 - MACs: serial hardware, cumulative multiply-accumulates per example to produce steps 0..t (each distinct
-  state computed once); parallel hardware, latency in blocks (one block per step).
+  state computed once); parallel hardware, latency in blocks (one block per step; a stem-delayed cascade's step
+  t at t).
 
 Only the anytime-model interface (``cascadenet.anytime``) is used, so any model family evaluates the same way and
 writes the same eval.json ("step" there means exit). What a family lacks is null: ``feedforward_accuracy`` and
