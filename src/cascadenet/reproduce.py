@@ -407,6 +407,7 @@ def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[st
     from . import metrics
 
     reference = per_seed["cascaded-td"][0]["macs_per_step"][-1]
+    latencies = latency_budgets(per_seed)
     out = {}
     for key, results in per_seed.items():
         rows: dict[str, list[Any]] = {}
@@ -421,6 +422,15 @@ def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[st
                 "auc_latency": r["latency_auc"],
                 **{f"accuracy_at_{round(100 * f)}pct_td_cost": float(a) for f, a in zip(COST_FRACTIONS, at_budgets)},
                 **{f"budgeted_at_{round(100 * f)}pct_td_cost": _budgeted_at(r, f * reference) for f in BUDGETED_AT},
+                **{
+                    f"accuracy_at_latency_{lat:g}": float(a)
+                    for lat, a in zip(
+                        latencies,
+                        metrics.accuracy_at_budgets(
+                            acc, r["parallel_latency_blocks"], latencies, r["model"]["num_classes"]
+                        ),
+                    )
+                },  # fmt: skip
                 "step_to_50pct": r["steps_to_50pct_accuracy"],
                 "step_to_95pct": r["steps_to_95pct_accuracy"],
                 "threshold_auc": r["threshold_auc"],
@@ -434,6 +444,13 @@ def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[st
         out[key]["macs_per_step"] = results[0]["macs_per_step"]
         out[key]["latency_per_step"] = results[0]["parallel_latency_blocks"]
     return out
+
+
+def latency_budgets(per_seed: dict[str, list[dict[str, Any]]]) -> list[float]:
+    """Whole block units from 1 to CascadedTD's last step: where the report reads every model's accuracy on the
+    parallel-latency axis."""
+    last = per_seed["cascaded-td"][0]["parallel_latency_blocks"][-1]
+    return [float(k) for k in range(1, int(last) + 1)]
 
 
 def _budgeted_at(result: dict[str, Any], cost: float) -> float | None:
@@ -510,6 +527,21 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
         cells += [_fmt(m[f"budgeted_at_{f}pct_td_cost"], 100) for f in budgeted]
         cells += [_fmt(m["step_to_50pct"]), _fmt(m["step_to_95pct"])]
         lines.append("| " + " | ".join(cells) + " |")
+    prefix = "accuracy_at_latency_"
+    latencies = sorted(float(k[len(prefix) :]) for k in models["cascaded-td"] if k.startswith(prefix))
+    lines += [
+        "",
+        "## Accuracy at a parallel latency (block units: the stem and each block one unit)",
+        "",
+        "The answer available after L units (the last exit completed within L; chance before the first). "
+        "The paper's claim lives on this axis.",
+        "",
+        "| model | " + " | ".join(f"L={lat:g}" for lat in latencies) + " |",
+        "|---" * (len(latencies) + 1) + "|",
+    ]
+    for m in models.values():
+        cells = [_fmt(m[f"{prefix}{lat:g}"], 100) for lat in latencies]
+        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
     lines += ["", "## Per-exit accuracy (mean over seeds, %) and cost", "",
               "| model | exits: accuracy % (cumulative MMACs, latency in blocks) |", "|---|---|"]  # fmt: skip
     for m in models.values():
