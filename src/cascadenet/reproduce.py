@@ -433,6 +433,10 @@ def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[st
                 },  # fmt: skip
                 "step_to_50pct": r["steps_to_50pct_accuracy"],
                 "step_to_95pct": r["steps_to_95pct_accuracy"],
+                "latency_to_50pct": r["latency_to_50pct_accuracy"],
+                "latency_to_95pct": r["latency_to_95pct_accuracy"],
+                "macs_to_50pct": r["macs_to_50pct_accuracy"],
+                "macs_to_95pct": r["macs_to_95pct_accuracy"],
                 "threshold_auc": r["threshold_auc"],
                 "full_macs": r["macs_per_step"][-1],
                 "train_seconds": r.get("train_seconds"),
@@ -447,10 +451,10 @@ def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[st
 
 
 def latency_budgets(per_seed: dict[str, list[dict[str, Any]]]) -> list[float]:
-    """Whole block units from 1 to CascadedTD's last step: where the report reads every model's accuracy on the
-    parallel-latency axis."""
+    """Whole block units from 1 to three past CascadedTD's last step: where the report reads every model's accuracy
+    on the parallel-latency axis."""
     last = per_seed["cascaded-td"][0]["parallel_latency_blocks"][-1]
-    return [float(k) for k in range(1, int(last) + 1)]
+    return [float(k) for k in range(1, int(last) + 4)]
 
 
 def _budgeted_at(result: dict[str, Any], cost: float) -> float | None:
@@ -498,7 +502,8 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
     budgeted = [round(100 * f) for f in BUDGETED_AT]
     head = ("| model | final acc. | AUC (steps) | AUC (MACs) | AUC (latency) | "
             + " | ".join(f"acc. @{f}% TD cost" for f in fractions)
-            + "".join(f" | budgeted @{f}%" for f in budgeted) + " | exit to 50% | exit to 95% |")  # fmt: skip
+            + "".join(f" | budgeted @{f}%" for f in budgeted) + " | latency to 50% | latency to 95%"
+            + " | MMACs to 50% | MMACs to 95% |")  # fmt: skip
     lines = [
         f"# Reproduction: {record['dataset']}, budget {record['budget']}",
         "",
@@ -514,18 +519,20 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
         "- budgeted @f%: the budgeted-batch curve (MSDNet's protocol: per-exit confidence thresholds fitted on the "
         "validation split for a range of target costs, applied to the test split) read at a mean cost of f% of "
         "CascadedTD's full serial cost (- where the curve does not reach that cost).",
-        "- exit to 50% / 95%: first exit whose absolute accuracy reaches it (- where never reached; (k/n) where "
+        "- latency / MMACs to 50% / 95%: parallel latency (block units) and cumulative serial MACs of the first exit "
+        "whose absolute accuracy reaches 50% / 95% (- where never reached; (k/n) where "
         "only k of n seeds reach it).",
         "",
         head,
-        "|---" * (5 + len(fractions) + len(budgeted) + 2) + "|",
+        "|---" * (5 + len(fractions) + len(budgeted) + 4) + "|",
     ]
     for m in models.values():
         cells = [m["label"], _fmt(m["final_accuracy"], 100), _fmt(m["anytime_auc"], 100), _fmt(m["auc_macs"], 100),
                  _fmt(m["auc_latency"], 100)]  # fmt: skip
         cells += [_fmt(m[f"accuracy_at_{f}pct_td_cost"], 100) for f in fractions]
         cells += [_fmt(m[f"budgeted_at_{f}pct_td_cost"], 100) for f in budgeted]
-        cells += [_fmt(m["step_to_50pct"]), _fmt(m["step_to_95pct"])]
+        cells += [_fmt(m["latency_to_50pct"]), _fmt(m["latency_to_95pct"])]
+        cells += [_fmt(m["macs_to_50pct"], 1e-6, 2), _fmt(m["macs_to_95pct"], 1e-6, 2)]
         lines.append("| " + " | ".join(cells) + " |")
     prefix = "accuracy_at_latency_"
     latencies = sorted(float(k[len(prefix) :]) for k in models["cascaded-td"] if k.startswith(prefix))
