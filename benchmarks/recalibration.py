@@ -34,16 +34,17 @@ def measure(run_dir: Path, device: str) -> dict:
     for name, model in (("before", before), ("after", loaded.model)):
         logits = dataset_logits(model, loaded.data, loaded.mean, loaded.std, amp=loaded.amp)
         first = model.first_informative_exit
-        T = logits.shape[0]
-        with_rule = metrics.threshold_curve(logits, labels, first_step=first)
-        without_rule = metrics.threshold_curve(logits, labels, first_step=0)
+        # as eval.json computes them: the policy never stops before `first`, and its area starts at step 0's
+        # accuracy; the other one lets the policy stop at step 0, which cannot see the input
+        with_rule = metrics.summarize(logits, labels, first_step=first)
+        without_rule = metrics.summarize(logits, labels, first_step=0)
         out[name] = {
-            "accuracy_per_step": metrics.per_step_accuracy(logits, labels).tolist(),
-            "mean_confidence_per_step": metrics.mean_confidence_per_step(logits).tolist(),
-            "threshold_auc": metrics.threshold_auc(with_rule, T),
-            "threshold_auc_stop_at_step0_allowed": metrics.threshold_auc(without_rule, T),
-            "threshold_curve": with_rule,
-            "threshold_curve_stop_at_step0_allowed": without_rule,
+            "accuracy_per_step": with_rule["accuracy_per_step"],
+            "mean_confidence_per_step": with_rule["mean_confidence_per_step"],
+            "threshold_auc": with_rule["threshold_auc"],
+            "threshold_auc_stop_at_step0_allowed": without_rule["threshold_auc"],
+            "threshold_curve": with_rule["threshold_curve"],
+            "threshold_curve_stop_at_step0_allowed": without_rule["threshold_curve"],
         }
     return out
 
