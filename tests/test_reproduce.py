@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import cascadenet.train as train_module
+from cascadenet.datasets import DataError
 from cascadenet.reproduce import ENTRIES, Budget, reproduce
 
 TINY = Budget(description="tiny", arch="resnet10", width=4, stem="cifar_pool", epochs=2, batch_size=32,
@@ -84,6 +85,8 @@ def test_reproduce_refuses_bad_arguments(tmp_path):
         reproduce("synthetic", budget="huge", out=tmp_path)
     with pytest.raises(ValueError, match="--seeds must be a positive integer"):
         reproduce("synthetic", seeds=0, out=tmp_path)
+    with pytest.raises(DataError):
+        reproduce("cifar10", data_root=str(tmp_path / "nowhere"), out=tmp_path)
     assert not any(tmp_path.iterdir())
 
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .anytime import ModelConfig
 from .cascade import CascadeConfig
-from .checkpoint import WEIGHTS
+from .checkpoint import WEIGHTS, atomic_write
 from .evaluate import eval_filename, evaluate
 from .runconfig import CONFIG, RESUMABLE, TrainConfig, changed_options
 
@@ -303,10 +303,11 @@ def reproduce(
         torch.set_num_threads(threads)
     from .datasets import load_dataset
 
+    # read before anything is made: missing data leaves no empty folders behind
+    probe = load_dataset(dataset, data_root, "test", synthetic_size=synthetic_size, seed=0)
     root = Path(out) / f"{dataset}-{budget}"
     runs_dir = root / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    probe = load_dataset(dataset, data_root, "test", synthetic_size=synthetic_size, seed=0)
     input_size = tuple(probe.images.shape[1:])
     num_classes = len(probe.classes)
     base = dict(dataset=dataset, data_root=data_root, synthetic_size=synthetic_size, epochs=spec.epochs,
@@ -376,10 +377,11 @@ def reproduce(
             "platform": platform.platform(),
         },  # fmt: skip
     }
-    (root / f"{dataset}.json").write_text(json.dumps(record, indent=1) + "\n")
+    # the command's own outputs, rewritten whole on every call (atomically: a kill leaves the previous ones)
+    atomic_write(root / f"{dataset}.json", (json.dumps(record, indent=1) + "\n").encode())
     figures = _plots(root, dataset, per_seed)
     report = root / f"{dataset}.md"
-    report.write_text(_report(record, figures))
+    atomic_write(report, _report(record, figures).encode())
     return report
 
 
