@@ -360,7 +360,9 @@ def format_table(result: dict[str, Any]) -> str:
     macs = result["macs_per_step"]
     conf = result.get("mean_confidence_per_step") or [None] * len(acc)
     latency = result.get("parallel_latency_blocks") or [None] * len(acc)
-    lines = [f"{result['run']} ({result['scheme']}, {result['split']} split, {result['num_examples']} examples)",
+    # a cascade's scheme, or the family of a model that has none (SDN, MSDNet)
+    kind = result["scheme"] or (result.get("model") or {}).get("family", "anytime model")
+    lines = [f"{result['run']} ({kind}, {result['split']} split, {result['num_examples']} examples)",
              f"{'step':>4} {'accuracy':>9} {'confidence':>10} {'cum. MMACs':>11} {'latency':>8}"]  # fmt: skip
     for t, (a, c, m, lat) in enumerate(zip(acc, conf, macs, latency)):
         c_text = f"{c:>10.3f}" if c is not None else f"{'-':>10}"
