@@ -40,7 +40,10 @@ RUN = dict(dataset="synthetic", synthetic_size=256, model="resnet10", width=4, b
            warmup_epochs=0.5, threads=1, eval_batch_size=128)  # fmt: skip
 
 PROBE = """
-import os, sys, time
+import os, signal, sys, time
+# as a program started from a terminal: a shell that starts background jobs without job control (CI scripts,
+# nohup ... &) makes them ignore SIGINT, and cascadenet (rightly) leaves an ignored signal ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real_fsync = os.fsync
 slow = float(os.environ.get("PROBE_SLOW_CHECKPOINT", "0"))
 def fsync(fd):
