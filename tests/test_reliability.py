@@ -215,9 +215,7 @@ def test_sigterm_and_sigint_checkpoint_and_resume_to_identical_weights(tmp_path)
         f"terminated (SIGTERM) after {ckpt['batch']} batches of epoch 1; checkpoint saved; continue with: "
         f"cascadenet train --resume {run}"
     ]
-    # --epochs 2: as stored. Steps slowed down so that the run cannot finish before the signal arrives, even when a
-    # loaded machine delays this process's reading of the child's lines
-    p = Probe(tmp_path, ["train", "--resume", str(run), "--epochs", "2", "--threads", "1"], PROBE_STEP_SLEEP="0.5")
+    p = Probe(tmp_path, ["train", "--resume", str(run), "--epochs", "2", "--threads", "1"])  # --epochs 2: as stored
     assert p.wait_for(loss_call(6))  # 6 more steps: into epoch 2
     p.proc.send_signal(signal.SIGINT)
     rc, err = p.finish()
