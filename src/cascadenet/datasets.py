@@ -230,18 +230,25 @@ def split_classes(ds: ImageSet, holdout_classes: Sequence[int]) -> tuple[ImageSe
 
 def _resize(images: Tensor, size: int) -> Tensor:
     """Resizes (N, C, H, W) uint8 images: shorter side to ``size`` (antialiased bilinear), then center crop."""
+    return resize_crop(images, (size, size))
+
+
+def resize_crop(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, C, H, W) uint8 images scaled (antialiased bilinear) to cover ``size`` = (H, W), then center-cropped to
+    it; returned as they are when they have that size already."""
     h, w = images.shape[2:]
-    if (h, w) == (size, size):
+    th, tw = size
+    if (h, w) == (th, tw):
         return images
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    top, left = (nh - size) // 2, (nw - size) // 2
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    top, left = (nh - th) // 2, (nw - tw) // 2
     # Chunked so that the float copy of a 60k-image set never exists all at once.
     chunks = [
         F.interpolate(c.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         .round_()
         .clamp_(0, 255)
-        .to(torch.uint8)[:, :, top : top + size, left : left + size]
+        .to(torch.uint8)[:, :, top : top + th, left : left + tw]
         for c in images.split(4096)
     ]
     return torch.cat(chunks).contiguous()

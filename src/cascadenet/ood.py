@@ -37,11 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import CheckpointError, atomic_write
-from .datasets import DATASETS, ImageSet, load_dataset, split_classes
+from .datasets import DATASETS, ImageSet, load_dataset, resize_crop, split_classes
 from .evaluate import load_run
 from .runconfig import CONFIG, TrainConfig
 from .runtime import dataset_logits
@@ -268,21 +267,7 @@ def convert_images(images: Tensor, channels: int, size: tuple[int, int]) -> Tens
             images = images.repeat(1, 3, 1, 1)
         else:
             raise ValueError(f"cannot convert {have}-channel images for a model of {channels} input channels")
-    h, w = images.shape[2:]
-    th, tw = size
-    if (h, w) == (th, tw):
-        return images.contiguous()
-    scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    chunks = [
-        F.interpolate(c.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        .round_()
-        .clamp_(0, 255)
-        .to(torch.uint8)[:, :, top : top + th, left : left + tw]
-        for c in images.split(4096)
-    ]
-    return torch.cat(chunks).contiguous()
+    return resize_crop(images, size).contiguous()
 
 
 def synthetic_ood(kind: str, images: Tensor, seed: int = 0) -> Tensor:
