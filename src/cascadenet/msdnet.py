@@ -27,6 +27,7 @@ counts quoted for the reference networks are conv and linear only, and these rep
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -217,6 +218,15 @@ class _ConvUnit(nn.Sequential):
         return per_pixel * out[0] * out[1], out  # type: ignore[return-value]
 
 
+def _chain_macs(units: Iterable[nn.Module], hw: tuple[int, int]) -> int:
+    """MACs of conv units applied one after another from an ``hw`` map (each unit's ``macs`` gives its output size)."""
+    total = 0
+    for unit in units:
+        m, hw = unit.macs(hw)
+        total += m
+    return total
+
+
 class _DenseConv(nn.Sequential):
     """The conv that makes a layer's new channels at one scale: optional 1x1 bottleneck, then 3x3 (stride 1 for
     the same scale, 2 from the next finer one)."""
@@ -231,11 +241,7 @@ class _DenseConv(nn.Sequential):
         super().__init__(*units)
 
     def macs(self, hw: tuple[int, int]) -> int:
-        total = 0
-        for unit in self:
-            m, hw = unit.macs(hw)
-            total += m
-        return total
+        return _chain_macs(self, hw)
 
 
 class _ScaleUpdate(nn.Module):
@@ -323,11 +329,7 @@ class _Stem(nn.ModuleList):
         return maps
 
     def macs(self, hw: tuple[int, int]) -> int:
-        total = 0
-        for unit in self:
-            m, hw = unit.macs(hw)
-            total += m
-        return total
+        return _chain_macs(self, hw)
 
 
 class _Head(nn.Module):
