@@ -27,6 +27,7 @@ resumed. So the command can be interrupted and run again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -134,6 +135,7 @@ def _sdn(budget: Budget) -> ModelConfig:
     return SDNConfig(arch=budget.arch, width=budget.width, stem=budget.stem)
 
 
+@functools.cache  # a bisection over built models: once per recipe and data shape, not once per seed
 def _msdnet(budget: Budget, input_size: tuple[int, int, int], num_classes: int) -> ModelConfig:
     """MSDNet (CIFAR configuration) with the width factor whose full serial cost is nearest (in ratio) CascadedTD's:
     both anytime runs then cost the same on serial hardware. (A small ResNet's feed-forward cost is below what
