@@ -181,7 +181,21 @@ def test_bad_name_split_and_missing_default_root() -> None:
         load_dataset("synthetic", split="val")
     with pytest.raises(DataError, match="--data-root"):
         load_dataset("cifar10")
-    assert DATASETS == ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+    with pytest.raises(DataError, match="no default location for dataset 'mnist'"):
+        load_dataset("mnist")
+
+
+@pytest.mark.parametrize("sub", ["", "raw", "MNIST/raw"])
+def test_mnist_reads_the_idx_files_as_digits(tmp_path: Path, sub: str) -> None:
+    """MNIST: the same IDX files as Fashion-MNIST (also in torchvision's MNIST/raw), digit classes, and no
+    horizontal flip (a mirrored digit is another symbol)."""
+    root, images, labels = fashion(tmp_path, gz=False, sub=sub)
+    ds = load_dataset("mnist", root, "test")
+    assert torch.equal(ds.images[:, 0], torch.from_numpy(images)) and ds.labels.tolist() == labels.tolist()
+    assert ds.classes == [str(d) for d in range(10)] and ds.name == "mnist" and not ds.hflip
+    if sub != "MNIST/raw":  # torchvision keeps Fashion-MNIST in FashionMNIST/raw
+        assert load_dataset("fashion-mnist", root, "test").hflip  # clothes mirror
 
 
 @pytest.mark.skipif(not FASHION_ROOT.is_dir(), reason="dataset-fashion-mnist is not installed")

@@ -38,7 +38,7 @@ import tyro
 
 from .anytime import ModelConfig
 from .checkpoint import CheckpointError
-from .datasets import DataError
+from .datasets import DataError, DatasetName
 from .interrupts import Terminated
 from .registry import model_entry, model_name, registered_families
 from .runconfig import FROM_DATASET, TrainConfig
@@ -353,7 +353,7 @@ class OodCommand:
 
     run_dir: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
     """Run directory written by `cascadenet train`."""
-    ood_dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] | None = None
+    ood_dataset: DatasetName | None = None
     """Another dataset whose test split is out-of-distribution (converted to the model's channels and size)."""
     ood_data: str | None = None
     """The folder of --ood-dataset (default: its usual place, where it has one)."""
@@ -438,7 +438,7 @@ class ReproduceCommand:
     <out>/<dataset>-<budget>/<dataset>.md (table and plots) and <dataset>.json. Finished runs are reused (if their
     options match), interrupted ones resumed."""
 
-    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "fashion-mnist"
+    dataset: DatasetName = "fashion-mnist"
     """Dataset (read from --data-root in its standard layout)."""
     data_root: str | None = None
     """Dataset folder (default for fashion-mnist: Debian's dataset-fashion-mnist)."""

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS",
+    "DatasetName",
     "DEFAULT_ROOTS",
     "FASHION_CLASSES",
     "IMAGE_EXTENSIONS",
@@ -45,7 +47,8 @@ __all__ = [
     "split_classes",
 ]
 
-DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic"]
+DATASETS: tuple[str, ...] = get_args(DatasetName)
 # Where the Debian package dataset-fashion-mnist installs the files.
 DEFAULT_ROOTS: dict[str, str] = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -62,6 +65,7 @@ FASHION_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
+MNIST_CLASSES = [str(d) for d in range(10)]
 SYNTHETIC_CLASSES = ["hstripes", "vstripes", "checker", "rings"]
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 
@@ -180,7 +184,7 @@ def load_dataset(
             raise DataError(f"{root}: dataset root does not exist or is not a directory (pass --data-root)")
         if name == "imagefolder":
             return _image_folder(root, split, image_size)
-        ds = _fashion_mnist(root, split) if name == "fashion-mnist" else _cifar(root, split, name == "cifar100")
+        ds = _idx(root, split, name) if name in _IDX else _cifar(root, split, name == "cifar100")
     except OSError as e:  # an unreadable folder (permissions, I/O errors) while looking for the files
         raise DataError(f"{e.filename or root}: cannot read ({e.strerror or e})") from None
     return ds if image_size is None else dataclasses.replace(ds, images=_resize(ds.images, image_size))
@@ -293,21 +297,30 @@ def _find_file(root: Path, dirs: list[Path], name: str) -> Path:
     raise DataError(f"{root / name}: missing file {name}[.gz] (looked in {looked})")
 
 
-def _fashion_mnist(root: Path, split: str) -> ImageSet:
+# The datasets stored as MNIST's four IDX files: class names, whether a horizontal flip keeps the class, and the
+# sub-folder torchvision downloads them to.
+_IDX = {
+    "fashion-mnist": (FASHION_CLASSES, True, "FashionMNIST"),
+    "mnist": (MNIST_CLASSES, False, "MNIST"),  # a mirrored digit is another symbol
+}
+
+
+def _idx(root: Path, split: str, name: str) -> ImageSet:
+    classes, hflip, folder = _IDX[name]
     prefix = "train" if split == "train" else "t10k"
-    dirs = [root, root / "raw", root / "FashionMNIST" / "raw"]
+    dirs = [root, root / "raw", root / folder / "raw"]
     image_path = _find_file(root, dirs, f"{prefix}-images-idx3-ubyte")
     label_path = _find_file(root, dirs, f"{prefix}-labels-idx1-ubyte")
     images, labels = _read_idx(image_path, 0x00000803), _read_idx(label_path, 0x00000801)
     if len(images) != len(labels):
         raise DataError(f"{label_path}: has {len(labels)} labels but {image_path} has {len(images)} images")
-    _check_labels(labels, len(FASHION_CLASSES), label_path)
+    _check_labels(labels, len(classes), label_path)
     return ImageSet(
         torch.from_numpy(images).unsqueeze(1),
         torch.from_numpy(labels.astype(np.int64)),
-        list(FASHION_CLASSES),
-        "fashion-mnist",
-        hflip=True,
+        list(classes),
+        name,
+        hflip=hflip,
         source=str(root),
     )
 

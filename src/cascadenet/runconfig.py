@@ -18,6 +18,7 @@ from typing import Any, Literal
 from .anytime import ModelConfig, check_types
 from .cascade import CascadeConfig
 from .checkpoint import first_sentence
+from .datasets import DatasetName
 from .losses import LOSSES
 from .registry import config_from_dict, model_entry, model_name
 from .sdn import SDNConfig
@@ -61,7 +62,7 @@ class TrainConfig:
     are set from the dataset."""
 
     # --- data ---
-    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "fashion-mnist"
+    dataset: DatasetName = "fashion-mnist"
     """Dataset; all but synthetic are read from --data-root in their standard on-disk layout."""
     data_root: str | None = None
     """Dataset folder (default for fashion-mnist: where Debian's dataset-fashion-mnist installs it)."""
