@@ -3,6 +3,7 @@ clean trajectory; a transient stops reaching the output exactly when the finite 
 the feed-forward and running-average baselines see the same frames; the command writes its report and never
 overwrites."""
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -19,6 +20,7 @@ from cascadenet.loader import iterate_batches
 from cascadenet.noise import (
     PROTOCOLS,
     Protocol,
+    ews_calibration_batches,
     ews_variant,
     noise_robustness,
     noise_trajectories,
@@ -179,6 +181,59 @@ def synthetic(n=20, size=8):
     return ImageSet(images(n, size, seed=4), torch.randint(0, 4, (n,), generator=g), list("abcd"), "synthetic", False)
 
 
+def ews_run(model, x, steps):
+    state, out = None, []
+    for _ in range(steps):
+        logits, state = model.step(x, state)
+        out.append(logits)
+    return torch.stack(out)
+
+
+def test_ews_variant_with_more_steps_repeats_the_last_slot():
+    """Lengthening the EWS variant gives every step a slot of its own, filled from the last one: the same
+    answers as the short variant, which uses its last slot past its end (per-step affine and heads too)."""
+    torch.manual_seed(0)
+    model = tiny_model("resnet10", num_classes=4, temporal_affine=True, multi_head=True).double()
+    perturb_norms(model)
+    with torch.no_grad():
+        for head in model.heads:
+            head.weight.add_(torch.randn_like(head.weight))  # heads that differ per step
+    x = normalise(images().double())
+    T = model.num_steps
+    short, long = ews_variant(model, 0.5), ews_variant(model, 0.5, num_steps=T + 5)
+    assert long.num_steps == T + 5 and len(long.heads) == T + 5
+    bn = long.norms()[3]
+    assert bn.running_mean.shape[0] == T + 5 and torch.equal(bn.running_mean[T:], bn.running_mean[T - 1].expand(5, -1))
+    torch.testing.assert_close(ews_run(long, x, T + 5), ews_run(short, x, T + 5), rtol=0, atol=0)
+    same = ews_variant(model, 0.5).state_dict()  # as many steps as the model: its very tensors
+    assert all(torch.equal(v, same[k]) for k, v in model.state_dict().items())
+
+
+def test_ews_variant_calibration_gives_it_its_own_statistics():
+    """With calibration batches, evaluation-mode EWS normalises each step as batch statistics of its own
+    trajectory do (here: one batch, the one evaluated; the unbiased variance of the running statistics is the only
+    difference); with the trained statistics it does not. Without the stem delay every state depends on the
+    input: the input-independent states of a delayed stem amplify even that difference by up to 1/sqrt(eps)."""
+    torch.manual_seed(0)
+    model = tiny_model("resnet10", num_classes=4, stem_delay=False).double()
+    perturb_norms(model)
+    model.eval()
+    x = normalise(images(n=64, size=16, seed=3).double())
+    steps = model.num_steps + 6
+    plain = ews_variant(model, 0.7, num_steps=steps)
+    own = ews_variant(model, 0.7, num_steps=steps, calibration=[x])
+    reference = copy.deepcopy(own).train()  # batch statistics: the trajectory's own by definition
+    with torch.no_grad():
+        target = reference(x)
+        got, before = own(x), plain(x)
+    assert not own.training and not plain.training
+    scale = target.abs().max().item()
+    torch.testing.assert_close(got, target, rtol=0, atol=0.01 * scale)
+    assert (before - target).abs().amax(dim=(1, 2)).min() > scale  # at every step
+    # the model's own statistics are untouched
+    assert torch.equal(model.norms()[0].running_mean, ews_variant(model, 0.7).norms()[0].running_mean)
+
+
 def test_noise_robustness_counts_what_the_trajectories_predict(cascade):
     ds = synthetic()
     options = dict(sigmas=(0.0, 0.3), protocols=("persistent", "transient"), alphas=(0.5,), num_steps=9,
@@ -257,7 +312,8 @@ def test_cli_writes_the_report_and_never_overwrites(tmp_path, capsys):
     shutil.copytree(FIXTURE, run)
     folder = tmp_path / "a" / "b"  # made when missing
     argv = ["noise", str(run), "--protocols", "frozen", "transient", "--sigmas", "0.3", "--alphas", "0.5",
-            "--max-examples", "6", "--num-steps", "9", "--device", "cpu", "--out", str(folder)]  # fmt: skip
+            "--max-examples", "6", "--num-steps", "9", "--device", "cpu", "--out", str(folder),
+            "--ews-recalibrate-batches", "2"]  # fmt: skip
     assert main(argv) == 0
     screen = capsys.readouterr().out
     assert "wrote" in screen and str(folder) in screen and "transient, sigma 0.3" in screen
@@ -268,12 +324,15 @@ def test_cli_writes_the_report_and_never_overwrites(tmp_path, capsys):
     assert result["run"] == "run" and result["split"] == "test" and result["num_examples"] == 6
     assert list(result["results"]) == ["frozen", "transient"] and result["sigmas"] == [0.3]
     assert result["num_steps"] == 9 and result["alphas"] == [0.5]
+    assert result["ews_statistics"] == "own" and result["ews_recalibrate_batches"] == 2
     report = files["noise.md"].decode()
     assert "## transient: final accuracy" in report and "ews-0.5" in report and "noise-steps.png" in report
     # the same numbers as the library on the loaded run
     loaded = load_run(run, device="cpu")
+    calibration = ews_calibration_batches(run, 2)
     again = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, sigmas=(0.3,), alphas=(0.5,),
-                             protocols=("frozen", "transient"), max_examples=6, num_steps=9)  # fmt: skip
+                             protocols=("frozen", "transient"), max_examples=6, num_steps=9,
+                             ews_calibration=calibration)  # fmt: skip
     assert result["results"] == json.loads(json.dumps(again["results"]))
     # never over a file without --overwrite, one line; with it, replaced
     assert main(argv) == 2
@@ -296,7 +355,8 @@ def test_cli_defaults_every_protocol_into_the_run(tmp_path, capsys):
     assert list(result["results"]) == list(PROTOCOLS) and result["sigmas"] == [0.1, 0.2, 0.4]
     assert result["alphas"] == [0.9] and result["num_steps"] == 15  # 6 own steps; the burst 6..8 clears at 14
     loaded = load_run(run, device="cpu")
-    again = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, max_examples=16)
+    again = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, max_examples=16,
+                             ews_calibration=ews_calibration_batches(run, 4))  # fmt: skip
     assert result["results"] == json.loads(json.dumps(again["results"]))
 
 

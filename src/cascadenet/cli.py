@@ -322,6 +322,9 @@ class NoiseCommand:
     """T0 T1, the burst's first and last noisy steps (default: from the model's own number of steps, K steps)."""
     alphas: tuple[float, ...] = (0.9,)
     """EWS smoothing factors of the same weights run with the EWS kernel at test time (none: --alphas alone)."""
+    ews_recalibrate_batches: int = 4
+    """Training batches over which each EWS variant's batch-norm statistics are recomputed on its own clean
+    trajectory (0: keep the trained ones, which describe the one-step-delay trajectory's states)."""
     num_steps: int | None = None
     """Steps of every trajectory (default: the model's own, lengthened until the transient and the burst clear;
     EWS near alpha 0.9 integrates over tens of steps)."""

@@ -37,7 +37,8 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 from .datasets import ImageSet
-from .evaluate import SPLITS, load_run
+from .evaluate import SPLITS, load_run, split_data
+from .recalibrate import recalibrate_bn, training_batches
+from .runconfig import CONFIG, TrainConfig
 from .runtime import autocast
 
 __all__ = [
@@ -58,6 +61,7 @@ __all__ = [
     "standard_noise",
     "noisy_frames",
     "ews_variant",
+    "ews_calibration_batches",
     "noise_trajectories",
     "noise_robustness",
     "noise_run",
@@ -196,21 +200,68 @@ def noisy_frames(
         yield held[1]
 
 
-def ews_variant(model: nn.Module, alpha: float) -> nn.Module:
+def ews_variant(
+    model: nn.Module,
+    alpha: float,
+    *,
+    num_steps: int | None = None,
+    calibration: Iterable[Any] | None = None,
+) -> nn.Module:
     """The same weights with the exponential-smoothing delay kernel, ``delay="ews"`` and ``alpha``, in evaluation
-    mode, on the model's device and dtype (the configuration keeps its number of steps, so the per-step
-    batch-norm slots are the same; steps past them use the last slot)."""
+    mode, on the model's device and dtype.
+
+    Args:
+        model: a cascade with a delay kernel (``config.delay``).
+        alpha: the smoothing factor, in [0, 1).
+        num_steps: the variant's number of steps (default: the model's). Its per-step tables (batch-norm
+            statistics, and per-step scale/shift and heads where the model has them) get one slot per step; slots
+            past the model's repeat its last one, which is what the model itself uses past its last step, so
+            without ``calibration`` the variant computes the same thing whatever ``num_steps``.
+        calibration: batches of clean training inputs (``x`` or ``(x, y)``). When given, the variant's batch-norm
+            statistics are recomputed on its own trajectory (``recalibrate_bn``, one slot per step): a model trained
+            with the one-step delay holds statistics of the states of that trajectory, and the smoothed states of
+            EWS differ from them (the mean of a branch builds up over tens of steps instead of arriving at once),
+            so with the trained statistics EWS can normalise its states wrongly at every step.
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha < 1:
         raise ValueError(f"--alphas: each must be a number in [0, 1), got {alpha!r}")
     config = model.config
     names = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
-    if not {"delay", "alpha"} <= names:
+    if not {"delay", "alpha", "num_steps"} <= names:
         raise ValueError(f"--alphas: a {config.family} model has no EWS delay kernel to run at test time")
-    variant = dataclasses.replace(config, delay="ews", alpha=float(alpha)).build()
+    steps = int(model.num_steps) if num_steps is None else num_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    variant = dataclasses.replace(config, delay="ews", alpha=float(alpha), num_steps=steps).build()
     p = next(model.parameters())
     variant.to(device=p.device, dtype=p.dtype)
-    variant.load_state_dict(model.state_dict())
-    return variant.eval()
+    variant.load_state_dict(_per_step_tables(model.state_dict(), variant.state_dict()))
+    variant.eval()
+    if calibration is not None:
+        recalibrate_bn(variant, calibration)
+    return variant
+
+
+_HEAD = re.compile(r"heads\.(\d+)\.(.+)")
+
+
+def _per_step_tables(state: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` laid out as ``target``, a model of the same weights with another number of steps: a per-step
+    table (first dimension = slots) is cut, or lengthened by repeating its last slot; a head past the last one is
+    a copy of the last one."""
+    last_head = max((int(m[1]) for k in state if (m := _HEAD.fullmatch(k))), default=None)
+    out = {}
+    for key, want in target.items():
+        have = state.get(key)
+        if have is None and (m := _HEAD.fullmatch(key)) and last_head is not None:
+            have = state[f"heads.{last_head}.{m[2]}"]
+        if have is None:
+            raise ValueError(f"the EWS variant has a tensor the model lacks: {key}")  # a family this does not know
+        if have.shape != want.shape and have.ndim >= 1 and have.shape[1:] == want.shape[1:]:
+            n = want.shape[0]
+            have = have[:n] if len(have) >= n else torch.cat([have, have[-1:].expand(n - len(have), *have.shape[1:])])
+        out[key] = have
+    return out
 
 
 def _method_names(model: nn.Module, alphas: Sequence[float]) -> list[str]:
@@ -312,6 +363,7 @@ def noise_robustness(
     sigmas: Sequence[float] = (0.1, 0.2, 0.4),
     protocols: Sequence[str] = PROTOCOLS,
     alphas: Sequence[float] = (0.9,),
+    ews_calibration: Callable[[], Iterable[Any]] | None = None,
     num_steps: int | None = None,
     steps_noisy: int | None = None,
     burst: Sequence[int] | None = None,
@@ -328,7 +380,11 @@ def noise_robustness(
         ds: the examples (on the model's device); ``mean``, ``std``: the normalisation, per channel.
         sigmas: noise standard deviations on the [0, 1] pixel scale.
         protocols: any of ``PROTOCOLS``.
-        alphas: EWS smoothing factors of the test-time EWS variants (none: ``()``).
+        alphas: EWS smoothing factors of the test-time EWS variants (none: ``()``); each has a batch-norm slot
+            per step of the trajectory.
+        ews_calibration: makes batches of clean training inputs, called once per variant: each EWS variant's
+            batch-norm statistics are then its own (``ews_variant``'s ``calibration``); ``None`` keeps the trained
+            ones (the reference code's test-time swap).
         num_steps: steps of every trajectory (default: the model's own, lengthened so that the transient and
             the burst clear by the last step).
         steps_noisy: the transient's noisy steps K (default: half the settling time, at least 1).
@@ -367,7 +423,10 @@ def noise_robustness(
         raise ValueError(f"--steps-noisy {k} must be below --num-steps {num_steps} (else the noise never ends)")
     if "burst" in protocols and burst[1] >= num_steps:
         raise ValueError(f"--burst {burst[0]} {burst[1]}: its last step must be below --num-steps {num_steps}")
-    variants = {f"ews-{a:g}": ews_variant(model, a) for a in alphas}
+    variants = {
+        f"ews-{a:g}": ews_variant(model, a, num_steps=num_steps, calibration=ews_calibration and ews_calibration())
+        for a in alphas
+    }
     methods = _method_names(model, alphas)
 
     n_all = len(ds)
@@ -444,10 +503,11 @@ def noise_robustness(
         "normalization": {"mean": mean.tolist(), "std": std.tolist()},
         "sigmas": sigmas,
         "alphas": [float(a) for a in alphas],
+        "ews_statistics": "own" if ews_calibration is not None else "trained",
         "steps_noisy": k if "transient" in protocols else None,
         "burst": list(burst) if "burst" in protocols else None,
         "protocols": protocol_info,
-        "methods": {m: _method_description(m, config) for m in methods},
+        "methods": {m: _method_description(m, config, ews_calibration is not None) for m in methods},
         "recovered_agreement": RECOVERED,
         "clean": {m: scores(clean[m]) for m in methods},
         "results": results,
@@ -464,13 +524,15 @@ def _recovery(agreement: Tensor, last_noisy: int) -> int | None:
     return step
 
 
-def _method_description(name: str, config: Any) -> str:
+def _method_description(name: str, config: Any, own_statistics: bool = False) -> str:
     if name == "cascade":
         delay = getattr(config, "delay", "?")
         alpha = f", alpha {config.alpha:g}" if delay == "ews" else ""
         return f"the cascade itself ({delay}{alpha}, its own scheme), fed one frame per step"
     if name.startswith("ews-"):
-        return f"the same weights with the EWS kernel, alpha {name[4:]}, at test time (a temporal integrator)"
+        stats = ("batch-norm statistics recomputed on its own clean trajectory" if own_statistics
+                 else "the trained batch-norm statistics")  # fmt: skip
+        return f"the same weights with the EWS kernel, alpha {name[4:]}, at test time (a temporal integrator), {stats}"
     if name == "feedforward":
         return "the ordinary ResNet of the same weights on each frame alone"
     return "the ordinary ResNet of the same weights on the mean of the frames so far"
@@ -593,6 +655,7 @@ def noise_run(
     sigmas: Sequence[float] = (0.1, 0.2, 0.4),
     protocols: Sequence[str] = PROTOCOLS,
     alphas: Sequence[float] = (0.9,),
+    ews_recalibrate_batches: int = 4,
     num_steps: int | None = None,
     steps_noisy: int | None = None,
     burst: Sequence[int] | None = None,
@@ -608,8 +671,13 @@ def noise_run(
 ) -> tuple[dict[str, Any], list[Path]]:
     """``cascadenet noise``: ``noise_robustness`` on a split of a trained run, written to ``out`` (default
     ``RUN_DIR/noise``) as noise.md, noise.json (every number) and two plots, noise-steps.png and noise-final.png.
-    Existing files are never replaced without ``overwrite`` (checked before any work)."""
+    Existing files are never replaced without ``overwrite`` (checked before any work). Each EWS variant's batch-norm
+    statistics are recomputed on its own clean trajectory over ``ews_recalibrate_batches`` training batches, drawn
+    as training's final recalibration draws them (0 keeps the trained statistics)."""
     run_dir = Path(run_dir)
+    if isinstance(ews_recalibrate_batches, bool) or not isinstance(ews_recalibrate_batches, int) \
+            or ews_recalibrate_batches < 0:  # fmt: skip
+        raise ValueError(f"--ews-recalibrate-batches must be a non-negative integer, got {ews_recalibrate_batches!r}")
     if split not in SPLITS:
         raise ValueError(f"unknown --split {split!r}; valid choices: {', '.join(SPLITS)}")
     folder = run_dir / "noise" if out is None else Path(out)
@@ -623,11 +691,15 @@ def noise_run(
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {folder}: {existing} is not writable")
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device)
+    calibration = None
+    if alphas and ews_recalibrate_batches:
+        calibration = ews_calibration_batches(run_dir, ews_recalibrate_batches, data_root=data_root,
+                                              device=loaded.data.images.device)  # fmt: skip
     result = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, sigmas=sigmas, protocols=protocols,
-                              alphas=alphas, num_steps=num_steps, steps_noisy=steps_noisy, burst=burst,
-                              max_examples=max_examples, seed=seed, batch_size=batch_size, amp=loaded.amp,
-                              progress=progress)  # fmt: skip
-    result = {"run": run_dir.name, **result, "split": split}
+                              alphas=alphas, ews_calibration=calibration, num_steps=num_steps,
+                              steps_noisy=steps_noisy, burst=burst, max_examples=max_examples, seed=seed,
+                              batch_size=batch_size, amp=loaded.amp, progress=progress)  # fmt: skip
+    result = {"run": run_dir.name, **result, "split": split, "ews_recalibrate_batches": ews_recalibrate_batches}
     steps_fig, final_fig = noise_figures(result)
     folder.mkdir(parents=True, exist_ok=True)
     contents = [format_report(result).encode(), (json.dumps(result, indent=2) + "\n").encode(),
@@ -635,3 +707,19 @@ def noise_run(
     for path, data in zip(paths, contents):
         atomic_write(path, data, overwrite=overwrite)
     return result, paths
+
+
+def ews_calibration_batches(
+    run_dir: str | os.PathLike, count: int = 4, *, data_root: str | None = None, device: str | torch.device = "cpu"
+) -> Callable[[], Iterable[Any]]:
+    """For ``noise_robustness``'s ``ews_calibration``: ``count`` clean batches of a run's own training part (never
+    the split evaluated), drawn as training's final recalibration draws them (``recalibrate.training_batches``:
+    the same batches on every call)."""
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_file(run_dir / CONFIG)
+    stored = json.loads((run_dir / CONFIG).read_bytes())
+    mean = torch.tensor(stored["normalization"]["mean"], dtype=torch.float32)
+    std = torch.tensor(stored["normalization"]["std"], dtype=torch.float32)
+    dev = torch.device(device)
+    trained = split_data(cfg, data_root, "train", with_val=False)[0].to(dev)
+    return lambda: training_batches(trained, cfg, mean, std, dev, count)
