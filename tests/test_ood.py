@@ -176,6 +176,8 @@ def test_holdout_option_is_checked_and_stored(tmp_path):
         TrainConfig(dataset="imagefolder", stream="on", holdout_classes=(1,))
     with pytest.raises(ValueError, match="--holdout-classes cannot change"):  # part of what the run computes
         check_resume_overrides({"holdout_classes": (2,)}, cfg)
+    assert check_resume_overrides({"holdout_classes": (3, 1)}, cfg) == {}  # the same classes, typed in any order
+    assert check_resume_overrides({"holdout_classes": [1, 3]}, cfg) == {}
     with pytest.raises(ValueError, match=r"0\.\.3"):  # the range is the dataset's: checked when it is read
         T._load_data(small_cfg(tmp_path, holdout_classes=(4,)))
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import cascadenet as cn
 import cascadenet.train as T
-from cascadenet import cli
+from cascadenet import cli, registry
 from cascadenet.checkpoint import load_model, save_weights
 from cascadenet.cli import main
 from cascadenet.evaluate import evaluate
@@ -238,7 +238,9 @@ def test_cli_trains_an_sdn_and_refuses_flags_of_other_families(tmp_path, monkeyp
     assert "--ic-after: not an option of the cascaded-resnet family" in capsys.readouterr().err
 
 
-def test_model_flags_are_the_fields_of_every_family():
+def test_model_flags_are_the_fields_of_every_family(monkeypatch):
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))  # the test family leaves with the test
+
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class OtherConfig(cn.ModelConfig):
         family = "test-flags-other"
@@ -256,3 +258,7 @@ def test_model_flags_are_the_fields_of_every_family():
     assert flags["width"].families == {"cascaded-resnet": 64, "sdn": 64, "msdnet": 1.0, "test-flags-other": 16}
     assert flags["growth"].doc == "Channels each layer adds." and flags["growth"].families == {"test-flags-other": 6}
     assert flags["ic_after"].families == {"sdn": None} and "arch" not in flags and "input_size" not in flags
+
+
+def test_the_test_family_did_not_leak():
+    assert "test-flags-other" not in {c.family for c in registry.registered_families()}

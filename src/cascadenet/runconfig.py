@@ -331,7 +331,8 @@ def check_resume_overrides(overrides: dict[str, Any], stored: TrainConfig | None
         ValueError: naming the options that may not change (as command-line flags) and those that may.
     """
     current = stored.options() if stored is not None else {}
-    refused = [k for k, v in overrides.items() if k not in RESUMABLE and (k not in current or current[k] != v)]
+    refused = [k for k, v in overrides.items()
+               if k not in RESUMABLE and (k not in current or current[k] != _as_stored(k, v))]  # fmt: skip
     if refused:
         given = ", ".join(f"--{n.replace('_', '-')}" for n in refused)
         allowed = ", ".join("--" + n.replace("_", "-") for n in RESUMABLE)
@@ -340,6 +341,13 @@ def check_resume_overrides(overrides: dict[str, Any], stored: TrainConfig | None
             f"{allowed})"
         )
     return {k: v for k, v in overrides.items() if k in RESUMABLE}
+
+
+def _as_stored(name: str, value: Any) -> Any:
+    """An option's value as the configuration stores it: held-out classes sorted (``3 1`` is the run ``1 3``)."""
+    if name == "holdout_classes" and isinstance(value, list | tuple) and all(isinstance(c, int) for c in value):
+        return tuple(sorted(value))
+    return value
 
 
 def changed_options(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
