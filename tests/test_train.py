@@ -15,7 +15,8 @@ from cascadenet import CascadeConfig
 from cascadenet.checkpoint import CheckpointError, load_checkpoint, load_model
 from cascadenet.cli import main
 from cascadenet.evaluate import evaluate
-from cascadenet.train import TrainConfig, TrainingError, lr_at, train
+from cascadenet.optim import lr_at, make_optimizer
+from cascadenet.train import TrainConfig, TrainingError, train
 
 MODEL_OPTIONS = {f.name for f in dataclasses.fields(CascadeConfig)} - {"arch"}
 
@@ -287,7 +288,6 @@ def test_demo_report_and_reuse(tmp_path, monkeypatch):
 
 def test_weight_decay_spares_batch_norm_and_biases():
     from cascadenet import create_model
-    from cascadenet.train import make_optimizer
 
     model = create_model("resnet10", num_classes=4, width=4, temporal_affine=True)  # 2-D BN scales
     decay, other = make_optimizer(model, TrainConfig()).param_groups

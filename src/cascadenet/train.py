@@ -15,7 +15,8 @@ Resuming restores everything the loop depends on (the batch order of an epoch is
 whose state at the epoch start is saved, so resuming mid-epoch skips exactly the batches already done);
 on CPU a resumed run ends with the same weights and the same metrics as an uninterrupted one. Before anything
 is written, a resumed run checks that its checkpoint and weights hold the model its config.json describes and
-that the data is the data it was trained on. A new run that stops before its first checkpoint leaves nothing.
+that the data is the data it was trained on (``cascadenet.runclaim``). A new run that stops before its first
+checkpoint leaves nothing.
 
 Training uses only the anytime-model interface (``cascadenet.anytime``): any registered model family trains here.
 """
@@ -28,7 +29,6 @@ import errno
 import itertools
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -51,18 +51,25 @@ from .checkpoint import (
     build_and_load,
     first_sentence,
     load_checkpoint,
-    read_metadata,
     save_checkpoint,
     save_weights,
 )
 from .datasets import DataError, ImageSet, kept_classes, load_dataset
 from .interrupts import Interrupts, Terminated, catch_signals
 from .loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
-from .losses import final_ce, ic_only_loss, sdn_loss, sdn_weights, stepwise_ce, td_loss
-from .norm import TemporalBatchNorm2d
-from .pretrained import config_difference, load_init, read_init
+from .optim import compute_loss, lr_at, make_optimizer
+from .pretrained import load_init, read_init
 from .recalibrate import calibration_forward, recalibrate_bn, training_batches
-from .registry import config_from_dict
+from .runclaim import (
+    TrainingError,
+    check_model_files,
+    check_same_data,
+    check_target,
+    claim,
+    data_shape,
+    described_model,
+    read_run,
+)
 from .runconfig import (
     CONFIG,
     RESUMABLE,
@@ -72,11 +79,12 @@ from .runconfig import (
     check_loss_fits,
     check_resume_overrides,
 )
-from .rundir import LOCK, RunLock, RunLockedError, clean_temporaries, is_temporary
+from .rundir import RunLock, clean_temporaries
 from .runtime import autocast, dataset_logits, resolve_device
 
 # TrainConfig, ConfigError, CONFIG, RESUMABLE and the resume policy live in runconfig.py (evaluation reads them
-# without the training loop); they are re-exported here, where the first release had them.
+# without the training loop), TrainingError in runclaim.py and lr_at in optim.py; they are re-exported here, where
+# the first release had them. The loop calls compute_loss through this module's name (tests patch it here).
 __all__ = [
     "CONFIG",
     "ConfigError",
@@ -95,64 +103,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged loss, a run directory in the way or in use, an unusable checkpoint, a
-    full disk)."""
-
-    def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
-        return " ".join(line.strip() for line in super().__str__().splitlines())
-
-
-def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` of ``total`` (a pure function: easy to test)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress  # onecycle: linear decay to zero
-
-
-_NORM_LAYERS = (
-    TemporalBatchNorm2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-)  # fmt: skip
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on conv and linear weights only: decaying normalisation scales and biases only hurts.
-    # (temporal batch-norm scales are 2-D, (slots, C), so dimensionality alone does not tell them apart)
-    norm = {id(p) for m in model.modules() if isinstance(m, _NORM_LAYERS) for p in m.parameters(recurse=False)}
-    params = [p for p in model.parameters() if p.requires_grad]  # not the frozen parts (SDN's IC-only mode)
-    decay = [p for p in params if p.ndim >= 2 and id(p) not in norm]
-    other = [p for p in params if p.ndim < 2 or id(p) in norm]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, epoch: int = 1) -> torch.Tensor:
-    """The training loss of a batch in epoch ``epoch`` (1-based; SDN's IC weights ramp over the epochs)."""
-    if cfg.loss == "final":
-        # the model's own final prediction: a cascade's ordinary ResNet, else the last exit
-        feedforward = getattr(model, "feedforward", None)
-        final = feedforward(x) if feedforward is not None else model(x)[-1]
-        return final_ce(final, y, label_smoothing=cfg.label_smoothing)
-    logits = model(x)  # (E, B, C)
-    first = model.first_informative_exit
-    if cfg.loss == "ce":
-        return stepwise_ce(logits, y, first_step=first, label_smoothing=cfg.label_smoothing)
-    if cfg.loss == "sdn":
-        weights = sdn_weights(model.ic_fractions, epoch, cfg.epochs)
-        return sdn_loss(logits, y, weights, label_smoothing=cfg.label_smoothing)
-    if cfg.loss == "ic-only":
-        return ic_only_loss(logits, y, label_smoothing=cfg.label_smoothing)
-    return td_loss(logits, y, cfg.lam, first_step=first, label_smoothing=cfg.label_smoothing)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -395,156 +345,6 @@ def _write(s: _Session, write: Any) -> None:
 # Set-up: every check before anything is written
 
 
-def _read_run(run_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The stored configuration of a run directory, and config.json's whole content."""
-    try:
-        if not (run_dir / CONFIG).is_file():
-            raise TrainingError(f"{run_dir}: no {CONFIG} here: not a run directory")
-        payload = json.loads((run_dir / CONFIG).read_bytes())
-    except OSError as e:
-        raise TrainingError(f"{run_dir}: cannot read the run directory: {e.strerror or e}") from None
-    except (ValueError, RecursionError):
-        payload = None  # from_file names the problem
-    stored = TrainConfig.from_file(run_dir / CONFIG)
-    return stored, payload if isinstance(payload, dict) else {}
-
-
-def _leftovers(run_dir: Path) -> set[str]:
-    """What a run directory holds besides its lock and the temporaries of killed writes."""
-    return {p.name for p in run_dir.iterdir() if p.name != LOCK and not is_temporary(p.name)}
-
-
-def _unstarted_same(run_dir: Path, cfg: TrainConfig, leftovers: set[str]) -> bool:
-    """The directory holds only the config.json of this very run, killed before its first checkpoint."""
-    if leftovers != {CONFIG}:
-        return False
-    try:
-        stored = TrainConfig.from_file(run_dir / CONFIG)
-    except ConfigError:
-        return False
-    return not any(k not in RESUMABLE for k in changed_options(stored, cfg))
-
-
-def _check_target(run_dir: Path, cfg: TrainConfig) -> None:
-    """Early, before the data is read: the new run's directory can be created and is free."""
-    try:
-        if run_dir.is_dir():
-            leftovers = _leftovers(run_dir)
-            if leftovers and not _unstarted_same(run_dir, cfg, leftovers):
-                raise TrainingError(
-                    f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
-                    "or choose another --name or --out (nothing was overwritten)"
-                )
-            return
-        if run_dir.exists() or run_dir.is_symlink():
-            raise TrainingError(f"{run_dir} exists and is not a directory: choose another --name or --out")
-        parent = run_dir.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            raise TrainingError(f"{parent} is a file, not a folder: --out must name a folder (it is {cfg.out})")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise TrainingError(f"{parent}: cannot create the run directory {run_dir} there (not writable)")
-    except OSError as e:
-        raise TrainingError(f"{run_dir}: {e.strerror or e}") from None
-
-
-def _claim(run_dir: Path, cfg: TrainConfig, resuming: bool) -> tuple[RunLock, bool]:
-    """Take the run directory: create it (a new run), lock it, and check (under the lock) that a new run's is
-    free. Returns the lock and whether this process created the directory."""
-    created = False
-    try:
-        if not resuming:
-            created = not run_dir.exists()
-            run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock.acquire(run_dir)
-    except RunLockedError as e:
-        raise TrainingError(str(e)) from None
-    except OSError as e:
-        what = "lock" if resuming else "create"
-        raise TrainingError(f"cannot {what} the run directory {run_dir}: {e.strerror or e}") from None
-    try:
-        if not resuming:
-            leftovers = _leftovers(run_dir)
-            if leftovers and not _unstarted_same(run_dir, cfg, leftovers):
-                raise TrainingError(
-                    f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
-                    "or choose another --name or --out (nothing was overwritten)"
-                )
-            if leftovers:
-                log.info("%s holds only the configuration of this run, stopped before its first checkpoint: "
-                         "starting it again", run_dir)  # fmt: skip
-        clean_temporaries(run_dir)
-    except BaseException:
-        lock.release()
-        raise
-    return lock, created
-
-
-def _shape(ds: Any) -> list[int]:
-    """(C, H, W) of the images of an in-memory set or a streamed folder."""
-    return list(ds.images.shape[1:]) if isinstance(ds, ImageSet) else ds.shape
-
-
-def _describe_data(ds: Any) -> str:
-    c, h, w = _shape(ds)
-    return f"{len(ds)} images of {c}x{h}x{w} in {ds.num_classes} classes"
-
-
-def _check_same_data(run_dir: Path, payload: dict[str, Any], full: ImageSet, mean: torch.Tensor,
-                     std: torch.Tensor, data_root: str | None) -> None:  # fmt: skip
-    """A resumed run reads the data it was trained on (what config.json recorded of it)."""
-    data = payload.get("data")
-    stored_model = payload.get("model")
-    found = {"examples": len(full), "shape": _shape(full), "classes": full.num_classes}
-    differs = isinstance(data, dict) and any(data.get(k) != v for k, v in found.items())
-    if isinstance(stored_model, dict):
-        differs |= stored_model.get("num_classes", full.num_classes) != full.num_classes
-        differs |= stored_model.get("in_channels", full.num_channels) != full.num_channels
-    if isinstance(payload.get("classes"), list):
-        differs |= payload["classes"] != full.classes
-    norm = payload.get("normalization")
-    if isinstance(norm, dict):
-        differs |= norm.get("mean") != mean.tolist() or norm.get("std") != std.tolist()
-    if differs:
-        was = "other data"
-        if isinstance(data, dict) and {"examples", "shape", "classes"} <= set(data):
-            was = f"{data['examples']} images of {'x'.join(map(str, data['shape']))} in {data['classes']} classes"
-        where = f"--data-root {data_root}" if data_root else "the dataset"
-        raise TrainingError(
-            f"{where} holds {_describe_data(full)}, but {run_dir} was trained on {was}: resume with the data it "
-            "was trained on (pass its --data-root)"
-        )
-
-
-def _described_model(payload: dict[str, Any], fallback: ModelConfig) -> ModelConfig:
-    """The model config.json describes: its "model" record (as the first release wrote it, num_steps resolved),
-    else the training options' model."""
-    try:
-        return config_from_dict(payload["model"])
-    except (KeyError, TypeError, ValueError):
-        return fallback
-
-
-def _check_model_files(run_dir: Path, model_cfg: ModelConfig, ckpt: dict[str, Any] | None) -> None:
-    """The checkpoint and the final weights in a run directory hold the model its config.json describes."""
-    found = []
-    if ckpt is not None:
-        found.append((run_dir / CHECKPOINT, ckpt["model_config"]))
-    if (run_dir / WEIGHTS).is_file():
-        found.append((run_dir / WEIGHTS, read_metadata(run_dir / WEIGHTS).get("model_config")))
-    for path, raw in found:
-        try:
-            stored = config_from_dict(raw)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable model configuration: {e}") from None
-        if stored != model_cfg:
-            raise TrainingError(
-                f"{path} holds another model than {run_dir / CONFIG} describes ({path.name} vs {CONFIG}: "
-                f"{config_difference(stored, model_cfg)}); nothing was changed"
-            )
-
-
 def _start(
     cfg: TrainConfig,
     resume: str | os.PathLike | None,
@@ -675,7 +475,7 @@ def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Ten
 
 def _from_dataset(model: ModelConfig, full: Any) -> dict[str, Any]:
     """The model options that the dataset sets (``FROM_DATASET``, those the model's family has)."""
-    c, h, w = _shape(full)
+    c, h, w = data_shape(full)
     options = {"num_classes": full.num_classes, "in_channels": c}
     if any(f.name == "input_size" for f in dataclasses.fields(model)):
         if h != w:
@@ -770,11 +570,11 @@ def _start_here(
     payload: dict[str, Any] = {}
     if resume is not None:
         run_dir = Path(resume)
-        stored, payload = _read_run(run_dir)
+        stored, payload = read_run(run_dir)
         cfg = dataclasses.replace(stored, **check_resume_overrides(overrides, stored))
     else:
         run_dir = Path(cfg.out) / cfg.run_name()
-        _check_target(run_dir, cfg)
+        check_target(run_dir, cfg)
     device = _device(cfg, world)
     cfg = _resolve_stream(cfg)
     processes = 1 if world is None else world.size
@@ -805,11 +605,11 @@ def _start_here(
     schedule = _schedule(cfg, len(train_set), processes)
 
     # --- the run directory: claimed (locked) from here on; until config.json is written nothing in it changed
-    lock, created = _claim(run_dir, cfg, resume is not None)
+    lock, created = claim(run_dir, cfg, resume is not None)
     try:
         ckpt = None
         if resume is not None:
-            _check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
+            check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
             trained_on = payload.get("processes", 1)
             if trained_on != processes:
                 raise TrainingError(
@@ -818,7 +618,7 @@ def _start_here(
                 )
             if (run_dir / CHECKPOINT).is_file():
                 ckpt = load_checkpoint(run_dir / CHECKPOINT)
-            _check_model_files(run_dir, _described_model(payload, cfg.model), ckpt)
+            check_model_files(run_dir, described_model(payload, cfg.model), ckpt)
             if ckpt is not None:
                 model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
                 cfg = dataclasses.replace(cfg, model=model.config)  # as stored (format 1 resolved num_steps)
@@ -829,7 +629,7 @@ def _start_here(
             log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
         if resume is not None:
             s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
-        described = {"examples": len(full), "shape": _shape(full), "classes": full.num_classes}
+        described = {"examples": len(full), "shape": data_shape(full), "classes": full.num_classes}
         stored_payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra, "data": described,
                           "processes": processes}  # fmt: skip
         _write(s, lambda: atomic_write(run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
