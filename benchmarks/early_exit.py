@@ -14,6 +14,10 @@ Reported per variant: median wall time over --repeats (after a warm-up, variants
 machine load hits them alike), its speed ratio against the engine, accuracy, mean stopping step and mean MACs
 per example as a fraction of the last step's. Ratios are what to read: absolute times on a shared machine are not
 stable. The MAC fraction is the bound the speed ratio can approach when per-step overheads are small.
+
+Then where the time goes: ``model.anytime`` run to the end once more per repeat, timed step by step, each step's
+share of the wall time next to its share of the MACs. Every example pays for the steps before its exit, so a step
+whose time share is far above its MAC share (a memory-bound stem on a small input) limits what early exit can save.
 """
 
 from __future__ import annotations
@@ -101,6 +105,23 @@ def sync(device: str) -> None:
 
 
 @torch.no_grad()
+def step_times(model, batches, device: str) -> list[float]:
+    """Wall time of each step of ``model.anytime`` over all the batches."""
+    per: list[float] = []
+    for x, _ in batches:
+        sync(device)
+        start = time.perf_counter()
+        for t, _step in enumerate(model.anytime(x)):
+            sync(device)
+            now = time.perf_counter()
+            if t == len(per):
+                per.append(0.0)
+            per[t] += now - start
+            start = now
+    return per
+
+
+@torch.no_grad()
 def variants(model, batches, thresholds):
     """name -> function running the whole split and returning (correct predictions, Predictions or None)."""
 
@@ -153,6 +174,9 @@ def main(argv=None) -> int:
                 fn()
                 sync(args.device)
                 times[name].append(time.perf_counter() - start)
+        profiles = [step_times(model, batches, args.device) for _ in range(args.repeats)]
+    per_step = [statistics.median(p[t] for p in profiles) for t in range(len(macs))]
+    step_macs = [macs[0], *(b - a for a, b in zip(macs, macs[1:]))]
     base = statistics.median(times["engine"])
     rows = []
     for name in table:
@@ -170,12 +194,16 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['variant']:>10} {r['seconds']:>9.3f} {r['speedup_vs_engine']:>8.2f}x {100 * r['accuracy']:>8.2f}% "
               f"{r['mean_step']:>9.2f} {100 * r['macs_fraction']:>6.1f}%")  # fmt: skip
+    print(f"where the time goes (model.anytime to the end, median of {args.repeats}): per step, share of the wall time "
+          "/ share of the MACs")  # fmt: skip
+    print("  " + ", ".join(f"step {t}: {100 * p / sum(per_step):.0f}% / {100 * m / macs[-1]:.0f}%"
+                           for t, (p, m) in enumerate(zip(per_step, step_macs))))  # fmt: skip
     if args.json:
         meta = dict(examples=n, batch=args.batch, device=args.device, threads=torch.get_num_threads(),
                     steps=len(macs), macs_last_step=macs[-1], note=note, run_dir=args.run_dir,
                     machine=platform.processor() or platform.machine(), torch=torch.__version__)  # fmt: skip
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            json.dump({"meta": meta, "rows": rows, "step_seconds": per_step, "step_macs": step_macs}, f, indent=2)
     return 0
 
 
