@@ -16,7 +16,8 @@ Methods, all on the very same frames:
 
 - ``cascade``: the model itself (its own delay kernel and scheme);
 - ``ews-<alpha>``: the same weights rebuilt with the exponential-smoothing kernel (``delay="ews"``) at test time, a
-  temporal integrator of the frames (as the reference code's eval.py swaps EWS into OSD-trained nets);
+  temporal integrator of the frames (as the reference code's eval.py swaps EWS into OSD-trained nets), with a
+  batch-norm slot per step and, from ``cascadenet noise``, statistics recomputed on its own clean trajectory;
 - ``feedforward``: the ordinary ResNet of the same weights (``model.feedforward``) on each frame alone;
 - ``feedforward-average``: the same on the mean of the frames so far (a running average, the simplest integrator).
 
