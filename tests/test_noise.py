@@ -20,13 +20,13 @@ from cascadenet.loader import iterate_batches
 from cascadenet.noise import (
     PROTOCOLS,
     Protocol,
-    ews_calibration_batches,
     ews_variant,
     noise_robustness,
     noise_trajectories,
     noisy_frames,
     standard_noise,
 )
+from cascadenet.recalibrate import run_training_batches
 from conftest import perturb_norms, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"
@@ -329,7 +329,7 @@ def test_cli_writes_the_report_and_never_overwrites(tmp_path, capsys):
     assert "## transient: final accuracy" in report and "ews-0.5" in report and "noise-steps.png" in report
     # the same numbers as the library on the loaded run
     loaded = load_run(run, device="cpu")
-    calibration = ews_calibration_batches(run, 2)
+    calibration = run_training_batches(run, 2)
     again = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, sigmas=(0.3,), alphas=(0.5,),
                              protocols=("frozen", "transient"), max_examples=6, num_steps=9,
                              ews_calibration=calibration)  # fmt: skip
@@ -356,7 +356,7 @@ def test_cli_defaults_every_protocol_into_the_run(tmp_path, capsys):
     assert result["alphas"] == [0.9] and result["num_steps"] == 15  # 6 own steps; the burst 6..8 clears at 14
     loaded = load_run(run, device="cpu")
     again = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, max_examples=16,
-                             ews_calibration=ews_calibration_batches(run, 4))  # fmt: skip
+                             ews_calibration=run_training_batches(run, 4))  # fmt: skip
     assert result["results"] == json.loads(json.dumps(again["results"]))
 
 

@@ -59,7 +59,7 @@ from .registry import config_from_dict
 from .runconfig import CONFIG, TrainConfig
 from .runtime import dataset_logits, resolve_device
 
-__all__ = ["evaluate", "eval_filename", "format_table", "load_run", "split_data", "LoadedRun", "check_npz_output"]
+__all__ = ["evaluate", "eval_filename", "format_table", "load_run", "LoadedRun", "check_npz_output"]
 
 
 SPLITS = ("test", "val", "train")
@@ -287,7 +287,7 @@ def _load_run(
     _check_model(run_dir, stored.get("model"), model.config)
     finished = (run_dir / "model.safetensors").is_file()
 
-    ds, val_set = split_data(cfg, data_root, split, with_val)
+    ds, val_set = _split_data(cfg, data_root, split, with_val)
     check_compatible(ds, model.config.in_channels, model.config.num_classes)
     try:
         mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
@@ -300,7 +300,7 @@ def _load_run(
     return LoadedRun(model, ds.to(dev), mean, std, amp, finished, None if val_set is None else val_set.to(dev))
 
 
-def split_data(cfg: TrainConfig, data_root: str | None, split: str, with_val: bool = True) -> tuple[Any, Any]:
+def _split_data(cfg: TrainConfig, data_root: str | None, split: str, with_val: bool = True) -> tuple[Any, Any]:
     """The evaluated split and the run's validation split (None when it held none out, or, for the test split,
     when ``with_val`` is false).
 

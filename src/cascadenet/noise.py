@@ -51,9 +51,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write
 from .datasets import ImageSet
-from .evaluate import SPLITS, load_run, split_data
-from .recalibrate import recalibrate_bn, training_batches
-from .runconfig import CONFIG, TrainConfig
+from .evaluate import SPLITS, load_run
+from .recalibrate import recalibrate_bn, run_training_batches
 from .runtime import autocast
 
 __all__ = [
@@ -62,7 +61,6 @@ __all__ = [
     "standard_noise",
     "noisy_frames",
     "ews_variant",
-    "ews_calibration_batches",
     "noise_trajectories",
     "noise_robustness",
     "noise_run",
@@ -694,8 +692,8 @@ def noise_run(
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device)
     calibration = None
     if alphas and ews_recalibrate_batches:
-        calibration = ews_calibration_batches(run_dir, ews_recalibrate_batches, data_root=data_root,
-                                              device=loaded.data.images.device)  # fmt: skip
+        calibration = run_training_batches(run_dir, ews_recalibrate_batches, data_root=data_root,
+                                           device=loaded.data.images.device)  # fmt: skip
     result = noise_robustness(loaded.model, loaded.data, loaded.mean, loaded.std, sigmas=sigmas, protocols=protocols,
                               alphas=alphas, ews_calibration=calibration, num_steps=num_steps,
                               steps_noisy=steps_noisy, burst=burst, max_examples=max_examples, seed=seed,
@@ -708,19 +706,3 @@ def noise_run(
     for path, data in zip(paths, contents):
         atomic_write(path, data, overwrite=overwrite)
     return result, paths
-
-
-def ews_calibration_batches(
-    run_dir: str | os.PathLike, count: int = 4, *, data_root: str | None = None, device: str | torch.device = "cpu"
-) -> Callable[[], Iterable[Any]]:
-    """For ``noise_robustness``'s ``ews_calibration``: ``count`` clean batches of a run's own training part (never
-    the split evaluated), drawn as training's final recalibration draws them (``recalibrate.training_batches``:
-    the same batches on every call)."""
-    run_dir = Path(run_dir)
-    cfg = TrainConfig.from_file(run_dir / CONFIG)
-    stored = json.loads((run_dir / CONFIG).read_bytes())
-    mean = torch.tensor(stored["normalization"]["mean"], dtype=torch.float32)
-    std = torch.tensor(stored["normalization"]["std"], dtype=torch.float32)
-    dev = torch.device(device)
-    trained = split_data(cfg, data_root, "train", with_val=False)[0].to(dev)
-    return lambda: training_batches(trained, cfg, mean, std, dev, count)

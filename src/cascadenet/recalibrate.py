@@ -11,7 +11,9 @@ temporal batch norm) as the plain average over a few batches at the final weight
 
 - ``recalibrate_bn(model, batches)``: the library function, for any model holding batch norms.
 - ``training_batches(...)``: batches drawn as training draws them (augmentation included) from a generator of
-  their own, so that training's final recalibration and ``cascadenet recalibrate`` reproduce each other.
+  their own, so that training's final recalibration and ``cascadenet recalibrate`` reproduce each other;
+  ``run_training_batches(run_dir, ...)``: the same from a run directory (``cascadenet recalibrate``, and the EWS
+  variants of ``cascadenet noise``).
 - ``recalibrate_run(run_dir)``: ``cascadenet recalibrate``: new weights beside a finished run's.
 """
 
@@ -36,7 +38,14 @@ from .norm import TemporalBatchNorm2d
 from .runconfig import CONFIG, TrainConfig
 from .runtime import autocast, resolve_device
 
-__all__ = ["recalibrate_bn", "training_batches", "recalibrate_run", "RECALIBRATED", "RECALIBRATION_SEED"]
+__all__ = [
+    "recalibrate_bn",
+    "training_batches",
+    "run_training_batches",
+    "recalibrate_run",
+    "RECALIBRATED",
+    "RECALIBRATION_SEED",
+]
 
 RECALIBRATED = "model-recalibrated.safetensors"
 # Added to the run's seed for the recalibration batches: a generator of their own, so that they neither depend on
@@ -222,15 +231,39 @@ def recalibrate_run(
     if target.exists():
         raise FileExistsError(f"{target} exists (nothing was written)")
     cfg = TrainConfig.from_file(run_dir / CONFIG)
+    count = batches or cfg.recalibrate_batches or 4
+    dev = resolve_device(device)
+    data = run_training_batches(run_dir, count, data_root=data_root, device=dev)
+    meta = read_metadata(source)
+    model = load_model(source, map_location=dev)
+    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
+    channels_last = dev.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    record = recalibrate_bn(model, data(), forward=calibration_forward(cfg, amp, channels_last))
+    meta = {k: v for k, v in meta.items() if k != "model_config"}
+    save_weights(target, model, {**meta, "recalibration": record}, overwrite=False)
+    return target, record
+
+
+def run_training_batches(
+    run_dir: str | os.PathLike, count: int, *, data_root: str | None = None, device: str | torch.device = "cpu"
+) -> Callable[[], Iterator[tuple[Tensor, Tensor]]]:
+    """``count`` batches of a run's training part (never its validation or test split), normalised with the run's
+    statistics and drawn as training's final recalibration draws them (``training_batches``): a function that
+    returns a new iterator over the very same batches on every call. A run trained by several processes is
+    drawn at its global batch (one process then sees the examples each batch-norm statistic saw).
+
+    Raises:
+        CheckpointError: no usable config.json.
+        DataError: the dataset cannot be read (``data_root`` if it moved).
+    """
+    run_dir = Path(run_dir)
+    cfg = TrainConfig.from_file(run_dir / CONFIG)
     stored = json.loads((run_dir / CONFIG).read_bytes())
     norm = stored.get("normalization") if isinstance(stored, dict) else None
     if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
         raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
     processes = stored.get("processes", 1) if isinstance(stored.get("processes", 1), int) else 1
-    count = batches or cfg.recalibrate_batches or 4
-    dev = resolve_device(device)
-    meta = read_metadata(source)
-    model = load_model(source, map_location=dev)
+    dev = torch.device(device)
     mean = torch.tensor(norm["mean"], dtype=torch.float32)
     std = torch.tensor(norm["std"], dtype=torch.float32)
     root = data_root or cfg.data_root
@@ -244,14 +277,7 @@ def recalibrate_run(
     train_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)[0]
     if isinstance(train_set, ImageSet):
         train_set = train_set.to(dev)
-    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
-    channels_last = dev.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    # one process at the global batch of a run trained by several: the same examples per batch-norm statistic
-    data = training_batches(train_set, cfg, mean, std, dev, count, batch_size=cfg.batch_size * processes)
-    record = recalibrate_bn(model, data, forward=calibration_forward(cfg, amp, channels_last))
-    meta = {k: v for k, v in meta.items() if k != "model_config"}
-    save_weights(target, model, {**meta, "recalibration": record}, overwrite=False)
-    return target, record
+    return lambda: training_batches(train_set, cfg, mean, std, dev, count, batch_size=cfg.batch_size * processes)
 
 
 def calibration_forward(cfg: TrainConfig, amp: bool, channels_last: bool) -> Callable[[nn.Module, Tensor], Any]:
