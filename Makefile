@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Fashion-MNIST, our embedded default, is Debian's package dataset-fashion-mnist; its folder is asked of
-# cascadenet.datasets.DEFAULT_ROOTS, so that it is written in one place. Install it when missing and apt is
+# cascadenet.data.datasets.DEFAULT_ROOTS, so that it is written in one place. Install it when missing and apt is
 # usable; otherwise point DATA_ROOT at a folder holding the four IDX files.
 data: $(STAMP)
 	@if [ -z "$(DATA_ROOT)" ]; then \
-	  root="$$($(BIN)/python -c 'from cascadenet.datasets import DEFAULT_ROOTS; print(DEFAULT_ROOTS["fashion-mnist"])')" \
+	  root="$$($(BIN)/python -c 'from cascadenet.data.datasets import DEFAULT_ROOTS; print(DEFAULT_ROOTS["fashion-mnist"])')" \
 	    || exit 1; \
 	  if [ ! -e "$$root/train-images-idx3-ubyte.gz" ]; then \
 	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

@@ -33,11 +33,11 @@ import time
 import torch
 
 import cascadenet as cn
-from cascadenet.early_exit import Predictions, predict
-from cascadenet.evaluate import load_run
-from cascadenet.loader import iterate_batches
-from cascadenet.policies import Confidence
-from cascadenet.runtime import autocast
+from cascadenet.data.loader import iterate_batches
+from cascadenet.evaluation.early_exit import Predictions, predict
+from cascadenet.evaluation.evaluate import load_run
+from cascadenet.evaluation.policies import Confidence
+from cascadenet.evaluation.runtime import autocast
 
 
 def parse(argv=None):
@@ -58,7 +58,7 @@ def parse(argv=None):
 
 def tiny_run(out: str, epochs: int, device: str) -> str:
     """A ResNet-10 of width 8 trained briefly on the synthetic dataset (seconds on a CPU)."""
-    from cascadenet.train import TrainConfig, train
+    from cascadenet.training.loop import TrainConfig, train
 
     cfg = TrainConfig(model=cn.CascadeConfig(arch="resnet10", width=8), dataset="synthetic", synthetic_size=1024,
                       epochs=epochs, batch_size=64, lr=0.05, out=out, name="tiny", device=device, progress=False,

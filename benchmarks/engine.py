@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import cascadenet as cn
-from cascadenet import engine
-from cascadenet.blocks import Branch
-from cascadenet.losses import td_loss
+from cascadenet.models import engine
+from cascadenet.models.blocks import Branch
+from cascadenet.training.losses import td_loss
 
 TARGETS = {  # from the issues: what the engine must reach on the reference configuration
     "inference_speedup_vs_loop": (">=", 2.0),

@@ -6,7 +6,7 @@
 Generates an image folder of JPEGs of ImageNet's typical size (500x375, quality 90; noise plus smooth
 gradients, so that they decode like photographs rather than flat colour) in a temporary folder, then measures
 
-- the loader alone: ``cascadenet.streaming.stream_batches`` with the training transform (random resized crop to
+- the loader alone: ``cascadenet.data.streaming.stream_batches`` with the training transform (random resized crop to
   --size, flip), batches copied to the device and normalised, for each worker count;
 - one training step of CascadedTD (trajectory engine + TD loss, ResNet-18 with the ImageNet stem at --size), the
   same as ``benchmarks/throughput.py``.
@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 import throughput  # noqa: E402
-from cascadenet import streaming  # noqa: E402
+from cascadenet.data import streaming  # noqa: E402
 
 
 def make_folder(root: Path, n: int, classes: int = 4) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import cascadenet as cn
-from cascadenet.losses import td_loss
+from cascadenet.training.losses import td_loss
 
 ARITHMETIC = ("convolution", "batch_norm", "relu", "clamp_min", "threshold", "max_pool", "addmm", "mm")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cascadenet import metrics
-from cascadenet.checkpoint import CHECKPOINT, load_model
-from cascadenet.evaluate import load_run
-from cascadenet.runtime import dataset_logits
+from cascadenet.evaluation import metrics
+from cascadenet.evaluation.evaluate import load_run
+from cascadenet.evaluation.runtime import dataset_logits
+from cascadenet.models.checkpoint import CHECKPOINT, load_model
 
 
 def measure(run_dir: Path, device: str) -> dict:

@@ -24,7 +24,7 @@ def child(args) -> None:
     import torch
 
     import cascadenet as cn
-    from cascadenet.losses import td_loss
+    from cascadenet.training.losses import td_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)

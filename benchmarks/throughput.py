@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import cascadenet as cn
-from cascadenet.losses import td_loss
-from cascadenet.runtime import autocast
+from cascadenet.evaluation.runtime import autocast
+from cascadenet.training.losses import td_loss
 from engine import cpu_model  # benchmarks/engine.py, beside this script
 
 

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import cascadenet as cn
-from cascadenet.checkpoint import CheckpointError, load_checkpoint, save_weights
 from cascadenet.cli import main
-from cascadenet.evaluate import evaluate
-from cascadenet.registry import config_from_dict
-from cascadenet.train import TrainConfig, train
+from cascadenet.evaluation.evaluate import evaluate
+from cascadenet.models.checkpoint import CheckpointError, load_checkpoint, save_weights
+from cascadenet.models.registry import config_from_dict
+from cascadenet.training.loop import TrainConfig, train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"
 
@@ -66,8 +66,8 @@ def test_a_model_not_built_by_create_model_saves_and_loads(tmp_path):
 
 
 def test_package_top_level_exports():
-    assert cn.td_loss is cn.losses.td_loss and cn.load_model is cn.checkpoint.load_model
-    assert cn.CascadeConfig is cn.cascade.CascadeConfig
+    assert cn.td_loss is cn.training.losses.td_loss and cn.load_model is cn.models.checkpoint.load_model
+    assert cn.CascadeConfig is cn.models.cascade.CascadeConfig
 
 
 def test_train_config_nests_the_model_config_and_reads_the_first_release_form():
@@ -126,7 +126,7 @@ def test_first_release_run_directory_resumes_and_replays(tmp_path, capsys):
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     run = copy_fixture(tmp_path)
     ckpt = load_checkpoint(run / "checkpoint.pt")
-    from cascadenet.checkpoint import build_and_load
+    from cascadenet.models.checkpoint import build_and_load
 
     with pytest.raises(CheckpointError, match="do not fit a resnet18"):
         build_and_load({**ckpt["model_config"], "name": "resnet18"}, ckpt["model"], "x")

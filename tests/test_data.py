@@ -1,5 +1,5 @@
-"""Tests for cascadenet.datasets and cascadenet.loader: every format is written small into tmp_path and read back
-exactly."""
+"""Tests for cascadenet.data.datasets and cascadenet.data.loader: every format is written small into tmp_path and read
+back exactly."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cascadenet.datasets import DATASETS, DEFAULT_ROOTS, DataError, ImageSet, load_dataset
-from cascadenet.loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
+from cascadenet.data.datasets import DATASETS, DEFAULT_ROOTS, DataError, ImageSet, load_dataset
+from cascadenet.data.loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
 
 FASHION_ROOT = Path(DEFAULT_ROOTS["fashion-mnist"])
 RNG = np.random.default_rng(0)

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-import cascadenet.train as T
-from cascadenet.distributed import SyncTemporalBatchNorm2d
-from cascadenet.loader import iterate_batches
-from cascadenet.norm import TemporalBatchNorm2d
+import cascadenet.training.loop as T
+from cascadenet.data.loader import iterate_batches
+from cascadenet.models.norm import TemporalBatchNorm2d
+from cascadenet.training.distributed import SyncTemporalBatchNorm2d
 from test_train import small_cfg
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -32,7 +32,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Each rank saves its final state (all ranks: rank 0's run directory holds only rank 0's).
 DRIVER = """
 import os, sys, torch
-import cascadenet.train as T
+import cascadenet.training.loop as T
 out, real_release = sys.argv[1], T._release
 def release(s):
     state = {k: v.detach().cpu() for k, v in s.model.state_dict().items()}
@@ -180,7 +180,7 @@ def _descends(pid: int, ancestor: int) -> bool:
 
 
 def test_sharding_splits_every_global_batch_into_disjoint_parts(tmp_path):
-    from cascadenet.datasets import load_dataset
+    from cascadenet.data.datasets import load_dataset
 
     ds = load_dataset("synthetic", synthetic_size=50)
     mean, std = torch.zeros(3), torch.ones(3)

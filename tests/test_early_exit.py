@@ -12,10 +12,10 @@ from torch import nn
 
 import cascadenet as cn
 from cascadenet.cli import main
-from cascadenet.early_exit import predict, predict_run
-from cascadenet.evaluate import load_run
-from cascadenet.policies import Confidence, Margin, StableArgmax
-from cascadenet.runtime import dataset_logits
+from cascadenet.evaluation.early_exit import predict, predict_run
+from cascadenet.evaluation.evaluate import load_run
+from cascadenet.evaluation.policies import Confidence, Margin, StableArgmax
+from cascadenet.evaluation.runtime import dataset_logits
 from conftest import perturb_norms, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"

@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cascadenet.losses import td_loss
+from cascadenet.training.losses import td_loss
 from conftest import perturb_norms, tiny_model
 
 CONFIGS = {

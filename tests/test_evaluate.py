@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from cascadenet import metrics
-from cascadenet.checkpoint import load_model
 from cascadenet.cli import main
-from cascadenet.evaluate import _split_data, eval_filename, evaluate, format_table
-from cascadenet.runtime import dataset_logits
-from cascadenet.train import TrainConfig, _load_data
+from cascadenet.evaluation import metrics
+from cascadenet.evaluation.evaluate import _split_data, eval_filename, evaluate, format_table
+from cascadenet.evaluation.runtime import dataset_logits
+from cascadenet.models.checkpoint import load_model
+from cascadenet.training.loop import TrainConfig, _load_data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"
 
@@ -129,8 +129,8 @@ def test_reference_macs(run, capsys):
 
 
 def test_an_unreadable_training_split_leaves_the_test_evaluation_without_the_curve(run, monkeypatch):
-    import cascadenet.evaluate as E
-    from cascadenet.datasets import DataError
+    import cascadenet.evaluation.evaluate as E
+    from cascadenet.data.datasets import DataError
 
     real = E.load_dataset
 

@@ -20,9 +20,9 @@ from PIL import Image
 from safetensors.torch import save
 
 from cascadenet import CascadeConfig
-from cascadenet.checkpoint import CheckpointError, load_checkpoint, load_model
-from cascadenet.datasets import DataError, load_dataset
-from cascadenet.train import ConfigError, TrainConfig
+from cascadenet.data.datasets import DataError, load_dataset
+from cascadenet.models.checkpoint import CheckpointError, load_checkpoint, load_model
+from cascadenet.training.loop import ConfigError, TrainConfig
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 OURS = (DataError, CheckpointError, ConfigError)

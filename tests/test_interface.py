@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import cascadenet as cn
-from cascadenet.anytime import positive_int
-from cascadenet.checkpoint import load_model
-from cascadenet.evaluate import evaluate, format_table
-from cascadenet.plotting import plot_runs
-from cascadenet.train import TrainConfig, train
+from cascadenet.evaluation.evaluate import evaluate, format_table
+from cascadenet.evaluation.plotting import plot_runs
+from cascadenet.models.anytime import positive_int
+from cascadenet.models.checkpoint import load_model
+from cascadenet.training.loop import TrainConfig, train
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,4 +104,4 @@ def test_an_unregistered_family_cannot_be_rebuilt(tmp_path):
         family = "test-orphan"
 
     with pytest.raises(ValueError, match="unknown model family 'test-orphan'"):
-        cn.registry.config_from_dict(Orphan().to_dict())
+        cn.models.registry.config_from_dict(Orphan().to_dict())

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cascadenet.losses import final_ce, stepwise_ce, td_loss, td_targets
+from cascadenet.training.losses import final_ce, stepwise_ce, td_loss, td_targets
 
 
 def direct_td(logits, targets, lam, first_step=1, smoothing=0.0):

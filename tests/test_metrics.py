@@ -1,4 +1,4 @@
-"""Tests for cascadenet.metrics on hand-made trajectories, properties and a loop reference."""
+"""Tests for cascadenet.evaluation.metrics on hand-made trajectories, properties and a loop reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cascadenet.metrics import (
+from cascadenet.evaluation.metrics import (
     accuracy_at_budgets,
     anytime_auc,
     apply_thresholds,

@@ -17,7 +17,7 @@ def test_registry_lists_and_rejects():
     with pytest.raises(ValueError, match="resnet18"):
         cn.create_model("resnet19", num_classes=10)
     with pytest.raises(ValueError, match="duplicate|already"):
-        cn.register_architecture("resnet18", cn.cascade.BasicBlock, (2, 2, 2, 2))
+        cn.register_architecture("resnet18", cn.models.cascade.BasicBlock, (2, 2, 2, 2))
     with pytest.raises(ValueError, match="already"):
         cn.register_model("resnet18", cn.CascadeConfig, arch="resnet18")
 

@@ -1,4 +1,4 @@
-"""MSDNet (cascadenet.msdnet): shapes, layout and per-exit costs against the reference network's, the analytic
+"""MSDNet (cascadenet.models.msdnet): shapes, layout and per-exit costs against the reference network's, the analytic
 count against torch's flop counter and a hand count, validation, saving, and a train -> evaluate round trip."""
 
 import json
@@ -8,10 +8,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cascadenet as cn
-from cascadenet.evaluate import evaluate
-from cascadenet.msdnet import LayerSpec, MSDNet, MSDNetConfig
-from cascadenet.registry import config_from_dict
-from cascadenet.train import TrainConfig, train
+from cascadenet.evaluation.evaluate import evaluate
+from cascadenet.models.msdnet import LayerSpec, MSDNet, MSDNetConfig
+from cascadenet.models.registry import config_from_dict
+from cascadenet.training.loop import TrainConfig, train
 
 # small networks where cost is not the point: few layers, few channels
 TINY = dict(num_blocks=3, base=1, step=1, channels=4, growth_rate=2, width=0.125)

@@ -14,10 +14,10 @@ import torch
 
 import cascadenet as cn
 from cascadenet.cli import main
-from cascadenet.datasets import ImageSet
-from cascadenet.evaluate import load_run
-from cascadenet.loader import iterate_batches
-from cascadenet.noise import (
+from cascadenet.data.datasets import ImageSet
+from cascadenet.data.loader import iterate_batches
+from cascadenet.evaluation.evaluate import load_run
+from cascadenet.properties.noise import (
     PROTOCOLS,
     Protocol,
     ews_variant,
@@ -26,7 +26,7 @@ from cascadenet.noise import (
     noisy_frames,
     standard_noise,
 )
-from cascadenet.recalibrate import run_training_batches
+from cascadenet.training.recalibrate import run_training_batches
 from conftest import perturb_norms, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"
@@ -380,7 +380,7 @@ def test_cli_bad_options_are_one_line(tmp_path, capsys):
 
 
 def test_recovery_is_the_first_step_after_the_noise_from_which_agreement_stays_high():
-    from cascadenet.noise import _recovery
+    from cascadenet.properties.noise import _recovery
 
     agree = torch.tensor
     assert _recovery(agree([1.0, 1.0, 0.5, 1.0, 0.995]), 1) == 3

@@ -1,4 +1,4 @@
-"""Out-of-distribution detection (cascadenet.ood) and training with held-out classes (--holdout-classes)."""
+"""Out-of-distribution detection (cascadenet.properties.ood) and training with held-out classes (--holdout-classes)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import cascadenet.train as T
+import cascadenet.training.loop as T
 from cascadenet.cli import main
-from cascadenet.datasets import kept_classes, load_dataset, split_classes
-from cascadenet.evaluate import evaluate, load_run
-from cascadenet.ood import (
+from cascadenet.data.datasets import kept_classes, load_dataset, split_classes
+from cascadenet.evaluation.evaluate import evaluate, load_run
+from cascadenet.properties.ood import (
     SCORES,
     SYNTHETIC,
     LogisticDetector,
@@ -27,7 +27,7 @@ from cascadenet.ood import (
     trace_features,
     trace_scores,
 )
-from cascadenet.runconfig import TrainConfig, check_resume_overrides
+from cascadenet.runs.config import TrainConfig, check_resume_overrides
 from test_data import write_idx
 from test_train import small_cfg
 

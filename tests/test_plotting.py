@@ -1,4 +1,4 @@
-"""Tests for cascadenet.plotting.plot_runs."""
+"""Tests for cascadenet.evaluation.plotting.plot_runs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from cascadenet.metrics import summarize
-from cascadenet.plotting import plot_mean_curves, plot_runs
+from cascadenet.evaluation.metrics import summarize
+from cascadenet.evaluation.plotting import plot_mean_curves, plot_runs
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -98,7 +98,7 @@ def _costed(seed: int, *, split: str = "test", budgeted: bool = True, steps: int
 
 
 def test_plot_runs_cost_panels_keep_step_zero_on_linear_axes(tmp_path: pathlib.Path) -> None:
-    from cascadenet.plotting import _runs_figure
+    from cascadenet.evaluation.plotting import _runs_figure
 
     a, b = _costed(0), _costed(1, split="val", budgeted=False)
     fig = _runs_figure([("a", a), ("b", b)], None)
@@ -120,7 +120,7 @@ def test_plot_runs_cost_panels_keep_step_zero_on_linear_axes(tmp_path: pathlib.P
 
 
 def test_plot_mean_curves_means_and_bands(tmp_path: pathlib.Path) -> None:
-    from cascadenet.plotting import _mean_curves_figure
+    from cascadenet.evaluation.plotting import _mean_curves_figure
 
     seeds = [_costed(s) for s in range(3)]
     acc = 100 * np.array([r["accuracy_per_step"] for r in seeds])

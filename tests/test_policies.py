@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cascadenet import metrics
-from cascadenet.policies import Confidence, Margin, StableArgmax, budget_steps
+from cascadenet.evaluation import metrics
+from cascadenet.evaluation.policies import Confidence, Margin, StableArgmax, budget_steps
 
 
 def trace(*examples):

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cascadenet import CascadeConfig
-from cascadenet.checkpoint import CheckpointError, load_model, read_metadata
 from cascadenet.cli import main
-from cascadenet.pretrained import convert_file, convert_state_dict
+from cascadenet.models.checkpoint import CheckpointError, load_model, read_metadata
+from cascadenet.models.pretrained import convert_file, convert_state_dict
 from test_train import small_cfg
 
 LAYERS = {
@@ -253,6 +253,6 @@ def test_train_init_refusals(tmp_path, capsys):
 
 def T_train(cfg):
     """Train from --init with the model left at its default (the file decides it)."""
-    from cascadenet.train import train
+    from cascadenet.training.loop import train
 
     return train(dataclasses.replace(cfg, model=CascadeConfig()))

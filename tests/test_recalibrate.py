@@ -1,5 +1,5 @@
-"""Precise batch norm: statistics recomputed at the final weights (``cascadenet.recalibrate``), in training, from the
-command line, and the defect they fix (saturated early steps of a stem-delayed cascade)."""
+"""Precise batch norm: statistics recomputed at the final weights (``cascadenet.training.recalibrate``), in training,
+from the command line, and the defect they fix (saturated early steps of a stem-delayed cascade)."""
 
 import json
 
@@ -9,15 +9,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 import cascadenet as cn
-from cascadenet.checkpoint import load_checkpoint, read_metadata
 from cascadenet.cli import main
-from cascadenet.datasets import load_dataset
-from cascadenet.evaluate import eval_filename, evaluate
-from cascadenet.loader import iterate_batches, normalization
-from cascadenet.losses import td_loss
-from cascadenet.norm import TemporalBatchNorm2d
-from cascadenet.recalibrate import recalibrate_bn
-from cascadenet.train import TrainConfig, train
+from cascadenet.data.datasets import load_dataset
+from cascadenet.data.loader import iterate_batches, normalization
+from cascadenet.evaluation.evaluate import eval_filename, evaluate
+from cascadenet.models.checkpoint import load_checkpoint, read_metadata
+from cascadenet.models.norm import TemporalBatchNorm2d
+from cascadenet.training.loop import TrainConfig, train
+from cascadenet.training.losses import td_loss
+from cascadenet.training.recalibrate import recalibrate_bn
 from conftest import perturb_norms, tiny_model
 from test_train import small_cfg, weights
 
@@ -269,7 +269,7 @@ def test_eval_filename_names_the_weights():
 
 
 def test_an_interruption_during_recalibration_resumes_to_the_same_run(tmp_path, monkeypatch):
-    import cascadenet.train as T
+    import cascadenet.training.loop as T
 
     full = train(small_cfg(tmp_path / "a", epochs=1))
     real = T.recalibrate_bn

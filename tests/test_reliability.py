@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import torch
 
-import cascadenet.train as T
-from cascadenet.checkpoint import CheckpointError, load_checkpoint, load_model
+import cascadenet.training.loop as T
 from cascadenet.cli import given_options, main
-from cascadenet.evaluate import evaluate
-from cascadenet.rundir import LOCK, RunLock, RunLockedError
-from cascadenet.train import ConfigError, TrainConfig, TrainingError, train
+from cascadenet.evaluation.evaluate import evaluate
+from cascadenet.models.checkpoint import CheckpointError, load_checkpoint, load_model
+from cascadenet.runs.lock import LOCK, RunLock, RunLockedError
+from cascadenet.training.loop import ConfigError, TrainConfig, TrainingError, train
 from test_train import config_of, small_cfg, weights
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -56,7 +56,7 @@ def fsync(fd):
     if slow and name.startswith(".checkpoint.pt."):
         time.sleep(slow)  # widen the window between the temporary's fsync and its rename
 os.fsync = fsync
-import cascadenet.train as T
+import cascadenet.training.loop as T
 real_loss, calls = T.compute_loss, [0]
 def compute_loss(*args):
     calls[0] += 1
@@ -150,7 +150,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
 
 def test_lock_without_flock_decides_by_the_record(tmp_path, monkeypatch):
     """Where flock does not work (some network file systems), the PID and host decide."""
-    import cascadenet.rundir as R
+    import cascadenet.runs.lock as R
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -441,7 +441,7 @@ def test_save_logits_is_checked_before_evaluating_and_never_overwrites(tmp_path,
     with pytest.raises(ValueError, match="the folder .*missing of --save-logits does not exist"):
         evaluate(run, save_logits=tmp_path / "missing" / "x.npz")
     assert not (run / "eval.json").exists()  # refused before evaluating
-    import cascadenet.evaluate as E
+    import cascadenet.evaluation.evaluate as E
 
     real = E.dataset_logits
 

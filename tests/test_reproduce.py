@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import cascadenet.train as train_module
-from cascadenet.datasets import DataError
-from cascadenet.reproduce import ENTRIES, Budget, reproduce
+import cascadenet.training.loop as train_module
+from cascadenet.data.datasets import DataError
+from cascadenet.experiments.reproduce import ENTRIES, Budget, reproduce
 
 TINY = Budget(description="tiny", arch="resnet10", width=4, stem="cifar_pool", epochs=2, batch_size=32,
               max_batches=2, warmup_epochs=0.5, sweep=(0.0, 1.0))  # fmt: skip
@@ -92,7 +92,7 @@ def test_reproduce_refuses_bad_arguments(tmp_path):
 
 KILLED = """
 import logging, sys
-from cascadenet.reproduce import reproduce
+from cascadenet.experiments.reproduce import reproduce
 from test_reproduce import TINY
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 reproduce("synthetic", budget="tiny", seeds=1, out=sys.argv[1], threads=1, device="cpu", progress=False,

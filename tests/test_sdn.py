@@ -11,16 +11,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import cascadenet as cn
-import cascadenet.train as T
-from cascadenet import cli, registry
-from cascadenet.checkpoint import load_model, save_weights
+import cascadenet.training.loop as T
+from cascadenet import cli
 from cascadenet.cli import main
-from cascadenet.evaluate import evaluate
-from cascadenet.losses import ic_only_loss, sdn_loss, sdn_weights
-from cascadenet.optim import compute_loss
-from cascadenet.registry import config_from_dict, model_name
-from cascadenet.sdn import SDN, InternalClassifier, SDNConfig, place_ics
-from cascadenet.train import TrainConfig, train
+from cascadenet.evaluation.evaluate import evaluate
+from cascadenet.models import registry
+from cascadenet.models.checkpoint import load_model, save_weights
+from cascadenet.models.registry import config_from_dict, model_name
+from cascadenet.models.sdn import SDN, InternalClassifier, SDNConfig, place_ics
+from cascadenet.training.loop import TrainConfig, train
+from cascadenet.training.losses import ic_only_loss, sdn_loss, sdn_weights
+from cascadenet.training.optim import compute_loss
 
 # docs/baselines.md, "Hand count": sdn-resnet10, width 4, 10 classes, one 28x28 channel, ICs after blocks 1 and 3
 HAND = SDNConfig(arch="resnet10", width=4, num_classes=10, in_channels=1, input_size=28, ic_after=(1, 3))

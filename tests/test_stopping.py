@@ -1,4 +1,4 @@
-"""Stopping policies over the output trace (cascadenet.stopping): curves and areas on hand-made traces, the
+"""Stopping policies over the output trace (cascadenet.properties.stopping): curves and areas on hand-made traces, the
 pointwise comparison, the learned GRU policy (a planted rule, determinism, the same steps as the generic Policy),
 fitting on validation only, and the `cascadenet policy` command on a tiny trained run."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cascadenet.cli import main
-from cascadenet.policies import Confidence, Margin, StableArgmax
-from cascadenet.registry import create_model
-from cascadenet.stopping import (
+from cascadenet.evaluation.policies import Confidence, Margin, StableArgmax
+from cascadenet.models.registry import create_model
+from cascadenet.properties.stopping import (
     GRUConfig,
     GRUPolicy,
     _sweep_steps,
@@ -21,7 +21,7 @@ from cascadenet.stopping import (
     stopping_analysis,
     stopping_targets,
 )
-from cascadenet.train import TrainConfig, train
+from cascadenet.training.loop import TrainConfig, train
 
 # Two examples, three steps, three classes. A (label 0): margin 0.4 at step 0, confidence 0.8 from step 1.
 # B (label 1): undecided at step 0, confident and right from step 1.

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cascadenet import streaming
-from cascadenet.train import TrainConfig, train
+from cascadenet.data import streaming
+from cascadenet.training.loop import TrainConfig, train
 from test_train import config_of
 
 
@@ -101,7 +101,7 @@ def test_training_streams_above_the_threshold_and_resumes(tmp_path, monkeypatch,
     assert json.loads((small / "config.json").read_text())["train"]["stream"] == "off"
 
     # interrupted mid-epoch and resumed: the weights of the uninterrupted run (epoch order and crops replayed)
-    import cascadenet.train as T
+    import cascadenet.training.loop as T
 
     real, calls = T.compute_loss, [0]
 

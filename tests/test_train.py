@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import cascadenet.train as T
+import cascadenet.training.loop as T
 from cascadenet import CascadeConfig
-from cascadenet.checkpoint import CheckpointError, load_checkpoint, load_model
 from cascadenet.cli import main
-from cascadenet.evaluate import evaluate
-from cascadenet.optim import lr_at, make_optimizer
-from cascadenet.train import TrainConfig, TrainingError, train
+from cascadenet.evaluation.evaluate import evaluate
+from cascadenet.models.checkpoint import CheckpointError, load_checkpoint, load_model
+from cascadenet.training.loop import TrainConfig, TrainingError, train
+from cascadenet.training.optim import lr_at, make_optimizer
 
 MODEL_OPTIONS = {f.name for f in dataclasses.fields(CascadeConfig)} - {"arch"}
 
@@ -187,7 +187,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
         load_model(tmp_path)
     other = train(small_cfg(tmp_path, epochs=1, name="other", model="resnet18"))
     state = load_file(str(other / "model.safetensors"))
-    from cascadenet.checkpoint import build_and_load
+    from cascadenet.models.checkpoint import build_and_load
 
     with pytest.raises(CheckpointError, match="do not fit a resnet10"):
         build_and_load(dataclasses.replace(load_model(run.parent / "other").config, arch="resnet10"), state, "x")
@@ -259,7 +259,7 @@ def test_resume_refuses_option_changes(tmp_path, capsys):
 
 
 def test_demo_report_and_reuse(tmp_path, monkeypatch):
-    import cascadenet.demo as demo
+    import cascadenet.experiments.demo as demo
 
     tiny = dict(model="resnet10", width=4, dataset="synthetic", synthetic_size=256, batch_size=32, epochs=1,
                 warmup_epochs=0.5)  # fmt: skip
@@ -315,7 +315,7 @@ def test_cli_keeps_the_model_flags_users_know(capsys):
 @pytest.mark.slow
 def test_fashion_mnist_learns_in_part_of_an_epoch(tmp_path):
     """The real default dataset end to end (about a minute on 2 cores): slow, so kept out of `make test`."""
-    from cascadenet.datasets import DEFAULT_ROOTS
+    from cascadenet.data.datasets import DEFAULT_ROOTS
 
     if not (Path(DEFAULT_ROOTS["fashion-mnist"]) / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("dataset-fashion-mnist is not installed")

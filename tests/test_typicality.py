@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from cascadenet.cli import main
-from cascadenet.datasets import ImageSet, load_dataset
-from cascadenet.evaluate import load_run
-from cascadenet.loader import train_val_indices, train_val_split
-from cascadenet.runtime import dataset_logits
-from cascadenet.typicality import (
+from cascadenet.data.datasets import ImageSet, load_dataset
+from cascadenet.data.loader import train_val_indices, train_val_split
+from cascadenet.evaluation.evaluate import load_run
+from cascadenet.evaluation.runtime import dataset_logits
+from cascadenet.properties.typicality import (
     EstimatorOptions,
     average_ranks,
     bin_analysis,
@@ -166,7 +166,7 @@ def test_read_scores_npy_npz_and_refusals(tmp_path):
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
-    import cascadenet.typicality as typ
+    import cascadenet.properties.typicality as typ
 
     calls = []
     real = typ.consistency_scores
@@ -224,7 +224,7 @@ def _runs(tmp_path, n=2):
 
 
 def test_cli_round_trip_with_the_estimator(tmp_path, capsys, monkeypatch):
-    import cascadenet.typicality as typ
+    import cascadenet.properties.typicality as typ
 
     a, b = _runs(tmp_path)
     argv = ["typicality", str(a), str(b), "--bins", "3", "--thresholds", "0.5", "0.9", "--folds", "2",
@@ -268,7 +268,7 @@ def test_cli_round_trip_with_the_estimator(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_with_a_score_file_maps_the_val_split_to_original_indices(tmp_path, capsys, monkeypatch):
-    import cascadenet.typicality as typ
+    import cascadenet.properties.typicality as typ
 
     monkeypatch.setattr(typ, "_save_figure", lambda result, path: path.write_bytes(b"figure"))  # seconds otherwise
     (a,) = _runs(tmp_path, 1)
@@ -310,7 +310,7 @@ def test_cli_with_a_score_file_maps_the_val_split_to_original_indices(tmp_path, 
 
 @pytest.mark.slow  # the first torch.optim use imports torch._dynamo: seconds
 def test_the_estimators_adam_is_torchs():
-    from cascadenet.typicality import _Adam
+    from cascadenet.properties.typicality import _Adam
 
     a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())

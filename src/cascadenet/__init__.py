@@ -9,15 +9,15 @@ import os
 # imported before cascadenet.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .anytime import AnytimeModel, ExitCosts, ModelConfig
-from .cascade import CascadeConfig, CascadedResNet, CascadeState
-from .checkpoint import load_model
-from .early_exit import Predictions, predict
-from .losses import stepwise_ce, td_loss
-from .msdnet import MSDNet, MSDNetConfig
-from .recalibrate import recalibrate_bn
-from .registry import create_model, list_models, register_architecture, register_family, register_model
-from .sdn import SDN, SDNConfig
+from .evaluation.early_exit import Predictions, predict
+from .models.anytime import AnytimeModel, ExitCosts, ModelConfig
+from .models.cascade import CascadeConfig, CascadedResNet, CascadeState
+from .models.checkpoint import load_model
+from .models.msdnet import MSDNet, MSDNetConfig
+from .models.registry import create_model, list_models, register_architecture, register_family, register_model
+from .models.sdn import SDN, SDNConfig
+from .training.losses import stepwise_ce, td_loss
+from .training.recalibrate import recalibrate_bn
 
 __all__ = [
     "AnytimeModel",

@@ -1,0 +1,400 @@
+"""Anytime evaluation of a trained run: per-step accuracy, the threshold policy's speed-accuracy curve,
+areas under accuracy on three axes, accuracy at cost budgets, the budgeted-batch curve, and the cost of every
+step in multiply-accumulates and parallel latency.
+
+Definitions (also in the README); "step" means exit (a cascade's exit t is its step t):
+- accuracy at step t: fraction of the split's examples whose argmax at step t is the label; mean confidence at
+  step t: the mean over examples of the max softmax probability;
+- three areas under accuracy, each in [0, 1]:
+  - anytime AUC (the first release's, kept for continuity): trapezoid of accuracy against normalised time
+    t / (T - 1); every step counts as equally expensive, so it only compares models with the same exits;
+  - MACs AUC: area under anytime accuracy against cumulative serial MACs divided by the last exit's MACs;
+  - latency AUC: the same against parallel latency divided by the last exit's latency;
+  the last two use the anytime semantics "at budget b you hold the answer of the last exit completed within b
+  (cost <= b); before the first exit, chance (1 / num_classes)", a step function, so a model whose first exit
+  costs 15% of the network is at chance over the first 15% of the axis, and a cascade's step 0 (0 MACs) counts
+  from budget 0;
+- accuracy at budget: the same step function at 25/50/75/100% of a reference full serial cost (by default the
+  model's own last exit; ``reference_macs`` sets another model's, to compare at equal absolute cost);
+- threshold policy: for a threshold q, each example stops at the first step whose max softmax >= q (else at
+  the last step), never before the first step that can see the input (step 1 with the stem delayed); the
+  curve is accuracy against mean stopping step over a grid of q in [0, 1], and its area is taken against mean
+  stopping step / (T - 1), starting from (0, accuracy at step 0) and extended flat to 1;
+- budgeted batch (MSDNet's protocol): for q = p / 20, p = 1..39, target exit fractions proportional to q^k;
+  per-exit confidence thresholds fitted on the run's own validation split (the one training held out, never
+  the split reported), applied to the evaluated split: accuracy against mean MACs (and mean latency) per
+  example; null when the run held out no validation split, and for ``--split val`` itself;
+- steps to 50% / 95% of final: the first step whose accuracy reaches that fraction of the final step's
+  accuracy; steps to 50% / 95% accuracy: the first step reaching that absolute accuracy (with its MACs and
+  latency), null if none does;
+- MACs: serial hardware, cumulative multiply-accumulates per example to produce steps 0..t (each distinct
+  state computed once); parallel hardware, latency in blocks (one block per step; a stem-delayed cascade's step
+  t at t).
+
+Only the anytime-model interface (``cascadenet.models.anytime``) is used, so any model family evaluates the same way and
+writes the same eval.json ("step" there means exit). What a family lacks is null: ``feedforward_accuracy`` and
+``macs_feedforward`` without a ``feedforward`` method, ``scheme`` for a model that has no execution schemes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data.datasets import DataError, ImageSet, load_dataset
+from ..data.loader import check_compatible, iterate_batches, train_val_split
+from ..models.checkpoint import WEIGHTS, CheckpointError, atomic_write, load_model
+from ..models.registry import config_from_dict
+from ..runs.config import CONFIG, TrainConfig
+from . import metrics
+from .runtime import dataset_logits, resolve_device
+
+__all__ = ["evaluate", "eval_filename", "format_table", "load_run", "LoadedRun", "check_npz_output"]
+
+
+SPLITS = ("test", "val", "train")
+
+
+def eval_filename(
+    scheme: str | None, model_scheme: str | None, num_steps: int | None, split: str = "test", weights: str | None = None
+) -> str:
+    """``eval.json`` for the test split with the model's own weights, scheme and length; otherwise one part per
+    difference, joined by ``-``: ``eval-serial.json``, ``eval-T20.json``, ``eval-train.json``,
+    ``eval-serial-train.json`` (the split last). Weights other than ``model.safetensors`` add their name first:
+    ``model-recalibrated.safetensors`` -> ``eval-recalibrated.json``, ``other.safetensors`` -> ``eval-other.json``."""
+    parts = []
+    if weights and weights != WEIGHTS:
+        stem = Path(weights).name.removesuffix(".safetensors")
+        parts.append(stem.removeprefix("model-") or stem)
+    if scheme and scheme != model_scheme:
+        parts.append(scheme)
+    if num_steps:
+        parts.append(f"T{num_steps}")
+    if split != "test":
+        parts.append(split)
+    return "eval.json" if not parts else f"eval-{'-'.join(parts)}.json"
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    scheme: str | None = None,
+    num_steps: int | None = None,
+    data_root: str | None = None,
+    batch_size: int = 500,
+    device: str = "auto",
+    save_logits: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    reference_macs: float | None = None,
+    weights: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run on one split; writes ``eval.json`` (the test split; other splits, schemes and lengths get
+    their own name, see ``eval_filename``) in the run directory and returns its content.
+
+    Args:
+        run_dir: a run directory written by ``cascadenet train``.
+        split: ``test`` (default), ``val`` (the part of the training set the run held out, split as training
+            split it) or ``train`` (the part it trained on).
+        scheme: evaluate the same weights in another scheme (``parallel``/``serial``).
+        num_steps: run this many steps instead of the model's own.
+        data_root: override the dataset location stored in the run.
+        save_logits: also store the trajectory logits ``(T, N, C)`` and labels in this ``.npz`` file.
+        overwrite: allow ``save_logits`` to replace an existing file.
+        reference_macs: the full serial cost that ``accuracy_at_budget``'s 25/50/75/100% budgets are fractions
+            of (e.g. another model's last-exit MACs); default: this model's own.
+        weights: a weights file in the run directory to evaluate instead of ``model.safetensors`` (e.g.
+            ``cascadenet recalibrate``'s ``model-recalibrated.safetensors``); the file name says so
+            (``eval-recalibrated.json``).
+    """
+    run_dir = Path(run_dir)
+    if split not in SPLITS:
+        raise ValueError(f"unknown --split {split!r}; valid choices: {', '.join(SPLITS)}")
+    if reference_macs is not None and (isinstance(reference_macs, bool) or not isinstance(reference_macs, (int, float))
+                                       or not reference_macs > 0 or reference_macs == float("inf")):  # fmt: skip
+        raise ValueError(f"--reference-macs must be a number > 0, got {reference_macs!r}")
+    try:
+        return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
+                         progress, reference_macs, weights)  # fmt: skip
+    except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
+        if isinstance(e, FileExistsError) and not e.strerror:
+            raise
+        raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
+
+
+def _evaluate(
+    run_dir: Path,
+    split: str,
+    scheme: str | None,
+    num_steps: int | None,
+    data_root: str | None,
+    batch_size: int,
+    device: str,
+    save_logits: str | os.PathLike | None,
+    overwrite: bool,
+    progress: bool,
+    reference_macs: float | None,
+    weights: str | None,
+) -> dict[str, Any]:
+    _check_run_dir(run_dir)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+        raise ValueError(f"--num-steps must be a positive integer, got {num_steps!r}")
+    if save_logits is not None:  # checked before the evaluation, not after it
+        save_logits = check_npz_output(save_logits, "--save-logits", overwrite)
+    if weights is not None:
+        if not weights.endswith(".safetensors") or Path(weights).name != weights:
+            raise ValueError(f"--weights {weights!r}: the name of a .safetensors file in the run directory")
+        if not (run_dir / weights).is_file():
+            raise CheckpointError(f"{run_dir / weights}: no such weights file in the run directory")
+    loaded = _load_run(run_dir, split, data_root, device, with_val=True, weights=weights)
+    model, ds, val_set, mean, std = loaded.model, loaded.data, loaded.val, loaded.mean, loaded.std
+    amp, finished, dev = loaded.amp, loaded.finished, loaded.data.images.device
+    # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
+    run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
+    input_size = tuple(ds.images.shape[1:])
+    # refuse an option the model's family lacks up front, rather than catching a TypeError that could come from
+    # anywhere inside the model
+    lacking = [k for k in run_options if k not in inspect.signature(model.exit_costs).parameters]
+    if lacking:
+        raise ValueError(f"this {model.config.family} model takes no {' or '.join(lacking)} option")
+    costs = model.exit_costs(input_size, **run_options)
+    logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
+                            desc="evaluate", **run_options)  # fmt: skip
+    labels = ds.labels.cpu()
+    budgeted = None
+    # thresholds fitted on the held-out split, applied to another one: on the validation split itself the curve
+    # would be measured on the examples it was fitted on (optimistic), so there it is null
+    if val_set is not None and split != "val":
+        val_logits = dataset_logits(model, val_set.to(dev), mean, std, batch_size=batch_size, amp=amp,
+                                    progress=progress, desc="validation (budgeted batch)", **run_options)  # fmt: skip
+        curve = metrics.budgeted_curve(val_logits, logits, labels, costs.macs, first_exit=model.first_informative_exit)
+        budgeted = {
+            "fit_split": "val",
+            "q": curve["q"],
+            "accuracy": curve["accuracy"],
+            "mean_macs": curve["mean_cost"],
+            "mean_latency": [float(np.dot(f, costs.latency)) for f in curve["exit_fractions"]],
+        }
+    feedforward = getattr(model, "feedforward", None)
+    ff_accuracy = ff_macs = None
+    if feedforward is not None:
+        batches = iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=mean, std=std)
+        with torch.no_grad():
+            ff = [feedforward(x).argmax(-1).cpu() for x, _ in batches]
+        ff_accuracy = float((torch.cat(ff) == labels).float().mean())
+        count = getattr(model, "feedforward_macs", None)
+        ff_macs = count(input_size) if count is not None else None
+    summary = metrics.summarize(logits, labels, first_step=model.first_informative_exit)
+    model_scheme = getattr(model, "scheme", None)
+    cost_metrics = metrics.cost_summary(summary["accuracy_per_step"], costs.macs, costs.latency,
+                                        model.config.num_classes, reference_macs=reference_macs)  # fmt: skip
+    result = {
+        "run": run_dir.name,
+        "split": split,
+        "scheme": scheme or model_scheme,
+        "finished_training": finished,
+        **({"weights": weights} if weights is not None else {}),
+        **summary,
+        "feedforward_accuracy": ff_accuracy,
+        "macs_per_step": costs.macs,
+        "parallel_latency_blocks": costs.latency,
+        "macs_feedforward": ff_macs,
+        "model": model.config.to_dict(),
+        **cost_metrics,
+        "budgeted_batch": budgeted,
+    }
+    name = eval_filename(scheme, model_scheme, num_steps, split, weights)
+    if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, logits=logits.numpy(), labels=labels.numpy())
+        atomic_write(save_logits, buffer.getvalue(), overwrite=overwrite)
+    atomic_write(run_dir / name, (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run directory's trained model (on the device) and one split of its data (on the device), with the
+    run's normalisation statistics and mixed-precision choice."""
+
+    model: nn.Module
+    data: ImageSet
+    mean: Tensor
+    std: Tensor
+    amp: bool
+    finished: bool  # the run finished training (model.safetensors), else the last checkpoint
+    val: ImageSet | None = None  # the run's validation split (on the device) when the split asked is not it
+
+
+def load_run(
+    run_dir: str | os.PathLike, *, split: str = "test", data_root: str | None = None, device: str = "auto"
+) -> LoadedRun:
+    """Load a run's model and a split of its dataset as ``evaluate`` does (checked against each other and the
+    stored configuration); errors name the file (``CheckpointError``, ``DataError``, ``ValueError``)."""
+    run_dir = Path(run_dir)
+    try:
+        return _load_run(run_dir, split, data_root, device)
+    except OSError as e:  # as in evaluate: one line naming the file
+        raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
+
+
+def check_npz_output(path: str | os.PathLike, flag: str, overwrite: bool) -> Path:
+    """Refuse, before any work, an output file that could not be written or would replace a file without
+    ``overwrite`` (``FileExistsError``; ``ValueError`` naming ``flag`` otherwise)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: {flag} takes a .npz file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it (nothing was written)")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} of {flag} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: the folder {path.parent} of {flag} is not writable")
+    return path
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
+
+
+def _load_run(
+    run_dir: Path, split: str, data_root: str | None, device: str, with_val: bool = False, weights: str | None = None
+) -> LoadedRun:
+    _check_run_dir(run_dir)
+    cfg = TrainConfig.from_file(run_dir / CONFIG)
+    stored = json.loads((run_dir / CONFIG).read_bytes())  # from_file read it: it is a JSON object
+    norm = stored.get("normalization") if isinstance(stored, dict) else None
+    if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
+        raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
+    dev = resolve_device(device)
+    model = load_model(run_dir if weights is None else run_dir / weights, map_location=dev)
+    _check_model(run_dir, stored.get("model"), model.config)
+    finished = (run_dir / "model.safetensors").is_file()
+
+    ds, val_set = _split_data(cfg, data_root, split, with_val)
+    check_compatible(ds, model.config.in_channels, model.config.num_classes)
+    try:
+        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG}: unreadable normalization statistics ({e})") from None
+    if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
+        raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channels, but the "
+                              f"data has {ds.num_channels}")  # fmt: skip
+    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
+    return LoadedRun(model, ds.to(dev), mean, std, amp, finished, None if val_set is None else val_set.to(dev))
+
+
+def _split_data(cfg: TrainConfig, data_root: str | None, split: str, with_val: bool = True) -> tuple[Any, Any]:
+    """The evaluated split and the run's validation split (None when it held none out, or, for the test split,
+    when ``with_val`` is false).
+
+    ``val`` and ``train`` are the two parts of the training set that training made: the same reader and
+    ``train_val_split(full, cfg.val_fraction, seed=cfg.seed)`` as ``train._load_data``, so the same examples.
+    """
+    root = data_root or cfg.data_root
+    options = {
+        "image_size": cfg.image_size,
+        "synthetic_size": cfg.synthetic_size,
+        "seed": cfg.seed,
+        "holdout_classes": cfg.holdout_classes,
+    }  # a held-out-classes run: its kept classes, renumbered
+    held_out = 0 < cfg.val_fraction < 1
+    if split == "val" and not held_out:
+        raise ValueError(f"--split val: this run held out no validation split (val_fraction {cfg.val_fraction})")
+    if split == "test":
+        test = load_dataset(cfg.dataset, root, "test", **options)
+        try:
+            full = load_dataset(cfg.dataset, root, "train", **options) if held_out and with_val else None
+        except DataError as e:  # the test split alone still evaluates; only the budgeted-batch curve needs this
+            warnings.warn(f"no budgeted-batch curve: the run's validation split is unreadable ({e})", stacklevel=3)
+            full = None
+        return test, None if full is None else train_val_split(full, cfg.val_fraction, seed=cfg.seed)[1]
+    full = load_dataset(cfg.dataset, root, "train", **options)
+    trained, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed) if held_out else (full, None)
+    return (val_set if split == "val" else trained), val_set
+
+
+def _check_model(run_dir: Path, stored: Any, found: Any) -> None:
+    """The weights in a run directory are those of the model its config.json describes."""
+    if not isinstance(stored, dict):
+        return  # no model record to compare with (a hand-made run directory)
+    try:
+        described = config_from_dict(stored)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG}: unreadable model configuration: {e}") from None
+    if described != found:
+        source = "model.safetensors" if (run_dir / "model.safetensors").is_file() else "checkpoint.pt"
+        diff = (
+            "; ".join(
+                f"{f.name} {getattr(found, f.name)} vs {getattr(described, f.name)}"
+                for f in dataclasses.fields(found)
+                if type(found) is type(described) and getattr(found, f.name) != getattr(described, f.name)
+            )
+            or f"a {found.family} model vs a {described.family} model"
+        )
+        raise CheckpointError(
+            f"{run_dir / source} holds another model than {run_dir / CONFIG} describes ({source} vs {CONFIG}: {diff})"
+        )
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A short text table of an evaluation: accuracy, confidence and cost per step, then the summary numbers.
+    Keys added after the first release are shown when present, so an older eval.json still formats."""
+    acc = result["accuracy_per_step"]
+    macs = result["macs_per_step"]
+    conf = result.get("mean_confidence_per_step") or [None] * len(acc)
+    latency = result.get("parallel_latency_blocks") or [None] * len(acc)
+    # a cascade's scheme, or the family of a model that has none (SDN, MSDNet)
+    kind = result["scheme"] or (result.get("model") or {}).get("family", "anytime model")
+    lines = [f"{result['run']} ({kind}, {result['split']} split, {result['num_examples']} examples)",
+             f"{'step':>4} {'accuracy':>9} {'confidence':>10} {'cum. MMACs':>11} {'latency':>8}"]  # fmt: skip
+    for t, (a, c, m, lat) in enumerate(zip(acc, conf, macs, latency)):
+        c_text = f"{c:>10.3f}" if c is not None else f"{'-':>10}"
+        lat_text = f"{lat:>8g}" if lat is not None else f"{'-':>8}"
+        lines.append(f"{t:>4} {100 * a:>8.2f}% {c_text} {m / 1e6:>11.2f} {lat_text}")
+    s50, s95 = result["steps_to_50pct_final"], result["steps_to_95pct_final"]
+    if result.get("feedforward_accuracy") is not None:
+        lines.append(
+            f"feed-forward accuracy {100 * result['feedforward_accuracy']:.2f}% "
+            f"({result['macs_feedforward'] / 1e6:.2f} MMACs)"
+        )
+    lines += [
+        f"anytime AUC {result['anytime_auc']:.4f}   threshold-policy AUC {result['threshold_auc']:.4f}",
+        f"first step reaching 50% / 95% of final accuracy: {s50} / {s95}",
+    ]
+    if "macs_auc" in result:
+        lines.append(f"AUC on normalised MACs {result['macs_auc']:.4f}   on normalised latency "
+                     f"{result['latency_auc']:.4f}   (chance {100 * result['chance_accuracy']:.2f}%)")  # fmt: skip
+        reach = [result[f"steps_to_{p}pct_accuracy"] for p in (50, 95)]
+        lines.append("first step reaching 50% / 95% accuracy: " + " / ".join("never" if r is None else str(r)
+                                                                          for r in reach))  # fmt: skip
+        budget = result["accuracy_at_budget"]
+        fractions = "/".join(f"{100 * f:g}" for f in budget["fractions"])
+        points = " / ".join(f"{100 * a:.2f}%" for a in budget["accuracy"])
+        lines.append(f"accuracy at {fractions}% of {budget['reference_macs'] / 1e6:.2f} MMACs: {points}")
+    budgeted = result.get("budgeted_batch")
+    if budgeted:
+        cheap = min(range(len(budgeted["q"])), key=lambda i: budgeted["mean_macs"][i])
+        dear = max(range(len(budgeted["q"])), key=lambda i: budgeted["mean_macs"][i])
+        lines.append(
+            f"budgeted batch ({len(budgeted['q'])} points, thresholds fitted on {budgeted['fit_split']}): from "
+            f"{100 * budgeted['accuracy'][cheap]:.2f}% at {budgeted['mean_macs'][cheap] / 1e6:.2f} MMACs to "
+            f"{100 * budgeted['accuracy'][dear]:.2f}% at {budgeted['mean_macs'][dear] / 1e6:.2f} MMACs"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,589 @@
+"""``cascadenet reproduce``: the paper's comparison with one command, every model on the same data, seeds, recipe
+and axes.
+
+What it trains (every run with the same epochs, schedule, optimizer and augmentation; ``BUDGETS``):
+
+| model | what | loss |
+|---|---|---|
+| CascadedTD | cascaded ResNet, parallel scheme, one head | TD(lambda) |
+| CascadedTD-MultiHead | the same, one head per step | TD(lambda) |
+| SerialTD | serial scheme, one head | TD(lambda) |
+| SerialTD-MultiHead | serial scheme, one head per step (the paper's "SDN architecture") | TD(lambda) |
+| CascadedCE / SerialCE | one ordinary ResNet, run as a cascade / serially at test time | feed-forward CE |
+| SDN | internal classifiers on the same ResNet backbone (Kaya et al. 2019) | weighted per-exit CE |
+| SDN-IC-only | the same, backbone trained first (feed-forward CE), frozen, then the classifiers | CE over the ICs |
+| MSDNet | the CIFAR multi-scale dense network (Huang et al. 2018), width matched to the ResNet's cost | CE over exits |
+
+Lambda is chosen on the validation split: a sweep (``LAMBDAS``, seed 0) of CascadedTD and of SerialTD-MultiHead
+picks, by validation anytime AUC, the lambda of the parallel and of the serial TD models. Sweep runs whose
+configuration equals a main run (seed 0 at the chosen lambda) are that run.
+
+Everything lives under ``<out>/<dataset>-<budget>/``: ``runs/<run>-s<seed>/`` (ordinary run directories) and the
+report ``<dataset>.md``, every number in ``<dataset>.json`` and the plots. A finished run is reused only if its
+stored configuration is what this command would train (else it refuses, naming the option); an unfinished one is
+resumed. So the command can be interrupted and run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..evaluation.evaluate import eval_filename, evaluate
+from ..models.anytime import ModelConfig
+from ..models.cascade import CascadeConfig
+from ..models.checkpoint import WEIGHTS, atomic_write
+from ..runs.config import CONFIG, RESUMABLE, TrainConfig, changed_options
+
+__all__ = ["BUDGETS", "LAMBDAS", "Budget", "reproduce", "train_or_reuse", "plan_runs"]
+
+log = logging.getLogger(__name__)
+
+LAMBDAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+COST_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+BUDGETED_AT = (0.25, 0.5)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The recipe every model of a reproduction shares."""
+
+    description: str
+    arch: str
+    width: int
+    stem: str
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    schedule: str = "onecycle"
+    warmup_epochs: float = 0.5
+    weight_decay: float = 5e-4
+    max_batches: int | None = None
+    sweep: tuple[float, ...] = LAMBDAS
+
+
+BUDGETS = {
+    # On 2 CPU cores the whole small reproduction (Fashion-MNIST, 3 seeds, the sweep) takes the time recorded in
+    # docs/results/; it trains each model for 3 x 150 batches of 128 (a little over one pass over the data).
+    "small": Budget(
+        description="ResNet-10 width 8 (3x3 stem + max-pool), 3 epochs of 150 batches of 128, onecycle",
+        arch="resnet10",
+        width=8,
+        stem="cifar_pool",
+        epochs=3,
+        max_batches=150,
+    ),
+    # The paper's recipe (ResNet-18 at full width, 150 epochs, SGD + Nesterov, lr 0.1, weight decay 5e-4, batch
+    # 128); our schedule is onecycle instead of step decays, and the augmentation is crop + flip (no occluding patch).
+    "full": Budget(
+        description="ResNet-18 width 64 (3x3 stem, no pool), 150 epochs, onecycle (the paper's recipe)",
+        arch="resnet18",
+        width=64,
+        stem="cifar",
+        epochs=150,
+        warmup_epochs=1.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the report: a trained run evaluated in a scheme."""
+
+    key: str
+    label: str
+    run: str
+    scheme: str | None = None  # evaluate the run's weights in this scheme (None: the model's own)
+
+
+ENTRIES = (
+    Entry("cascaded-td", "CascadedTD", "cascaded-td"),
+    Entry("cascaded-td-mh", "CascadedTD-MultiHead", "cascaded-td-mh"),
+    Entry("serial-td", "SerialTD", "serial-td"),
+    Entry("serial-td-mh", "SerialTD-MultiHead", "serial-td-mh"),
+    Entry("cascaded-ce", "CascadedCE", "ce", "parallel"),
+    Entry("serial-ce", "SerialCE", "ce", "serial"),
+    Entry("sdn", "SDN", "sdn"),
+    Entry("sdn-ic-only", "SDN-IC-only", "sdn-ic-only"),
+    Entry("msdnet", "MSDNet", "msdnet"),
+)
+
+
+def _lam_tag(lam: float) -> str:
+    return f"{lam:g}"
+
+
+def _cascade(budget: Budget, **options: Any) -> CascadeConfig:
+    return CascadeConfig(arch=budget.arch, width=budget.width, stem=budget.stem, **options)
+
+
+def _sdn(budget: Budget) -> ModelConfig:
+    from ..models.sdn import SDNConfig
+
+    return SDNConfig(arch=budget.arch, width=budget.width, stem=budget.stem)
+
+
+@functools.cache  # a bisection over built models: once per recipe and data shape, not once per seed
+def _msdnet(budget: Budget, input_size: tuple[int, int, int], num_classes: int) -> ModelConfig:
+    """MSDNet (CIFAR configuration) with the width factor whose full serial cost is nearest (in ratio) CascadedTD's:
+    both anytime runs then cost the same on serial hardware. (A small ResNet's feed-forward cost is below what
+    MSDNet can reach: its growth rate rounds to at least one channel.)"""
+    from ..models.msdnet import MSDNetConfig
+
+    c = input_size[0]
+    target = _cascade(budget, in_channels=c, num_classes=num_classes).build().exit_costs(input_size).macs[-1]
+
+    def config(hundredths: int) -> ModelConfig:
+        return MSDNetConfig(width=hundredths / 100, in_channels=c, num_classes=num_classes)
+
+    def cost(hundredths: int) -> int:
+        return config(hundredths).build().exit_costs(input_size).macs[-1]
+
+    # the cost never falls as the width grows (channel counts round half up): bisect on widths 0.05 ... 4.00
+    lo, hi = 5, 400
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if cost(mid) < target else (lo, mid)
+    candidates = [w for w in (lo - 1, lo) if w >= 5]
+    return config(min(candidates, key=lambda w: abs(math.log(cost(w) / target))))
+
+
+def plan_runs(
+    budget: Budget,
+    base: dict[str, Any],
+    seed: int,
+    lam_parallel: float,
+    lam_serial: float,
+    input_size: tuple[int, int, int],
+    num_classes: int,
+    runs_dir: Path,
+) -> dict[str, TrainConfig]:
+    """The training runs of one seed, by run key (``ENTRIES[i].run``), in an order that respects dependencies
+    (SDN-IC-only starts from the SDN backbone run's weights)."""
+
+    def run(name: str, model: ModelConfig, **options: Any) -> TrainConfig:
+        return TrainConfig(model=model, seed=seed, name=f"{name}-s{seed}", out=str(runs_dir), **{**base, **options})
+
+    lp, ls = _lam_tag(lam_parallel), _lam_tag(lam_serial)
+    backbone = run("sdn-backbone", _sdn(budget), loss="final")
+    return {
+        "cascaded-td": run(f"cascaded-td-lam{lp}", _cascade(budget), loss="td", lam=lam_parallel),
+        "cascaded-td-mh": run(
+            f"cascaded-td-mh-lam{lp}", _cascade(budget, multi_head=True), loss="td", lam=lam_parallel
+        ),  # fmt: skip
+        "serial-td": run(f"serial-td-lam{ls}", _cascade(budget, scheme="serial"), loss="td", lam=lam_serial),
+        "serial-td-mh": run(
+            f"serial-td-mh-lam{ls}", _cascade(budget, scheme="serial", multi_head=True), loss="td", lam=lam_serial
+        ),  # fmt: skip
+        "ce": run("ce", _cascade(budget), loss="final"),
+        "sdn": run("sdn", _sdn(budget), loss="sdn"),
+        "sdn-backbone": backbone,
+        # the reference's IC-only recipe: Adam at lr 1e-3 on the classifiers of a frozen, trained backbone
+        "sdn-ic-only": run(
+            "sdn-ic-only",
+            _sdn(budget),
+            loss="ic-only",
+            optimizer="adamw",
+            lr=1e-3,
+            init=str(runs_dir / backbone.run_name() / WEIGHTS),
+        ),  # fmt: skip
+        "msdnet": run("msdnet", _msdnet(budget, input_size, num_classes), loss="ce"),
+    }
+
+
+def _sweep_runs(budget: Budget, base: dict[str, Any], runs_dir: Path) -> dict[tuple[str, float], TrainConfig]:
+    runs = {}
+    for lam in budget.sweep:
+        tag = _lam_tag(lam)
+        for key, model in (("cascaded-td", _cascade(budget)),
+                           ("serial-td-mh", _cascade(budget, scheme="serial", multi_head=True))):  # fmt: skip
+            runs[key, lam] = TrainConfig(model=model, seed=0, name=f"{key}-lam{tag}-s0", out=str(runs_dir), loss="td",
+                                         lam=lam, **base)  # fmt: skip
+    return runs
+
+
+def _differences(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
+    ignore = set(RESUMABLE) | {"progress", "out"}
+    diff = {k: v for k, v in changed_options(stored, wanted).items() if k not in ignore}
+    if type(stored.model) is not type(wanted.model):
+        diff["model"] = wanted.model.family
+    return diff
+
+
+def train_or_reuse(cfg: TrainConfig) -> str:
+    """Train ``cfg`` into ``cfg.out / cfg.run_name()``, resume it if it was interrupted, or reuse it if it is
+    finished with the same configuration. Returns "trained", "resumed" or "reused".
+
+    Raises:
+        ValueError: the run directory holds a run with other options (naming the first that differs); nothing is
+            changed.
+    """
+    from ..training.loop import train
+
+    run_dir = Path(cfg.out) / cfg.run_name()
+    if (run_dir / CONFIG).is_file():
+        stored = TrainConfig.from_file(run_dir / CONFIG)
+        diff = _differences(stored, cfg)
+        if diff:
+            name, value = next(iter(diff.items()))
+            was = stored.options().get(name, type(stored.model).__name__)
+            flag = "--" + name.replace("_", "-")
+            more = f" (and {len(diff) - 1} other options)" if len(diff) > 1 else ""
+            raise ValueError(
+                f"{run_dir} holds a run trained with {flag} {was}, but this would train {flag} {value}{more}; use "
+                "another --out or move that run away (nothing was changed)"
+            )
+        if (run_dir / WEIGHTS).is_file():
+            return "reused"
+        resumable = {k: v for k, v in changed_options(stored, cfg).items() if k in RESUMABLE}
+        train(resume=run_dir, overrides=resumable)
+        return "resumed"
+    train(cfg)
+    return "trained"
+
+
+def _eval_cached(run_dir: Path, scheme: str | None, model_scheme: str | None, device: str) -> dict[str, Any]:
+    """The run's evaluation on the test split, reusing an evaluation file written after the final weights."""
+    path = run_dir / eval_filename(scheme, model_scheme, None)
+    if path.is_file() and path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime:
+        try:
+            cached = json.loads(path.read_text())
+            if isinstance(cached, dict) and all(k in cached for k in ("macs_auc", "budgeted_batch")):
+                return cached
+        except ValueError:
+            pass  # unreadable, or written by a version without these numbers: evaluate again
+    return evaluate(run_dir, scheme=scheme if scheme != model_scheme else None, device=device)
+
+
+def _last_row(run_dir: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return rows[-1]
+
+
+def _train_seconds(run_dir: Path) -> float:
+    return sum(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line)
+
+
+def reproduce(
+    dataset: str = "fashion-mnist",
+    *,
+    data_root: str | None = None,
+    seeds: int = 3,
+    budget: str = "small",
+    out: str | Path = "runs/reproduce",
+    threads: int | None = 2,
+    device: str = "auto",
+    progress: bool = True,
+    synthetic_size: int | None = None,
+    recipe: Budget | None = None,
+) -> Path:
+    """Train (or reuse, or resume) every model of the comparison with ``seeds`` seeds and the lambda sweep,
+    evaluate them on the test split, and write the report. Returns the report's path.
+
+    Args:
+        recipe: a custom :class:`Budget` instead of ``BUDGETS[budget]`` (tests use tiny ones).
+        synthetic_size: examples of the synthetic dataset (tests).
+    """
+    if budget not in BUDGETS and recipe is None:
+        raise ValueError(f"unknown budget {budget!r}; valid choices: {', '.join(BUDGETS)}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
+    spec = recipe or BUDGETS[budget]
+    if threads:
+        torch.set_num_threads(threads)
+    from ..data.datasets import load_dataset
+
+    # read before anything is made: missing data leaves no empty folders behind
+    probe = load_dataset(dataset, data_root, "test", synthetic_size=synthetic_size, seed=0)
+    root = Path(out) / f"{dataset}-{budget}"
+    runs_dir = root / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    input_size = tuple(probe.images.shape[1:])
+    num_classes = len(probe.classes)
+    base = dict(dataset=dataset, data_root=data_root, synthetic_size=synthetic_size, epochs=spec.epochs,
+                batch_size=spec.batch_size, lr=spec.lr, schedule=spec.schedule, warmup_epochs=spec.warmup_epochs,
+                weight_decay=spec.weight_decay, max_batches=spec.max_batches, threads=threads, device=device,
+                progress=False)  # fmt: skip
+    started = time.perf_counter()
+    sweep = _sweep_runs(spec, base, runs_dir)
+    total = len(sweep) + seeds * 9  # an upper bound: sweep runs that are main runs are counted twice
+    bar = tqdm(total=total, desc="reproduce", unit="run", disable=not progress)
+    how: dict[str, str] = {}
+
+    def ensure(cfg: TrainConfig) -> Path:
+        name = cfg.run_name()
+        if name not in how:
+            bar.set_postfix_str(name)
+            how[name] = train_or_reuse(cfg)
+            log.info("%s: %s", name, how[name])
+        bar.update(1)
+        return runs_dir / name
+
+    sweep_rows = []
+    for (key, lam), cfg in sweep.items():
+        row = _last_row(ensure(cfg))
+        sweep_rows.append({"model": key, "lam": lam, "val_anytime_auc": row["val_anytime_auc"],
+                           "val_final_accuracy": row["val_accuracy_per_step"][-1]})  # fmt: skip
+    best = {
+        key: max((r for r in sweep_rows if r["model"] == key), key=lambda r: (r["val_anytime_auc"], -r["lam"]))["lam"]
+        for key in ("cascaded-td", "serial-td-mh")
+    }
+    per_seed: dict[str, list[dict[str, Any]]] = {e.key: [] for e in ENTRIES}
+    run_dirs: dict[str, list[str]] = {e.key: [] for e in ENTRIES}
+    for seed in range(seeds):
+        plan = plan_runs(spec, base, seed, best["cascaded-td"], best["serial-td-mh"], input_size, num_classes,
+                         runs_dir)  # fmt: skip
+        dirs = {key: ensure(cfg) for key, cfg in plan.items()}
+        for entry in ENTRIES:
+            run_dir = dirs[entry.run]
+            model_scheme = getattr(plan[entry.run].model, "scheme", None)
+            result = _eval_cached(run_dir, entry.scheme, model_scheme, device)
+            result["train_seconds"] = _train_seconds(run_dir)
+            per_seed[entry.key].append(result)
+            run_dirs[entry.key].append(str(run_dir.relative_to(root)))
+    bar.close()
+    elapsed = time.perf_counter() - started
+    summary = summarize_reproduction(per_seed)
+    record = {
+        "dataset": dataset,
+        "budget": budget,
+        "recipe": dataclasses.asdict(spec),
+        "seeds": list(range(seeds)),
+        "lambda_sweep": sweep_rows,
+        "lambda_chosen": {
+            "parallel (CascadedTD, CascadedTD-MultiHead)": best["cascaded-td"],
+            "serial (SerialTD, SerialTD-MultiHead)": best["serial-td-mh"],
+        },  # fmt: skip
+        "models": {e.key: {"label": e.label, "runs": run_dirs[e.key], **summary[e.key]} for e in ENTRIES},
+        "per_seed": per_seed,
+        "how": how,
+        "seconds": elapsed,
+        # training time of every run (epochs and validation, from metrics.jsonl), whichever invocation trained it
+        "train_seconds_total": sum(_train_seconds(runs_dir / name) for name in how),
+        "machine": {
+            "cpu": _cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },  # fmt: skip
+    }
+    # the command's own outputs, rewritten whole on every call (atomically: a kill leaves the previous ones)
+    atomic_write(root / f"{dataset}.json", (json.dumps(record, indent=1) + "\n").encode())
+    figures = _plots(root, dataset, per_seed)
+    report = root / f"{dataset}.md"
+    atomic_write(report, _report(record, figures).encode())
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds; None where any seed lacks the value (never reached)."""
+    if not values or any(v is None for v in values):
+        return {"mean": None, "std": None, "values": values}
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "values": values}
+
+
+def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per model, mean and spread over seeds of the report's numbers (cost fractions relative to CascadedTD's full
+    serial cost)."""
+    from ..evaluation import metrics
+
+    reference = per_seed["cascaded-td"][0]["macs_per_step"][-1]
+    latencies = latency_budgets(per_seed)
+    out = {}
+    for key, results in per_seed.items():
+        rows: dict[str, list[Any]] = {}
+        for r in results:
+            acc = r["accuracy_per_step"]
+            budgets = [f * reference for f in COST_FRACTIONS]
+            at_budgets = metrics.accuracy_at_budgets(acc, r["macs_per_step"], budgets, r["model"]["num_classes"])
+            values = {
+                "final_accuracy": acc[-1],
+                "anytime_auc": r["anytime_auc"],
+                "auc_macs": r["macs_auc"],
+                "auc_latency": r["latency_auc"],
+                **{f"accuracy_at_{round(100 * f)}pct_td_cost": float(a) for f, a in zip(COST_FRACTIONS, at_budgets)},
+                **{f"budgeted_at_{round(100 * f)}pct_td_cost": _budgeted_at(r, f * reference) for f in BUDGETED_AT},
+                **{
+                    f"accuracy_at_latency_{lat:g}": float(a)
+                    for lat, a in zip(
+                        latencies,
+                        metrics.accuracy_at_budgets(
+                            acc, r["parallel_latency_blocks"], latencies, r["model"]["num_classes"]
+                        ),
+                    )
+                },  # fmt: skip
+                "step_to_50pct": r["steps_to_50pct_accuracy"],
+                "step_to_95pct": r["steps_to_95pct_accuracy"],
+                "latency_to_50pct": r["latency_to_50pct_accuracy"],
+                "latency_to_95pct": r["latency_to_95pct_accuracy"],
+                "macs_to_50pct": r["macs_to_50pct_accuracy"],
+                "macs_to_95pct": r["macs_to_95pct_accuracy"],
+                "threshold_auc": r["threshold_auc"],
+                "full_macs": r["macs_per_step"][-1],
+                "train_seconds": r.get("train_seconds"),
+            }
+            for k, v in values.items():
+                rows.setdefault(k, []).append(v)
+        out[key] = {k: _mean_std(v) for k, v in rows.items()}
+        out[key]["accuracy_per_step"] = np.mean([r["accuracy_per_step"] for r in results], axis=0).tolist()
+        out[key]["macs_per_step"] = results[0]["macs_per_step"]
+        out[key]["latency_per_step"] = results[0]["parallel_latency_blocks"]
+    return out
+
+
+def latency_budgets(per_seed: dict[str, list[dict[str, Any]]]) -> list[float]:
+    """Whole block units from 1 to three past CascadedTD's last step: where the report reads every model's accuracy
+    on the parallel-latency axis."""
+    last = per_seed["cascaded-td"][0]["parallel_latency_blocks"][-1]
+    return [float(k) for k in range(1, int(last) + 4)]
+
+
+def _budgeted_at(result: dict[str, Any], cost: float) -> float | None:
+    """Test accuracy of the budgeted-batch curve (thresholds fitted on validation) read at a mean cost, by linear
+    interpolation between its operating points; None outside the range of mean costs the curve covers. Reading
+    the curve at a cost chooses nothing on the test split."""
+    curve = result.get("budgeted_batch")
+    if not curve:
+        return None
+    order = np.argsort(curve["mean_macs"], kind="stable")
+    x, y = np.asarray(curve["mean_macs"], float)[order], np.asarray(curve["accuracy"], float)[order]
+    if not x[0] <= cost <= x[-1]:
+        return None
+    return float(np.interp(cost, x, y))
+
+
+def _plots(root: Path, dataset: str, per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    from ..evaluation.plotting import plot_mean_curves
+
+    labels = {e.key: e.label for e in ENTRIES}
+    groups = {labels[k]: v for k, v in per_seed.items()}
+    figures = {}
+    for axis in ("latency", "macs"):
+        path = root / f"{dataset}-{axis}.png"
+        plot_mean_curves(groups, path, axis=axis, title=f"{dataset}, test split, mean over seeds")
+        figures[axis] = path.name
+    path = root / f"{dataset}-budgeted.png"
+    title = f"{dataset}: budgeted batch (dashed; thresholds fitted on validation) and exits"
+    plot_mean_curves(groups, path, axis="macs", budgeted=True, title=title)
+    figures["budgeted"] = path.name
+    return figures
+
+
+def _fmt(stat: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        reached = [v for v in stat["values"] if v is not None]
+        return f"- ({len(reached)}/{len(stat['values'])})" if reached else "-"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
+    models = record["models"]
+    n = len(record["seeds"])
+    fractions = [round(100 * f) for f in COST_FRACTIONS]
+    budgeted = [round(100 * f) for f in BUDGETED_AT]
+    head = ("| model | final acc. | AUC (steps) | AUC (MACs) | AUC (latency) | "
+            + " | ".join(f"acc. @{f}% TD cost" for f in fractions)
+            + "".join(f" | budgeted @{f}%" for f in budgeted) + " | latency to 50% | latency to 95%"
+            + " | MMACs to 50% | MMACs to 95% |")  # fmt: skip
+    lines = [
+        f"# Reproduction: {record['dataset']}, budget {record['budget']}",
+        "",
+        f"Test split; mean ± standard deviation over {n} seed(s) ({', '.join(map(str, record['seeds']))}). "
+        "Accuracies and areas in %. Recipe shared by every model: " + record["recipe"]["description"] + ".",
+        f"Lambda chosen on the validation split: {json.dumps(record['lambda_chosen'])}.",
+        "",
+        "- AUC (steps): area under accuracy against exit index / (E - 1) (the paper's axis for cascades).",
+        "- AUC (MACs): area under accuracy against cumulative MACs / the model's own full cost, holding the last "
+        "completed exit's answer (chance before the first exit). AUC (latency): the same against parallel latency.",
+        "- acc. @f% TD cost: accuracy of the last exit completed within f% of CascadedTD's full serial cost "
+        f"({models['cascaded-td']['full_macs']['mean'] / 1e6:.2f} MMACs); chance if none.",
+        "- budgeted @f%: the budgeted-batch curve (MSDNet's protocol: per-exit confidence thresholds fitted on the "
+        "validation split for a range of target costs, applied to the test split) read at a mean cost of f% of "
+        "CascadedTD's full serial cost (- where the curve does not reach that cost).",
+        "- latency / MMACs to 50% / 95%: parallel latency (block units) and cumulative serial MACs of the first exit "
+        "whose absolute accuracy reaches 50% / 95% (- where never reached; (k/n) where "
+        "only k of n seeds reach it).",
+        "",
+        head,
+        "|---" * (5 + len(fractions) + len(budgeted) + 4) + "|",
+    ]
+    for m in models.values():
+        cells = [m["label"], _fmt(m["final_accuracy"], 100), _fmt(m["anytime_auc"], 100), _fmt(m["auc_macs"], 100),
+                 _fmt(m["auc_latency"], 100)]  # fmt: skip
+        cells += [_fmt(m[f"accuracy_at_{f}pct_td_cost"], 100) for f in fractions]
+        cells += [_fmt(m[f"budgeted_at_{f}pct_td_cost"], 100) for f in budgeted]
+        cells += [_fmt(m["latency_to_50pct"]), _fmt(m["latency_to_95pct"])]
+        cells += [_fmt(m["macs_to_50pct"], 1e-6, 2), _fmt(m["macs_to_95pct"], 1e-6, 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    prefix = "accuracy_at_latency_"
+    latencies = sorted(float(k[len(prefix) :]) for k in models["cascaded-td"] if k.startswith(prefix))
+    lines += [
+        "",
+        "## Accuracy at a parallel latency (block units: the stem and each block one unit)",
+        "",
+        "The answer available after L units (the last exit completed within L; chance before the first). "
+        "The paper's claim lives on this axis.",
+        "",
+        "| model | " + " | ".join(f"L={lat:g}" for lat in latencies) + " |",
+        "|---" * (len(latencies) + 1) + "|",
+    ]
+    for m in models.values():
+        cells = [_fmt(m[f"{prefix}{lat:g}"], 100) for lat in latencies]
+        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per-exit accuracy (mean over seeds, %) and cost", "",
+              "| model | exits: accuracy % (cumulative MMACs, latency in blocks) |", "|---|---|"]  # fmt: skip
+    for m in models.values():
+        cells = [f"{100 * a:.1f} ({c / 1e6:.2f}, {lat:g})" for a, c, lat in
+                 zip(m["accuracy_per_step"], m["macs_per_step"], m["latency_per_step"])]  # fmt: skip
+        lines.append(f"| {m['label']} | " + "; ".join(cells) + " |")
+    lines += ["", "## Lambda sweep (seed 0, validation split)", "", "| lambda | " + " | ".join(
+        f"{k} val AUC | {k} val final acc." for k in ("cascaded-td", "serial-td-mh")) + " |",
+        "|---" * 5 + "|"]  # fmt: skip
+    for lam in sorted({r["lam"] for r in record["lambda_sweep"]}):
+        cells = [f"{lam:g}"]
+        for key in ("cascaded-td", "serial-td-mh"):
+            r = next(r for r in record["lambda_sweep"] if r["model"] == key and r["lam"] == lam)
+            cells += [f"{100 * r['val_anytime_auc']:.2f}", f"{100 * r['val_final_accuracy']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Plots",
+        "",
+        f"![accuracy against parallel latency]({figures['latency']})",
+        f"![accuracy against serial MACs]({figures['macs']})",
+        f"![budgeted batch]({figures['budgeted']})",
+        "",
+        "## How this was made",
+        "",
+        f"`cascadenet reproduce --dataset {record['dataset']} --seeds {n} --budget {record['budget']}` on "
+        f"{record['machine']['cpu']} ({record['machine']['threads']} threads, torch {record['machine']['torch']}): "
+        f"{len(record['how'])} runs, {record['train_seconds_total'] / 60:.1f} min of training in all (epochs and "
+        f"validation); this invocation took {record['seconds'] / 60:.1f} min; runs trained, resumed or reused: "
+        + ", ".join(f"{v} {sum(1 for h in record['how'].values() if h == v)}" for v in ("trained", "resumed", "reused"))
+        + ". Every number is in the JSON file beside this report.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,607 @@
+"""Out-of-distribution detection from an anytime model's output trace (``cascadenet ood``).
+
+A cascade produces a prediction at every step, so an input leaves a *trace*: how confident each exit is, how
+often the prediction changes, when it settles. This module scores inputs by that trace and measures how well
+each score tells in-distribution inputs (the run's test split) from out-of-distribution ones.
+
+Conventions (fixed here, since libraries differ):
+
+- in-distribution is the positive class, and every score is oriented so that higher means "more
+  in-distribution" (an entropy enters as minus the entropy, a settling step as minus the step);
+- AUROC is the Mann-Whitney statistic: the probability that a random in-distribution example scores above a
+  random out-of-distribution one, ties counting one half (so a constant score has AUROC 0.5 exactly);
+- FPR at 95% TPR (ODIN, Liang et al. 2018): the threshold is the highest one that still accepts
+  (``score >= threshold``) at least 95% of the in-distribution examples, i.e. the ``ceil(0.95 n)``-th largest
+  in-distribution score; the FPR is the share of out-of-distribution examples it accepts (ties accepted);
+- the exits before ``model.first_informative_exit`` cannot see the input and are left out of every trace.
+
+Scores (:data:`SCORES`): the last exit's maximum softmax probability (MSP, the baseline of Hendrycks & Gimpel
+2017), MSP averaged over the exits, minus the last and the mean entropy, minus the settling step, minus the
+number of prediction flips, and a logistic regression on trace features (:class:`LogisticDetector`). The
+report also gives the MSP and entropy AUROC at every exit and the mean entropy per exit (the entropy profile).
+
+The learned detector never sees the out-of-distribution source it is tested on: it is fitted on the run's
+validation split (in) against synthetic sets made from that split (out), leaving out the tested kind
+(:func:`fit_sources`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.datasets import DATASETS, ImageSet, load_dataset, resize_crop, split_classes
+from ..evaluation.evaluate import load_run
+from ..evaluation.runtime import dataset_logits
+from ..models.checkpoint import CheckpointError, atomic_write
+from ..runs.config import CONFIG, TrainConfig
+
+__all__ = [
+    "OUTPUTS",
+    "SCORES",
+    "SYNTHETIC",
+    "LogisticDetector",
+    "auroc",
+    "convert_images",
+    "fit_sources",
+    "format_report",
+    "fpr_at_tpr",
+    "ood_run",
+    "roc_curve",
+    "settle_steps",
+    "step_profiles",
+    "synthetic_ood",
+    "trace_features",
+    "trace_scores",
+]
+
+# Every score is higher for in-distribution inputs.
+SCORES: dict[str, str] = {
+    "msp": "max softmax probability at the last exit (the MSP baseline)",
+    "msp_mean": "max softmax probability averaged over the exits",
+    "entropy_last": "minus the entropy of the last exit's softmax",
+    "entropy_mean": "minus the softmax entropy averaged over the exits",
+    "settle": "minus the exit from which the prediction never changes again",
+    "flips": "minus the number of prediction changes from one exit to the next",
+    "learned": "logistic regression on trace features (fitted on other OOD sources)",
+}
+BASELINE = "msp"
+# Synthetic out-of-distribution sets, always available (made from in-distribution images, or from nothing).
+SYNTHETIC: dict[str, str] = {
+    "noise": "uniform noise: every pixel of every channel drawn uniformly from 0..255",
+    "inverted": "in-distribution images with every pixel inverted (255 - x)",
+    "vflip": "in-distribution images flipped upside down (training flips only left-right)",
+}
+OUTPUTS = ("ood.md", "ood.json", "ood.png")
+TPR = 0.95
+LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's RGB -> L
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _pair(in_scores: Any, out_scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(in_scores, dtype=np.float64).ravel()
+    b = np.asarray(out_scores, dtype=np.float64).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError("AUROC and FPR need at least one in-distribution and one out-of-distribution score")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("scores must be finite numbers (got NaN or infinity)")
+    return a, b
+
+
+def auroc(in_scores: Any, out_scores: Any) -> float:
+    """Area under the ROC curve, in-distribution positive: P(in > out) + P(in = out) / 2 over all pairs, the
+    Mann-Whitney U statistic divided by ``n_in * n_out`` (from average ranks, so ties count one half)."""
+    a, b = _pair(in_scores, out_scores)
+    _, inverse, counts = np.unique(np.concatenate([a, b]), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based ranks, tied values sharing their average
+    u = ranks[: a.size].sum() - a.size * (a.size + 1) / 2
+    return float(u / (a.size * b.size))
+
+
+def fpr_at_tpr(in_scores: Any, out_scores: Any, tpr: float = TPR) -> float:
+    """False-positive rate at ``tpr`` true-positive rate (ODIN's FPR95 for 0.95), in-distribution positive.
+
+    The threshold is the highest that accepts (``score >= threshold``) at least ``tpr`` of the in-distribution
+    scores: the ``ceil(tpr * n_in)``-th largest of them. Returns the share of out-of-distribution scores it
+    accepts (a tie with the threshold is accepted)."""
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    a, b = _pair(in_scores, out_scores)
+    k = max(1, math.ceil(tpr * a.size - 1e-9))  # 0.95 * 20 is 19.000000000000004 in floating point
+    threshold = np.sort(a)[::-1][k - 1]
+    return float((b >= threshold).mean())
+
+
+def roc_curve(in_scores: Any, out_scores: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1), accepting ``score >= threshold``. Its
+    trapezoid area is :func:`auroc` (a tie is a diagonal segment: half credit)."""
+    a, b = _pair(in_scores, out_scores)
+    thresholds = np.unique(np.concatenate([a, b]))[::-1]
+    tpr = np.searchsorted(np.sort(-a), -thresholds, side="right") / a.size  # share of a >= threshold
+    fpr = np.searchsorted(np.sort(-b), -thresholds, side="right") / b.size
+    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trace
+
+
+def step_profiles(logits: Tensor, first_exit: int = 0) -> dict[str, np.ndarray]:
+    """Per exit from ``first_exit`` on, per example: ``msp`` (max softmax), ``entropy`` (nats) and ``pred``
+    (argmax), each ``(S, N)`` with S = E - first_exit, from logits ``(E, N, C)``."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (exits, examples, classes), got shape {tuple(logits.shape)}")
+    if not 0 <= first_exit < logits.shape[0]:
+        raise ValueError(f"first_exit {first_exit} is not one of the {logits.shape[0]} exits")
+    log_p = torch.log_softmax(logits[first_exit:].double(), dim=-1)  # (S, N, C)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(-1)
+    return {"msp": p.amax(-1).numpy(), "entropy": entropy.clamp_min(0).numpy(), "pred": p.argmax(-1).numpy()}
+
+
+def settle_steps(preds: np.ndarray) -> np.ndarray:
+    """For predictions ``(S, N)`` along the trace, the first index from which each example's prediction never
+    changes again (0 when it never changes)."""
+    changed = preds[1:] != preds[:-1]  # (S-1, N): changed[k] means the prediction changed at step k + 1
+    if changed.shape[0] == 0:
+        return np.zeros(preds.shape[1], dtype=np.int64)
+    last = changed.shape[0] - np.argmax(changed[::-1], axis=0)  # the step of the last change
+    return np.where(changed.any(axis=0), last, 0).astype(np.int64)
+
+
+def trace_scores(logits: Tensor, first_exit: int = 0) -> dict[str, np.ndarray]:
+    """The trace scores of :data:`SCORES` (all but ``learned``) of logits ``(E, N, C)``, each ``(N,)``, higher
+    for in-distribution inputs."""
+    prof = step_profiles(logits, first_exit)
+    return {
+        "msp": prof["msp"][-1],
+        "msp_mean": prof["msp"].mean(0),
+        "entropy_last": -prof["entropy"][-1],
+        "entropy_mean": -prof["entropy"].mean(0),
+        "settle": -settle_steps(prof["pred"]).astype(np.float64),
+        "flips": -(prof["pred"][1:] != prof["pred"][:-1]).sum(0).astype(np.float64),
+    }
+
+
+def trace_features(logits: Tensor, first_exit: int = 0) -> np.ndarray:
+    """Features of the learned detector, ``(N, 2S + 2)``: the max softmax at each exit, the entropy at each exit
+    (over log C, so in [0, 1]), the number of flips and the settling step (each over S - 1)."""
+    prof = step_profiles(logits, first_exit)
+    steps = max(prof["pred"].shape[0] - 1, 1)
+    flips = (prof["pred"][1:] != prof["pred"][:-1]).sum(0) / steps
+    settle = settle_steps(prof["pred"]) / steps
+    entropy = prof["entropy"] / math.log(max(logits.shape[-1], 2))
+    return np.concatenate([prof["msp"].T, entropy.T, flips[:, None], settle[:, None]], axis=1)
+
+
+@dataclasses.dataclass
+class LogisticDetector:
+    """Logistic regression on standardised features: ``score(x) = w . (x - mean) / std + b`` (the log-odds of
+    in-distribution, so ranks never tie where a probability would round to 1)."""
+
+    weight: np.ndarray
+    bias: float
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, in_features: np.ndarray, out_features: np.ndarray, l2: float = 1e-3, steps: int = 50):
+        """Fit in-distribution (label 1) against out-of-distribution (label 0) features, the two classes weighted
+        equally whatever their sizes, with an L2 penalty ``l2 * |w|^2 / 2`` on the weights. Deterministic: Newton's
+        method with backtracking from zero (the penalty makes the loss strictly convex, so separable data
+        converges too); what varies with a seed is only the data it is given."""
+        if len(in_features) == 0 or len(out_features) == 0:
+            raise ValueError("the detector needs in-distribution and out-of-distribution examples to fit")
+        x = np.concatenate([in_features, out_features]).astype(np.float64)
+        mean, std = x.mean(0), x.std(0)
+        std = np.where(std > 1e-12, std, 1.0)  # a constant feature stays 0 after standardising
+        xb = np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)  # the last column is the bias
+        sign = np.concatenate([np.ones(len(in_features)), -np.ones(len(out_features))])  # +1 in, -1 out
+        sample = np.concatenate([np.full(len(in_features), 0.5 / len(in_features)),
+                                 np.full(len(out_features), 0.5 / len(out_features))])  # fmt: skip
+        ridge = np.full(xb.shape[1], l2)
+        ridge[-1] = 0.0  # the bias is not penalised
+
+        def loss(theta: np.ndarray) -> float:
+            return float(sample @ np.logaddexp(0.0, -sign * (xb @ theta)) + 0.5 * ridge @ theta**2)
+
+        theta = np.zeros(xb.shape[1])
+        for _ in range(steps):
+            margin = sign * (xb @ theta)
+            p_wrong = 0.5 * (1 - np.tanh(margin / 2))  # sigmoid(-margin), without overflow
+            grad = xb.T @ (-sign * sample * p_wrong) + ridge * theta
+            hess = (xb.T * (sample * p_wrong * (1 - p_wrong))) @ xb + np.diag(ridge + 1e-12)
+            step = np.linalg.solve(hess, grad)
+            rate, current = 1.0, loss(theta)
+            while loss(theta - rate * step) > current - 1e-4 * rate * (grad @ step) and rate > 1e-8:
+                rate /= 2
+            theta = theta - rate * step
+            if np.abs(rate * step).max() < 1e-10:
+                break
+        return cls(theta[:-1].copy(), float(theta[-1]), mean, std)
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """The log-odds of in-distribution for each row of ``features``."""
+        return ((np.asarray(features, dtype=np.float64) - self.mean) / self.std) @ self.weight + self.bias
+
+
+def fit_sources(tested: str) -> list[str]:
+    """The synthetic kinds the detector tested on ``tested`` is fitted on: every kind of :data:`SYNTHETIC` but
+    the tested one (all of them for held-out classes or another dataset)."""
+    return [k for k in SYNTHETIC if k != tested]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Out-of-distribution images
+
+
+def convert_images(images: Tensor, channels: int, size: tuple[int, int]) -> Tensor:
+    """uint8 images ``(N, C, H, W)`` as a model of ``channels`` input channels and ``size`` (H, W) sees them:
+    RGB to grey by luminance (ITU-R BT.601), grey to RGB by repeating the channel; then scaled (antialiased
+    bilinear) to cover ``size`` and centre-cropped to it.
+
+    Raises:
+        ValueError: a channel count other than 1 or 3 that differs from ``channels``.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    have = images.shape[1]
+    if have != channels:
+        if have == 3 and channels == 1:
+            weights = torch.tensor(LUMINANCE, dtype=torch.float32).view(1, 3, 1, 1)
+            images = (images.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+        elif have == 1 and channels == 3:
+            images = images.repeat(1, 3, 1, 1)
+        else:
+            raise ValueError(f"cannot convert {have}-channel images for a model of {channels} input channels")
+    return resize_crop(images, size).contiguous()
+
+
+def synthetic_ood(kind: str, images: Tensor, seed: int = 0) -> Tensor:
+    """A synthetic out-of-distribution set (:data:`SYNTHETIC`) the shape of ``images`` (uint8 ``(N, C, H, W)``):
+    noise drawn from ``seed``, or the images inverted or flipped upside down."""
+    if kind == "noise":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, 256, tuple(images.shape), generator=g, dtype=torch.uint8)
+    if kind == "inverted":
+        return 255 - images.cpu()
+    if kind == "vflip":
+        return images.cpu().flip(2)
+    raise ValueError(f"unknown synthetic OOD kind {kind!r}; valid choices: {', '.join(SYNTHETIC)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run's report
+
+
+@dataclasses.dataclass
+class _OODSet:
+    key: str
+    title: str
+    description: str
+    images: Tensor  # uint8 (N, C, H, W), as the model sees them
+    fit_on: list[str]  # the synthetic kinds its detector is fitted on
+
+
+def ood_run(
+    run_dir: str | os.PathLike,
+    *,
+    ood_dataset: str | None = None,
+    ood_data: str | os.PathLike | None = None,
+    holdout: bool = False,
+    synthetic: bool = False,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    data_root: str | None = None,
+    batch_size: int = 500,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Measure how well trace scores detect out-of-distribution inputs of a trained run; writes ``ood.md``,
+    ``ood.json`` and ``ood.png`` in ``out`` (default ``RUN_DIR/ood``) and returns the JSON's content.
+
+    In-distribution: the run's test split (its kept classes, for a run trained with ``--holdout-classes``).
+    Out-of-distribution sets: the held-out classes of the test split (``holdout``), the test split of another
+    dataset (``ood_dataset`` read from ``ood_data``, converted to the model's channels and size), the synthetic
+    sets of :data:`SYNTHETIC` (``synthetic``); none of the three asked: the held-out classes (when the run has
+    them) and the synthetic sets.
+
+    Args:
+        run_dir: a run directory written by ``cascadenet train``.
+        ood_dataset: a dataset name (``cascadenet.data.datasets.DATASETS``) whose test split is out-of-distribution.
+        ood_data: its folder (default: the dataset's usual place, where it has one).
+        holdout: test on the held-out classes (the run must have been trained with ``--holdout-classes``).
+        synthetic: test on the synthetic sets.
+        out: the report's folder (created if missing); its files are never replaced unless ``overwrite``.
+        data_root: the run's dataset folder, if it moved since training.
+        batch_size: examples per forward pass.
+        device: cpu, cuda, cuda:N or auto.
+        seed: seed of the noise images (the tested and the fitted noise are different draws).
+        progress: progress bars.
+
+    Raises:
+        ValueError: a bad option (the message names it); FileExistsError: a report file exists;
+        cascadenet.models.checkpoint.CheckpointError, cascadenet.data.datasets.DataError: an unusable run or dataset.
+    """
+    run_dir = Path(run_dir)
+    if ood_data is not None and ood_dataset is None:
+        raise ValueError("--ood-data names the folder of --ood-dataset: pass --ood-dataset NAME too")
+    if ood_dataset is not None and ood_dataset not in DATASETS:
+        raise ValueError(f"unknown --ood-dataset {ood_dataset!r}; valid choices: {', '.join(DATASETS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
+    cfg = TrainConfig.from_file(run_dir / CONFIG)
+    if holdout and not cfg.holdout_classes:
+        raise ValueError(f"--holdout: {run_dir} was trained on every class (train with --holdout-classes to hold "
+                         "some out)")  # fmt: skip
+    if not (holdout or synthetic or ood_dataset):
+        holdout, synthetic = bool(cfg.holdout_classes), True
+    out_dir = Path(out) if out is not None else run_dir / "ood"
+    _check_outputs(out_dir, overwrite)
+
+    loaded = load_run(run_dir, split="test", data_root=data_root, device=device)
+    model, test, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
+    dev, first = test.images.device, model.first_informative_exit
+
+    def logits_of(images: Tensor, desc: str) -> Tensor:
+        ds = ImageSet(images.to(dev), torch.zeros(len(images), dtype=torch.int64, device=dev), test.classes,
+                      test.name, hflip=False)  # fmt: skip
+        return dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress, desc=desc)
+
+    sets = _ood_sets(cfg, test, holdout, synthetic, ood_dataset, ood_data, data_root, seed)
+    in_logits = logits_of(test.images, "in-distribution (test)")
+    in_scores = trace_scores(in_logits, first)
+    in_prof = step_profiles(in_logits, first)
+
+    # the learned detector: the run's validation split against synthetic sets made from it (never the test split)
+    val_images = _validation_images(run_dir, data_root, device)
+    fit: dict[str, np.ndarray] = {}
+    if val_images is not None:
+        fit["in"] = trace_features(logits_of(val_images, "validation (detector)"), first)
+        for kind in SYNTHETIC:
+            images = synthetic_ood(kind, val_images, seed=2 * seed + 1)
+            fit[kind] = trace_features(logits_of(images, f"{kind} of validation (detector)"), first)
+    in_features = trace_features(in_logits, first)
+
+    results, curves = {}, {}
+    for s in sets:
+        logits = logits_of(s.images, s.key)
+        scores = trace_scores(logits, first)
+        detector = None
+        if val_images is not None:
+            detector = LogisticDetector.fit(fit["in"], np.concatenate([fit[k] for k in s.fit_on]))
+            scores["learned"] = detector.score(trace_features(logits, first))
+            in_scores["learned"] = detector.score(in_features)
+        prof = step_profiles(logits, first)
+        results[s.key] = _compare(s, in_scores, scores, in_prof, prof, detector)
+        curves[s.key] = {name: roc_curve(in_scores[name], scores[name]) for name in SCORES if name in scores}
+        in_scores.pop("learned", None)  # each set's detector is its own
+
+    result = {
+        "run": run_dir.name,
+        "in_distribution": {
+            "dataset": cfg.dataset,
+            "split": "test",
+            "examples": len(test),
+            "classes": test.classes,
+            "holdout_classes": list(cfg.holdout_classes or []),
+        },  # fmt: skip
+        "exits": int(in_logits.shape[0]),
+        "first_exit": first,
+        "conventions": {
+            "positive": "in-distribution; every score is higher for in-distribution inputs",
+            "auroc": "Mann-Whitney: P(in > out) + P(in = out) / 2",
+            "fpr95": "share of OOD accepted by the highest threshold (score >= t) accepting >= 95% of in-distribution",
+            "exits": f"exits {first}..{in_logits.shape[0] - 1} (those that see the input)",
+        },
+        "scores": SCORES,
+        "detector": (
+            "logistic regression (L2 1e-3, classes weighted equally, Newton from zero) on per-exit max softmax and "
+            "entropy, flips and settling step; fitted on the run's validation split (in) against the synthetic "
+            f"kinds made from it other than the tested one (noise seed {2 * seed + 1})"
+            if val_images is not None
+            else None
+        ),
+        "synthetic": {k: SYNTHETIC[k] for k in SYNTHETIC} if synthetic else {},
+        "in_profile": {
+            "mean_msp": in_prof["msp"].mean(1).tolist(),
+            "mean_entropy": in_prof["entropy"].mean(1).tolist(),
+        },
+        "ood_sets": results,
+    }
+    _write_report(out_dir, result, curves, overwrite)
+    return result
+
+
+def _check_outputs(out_dir: Path, overwrite: bool) -> None:
+    """Before any work: the report's folder is usable and holds none of its files (unless ``overwrite``)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+    if not overwrite:
+        for name in OUTPUTS:
+            if (out_dir / name).exists():
+                raise FileExistsError(f"{out_dir / name} exists; pass --overwrite to replace it (nothing was written)")
+
+
+def _validation_images(run_dir: Path, data_root: str | None, device: str) -> Tensor | None:
+    """The run's own validation split (kept classes only), or None when it held none out."""
+    try:
+        return load_run(run_dir, split="val", data_root=data_root, device=device).data.images
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        if "held out no validation split" in str(e):
+            return None
+        raise
+
+
+def _ood_sets(cfg: TrainConfig, test: ImageSet, holdout: bool, synthetic: bool, ood_dataset: str | None,
+              ood_data: Any, data_root: str | None, seed: int) -> list[_OODSet]:  # fmt: skip
+    shape = tuple(test.images.shape[1:])
+    sets = []
+    if holdout:
+        full = load_dataset(cfg.dataset, data_root or cfg.data_root, "test", image_size=cfg.image_size,
+                            synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+        held = split_classes(full, cfg.holdout_classes)[1]
+        if len(held) == 0:
+            raise ValueError(f"--holdout: the test split has no example of the held-out classes {cfg.holdout_classes}")
+        names = ", ".join(f"{c} {full.classes[c]}" for c in cfg.holdout_classes)
+        sets.append(_OODSet("heldout", f"held-out classes ({names})",
+                            f"the test split's examples of the classes the run never trained on ({names})",
+                            held.images.cpu(), fit_sources("heldout")))  # fmt: skip
+    if ood_dataset is not None:
+        side = shape[1] if shape[1] == shape[2] else None  # image folders of mixed sizes need one
+        other = load_dataset(ood_dataset, ood_data, "test", image_size=side if ood_dataset == "imagefolder" else None,
+                             seed=seed)  # fmt: skip
+        c, h, w = other.images.shape[1:]
+        images = convert_images(other.images, shape[0], (shape[1], shape[2]))
+        where = f" from {other.source}" if other.source else ""
+        sets.append(_OODSet(f"dataset:{ood_dataset}", f"{ood_dataset} (test split)",
+                            f"{len(images)} test images of {ood_dataset}{where}, {c}x{h}x{w} converted to "
+                            f"{'x'.join(map(str, shape))}", images, fit_sources(ood_dataset)))  # fmt: skip
+    if synthetic:
+        for kind, description in SYNTHETIC.items():
+            images = synthetic_ood(kind, test.images, seed=2 * seed)
+            sets.append(_OODSet(kind, kind, f"{description} (from the test split)", images, fit_sources(kind)))
+    return sets
+
+
+def _compare(s: _OODSet, in_scores: dict, scores: dict, in_prof: dict, prof: dict, detector: Any) -> dict[str, Any]:
+    """AUROC and FPR95 of every score, against the MSP baseline, and the per-exit curves."""
+    table = {}
+    base_auroc = auroc(in_scores[BASELINE], scores[BASELINE])
+    base_fpr = fpr_at_tpr(in_scores[BASELINE], scores[BASELINE])
+    for name in SCORES:
+        if name not in scores:
+            continue
+        a, f = auroc(in_scores[name], scores[name]), fpr_at_tpr(in_scores[name], scores[name])
+        table[name] = {"auroc": a, "fpr95": f, "auroc_minus_msp": a - base_auroc, "fpr95_minus_msp": f - base_fpr}
+    steps = range(in_prof["msp"].shape[0])
+    return {
+        "title": s.title,
+        "description": s.description,
+        "examples": len(s.images),
+        "detector_fit_on": (["validation split (in)"] + [f"{k} of the validation split" for k in s.fit_on])
+        if detector is not None
+        else None,
+        "scores": table,
+        "per_exit": {
+            "msp_auroc": [auroc(in_prof["msp"][t], prof["msp"][t]) for t in steps],
+            "entropy_auroc": [auroc(-in_prof["entropy"][t], -prof["entropy"][t]) for t in steps],
+            "mean_msp": prof["msp"].mean(1).tolist(),
+            "mean_entropy": prof["entropy"].mean(1).tolist(),
+        },
+        "settle_mean": float(settle_steps(prof["pred"]).mean()),
+        "flips_mean": float((prof["pred"][1:] != prof["pred"][:-1]).sum(0).mean()),
+    }
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The markdown report of :func:`ood_run`'s result."""
+    first, exits = result["first_exit"], result["exits"]
+    ind = result["in_distribution"]
+    classes = ind["holdout_classes"]
+    held = f", {'class' if len(classes) == 1 else 'classes'} {', '.join(map(str, classes))} held out" if classes else ""
+    lines = [
+        f"# Out-of-distribution detection: {result['run']}",
+        "",
+        f"In-distribution: the {ind['split']} split of {ind['dataset']} ({ind['examples']} examples, "
+        f"{len(ind['classes'])} classes{held}). Exits {first}..{exits - 1} (those that see the input).",
+        "",
+        "In-distribution is the positive class and every score is higher for it. AUROC: P(in > out) + "
+        "P(in = out)/2 (Mann-Whitney). FPR95: the share of OOD inputs accepted by the highest threshold that "
+        'accepts at least 95% of in-distribution inputs (ODIN). "vs MSP": the difference from the last exit\'s '
+        "max softmax (the baseline); higher AUROC and lower FPR95 are better.",
+        "",
+        "Scores: " + "; ".join(f"`{k}`: {v}" for k, v in result["scores"].items()) + ".",
+        "",
+        f"Learned detector: {result['detector'] or 'none (the run held out no validation split to fit it on)'}.",
+    ]
+    for data in result["ood_sets"].values():
+        lines += ["", f"## {data['title']}", "", f"{data['examples']} images: {data['description']}."]
+        if data["detector_fit_on"]:
+            lines.append(f"Detector fitted on: {', '.join(data['detector_fit_on'])}.")
+        lines += ["", "| score | AUROC | vs MSP | FPR95 | vs MSP |", "|---|---|---|---|---|"]
+        for name, row in data["scores"].items():
+            if name == BASELINE:
+                lines.append(f"| {name} (baseline) | {row['auroc']:.4f} | | {row['fpr95']:.4f} | |")
+            else:
+                lines.append(f"| {name} | {row['auroc']:.4f} | {row['auroc_minus_msp']:+.4f} | {row['fpr95']:.4f} "
+                             f"| {row['fpr95_minus_msp']:+.4f} |")  # fmt: skip
+        per = data["per_exit"]
+        lines += [
+            "",
+            "| exit | " + " | ".join(str(first + t) for t in range(len(per["msp_auroc"]))) + " |",
+            "|---|" + "---|" * len(per["msp_auroc"]),
+            "| MSP AUROC | " + " | ".join(f"{v:.3f}" for v in per["msp_auroc"]) + " |",
+            "| entropy AUROC | " + " | ".join(f"{v:.3f}" for v in per["entropy_auroc"]) + " |",
+            "| mean entropy, in | " + " | ".join(f"{v:.3f}" for v in result["in_profile"]["mean_entropy"]) + " |",
+            "| mean entropy, OOD | " + " | ".join(f"{v:.3f}" for v in per["mean_entropy"]) + " |",
+            "",
+            f"Mean settling exit (relative to exit {first}) {data['settle_mean']:.2f}, mean flips "
+            f"{data['flips_mean']:.2f}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _figure(result: dict[str, Any], curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> Any:
+    """ROC curves of every score, one panel per OOD set, and a panel of the mean entropy per exit."""
+    from matplotlib.figure import Figure  # imported here: importing cascadenet stays fast; no pyplot needed
+
+    n = len(curves) + 1
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    width, height = 4.5 * cols, 4.2 * rows
+    fig = Figure(figsize=(width, height))
+    # fixed margins (inches): a layout engine would draw the whole figure twice, most of a small report's time
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.75 / height,
+                        wspace=0.3, hspace=0.45)  # fmt: skip
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (key, by_score) in zip(axes, curves.items()):
+        for name, (fpr, tpr) in by_score.items():
+            a = result["ood_sets"][key]["scores"][name]["auroc"]
+            ax.plot(fpr, tpr, lw=2.0 if name == BASELINE else 1.2, label=f"{name} ({a:.3f})",
+                    ls="-" if name in (BASELINE, "learned") else "--")  # fmt: skip
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.6)
+        ax.set(title=result["ood_sets"][key]["title"], xlabel="FPR (OOD accepted)", ylabel="TPR (in accepted)")
+        ax.legend(fontsize=7, loc="lower right")
+    ax = axes[len(curves)]
+    first = result["first_exit"]
+    exits = np.arange(first, result["exits"])
+    ax.plot(exits, result["in_profile"]["mean_entropy"], color="black", lw=2, label="in-distribution")
+    for data in result["ood_sets"].values():
+        ax.plot(exits, data["per_exit"]["mean_entropy"], label=data["title"])
+    ax.set(title="entropy profile", xlabel="exit", ylabel="mean softmax entropy (nats)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    for extra in axes[n:]:
+        extra.set_visible(False)
+    fig.suptitle(f"OOD detection from the trace: {result['run']}")
+    return fig
+
+
+def _write_report(out_dir: Path, result: dict[str, Any], curves: dict, overwrite: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    _figure(result, curves).savefig(buffer, format="png", dpi=120)
+    atomic_write(out_dir / "ood.json", (json.dumps(result, indent=2) + "\n").encode(), overwrite=overwrite)
+    atomic_write(out_dir / "ood.md", format_report(result).encode(), overwrite=overwrite)
+    atomic_write(out_dir / "ood.png", buffer.getvalue(), overwrite=overwrite)

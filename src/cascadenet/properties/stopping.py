@@ -1,0 +1,638 @@
+"""Stopping policies compared on a run's output trace: confidence, margin, stable argmax and a learned GRU.
+
+For one trained run, the softmax trace (every exit's output) of its validation split fits every choice a policy
+needs, and the test split reports the result (docs/properties.md, "Stopping policies"):
+
+- rule policies (``cascadenet.evaluation.policies``): ``Confidence(q)``, ``Margin(m)``, ``StableArgmax(k)``;
+- a learned policy (``GRUPolicy``): a small GRU reads the trace from the first informative exit on and says at
+  each step the probability that the current answer is correct (``TARGETS``); it stops at the first step where
+  that probability is ``>= tau``. It is fitted on one part of the validation split, the epochs chosen on the other;
+- each policy's parameter sweep is a speed-accuracy curve. The parameter values are chosen on validation (from a
+  fixed candidate grid, the values whose validation mean stopping steps are spread evenly), then the curve is
+  measured on test: accuracy against mean stopping step and against mean MACs per example;
+- areas use ``metrics.threshold_auc``'s normalisation (mean step / (T - 1); MACs / last-exit MACs, with
+  ``metrics.cost_auc``'s chance before the first exit), every curve anchored at the two operating points all
+  policies share: everyone answers at step 0, everyone at the last step;
+- dominance per model: the largest area, and pointwise: one curve dominates another when it is nowhere lower by
+  more than one test example's worth of accuracy (1 / N) and somewhere higher by more; otherwise they cross, and
+  the share of the axis where each is ahead is reported.
+
+No policy stops before the model's ``first_informative_exit``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import itertools
+import json
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..evaluation import metrics
+from ..evaluation.evaluate import load_run
+from ..evaluation.policies import Confidence, Margin, Policy, StableArgmax
+from ..evaluation.runtime import dataset_logits
+from ..models.checkpoint import atomic_write
+
+__all__ = [
+    "GRUConfig",
+    "GRUPolicy",
+    "POLICIES",
+    "TARGETS",
+    "TraceGRU",
+    "compare_curves",
+    "curve_areas",
+    "fit_gru",
+    "format_report",
+    "policy_curve",
+    "policy_report",
+    "stopping_analysis",
+    "stopping_targets",
+]
+
+# The policies in report order, with the name of the parameter their sweep varies.
+POLICIES = {"confidence": "threshold", "margin": "margin", "stable": "steps", "learned": "tau"}
+
+# What the GRU learns to predict at step t (see stopping_targets):
+# - "correct": argmax_t == label. The default, because it is exactly the reward of stopping at t (the accuracy
+#   reported is that of the answers at the stopping steps): P(correct_t | trace so far) is the quantity a stopping
+#   rule should threshold, the one the model's own confidence estimates.
+# - "final-correct": argmax_t == label and argmax_t is also the last step's answer. It marks as "do not stop" an
+#   answer that is right now but changes later, although stopping there costs no accuracy, so it stops later for
+#   nothing; kept for comparison with the reference code's "settled" label (argmax_t == final argmax).
+TARGETS = ("correct", "final-correct")
+
+# Candidate thresholds in [0, 1] (confidence, margin, the GRU's tau): an even grid, and values close to 1, where
+# a trained model's confidences crowd (0.99, 0.999, ... 0.999999).
+_FRACTIONS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 101), 1.0 - np.geomspace(1e-2, 1e-6, 41)]))
+
+# The GRU reads log-probabilities, clamped here and scaled to [-1, 0] so that its gates start unsaturated.
+_LOG_FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class GRUConfig:
+    """How the learned policy's GRU is built and fitted (on the validation split only)."""
+
+    hidden: int = 16
+    """GRU hidden units."""
+    target: str = "correct"
+    """What it predicts at each step: ``correct`` or ``final-correct`` (``TARGETS``)."""
+    holdout: float = 0.25
+    """Fraction of the validation split held out of the fitting: it picks the epoch (early stopping) and the
+    policy's tau values and operating point."""
+    epochs: int = 60
+    """Most epochs."""
+    patience: int = 8
+    """Stop after this many epochs without a lower held-out loss (the best epoch's weights are kept)."""
+    lr: float = 1e-2
+    """Adam learning rate."""
+    batch_size: int = 128
+    """Examples per Adam step."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "epochs", "patience", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"GRUConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"GRUConfig.target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, numbers.Real) or not 0 < self.holdout < 1:
+            raise ValueError(f"GRUConfig.holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not 0 < self.lr < math.inf:
+            raise ValueError(f"GRUConfig.lr must be a number > 0, got {self.lr!r}")
+
+
+class TraceGRU(nn.Module):
+    """GRU over a softmax trace ``(S, N, C)`` (time first), a linear read-out per step: ``(S, N)`` logits of the
+    probability that the answer at that step is the target (``stopping_targets``). Causal: step s reads steps
+    0..s only."""
+
+    def __init__(self, num_classes: int, hidden: int = 16):
+        super().__init__()
+        self.gru = nn.GRU(num_classes, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, probs: Tensor) -> Tensor:
+        x = torch.log(probs.float().clamp_min(_LOG_FLOOR)) / -math.log(_LOG_FLOOR)  # (S, N, C) in [-1, 0]
+        h, _ = self.gru(x)  # (S, N, hidden)
+        return self.out(h).squeeze(-1)  # (S, N)
+
+    @torch.no_grad()
+    def scores(self, probs: Tensor) -> Tensor:
+        """The predicted probabilities ``(S, N)`` in evaluation mode, on the trace's device."""
+        was_training = self.training
+        self.eval()
+        try:
+            probs = torch.as_tensor(probs)
+            return torch.sigmoid(self.to(probs.device)(probs))
+        finally:
+            self.train(was_training)
+
+
+class GRUPolicy(Policy):
+    """Stop at the first step where a fitted ``TraceGRU`` says ``>= tau`` (online and offline, as every policy).
+    The GRU reads every step from ``first_step`` on, so its window is the whole trace."""
+
+    window = 2**62  # more than any trace: Policy.stop passes every step from first_step on
+
+    def __init__(self, net: TraceGRU, tau: float):
+        if not isinstance(net, TraceGRU):
+            raise ValueError(f"net must be a TraceGRU, got {type(net).__name__}")
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
+        self.net, self.tau = net, float(tau)
+
+    def rule(self, probs: Tensor) -> Tensor:
+        return self.net.scores(probs) >= self.tau
+
+    def __repr__(self) -> str:
+        return f"GRUPolicy(tau={self.tau})"
+
+
+def stopping_targets(probs: Tensor, labels: Tensor, target: str = "correct") -> Tensor:
+    """The GRU's training targets ``(S, N)`` (float 0/1) of a trace ``(S, N, C)``; see ``TARGETS``."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    pred = probs.argmax(dim=-1)  # (S, N)
+    y = pred == labels.to(pred.device)
+    if target == "final-correct":
+        y &= pred == pred[-1]
+    return y.float()
+
+
+def fit_gru(
+    probs: Any, labels: Any, first_step: int = 0, config: GRUConfig = GRUConfig(), seed: int = 0
+) -> tuple[TraceGRU, dict[str, Any]]:
+    """Fit the learned policy's GRU on a (validation) trace, deterministically for a seed.
+
+    The examples are split at random (seeded) into a fitting part and a held-out part (``config.holdout``);
+    Adam minimises the per-step binary cross-entropy on the fitting part, and the weights of the epoch with the
+    lowest held-out loss are kept (``config.patience`` epochs without improvement end the fit). Steps before
+    ``first_step`` are not read. Fitting runs on the CPU in float32 (the trace is small, and the result is then
+    the same on every machine); the caller's random state is left untouched.
+
+    Args:
+        probs: ``(T, N, C)`` softmax outputs of every exit.
+        labels: ``(N,)`` class labels.
+        first_step: the first exit the policy may stop at (``model.first_informative_exit``).
+
+    Returns:
+        The fitted net (CPU, evaluation mode) and a record: sizes, epochs, losses, the held-out per-step accuracy
+        of ``score >= 0.5`` and its positive rate, ``holdout_index`` (the held-out examples) and a digest of the
+        weights.
+    """
+    probs, labels = _trace(probs, labels, "probs")
+    T, n, num_classes = probs.shape
+    _check_first(first_step, T)
+    if n < 2:
+        raise ValueError(f"the learned policy needs at least 2 validation examples (to fit and to hold out), got {n}")
+    x = probs[first_step:].detach().float().cpu()  # (S, N, C)
+    y = stopping_targets(x, labels.cpu(), config.target)  # (S, N)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    n_hold = min(n - 1, max(1, round(n * config.holdout)))
+    hold, fit = order[:n_hold], order[n_hold:]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = TraceGRU(num_classes, config.hidden)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    bce = nn.BCEWithLogitsLoss()
+
+    def holdout_loss() -> float:
+        with torch.no_grad():
+            return float(bce(net(x[:, hold]), y[:, hold]))
+
+    best, best_epoch, best_state, losses = holdout_loss(), 0, copy.deepcopy(net.state_dict()), []
+    net.train()
+    for epoch in range(1, config.epochs + 1):
+        perm = fit[torch.randperm(fit.numel(), generator=gen)]
+        for batch in perm.split(config.batch_size):
+            opt.zero_grad()
+            bce(net(x[:, batch]), y[:, batch]).backward()
+            opt.step()
+        loss = holdout_loss()
+        losses.append(loss)
+        if loss < best:
+            best, best_epoch, best_state = loss, epoch, copy.deepcopy(net.state_dict())
+        elif epoch - best_epoch >= config.patience:
+            break
+    net.load_state_dict(best_state)
+    net.eval()
+    with torch.no_grad():
+        hold_pred = net(x[:, hold]) >= 0  # sigmoid >= 0.5
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.state_dict().values())).hexdigest()
+    record = {
+        **asdict(config),
+        "seed": seed,
+        "fit_examples": int(fit.numel()),
+        "holdout_examples": int(n_hold),
+        "epochs_run": len(losses),
+        "best_epoch": best_epoch,
+        "holdout_loss": best,
+        "holdout_loss_per_epoch": losses,
+        "holdout_step_accuracy": float((hold_pred == y[:, hold].bool()).float().mean()),
+        "holdout_positive_rate": float(y[:, hold].mean()),
+        "holdout_index": sorted(int(i) for i in hold),
+        "weights_sha256": digest,
+    }
+    return net, record
+
+
+def _trace(probs: Any, labels: Any, name: str) -> tuple[Tensor, Tensor]:
+    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
+    if probs.ndim != 3 or 0 in probs.shape or not probs.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a (T, N, C) float trace of softmax outputs, got {tuple(probs.shape)}")
+    if labels.shape != (probs.shape[1],) or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be (N,) = ({probs.shape[1]},) integers, got {tuple(labels.shape)}")
+    return probs, labels.long()
+
+
+def _check_first(first_step: Any, num_steps: int) -> int:
+    if isinstance(first_step, bool) or not isinstance(first_step, numbers.Integral) or not 0 <= first_step < num_steps:
+        raise ValueError(f"first_step must be an integer in [0, {num_steps}), got {first_step!r}")
+    return int(first_step)
+
+
+def _rule_policy(kind: str, value: float) -> Policy:
+    return {"confidence": Confidence, "margin": Margin, "stable": StableArgmax}[kind](value)
+
+
+def _sweep_steps(kind: str, values: Sequence[float], probs: Tensor, first_step: int, net: TraceGRU | None) -> Tensor:
+    """``(len(values), N)`` stopping steps of one policy for each parameter value."""
+    if kind != "learned":
+        return torch.stack([_rule_policy(kind, v).stopping_steps(probs, first_step).cpu() for v in values])
+    # GRUPolicy(net, tau).stopping_steps for every tau, with the GRU run once (tested to agree)
+    scores = net.scores(probs[first_step:]).cpu()  # (S, N)
+    rows = []
+    for tau in values:  # one value at a time: (values, S, N) at once can take gigabytes on a large test split
+        holds = scores >= float(tau)  # as GRUPolicy.rule
+        holds[-1] = True  # as Policy.stopping_steps: an example never stopped leaves at the last step
+        rows.append(first_step + holds.int().argmax(dim=0).long())
+    return torch.stack(rows)
+
+
+def policy_curve(steps: Tensor, probs: Tensor, labels: Tensor, macs: Sequence[float]) -> dict[str, list[float]]:
+    """Accuracy, mean stopping step and mean MACs per example of each row of stopping steps ``(V, N)``."""
+    pred = probs.argmax(dim=-1).cpu()  # (T, N)
+    correct = pred.gather(0, steps) == labels.cpu()  # (V, N)
+    cost = torch.as_tensor(macs, dtype=torch.float64)[steps]  # (V, N)
+    return {
+        "accuracy": correct.double().mean(dim=1).tolist(),
+        "mean_step": steps.double().mean(dim=1).tolist(),
+        "mean_macs": cost.mean(dim=1).tolist(),
+    }
+
+
+def _choose(candidates: Sequence[float], val_mean_step: Sequence[float], points: int) -> list[float]:
+    """The candidates whose validation mean stopping steps are nearest to ``points`` evenly spaced targets between
+    the smallest and largest, each once, in order of mean step."""
+    ms = np.asarray(val_mean_step, dtype=np.float64)
+    targets = np.linspace(ms.min(), ms.max(), points)
+    picked = sorted({int(np.argmin(np.abs(ms - t))) for t in targets}, key=lambda i: (ms[i], i))
+    return [candidates[i] for i in picked]
+
+
+def _anchored(x: Sequence[float], acc: Sequence[float], x0: float, acc0: float, acc_last: float):
+    """The curve with the two operating points every policy has: (x0, accuracy at step 0), (1, last step's)."""
+    return [x0, *x, 1.0], [acc0, *acc, acc_last]
+
+
+def curve_areas(
+    curve: dict[str, Sequence[float]], accuracy_per_step: Sequence[float], macs: Sequence[float], num_classes: int
+) -> dict[str, float]:
+    """Normalised areas of a policy's curve (see the module docstring): ``steps_auc`` is ``metrics.threshold_auc``
+    of the curve anchored at (step 0, accuracy at step 0) and (step T - 1, last accuracy); ``macs_auc`` the same
+    against mean MACs / last-exit MACs, anchored at (step 0's MACs, its accuracy), with chance accuracy below step
+    0's cost as in ``metrics.cost_auc`` (0 for a cascade, whose step 0 costs nothing)."""
+    acc_step = list(accuracy_per_step)
+    T = len(acc_step)
+    full = float(macs[-1])
+    x, y = _anchored([s / (T - 1) if T > 1 else 0.0 for s in curve["mean_step"]], curve["accuracy"], 0.0,
+                     acc_step[0], acc_step[-1])  # fmt: skip
+    steps_auc = metrics.threshold_auc({"mean_step": x, "accuracy": y}, 2)  # x is already mean_step / (T - 1)
+    if full <= 0:  # every exit free: as cost_auc, the area is the last exit's accuracy
+        return {"steps_auc": steps_auc, "macs_auc": float(acc_step[-1])}
+    c0 = float(macs[0]) / full
+    x, y = _anchored([min(m / full, 1.0) for m in curve["mean_macs"]], curve["accuracy"], c0, acc_step[0],
+                     acc_step[-1])  # fmt: skip
+    area = metrics.threshold_auc({"mean_step": x, "accuracy": y}, 2)
+    # threshold_auc extends the leftmost point (c0, accuracy at step 0) flat to 0; below c0 nothing has been
+    # computed, so cost_auc's convention holds there: chance
+    area -= (acc_step[0] - 1.0 / num_classes) * c0
+    return {"steps_auc": steps_auc, "macs_auc": float(area)}
+
+
+def _merged(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted by x, points sharing an x merged into their mean accuracy (as threshold_auc does)."""
+    xs, group = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True)
+    ys = np.bincount(group, weights=np.asarray(y, dtype=np.float64)) / np.bincount(group)
+    return xs, ys
+
+
+def _ahead(xa: np.ndarray, ya: np.ndarray, xb: np.ndarray, yb: np.ndarray, tol: float) -> tuple[float, float]:
+    """Shares of the common x range where curve a is above curve b by more than tol, and below by more than tol.
+    Both are linear between knots, so their difference is linear on each interval of the union of knots."""
+    lo, hi = max(xa[0], xb[0]), min(xa[-1], xb[-1])
+    if hi <= lo:
+        return 0.0, 0.0
+    xs = np.unique(np.concatenate([xa, xb, [lo, hi]]))
+    xs = xs[(xs >= lo) & (xs <= hi)]
+    d = np.interp(xs, xa, ya) - np.interp(xs, xb, yb)
+    above = below = 0.0
+    for x0, x1, d0, d1 in zip(xs[:-1], xs[1:], d[:-1], d[1:]):
+        above += (x1 - x0) * _share_over(d0, d1, tol)
+        below += (x1 - x0) * _share_over(-d0, -d1, tol)
+    return above / (hi - lo), below / (hi - lo)
+
+
+def _share_over(d0: float, d1: float, tol: float) -> float:
+    """Share of [0, 1] where the linear function from d0 to d1 exceeds tol."""
+    if d0 > tol and d1 > tol:
+        return 1.0
+    if d0 <= tol and d1 <= tol:
+        return 0.0
+    cross = (tol - d0) / (d1 - d0)  # where it meets tol
+    return 1.0 - cross if d1 > tol else cross
+
+
+def compare_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], tol: float) -> dict[str, Any]:
+    """Pointwise comparison of (x, accuracy) curves over the same axis.
+
+    Each pair: ``"a dominates b"`` when a is nowhere below b by more than ``tol`` and somewhere above by more;
+    ``"cross"`` when each is ahead somewhere, with the share of the common range where each leads; ``"equal"``
+    when neither leads anywhere. The ``dominant`` policy dominates every other (None when none does).
+    """
+    merged = {k: _merged(*v) for k, v in curves.items()}
+    pairs, beats = [], {k: 0 for k in curves}
+    for a, b in itertools.combinations(curves, 2):
+        above, below = _ahead(*merged[a], *merged[b], tol)
+        if above > 0 and below == 0:
+            verdict, winner = f"{a} dominates {b}", a
+        elif below > 0 and above == 0:
+            verdict, winner = f"{b} dominates {a}", b
+        else:
+            verdict, winner = ("cross" if above > 0 else "equal"), None
+        if winner is not None:
+            beats[winner] += 1
+        pairs.append({"a": a, "b": b, "verdict": verdict, "a_ahead": above, "b_ahead": below})
+    dominant = [k for k, v in beats.items() if v == len(curves) - 1]
+    return {"tolerance": tol, "pairs": pairs, "dominant": dominant[0] if dominant else None}
+
+
+def stopping_analysis(
+    val_logits: Any,
+    val_labels: Any,
+    test_logits: Any,
+    test_labels: Any,
+    *,
+    first_step: int,
+    macs: Sequence[float],
+    points: int = 21,
+    operating_fraction: float = 0.99,
+    gru: GRUConfig = GRUConfig(),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every policy's curve, areas and operating point, chosen on the validation trace and reported on the test
+    trace, and which policy dominates (see the module docstring). Test labels are used only to score.
+
+    Args:
+        val_logits, test_logits: ``(T, N, C)`` logits of every exit (the softmax is taken here).
+        val_labels, test_labels: ``(N,)`` labels.
+        first_step: no policy stops before it (``model.first_informative_exit``).
+        macs: cumulative MACs per example of each exit (``model.exit_costs(...).macs``).
+        points: parameter values kept per policy (fewer when the candidates give fewer distinct mean steps).
+        operating_fraction: each policy's operating point is its parameter with the smallest validation mean step
+            whose validation accuracy is ``>=`` this fraction of the last step's validation accuracy.
+        gru: the learned policy's configuration; seed: its split and initialisation.
+
+    Returns:
+        A JSON-serialisable dict: per policy the chosen ``values``, the ``val`` and ``test`` curves, ``steps_auc``,
+        ``macs_auc`` and ``operating_point`` (learned: also ``gru``, the fit's record); ``comparison`` per axis.
+    """
+    val_probs, val_y = _trace(torch.as_tensor(val_logits).float().softmax(-1), val_labels, "val_logits")
+    test_probs, test_y = _trace(torch.as_tensor(test_logits).float().softmax(-1), test_labels, "test_logits")
+    T, _, C = test_probs.shape
+    if val_probs.shape[0] != T or val_probs.shape[2] != C:
+        raise ValueError(f"the validation trace has (exits, classes) {(val_probs.shape[0], val_probs.shape[2])}, "
+                         f"the test trace {(T, C)}")  # fmt: skip
+    first_step = _check_first(first_step, T)
+    macs = [float(m) for m in metrics._check_costs(macs, T, "macs")]
+    if isinstance(points, bool) or not isinstance(points, numbers.Integral) or points < 2:
+        raise ValueError(f"points must be an integer >= 2, got {points!r}")
+    if not 0 < operating_fraction <= 1:
+        raise ValueError(f"operating_fraction must be in (0, 1], got {operating_fraction!r}")
+
+    net, record = fit_gru(val_probs, val_y, first_step, gru, seed)
+    hold = torch.tensor(record.pop("holdout_index"))
+    val_acc = metrics.per_step_accuracy(val_probs, val_y)
+    test_acc = metrics.per_step_accuracy(test_probs, test_y)
+    # the GRU's scores may crowd anywhere in [0, 1]: its candidates add the quantiles of its held-out scores
+    held_scores = net.scores(val_probs[first_step:, hold]).flatten().double().cpu().numpy()
+    learned = np.unique(np.concatenate([_FRACTIONS, np.quantile(held_scores, np.linspace(0, 1, 101))]))
+    candidates = {"confidence": _FRACTIONS.tolist(), "margin": _FRACTIONS.tolist(),
+                  "stable": list(range(1, T - first_step + 1)), "learned": learned.tolist()}  # fmt: skip
+    policies: dict[str, Any] = {}
+    for kind, param in POLICIES.items():
+        # the learned policy's choices are made on the examples its fit held out: on the others its scores are
+        # optimistic; the rule policies fit nothing, so they use the whole validation split
+        vp, vy = (val_probs[:, hold], val_y[hold]) if kind == "learned" else (val_probs, val_y)
+        cand = candidates[kind]
+        cand_curve = policy_curve(_sweep_steps(kind, cand, vp, first_step, net), vp, vy, macs)
+        values = _choose(cand, cand_curve["mean_step"], points)
+        val_curve = policy_curve(_sweep_steps(kind, values, vp, first_step, net), vp, vy, macs)
+        test_curve = policy_curve(_sweep_steps(kind, values, test_probs, first_step, net), test_probs, test_y, macs)
+        last_acc = float(metrics.per_step_accuracy(vp, vy)[-1])
+        ok = [i for i, a in enumerate(val_curve["accuracy"]) if a >= operating_fraction * last_acc - 1e-12]
+        i = ok[0] if ok else int(np.argmax(val_curve["accuracy"]))  # values are in order of val mean step
+        policies[kind] = {
+            "parameter": param,
+            "values": values,
+            "val": val_curve,
+            "test": test_curve,
+            **curve_areas(test_curve, test_acc, macs, C),
+            "operating_point": {
+                param: values[i],
+                "val_accuracy": val_curve["accuracy"][i],
+                **{k: v[i] for k, v in test_curve.items()},
+            },  # fmt: skip
+        }
+    policies["learned"]["gru"] = record
+    tol = 1.0 / test_y.numel()
+    full = macs[-1] if macs[-1] > 0 else 1.0
+    comparison = {}
+    for axis, key, scale, x0 in (("step", "mean_step", max(T - 1, 1), 0.0), ("macs", "mean_macs", full, macs[0])):
+        curves = {k: _anchored([v / scale for v in p["test"][key]], p["test"]["accuracy"], x0 / scale,
+                               float(test_acc[0]), float(test_acc[-1])) for k, p in policies.items()}  # fmt: skip
+        areas = {k: p[f"{'steps' if axis == 'step' else 'macs'}_auc"] for k, p in policies.items()}
+        comparison[axis] = {"best_by_area": max(areas, key=areas.get), **compare_curves(curves, tol)}
+    return {
+        "num_steps": T,
+        "num_classes": C,
+        "first_step": first_step,
+        "macs_per_step": macs,
+        "val_examples": int(val_y.numel()),
+        "test_examples": int(test_y.numel()),
+        "accuracy_per_step": {"val": val_acc.tolist(), "test": test_acc.tolist()},
+        "operating_fraction": operating_fraction,
+        "policies": policies,
+        "comparison": comparison,
+    }
+
+
+OUTPUTS = ("stopping.md", "stopping.json", "stopping.png")
+
+
+def policy_report(
+    run_dirs: Sequence[str | os.PathLike],
+    *,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    batch_size: int = 500,
+    seed: int = 0,
+    data_root: str | None = None,
+    progress: bool = False,
+    gru: GRUConfig = GRUConfig(),
+) -> Path:
+    """``cascadenet policy``: ``stopping_analysis`` of each run (validation split to fit, test split to report),
+    written to ``out`` as stopping.md, stopping.json and stopping.png; returns the report's path.
+
+    ``out`` defaults to ``RUN_DIR/stopping`` for one run and must be given for several. Existing report files are
+    never replaced without ``overwrite`` (checked before any work).
+    """
+    if not run_dirs:
+        raise ValueError("give at least one RUN_DIR")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be an integer >= 0, got {seed!r}")
+    if out is None:
+        if len(run_dirs) > 1:
+            raise ValueError("--out is needed with several RUN_DIRs (by default the report goes into the run)")
+        out = Path(run_dirs[0]) / "stopping"
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    existing = [str(out / name) for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(existing)} exist; pass --overwrite to replace them (nothing was written)")
+    runs = []
+    for run_dir in run_dirs:
+        val = load_run(run_dir, split="val", data_root=data_root, device=device)
+        test = load_run(run_dir, split="test", data_root=data_root, device=device)
+        model = test.model
+        options = {"batch_size": batch_size, "progress": progress}
+        val_logits = dataset_logits(val.model, val.data, val.mean, val.std, amp=val.amp, desc="val", **options)
+        test_logits = dataset_logits(model, test.data, test.mean, test.std, amp=test.amp, desc="test", **options)
+        costs = model.exit_costs(tuple(test.data.images.shape[1:]))
+        analysis = stopping_analysis(val_logits, val.data.labels.cpu(), test_logits, test.data.labels.cpu(),
+                                     first_step=model.first_informative_exit, macs=costs.macs, gru=gru,
+                                     seed=seed)  # fmt: skip
+        runs.append({"run": Path(run_dir).name, "path": str(run_dir), "family": model.config.family, **analysis})
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"seed": seed, "runs": runs}
+    atomic_write(out / "stopping.json", (json.dumps(record, indent=2) + "\n").encode(), overwrite=overwrite)
+    buffer = io.BytesIO()
+    _figure(runs).savefig(buffer, format="png", dpi=120)
+    atomic_write(out / "stopping.png", buffer.getvalue(), overwrite=overwrite)
+    atomic_write(out / "stopping.md", format_report(record).encode(), overwrite=overwrite)
+    return out / "stopping.md"
+
+
+_LABELS = {"confidence": "confidence q", "margin": "margin m", "stable": "stable argmax k", "learned": "GRU tau"}
+
+
+def _figure(runs: Sequence[dict[str, Any]]) -> Any:
+    """Per run, test accuracy against mean stopping step and against mean MACs, one curve per policy, with the
+    fixed exits (everyone at step t) in grey."""
+    from matplotlib.figure import Figure  # without pyplot: no display, the caller's backend untouched
+
+    fig = Figure(figsize=(10.0, 4.0 * len(runs)))
+    axes = fig.subplots(len(runs), 2, squeeze=False)
+    for row, run in zip(axes, runs):
+        acc = 100 * np.asarray(run["accuracy_per_step"]["test"])
+        fixed_x = (np.arange(acc.size), np.asarray(run["macs_per_step"]) / 1e6)
+        for ax, key, x_fixed, scale in zip(row, ("mean_step", "mean_macs"), fixed_x, (1.0, 1e6)):
+            ax.plot(x_fixed, acc, color="grey", linestyle="--", marker="o", markersize=3, label="fixed exit")
+            for kind, policy in run["policies"].items():
+                x = np.asarray(policy["test"][key]) / scale
+                order = np.argsort(x, kind="stable")
+                ax.plot(x[order], 100 * np.asarray(policy["test"]["accuracy"])[order], marker=".", label=_LABELS[kind])
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(True, alpha=0.3)
+        row[0].set_xlabel("mean stopping step")
+        row[1].set_xlabel("mean MMACs per example")
+        row[0].set_title(f"{run['run']}: accuracy vs mean step")
+        row[1].set_title(f"{run['run']}: accuracy vs mean compute")
+        row[0].legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def format_report(record: dict[str, Any]) -> str:
+    """The markdown report of ``policy_report``'s record."""
+    lines = [
+        "# Stopping policies",
+        "",
+        "Parameters and the GRU fitted on each run's validation split; curves measured on its test split. Areas:",
+        "accuracy against mean step / (T - 1) and against mean MACs / last-exit MACs, each curve anchored at",
+        'everyone-at-step-0 and everyone-at-the-last-step (docs/properties.md, "Stopping policies").',
+        "Operating point: the cheapest parameter whose validation accuracy reaches the stated fraction of the last",
+        "step's. Pointwise dominance tolerates one test example (1 / N) of accuracy.",
+        "",
+        "![curves](stopping.png)",
+    ]
+    for run in record["runs"]:
+        frac = run["operating_fraction"]
+        lines += [
+            "",
+            f"## {run['run']} ({run['family']}, {run['num_steps']} exits, first informative exit "
+            f"{run['first_step']}, {run['val_examples']} val / {run['test_examples']} test examples)",
+            "",
+            f"| policy | steps AUC | MACs AUC | operating point ({100 * frac:g}% of last-step val accuracy) "
+            "| test accuracy | mean step | mean MMACs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for kind, p in run["policies"].items():
+            op = p["operating_point"]
+            lines.append(f"| {kind} | {p['steps_auc']:.4f} | {p['macs_auc']:.4f} | {p['parameter']} = "
+                         f"{op[p['parameter']]:.6g} | {100 * op['accuracy']:.2f}% | {op['mean_step']:.2f} | "
+                         f"{op['mean_macs'] / 1e6:.3f} |")  # fmt: skip
+        acc = run["accuracy_per_step"]["test"]
+        # sampling error, to read the areas and the one-example tolerance of the dominance verdicts against
+        se = math.sqrt(acc[-1] * (1 - acc[-1]) / run["test_examples"])
+        lines += ["", f"Last step alone: {100 * acc[-1]:.2f}% at {run['macs_per_step'][-1] / 1e6:.3f} MMACs "
+                  f"(binomial standard error of such an accuracy: {100 * se:.2f} points).", ""]  # fmt: skip
+        for axis, name in (("step", "mean step"), ("macs", "mean MACs")):
+            c = run["comparison"][axis]
+            dominant = c["dominant"] or "none (curves cross)"
+            lines.append(f"- against {name}: largest area **{c['best_by_area']}**; dominates every other "
+                         f"pointwise: **{dominant}**")  # fmt: skip
+            for pair in c["pairs"]:
+                if pair["verdict"] == "cross":
+                    lines.append(f"  - {pair['a']} vs {pair['b']}: cross ({pair['a']} ahead on "
+                                 f"{100 * pair['a_ahead']:.0f}% of the axis, {pair['b']} on "
+                                 f"{100 * pair['b_ahead']:.0f}%)")  # fmt: skip
+                else:
+                    lines.append(f"  - {pair['a']} vs {pair['b']}: {pair['verdict']}")
+        g = run["policies"]["learned"]["gru"]
+        lines += [
+            "",
+            f"GRU (hidden {g['hidden']}, target `{g['target']}`): fitted on {g['fit_examples']} val examples, "
+            f"{g['holdout_examples']} held out; best epoch {g['best_epoch']} of {g['epochs_run']}, held-out loss "
+            f"{g['holdout_loss']:.4f}, per-step accuracy {100 * g['holdout_step_accuracy']:.1f}% (positive rate "
+            f"{100 * g['holdout_positive_rate']:.1f}%).",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,830 @@
+"""Training: one explicit loop, a resumable run directory, and the same code path on CPU and GPU.
+
+A run directory holds
+- ``config.json``: the resolved configuration (replay it with ``cascadenet train --config RUN/config.json``);
+- ``checkpoint.pt``: model, optimizer, scheduler, RNG state, position and the epoch's running sums, written
+  atomically at every epoch end before validating (and every ``checkpoint_every`` steps, and on Ctrl-C or
+  SIGTERM), so a kill at any moment leaves the previous one;
+- ``metrics.jsonl``: one line per epoch (train loss, throughput, validation accuracy per exit and AUC), rewritten
+  atomically; a row lost to a kill after the epoch's checkpoint is recomputed on resume;
+- ``model.safetensors``: the final weights, with the model configuration as metadata (and, with
+  ``recalibrate_batches``, the batch-norm statistics recomputed at those weights: see
+  ``cascadenet.training.recalibrate``);
+- ``train.lock`` while a process trains it (``cascadenet.runs.lock``): one live process per run directory.
+
+Resuming restores everything the loop depends on (the batch order of an epoch is drawn from a generator
+whose state at the epoch start is saved, so resuming mid-epoch skips exactly the batches already done);
+on CPU a resumed run ends with the same weights and the same metrics as an uninterrupted one. Before anything
+is written, a resumed run checks that its checkpoint and weights hold the model its config.json describes and
+that the data is the data it was trained on (``cascadenet.training.claim``). A new run that stops before its first
+checkpoint leaves nothing.
+
+Training uses only the anytime-model interface (``cascadenet.models.anytime``): any registered model family trains here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import streaming
+from ..data.datasets import DataError, ImageSet, kept_classes, load_dataset
+from ..data.loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
+from ..evaluation import metrics
+from ..evaluation.runtime import autocast, dataset_logits, resolve_device
+from ..models.anytime import ModelConfig
+from ..models.cascade import CascadedResNet
+from ..models.checkpoint import (
+    CHECKPOINT,
+    WEIGHTS,
+    CheckpointError,
+    atomic_write,
+    build_and_load,
+    first_sentence,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
+from ..models.pretrained import load_init, read_init
+from ..runs.config import (
+    CONFIG,
+    RESUMABLE,
+    ConfigError,
+    TrainConfig,
+    changed_options,
+    check_loss_fits,
+    check_resume_overrides,
+)
+from ..runs.lock import RunLock, clean_temporaries
+from . import distributed
+from .claim import (
+    TrainingError,
+    check_model_files,
+    check_same_data,
+    check_target,
+    claim,
+    data_shape,
+    described_model,
+    read_run,
+)
+from .interrupts import Interrupts, Terminated, catch_signals
+from .optim import compute_loss, lr_at, make_optimizer
+from .recalibrate import calibration_forward, recalibrate_bn, training_batches
+
+# TrainConfig, ConfigError, CONFIG, RESUMABLE and the resume policy live in runs/config.py (evaluation reads them
+# without the training loop), TrainingError in claim.py and lr_at in optim.py; they are re-exported here, where
+# the first release had them. The loop calls compute_loss through this module's name (tests patch it here).
+__all__ = [
+    "CONFIG",
+    "ConfigError",
+    "RESUMABLE",
+    "TrainConfig",
+    "changed_options",
+    "TrainingError",
+    "ConfigError",
+    "Terminated",
+    "train",
+    "lr_at",
+    "RESUMABLE",
+    "check_resume_overrides",
+]
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trim_metrics(path: Path, epochs_done: int) -> list[dict]:
+    """The metric rows of the epochs the checkpoint covers (a kill may have left one more); rewrites the file
+    when that drops a row."""
+    if not path.is_file():
+        return []
+    rows, lines = [], path.read_text(errors="replace").splitlines()
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epochs_done:
+            rows.append(row)
+    if len(rows) != len(lines):
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The session and the loop
+
+
+@dataclass
+class _EpochStats:
+    """Running sums of the current epoch (kept in checkpoints, so that a resumed epoch reports all of it)."""
+
+    loss_sum: torch.Tensor
+    batches: int = 0
+    images: int = 0
+    seconds: float = 0.0  # before ``since``
+    since: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.since
+
+    def state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.detach().cpu(), "batches": self.batches, "images": self.images,
+                "seconds": self.elapsed()}  # fmt: skip
+
+    @classmethod
+    def restore(cls, state: dict[str, Any] | None, device: torch.device) -> _EpochStats:
+        if not state:
+            return cls(torch.zeros((), device=device))
+        return cls(state["loss_sum"].to(device), int(state["batches"]), int(state["images"]), float(state["seconds"]))
+
+
+@dataclass
+class _Session:
+    """Everything one training run holds between its steps."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    lock: RunLock | None  # None on processes other than rank 0
+    resumed: bool
+    created: bool  # this process created the run directory
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    progress: bool
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # draws each epoch's batch order and augmentation
+    train_set: ImageSet
+    val_set: ImageSet
+    mean: torch.Tensor
+    std: torch.Tensor
+    extra: dict[str, Any]  # stored with the config, checkpoints and weights: normalisation and class names
+    per_epoch: int
+    stats: _EpochStats
+    epoch_gen_state: torch.Tensor  # the generator's state at the start of the current epoch
+    interrupts: Interrupts
+    epoch: int = 0  # epochs completed
+    batch_done: int = 0  # batches of the current epoch completed
+    step: int = 0  # optimizer steps completed
+    done: dict[str, Any] | None = None  # the training half of the metrics row of the epoch just completed
+    rows: list[dict] = field(default_factory=list)  # metrics.jsonl
+    saved: tuple[int, int, int] | None = None  # position of the last checkpoint on disk
+    world: distributed.World | None = None  # None: a single process
+    objective: nn.Module | None = None  # the loss under DistributedDataParallel (several processes)
+    recalibration: dict[str, int] | None = None  # batches and examples of the final statistics, once recomputed
+
+    @property
+    def main(self) -> bool:
+        """This process writes the run directory (a single process, or rank 0)."""
+        return self.world is None or self.world.main
+
+    def position(self) -> tuple[int, int, int]:
+        return self.epoch, self.batch_done, self.step
+
+
+def train(
+    cfg: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+) -> Path:
+    """Train a model; returns the run directory.
+
+    While it trains, the process holds the run directory's lock (``cascadenet.runs.lock``), and Ctrl-C or SIGTERM
+    (where the program left their handlers at the defaults) checkpoint the current step and raise
+    ``KeyboardInterrupt`` or :class:`Terminated`. A new run that stops before its first checkpoint leaves nothing.
+
+    Args:
+        cfg: the configuration (ignored when resuming: the run's stored configuration is used).
+        resume: a run directory to continue from its last checkpoint (or from the start if it has none).
+        overrides: options given for a resumed run, by command-line name (as ``TrainConfig.options``); those
+            equal to the stored ones are no change, and only the ``RESUMABLE`` ones may differ (where and how
+            fast it runs, not what it computes).
+
+    Raises:
+        TrainingError: the run directory is in the way or in use, the checkpoint does not fit the run, the loss
+            diverged, or a file could not be written (full disk).
+        cascadenet.models.checkpoint.CheckpointError: the checkpoint or weights file is unreadable.
+        cascadenet.data.datasets.DataError: the dataset is missing or malformed, or not the one a resumed run used.
+        ValueError: a bad option or combination of options.
+    """
+    world = distributed.setup()
+    try:
+        with distributed.quiet_followers(world), catch_signals() as interrupts:
+            return _train(cfg, resume, overrides, interrupts, world)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(
+    cfg: TrainConfig | None,
+    resume: str | os.PathLike | None,
+    overrides: dict[str, Any] | None,
+    interrupts: Interrupts,
+    world: distributed.World | None,
+) -> Path:
+    s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts, world)
+    try:
+        start = s.saved
+        if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):
+            _recalibrate(s)
+            _record(s, _validate(s, s.done))  # killed between the epoch's checkpoint and its metrics row
+        s.done = None
+        while s.epoch < s.cfg.epochs:
+            _train_epoch(s)
+            with s.interrupts.critical():
+                s.done = _epoch_summary(s)
+                s.epoch, s.batch_done = s.epoch + 1, 0
+                s.stats = _EpochStats(torch.zeros((), device=s.device))
+                s.epoch_gen_state = s.generator.get_state()
+            _checkpoint(s)  # before validating: an interruption there loses nothing
+            _recalibrate(s)  # after the checkpoint, which keeps the training state (the running averages)
+            _record(s, _validate(s, s.done))
+            s.done = None
+        write = not (s.resumed and s.saved == start and (s.run_dir / WEIGHTS).is_file())  # else: finished before
+        if s.world is not None:  # every process recalibrates or none (synchronised batch norm): rank 0 decides
+            write = distributed.broadcast(write)
+        if write:
+            _recalibrate(s)  # a run killed after its last metrics row: the same statistics again
+            extra = {**s.extra, "epochs": s.cfg.epochs}
+            if s.recalibration is not None:
+                extra["recalibration"] = s.recalibration
+            _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, extra))
+    except BaseException as e:
+        _stopped(s, e)
+        raise
+    finally:
+        _release(s)
+    return s.run_dir
+
+
+def _stopped(s: _Session, e: BaseException) -> None:
+    """On an interruption, checkpoint the current position (unless it is on disk already or not consistent)."""
+    if not isinstance(e, KeyboardInterrupt) or not s.main:  # rank 0 checkpoints and reports
+        return
+    what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    where = f"after {s.batch_done} batches of epoch {s.epoch + 1}" if s.batch_done else f"after epoch {s.epoch}"
+    resume = f"continue with: cascadenet train --resume {s.run_dir}"
+    if s.position() != s.saved and s.step > 0 and torch.isfinite(s.stats.loss_sum):
+        try:
+            _checkpoint(s)
+        except (OSError, TrainingError) as failed:
+            log.warning("%s %s; the checkpoint could not be written (%s)", what, where, failed)
+    if s.saved is None:
+        log.warning("%s before the first checkpoint; nothing was kept", what)
+    elif s.saved == s.position():
+        log.warning("%s %s; checkpoint saved; %s", what, where, resume)
+    else:
+        log.warning("%s; the last checkpoint (step %d) was kept; %s", what, s.saved[2], resume)
+
+
+def _release(s: _Session) -> None:
+    """Drop the lock; a new run that never checkpointed leaves nothing behind (so the same command can start
+    again)."""
+    if s.lock is None:  # not rank 0: nothing held, nothing written
+        return
+    if s.saved is None and not s.resumed:
+        _discard(s.run_dir, s.created, s.lock)
+    else:
+        s.lock.release()
+
+
+def _discard(run_dir: Path, created: bool, lock: RunLock) -> None:
+    for name in (CONFIG, METRICS):
+        (run_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        clean_temporaries(run_dir)
+    lock.release()
+    if created:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if empty: another process may have claimed it meanwhile
+
+
+def _write(s: _Session, write: Any) -> None:
+    """Run a write of the run directory (only in the process that writes it: a single one, or rank 0); a full
+    disk or an I/O error becomes one ``TrainingError`` line."""
+    if not s.main:
+        return
+    try:
+        write()
+    except OSError as e:
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+        if s.saved is None:
+            raise TrainingError(f"cannot write in {s.run_dir}: {reason}; no checkpoint was written yet") from None
+        raise TrainingError(
+            f"cannot write in {s.run_dir}: {reason}; the last checkpoint (step {s.saved[2]}) was kept: free space "
+            f"and continue with: cascadenet train --resume {s.run_dir}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up: every check before anything is written
+
+
+def _start(
+    cfg: TrainConfig,
+    resume: str | os.PathLike | None,
+    overrides: dict[str, Any],
+    interrupts: Interrupts,
+    world: distributed.World | None = None,
+) -> _Session:
+    """Set-up: every check first (options, data, model, the run directory's contents), then the claim of the
+    run directory, then the first write (config.json).
+
+    With several processes, rank 0 does all of that and sends the resolved configuration and the checkpoint's
+    training state to the others, which load the data and build the model themselves; then every process
+    reports whether it could start, and they fail together or go on together (DistributedDataParallel)."""
+    if world is None:
+        return _start_here(cfg, resume, overrides, interrupts, None)[0]
+    if not world.main:
+        return _start_follower(interrupts, world)
+    try:
+        s, ckpt = _start_here(cfg, resume, overrides, interrupts, world)
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # tell the others, which wait for the configuration
+            distributed.broadcast({"error": (type(e).__name__, str(e))})
+        raise
+    try:
+        state = None if ckpt is None else {k: v for k, v in ckpt.items() if k != "model"}  # weights: broadcast
+        distributed.broadcast({"cfg": s.cfg.to_dict(), "run_dir": str(s.run_dir), "resumed": s.resumed,
+                               "state": state})  # fmt: skip
+        _agree(None, world)
+        _distribute(s)
+    except BaseException:
+        _release(s)
+        raise
+    return s
+
+
+_ERRORS: dict[str, type[Exception]] = {
+    "ValueError": ValueError, "DataError": DataError, "CheckpointError": CheckpointError,
+    "ConfigError": ConfigError, "TrainingError": TrainingError,
+}  # fmt: skip
+
+
+def _start_follower(interrupts: Interrupts, world: distributed.World) -> _Session:
+    packet = distributed.broadcast(None)
+    if "error" in packet:  # rank 0 could not start: the same error here (rank 0 reports it)
+        name, message = packet["error"]
+        if name in ("KeyboardInterrupt", "Terminated"):
+            raise KeyboardInterrupt
+        error = _ERRORS.get(name, TrainingError)(message)
+        error.reported_by_rank0 = True  # type: ignore[attr-defined]
+        raise error
+    s = None
+    try:
+        s = _follow(packet, interrupts, world)
+        error = None
+    except Exception as e:
+        error = " ".join(f"{type(e).__name__}: {e}".split())
+    _agree(error, world)
+    assert s is not None
+    _distribute(s)
+    return s
+
+
+def _agree(error: str | None, world: distributed.World) -> None:
+    """Every process says whether it could start; all stop (TrainingError) if one could not."""
+    failed = [(rank, e) for rank, e in enumerate(distributed.gather(error)) if e]
+    if failed:
+        rank, e = failed[0]
+        stop = TrainingError(f"process {rank} of {world.size} could not start: {e}")
+        stop.reported_by_rank0 = not world.main  # type: ignore[attr-defined]
+        raise stop
+
+
+def _distribute(s: _Session) -> None:
+    """Synchronised batch norm, rank 0's weights everywhere, and DistributedDataParallel around the objective."""
+    distributed.convert_sync_temporal_bn(s.model)
+    distributed.broadcast_module(s.model)
+    unused = not isinstance(s.model, CascadedResNet) or s.model.config.multi_head  # heads of uninformative exits
+    s.objective = distributed.wrap(_Objective(s.model, s.cfg), s.device, find_unused_parameters=unused)
+
+
+class _Objective(nn.Module):
+    """The training loss as a module, so that DistributedDataParallel sees every loss's forward pass (the
+    ``final`` loss calls ``feedforward``, not ``forward``)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        return compute_loss(self.model, x, y, self.cfg, epoch)
+
+
+def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
+    """``--stream auto`` decided: on for an image folder whose decoded training images would exceed the
+    threshold or half the available memory, else off."""
+    if cfg.stream != "auto":
+        return cfg
+    if cfg.dataset != "imagefolder" or cfg.data_root is None:
+        return cfg  # read into memory: auto is off (and stays auto in config.json)
+    need = streaming.estimated_bytes(cfg.data_root, cfg.image_size)
+    limit = min(cfg.stream_above_gb * 2**30, streaming.available_memory() / 2)
+    if need > limit:
+        log.info("the decoded training images would take %.1f GiB (more than %.1f GiB): streaming them from %s "
+                 "with DataLoader workers (--stream off to hold them in memory)", need / 2**30, limit / 2**30,
+                 cfg.data_root)  # fmt: skip
+    return dataclasses.replace(cfg, stream="on" if need > limit else "off")
+
+
+def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
+    if cfg.stream == "on":
+        if cfg.holdout_classes:  # --stream auto chose it: the folder is too large to hold in memory
+            raise ValueError(f"--holdout-classes works on datasets read into memory; {cfg.data_root} would be "
+                             "streamed (try --stream off, or a larger --stream-above-gb)")  # fmt: skip
+        if cfg.data_root is None:
+            raise DataError("no default location for dataset 'imagefolder': pass --data-root with its files")
+        full = streaming.index_folder(cfg.data_root, "train", cfg.image_size or streaming.DEFAULT_SIZE)
+        train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)  # type: ignore[arg-type]
+        mean, std = streaming.streaming_normalization()
+        return full, train_set, val_set, mean, std
+    full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
+                        synthetic_size=cfg.synthetic_size, seed=cfg.seed,
+                        holdout_classes=cfg.holdout_classes)  # fmt: skip
+    train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
+    mean, std = normalization(train_set)
+    return full, train_set, val_set, mean, std
+
+
+def _from_dataset(model: ModelConfig, full: Any) -> dict[str, Any]:
+    """The model options that the dataset sets (``FROM_DATASET``, those the model's family has)."""
+    c, h, w = data_shape(full)
+    options = {"num_classes": full.num_classes, "in_channels": c}
+    if any(f.name == "input_size" for f in dataclasses.fields(model)):
+        if h != w:
+            raise ValueError(f"a {model.family} model needs square images, the dataset's are {h}x{w} (--image-size)")
+        options["input_size"] = h
+    return options
+
+
+def _schedule(cfg: TrainConfig, n_train: int, processes: int) -> tuple[int, int, int]:
+    """Optimizer steps per epoch, in all, and of warm-up."""
+    per_epoch = num_batches(n_train, cfg.batch_size * processes, drop_last=True)
+    if per_epoch == 0:
+        on = f" on {processes} processes (a global batch of {cfg.batch_size * processes})" if processes > 1 else ""
+        raise ValueError(f"--batch-size {cfg.batch_size}{on} is larger than the training set ({n_train} examples)")
+    per_epoch = min(per_epoch, cfg.max_batches or per_epoch)
+    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
+    if cfg.schedule != "constant" and warmup >= total:
+        raise ValueError(
+            f"--warmup-epochs {cfg.warmup_epochs} is {warmup} steps, the whole run ({total} steps): the learning "
+            "rate would never decay (use a shorter --warmup-epochs or more --epochs)"
+        )
+    return per_epoch, total, warmup
+
+
+def _device(cfg: TrainConfig, world: distributed.World | None) -> torch.device:
+    device = resolve_device(cfg.device) if world is None else distributed.device_for(cfg.device, world)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return device
+
+
+def _session(cfg: TrainConfig, model: nn.Module, device: torch.device, data: tuple, schedule: tuple[int, int, int],
+             interrupts: Interrupts, world: distributed.World | None, **where: Any) -> _Session:  # fmt: skip
+    """The session of a model on its device, with a fresh optimizer, scheduler and batch-order generator."""
+    full, train_set, val_set, mean, std = data
+    per_epoch, total, warmup = schedule
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    if cfg.loss == "ic-only":  # before the optimizer, which then holds the internal classifiers only
+        model.freeze_backbone()
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, total, warmup, cfg.schedule))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    main = world is None or world.main
+    return _Session(
+        cfg=cfg, device=device, amp=device.type == "cuda" if cfg.amp is None else cfg.amp,
+        channels_last=channels_last, progress=main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress),
+        model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, train_set=train_set.to(device),
+        val_set=val_set.to(device), mean=mean, std=std,
+        extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes,
+               **_label_map(cfg, full)},
+        per_epoch=per_epoch, stats=_EpochStats(torch.zeros((), device=device)),
+        epoch_gen_state=generator.get_state(), interrupts=interrupts, world=world, **where,
+    )  # fmt: skip
+
+
+def _label_map(cfg: TrainConfig, full: Any) -> dict[str, Any]:
+    """With --holdout-classes, which original class each label of the model is (``kept_classes[k]`` is label
+    ``k``), stored with the run; ``full`` is the kept part, so the dataset had K + len(holdout) classes."""
+    if not cfg.holdout_classes:
+        return {}
+    held = list(cfg.holdout_classes)
+    return {"label_map": {"kept_classes": kept_classes(full.num_classes + len(held), held), "held_out_classes": held}}
+
+
+def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.World) -> _Session:
+    """A process other than rank 0: rank 0's configuration and training state, its own data and model (whose
+    weights rank 0 broadcasts next)."""
+    cfg = TrainConfig.from_dict(packet["cfg"])
+    device = _device(cfg, world)
+    data = _load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model = cfg.model.build()
+    s = _session(cfg, model, device, data, _schedule(cfg, len(data[1]), world.size), interrupts, world,
+                 run_dir=Path(packet["run_dir"]), lock=None, resumed=packet["resumed"], created=False)  # fmt: skip
+    if packet["state"] is not None:
+        _restore(s, packet["state"], Path(packet["run_dir"]) / CHECKPOINT)
+    s.model.train()
+    return s
+
+
+def _start_here(
+    cfg: TrainConfig,
+    resume: str | os.PathLike | None,
+    overrides: dict[str, Any],
+    interrupts: Interrupts,
+    world: distributed.World | None,
+) -> tuple[_Session, dict[str, Any] | None]:
+    """The set-up of a single process, or of rank 0; returns the session and the checkpoint it resumed from."""
+    payload: dict[str, Any] = {}
+    if resume is not None:
+        run_dir = Path(resume)
+        stored, payload = read_run(run_dir)
+        cfg = dataclasses.replace(stored, **check_resume_overrides(overrides, stored))
+    else:
+        run_dir = Path(cfg.out) / cfg.run_name()
+        check_target(run_dir, cfg)
+    device = _device(cfg, world)
+    cfg = _resolve_stream(cfg)
+    processes = 1 if world is None else world.size
+
+    data = _load_data(cfg)
+    full, train_set, val_set, mean, std = data
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **_from_dataset(cfg.model, full)))
+    initial = None
+    if cfg.init is not None and not (resume is not None and (run_dir / CHECKPOINT).is_file()):
+        model_cfg, initial = read_init(cfg.init, cfg.model, full.num_classes, full.num_channels)
+        side = _from_dataset(model_cfg, full).get("input_size")
+        if side is not None and side != model_cfg.input_size:
+            raise CheckpointError(f"--init {cfg.init} holds a model sized for {model_cfg.input_size}x"
+                                  f"{model_cfg.input_size} images, but the dataset's are {side}x{side}")  # fmt: skip
+        cfg = dataclasses.replace(cfg, model=model_cfg)
+        check_loss_fits(cfg.loss, cfg.model)  # the file decides the model
+    torch.manual_seed(cfg.seed)
+    model = cfg.model.build()
+    if initial is not None:
+        load_init(model, initial, cfg.init)
+    check_compatible(full, cfg.model.in_channels, cfg.model.num_classes)
+    exits = getattr(model, "num_steps", None)
+    if isinstance(exits, int) and model.first_informative_exit >= exits:
+        raise ValueError(
+            f"the model has {exits} exit(s) and the first that sees the input is exit "
+            f"{model.first_informative_exit}: nothing to train or evaluate (more --num-steps?)"
+        )
+    schedule = _schedule(cfg, len(train_set), processes)
+
+    # --- the run directory: claimed (locked) from here on; until config.json is written nothing in it changed
+    lock, created = claim(run_dir, cfg, resume is not None)
+    try:
+        ckpt = None
+        if resume is not None:
+            check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
+            trained_on = payload.get("processes", 1)
+            if trained_on != processes:
+                raise TrainingError(
+                    f"{run_dir} was trained by {trained_on} process(es) and this is {processes}: resume it with "
+                    f"{trained_on} (--batch-size is per process, so the number of processes is part of the run)"
+                )
+            if (run_dir / CHECKPOINT).is_file():
+                ckpt = load_checkpoint(run_dir / CHECKPOINT)
+            check_model_files(run_dir, described_model(payload, cfg.model), ckpt)
+            if ckpt is not None:
+                model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
+                cfg = dataclasses.replace(cfg, model=model.config)  # as stored (format 1 resolved num_steps)
+        s = _session(cfg, model, device, data, schedule, interrupts, world, run_dir=run_dir, lock=lock,
+                     resumed=resume is not None, created=created)  # fmt: skip
+        if ckpt is not None:
+            _restore(s, ckpt, run_dir / CHECKPOINT)
+            log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
+        if resume is not None:
+            s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
+        described = {"examples": len(full), "shape": data_shape(full), "classes": full.num_classes}
+        stored_payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra, "data": described,
+                          "processes": processes}  # fmt: skip
+        _write(s, lambda: atomic_write(run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
+    except BaseException:
+        if resume is None:
+            _discard(run_dir, created, lock)
+        else:
+            lock.release()
+        raise
+    s.model.train()
+    return s, ckpt
+
+
+def _restore(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
+    try:
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        s.scheduler.load_state_dict(ckpt["scheduler"])
+        s.generator.set_state(ckpt["epoch_generator_state"])
+        s.epoch_gen_state = ckpt["epoch_generator_state"]
+        _set_rng_state(ckpt["rng"])
+        s.epoch, s.batch_done, s.step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
+        s.stats = _EpochStats.restore(ckpt.get("epoch_stats"), s.device)
+        s.done = ckpt.get("epoch_done")
+    except Exception as e:  # a checkpoint of another version or a hand-edited one: whatever torch raises
+        raise CheckpointError(f"{path}: the training state does not fit this run ({first_sentence(e)})") from None
+    s.saved = s.position()
+
+
+def _checkpoint(s: _Session) -> None:
+    """Save the position ``(s.epoch, s.batch_done, s.step)``, the epoch's running sums, and the finished epoch's
+    training metrics while its validation is pending."""
+    if not s.main:  # rank 0 writes it; every process has the same state
+        s.saved = s.position()
+        return
+    state = {
+        "model_config": s.model.config.to_dict(), "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(), "epoch_generator_state": s.epoch_gen_state, "rng": _rng_state(),
+        "epoch": s.epoch, "batch": s.batch_done, "step": s.step, "normalization": s.extra["normalization"],
+        "epoch_stats": s.stats.state(), "epoch_done": s.done,
+    }  # fmt: skip
+    _write(s, lambda: save_checkpoint(s.run_dir / CHECKPOINT, state))
+    s.saved = s.position()
+
+
+def _train_epoch(s: _Session) -> None:
+    """One epoch from batch ``s.batch_done`` on, adding to the running sums ``s.stats``."""
+    cfg = s.cfg
+    s.epoch_gen_state = s.generator.get_state()
+    shard = (0, 1) if s.world is None else (s.world.rank, s.world.size)
+    if isinstance(s.train_set, streaming.FolderIndex):  # decoded from batch_done on: skipped ones are not read
+        batches = streaming.stream_batches(
+            s.train_set, cfg.batch_size, train=cfg.augment, shuffle=True, mean=s.mean, std=s.std, device=s.device,
+            generator=s.generator, drop_last=True, shard=shard, start=s.batch_done, workers=cfg.workers,
+        )  # fmt: skip
+    else:
+        batches = itertools.islice(
+            iterate_batches(s.train_set, cfg.batch_size, shuffle=True, augment=cfg.augment, mean=s.mean,
+                            std=s.std, generator=s.generator, drop_last=True, shard=shard),
+            s.batch_done, None,
+        )  # fmt: skip
+    bar = tqdm(total=s.per_epoch, initial=s.batch_done, desc=f"epoch {s.epoch + 1}/{cfg.epochs}",
+               disable=not s.progress, unit="batch", dynamic_ncols=True)  # fmt: skip
+    stats = s.stats
+    stats.since = time.perf_counter()
+    try:
+        for i, (x, y) in enumerate(batches, start=s.batch_done):  # resumed mid-epoch: from the first not done
+            if i >= s.per_epoch:
+                break
+            if s.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(s.device.type, s.amp):
+                epoch = s.epoch + 1  # restored from the checkpoint on resume: the same weights as uninterrupted
+                loss = compute_loss(s.model, x, y, cfg, epoch) if s.objective is None else s.objective(x, y, epoch)
+            s.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step_loss = loss.detach() if s.world is None else distributed.mean(loss)  # the global batch's loss
+            with s.interrupts.critical():  # weights, counters and sums change together or not at all
+                s.optimizer.step()
+                s.scheduler.step()
+                s.step += 1
+                s.batch_done = i + 1
+                stats.loss_sum += step_loss
+                stats.batches += 1
+                stats.images += len(y) * shard[1]
+            if stats.batches % 10 == 0 or s.batch_done == s.per_epoch:  # a sync every 10 steps, not every step
+                _check_finite(s, stats.loss_sum, i)
+                bar.set_postfix(loss=f"{stats.loss_sum.item() / stats.batches:.4f}",
+                                img_s=f"{stats.images / max(stats.elapsed(), 1e-9):.0f}")  # fmt: skip
+            bar.update(1)
+            if cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0 and s.batch_done < s.per_epoch:
+                _check_finite(s, stats.loss_sum, i)
+                _checkpoint(s)
+    finally:
+        bar.close()
+    _check_finite(s, stats.loss_sum, s.per_epoch)
+
+
+def _epoch_summary(s: _Session) -> dict[str, Any]:
+    """The training half of the epoch's metrics row."""
+    seconds = s.stats.elapsed()
+    return {
+        "epoch": s.epoch + 1,
+        "step": s.step,
+        "train_loss": s.stats.loss_sum.item() / max(s.stats.batches, 1),
+        "lr": s.scheduler.get_last_lr()[0],
+        "train_images_per_s": s.stats.images / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+def _recalibrate(s: _Session) -> None:
+    """After the last epoch (once): every batch-norm statistic recomputed at the final weights over
+    ``recalibrate_batches`` training batches (``cascadenet.training.recalibrate``). Deterministic from the weights and
+    the seed, so a run resumed from the last checkpoint (which holds the running averages) computes the same."""
+    cfg = s.cfg
+    if s.epoch < cfg.epochs or not cfg.recalibrate_batches or s.recalibration is not None:
+        return
+    shard = (0, 1) if s.world is None else (s.world.rank, s.world.size)
+    batches = training_batches(s.train_set, cfg, s.mean, s.std, s.device, cfg.recalibrate_batches, shard=shard)
+    t0 = time.perf_counter()
+    # interrupted, recalibrate_bn puts the running averages back; the checkpoint on disk holds them anyway
+    record = recalibrate_bn(s.model, batches, forward=calibration_forward(cfg, s.amp, s.channels_last))
+    record["examples"] *= shard[1]  # every process's part of each global batch
+    s.recalibration = record
+    log.info("batch-norm statistics recomputed at the final weights over %d batches (%d examples, %.1fs)",
+             record["batches"], record["examples"], time.perf_counter() - t0)  # fmt: skip
+
+
+def _validate(s: _Session, done: dict[str, Any]) -> dict[str, Any]:
+    """Validation accuracy per exit and anytime AUC after an epoch: the epoch's metrics row."""
+    t0 = time.perf_counter()
+    val = s.val_set
+    if s.world is not None:  # each process its contiguous part, gathered in order
+        val = val.subset(torch.arange(len(val)).tensor_split(s.world.size)[s.world.rank])
+    logits = None
+    if len(val):
+        logits = _logits(s, val)
+    if s.world is not None:
+        logits = torch.cat([part for part in distributed.gather(logits) if part is not None], dim=1)
+    summary = metrics.summarize(logits, s.val_set.labels.cpu(), first_step=s.model.first_informative_exit)
+    row = {k: done[k] for k in ("epoch", "step", "train_loss", "lr", "train_images_per_s")}
+    if s.recalibration is not None:  # the last epoch's validation is of the recalibrated weights
+        row["bn_recalibration"] = s.recalibration
+    return {
+        **row,
+        "val_accuracy_per_step": summary["accuracy_per_step"],
+        "val_anytime_auc": summary["anytime_auc"],
+        "seconds": done["seconds"] + time.perf_counter() - t0,
+    }
+
+
+def _logits(s: _Session, ds: Any) -> torch.Tensor:
+    """The exit logits of a validation set (in memory, or a streamed folder), ``(E, N, C)`` on the CPU."""
+    if not isinstance(ds, streaming.FolderIndex):
+        return dataset_logits(s.model, ds, s.mean, s.std, batch_size=s.cfg.eval_batch_size, amp=s.amp,
+                              progress=s.progress, desc="validate")  # fmt: skip
+    s.model.eval()
+    try:
+        with torch.no_grad():
+            out = []
+            for x, _ in streaming.stream_batches(ds, s.cfg.eval_batch_size, train=False, shuffle=False, mean=s.mean,
+                                                 std=s.std, device=s.device, workers=s.cfg.workers):  # fmt: skip
+                if s.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(s.device.type, s.amp):
+                    out.append(s.model(x).float().cpu())
+    finally:
+        s.model.train()
+    return torch.cat(out, dim=1)
+
+
+def _record(s: _Session, row: dict[str, Any]) -> None:
+    """Add the epoch's row to metrics.jsonl (the whole file rewritten atomically: a kill leaves no torn line)."""
+    rows = [r for r in s.rows if r["epoch"] < row["epoch"]] + [row]
+    _write(s, lambda: atomic_write(s.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode()))
+    s.rows = rows
+    log.info(
+        "epoch %d/%d  loss %.4f  val acc (last exit) %.2f%%  val AUC %.4f  %.0f img/s  %.0fs", row["epoch"],
+        s.cfg.epochs, row["train_loss"], 100 * row["val_accuracy_per_step"][-1], row["val_anytime_auc"],
+        row["train_images_per_s"], row["seconds"],
+    )  # fmt: skip
+
+
+def _check_finite(s: _Session, loss_sum: torch.Tensor, batch: int) -> None:
+    if not torch.isfinite(loss_sum):
+        if s.saved is not None:
+            kept = f"the last good checkpoint {s.run_dir / CHECKPOINT} was kept"
+        elif s.resumed:
+            kept = "no checkpoint was written"
+        else:
+            kept = f"nothing was checkpointed, so {s.run_dir} was removed"
+        raise TrainingError(
+            f"the loss became {loss_sum.item()} in epoch {s.epoch + 1} near batch {batch + 1}; training stopped and "
+            f"{kept} (try a lower --lr)"
+        )
