@@ -35,9 +35,9 @@ import torch
 import cascadenet as cn
 from cascadenet.data.loader import iterate_batches
 from cascadenet.evaluation.early_exit import Predictions, predict
-from cascadenet.evaluation.evaluate import load_run
 from cascadenet.evaluation.policies import Confidence
-from cascadenet.evaluation.runtime import autocast
+from cascadenet.runs.load import load_run
+from cascadenet.utils.device import autocast
 
 
 def parse(argv=None):

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from cascadenet.evaluation import metrics
-from cascadenet.evaluation.evaluate import load_run
-from cascadenet.evaluation.runtime import dataset_logits
+from cascadenet.evaluation.logits import dataset_logits
 from cascadenet.models.checkpoint import CHECKPOINT, load_model
+from cascadenet.runs.load import load_run
 
 
 def measure(run_dir: Path, device: str) -> dict:

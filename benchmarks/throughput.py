@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import cascadenet as cn
-from cascadenet.evaluation.runtime import autocast
 from cascadenet.training.losses import td_loss
+from cascadenet.utils.device import autocast
 from engine import cpu_model  # benchmarks/engine.py, beside this script
 
 

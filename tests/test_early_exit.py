@@ -13,9 +13,9 @@ from torch import nn
 import cascadenet as cn
 from cascadenet.cli import main
 from cascadenet.evaluation.early_exit import predict, predict_run
-from cascadenet.evaluation.evaluate import load_run
+from cascadenet.evaluation.logits import dataset_logits
 from cascadenet.evaluation.policies import Confidence, Margin, StableArgmax
-from cascadenet.evaluation.runtime import dataset_logits
+from cascadenet.runs.load import load_run
 from conftest import perturb_norms, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"

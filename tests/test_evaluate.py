@@ -12,9 +12,10 @@ import torch
 
 from cascadenet.cli import main
 from cascadenet.evaluation import metrics
-from cascadenet.evaluation.evaluate import _split_data, eval_filename, evaluate, format_table
-from cascadenet.evaluation.runtime import dataset_logits
+from cascadenet.evaluation.evaluate import eval_filename, evaluate, format_table
+from cascadenet.evaluation.logits import dataset_logits
 from cascadenet.models.checkpoint import load_model
+from cascadenet.runs.data import split_data
 from cascadenet.training.loop import TrainConfig, _load_data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"
@@ -46,22 +47,22 @@ def test_eval_filename_parts():
 def test_val_split_is_the_one_training_held_out():
     cfg = TrainConfig.from_file(FIXTURE / "config.json")
     _, trained, held_out, _, _ = _load_data(cfg)
-    val, val_again = _split_data(cfg, None, "val")
+    val, val_again = split_data(cfg, None, "val")
     assert val is val_again and torch.equal(val.images, held_out.images) and torch.equal(val.labels, held_out.labels)
-    train_part, _ = _split_data(cfg, None, "train")
+    train_part, _ = split_data(cfg, None, "train")
     assert torch.equal(train_part.images, trained.images)
-    test, for_fit = _split_data(cfg, None, "test")
+    test, for_fit = split_data(cfg, None, "test")
     assert torch.equal(for_fit.images, held_out.images) and len(test) == 64
 
 
 def test_no_validation_split_means_no_budgeted_curve():
     cfg = types.SimpleNamespace(**{**vars(TrainConfig.from_file(FIXTURE / "config.json")), "val_fraction": 0.0})
-    test, val = _split_data(cfg, None, "test")
+    test, val = split_data(cfg, None, "test")
     assert val is None and len(test) == 64
-    train_part, val = _split_data(cfg, None, "train")
+    train_part, val = split_data(cfg, None, "train")
     assert val is None and len(train_part) == 64  # nothing held out: the whole training set
     with pytest.raises(ValueError, match="--split val: this run held out no validation split"):
-        _split_data(cfg, None, "val")
+        split_data(cfg, None, "val")
 
 
 def test_new_keys_and_the_budgeted_curve_on_the_test_split(run):
@@ -83,8 +84,8 @@ def test_new_keys_and_the_budgeted_curve_on_the_test_split(run):
     stored = json.loads((run / "config.json").read_text())["normalization"]
     mean, std = torch.tensor(stored["mean"]), torch.tensor(stored["std"])
     model = load_model(run)
-    val, _ = _split_data(cfg, None, "val")
-    test, _ = _split_data(cfg, None, "test")
+    val, _ = split_data(cfg, None, "val")
+    test, _ = split_data(cfg, None, "test")
     val_logits = dataset_logits(model, val, mean, std)
     test_logits = dataset_logits(model, test, mean, std)
     expected = metrics.budgeted_curve(val_logits, test_logits, test.labels, macs, first_exit=1)
@@ -129,7 +130,7 @@ def test_reference_macs(run, capsys):
 
 
 def test_an_unreadable_training_split_leaves_the_test_evaluation_without_the_curve(run, monkeypatch):
-    import cascadenet.evaluation.evaluate as E
+    import cascadenet.runs.data as E
     from cascadenet.data.datasets import DataError
 
     real = E.load_dataset

@@ -16,7 +16,6 @@ import cascadenet as cn
 from cascadenet.cli import main
 from cascadenet.data.datasets import ImageSet
 from cascadenet.data.loader import iterate_batches
-from cascadenet.evaluation.evaluate import load_run
 from cascadenet.properties.noise import (
     PROTOCOLS,
     Protocol,
@@ -26,7 +25,8 @@ from cascadenet.properties.noise import (
     noisy_frames,
     standard_noise,
 )
-from cascadenet.training.recalibrate import run_training_batches
+from cascadenet.runs.data import run_training_batches
+from cascadenet.runs.load import load_run
 from conftest import perturb_norms, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"

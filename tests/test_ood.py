@@ -13,7 +13,7 @@ import torch
 import cascadenet.training.loop as T
 from cascadenet.cli import main
 from cascadenet.data.datasets import kept_classes, load_dataset, split_classes
-from cascadenet.evaluation.evaluate import evaluate, load_run
+from cascadenet.evaluation.evaluate import evaluate
 from cascadenet.properties.ood import (
     SCORES,
     SYNTHETIC,
@@ -28,6 +28,7 @@ from cascadenet.properties.ood import (
     trace_scores,
 )
 from cascadenet.runs.config import TrainConfig, check_resume_overrides
+from cascadenet.runs.load import load_run
 from test_data import write_idx
 from test_train import small_cfg
 

@@ -15,9 +15,9 @@ from cascadenet.data.loader import iterate_batches, normalization
 from cascadenet.evaluation.evaluate import eval_filename, evaluate
 from cascadenet.models.checkpoint import load_checkpoint, read_metadata
 from cascadenet.models.norm import TemporalBatchNorm2d
+from cascadenet.models.precise_bn import recalibrate_bn
 from cascadenet.training.loop import TrainConfig, train
 from cascadenet.training.losses import td_loss
-from cascadenet.training.recalibrate import recalibrate_bn
 from conftest import perturb_norms, tiny_model
 from test_train import small_cfg, weights
 

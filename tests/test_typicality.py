@@ -11,8 +11,7 @@ import torch
 from cascadenet.cli import main
 from cascadenet.data.datasets import ImageSet, load_dataset
 from cascadenet.data.loader import train_val_indices, train_val_split
-from cascadenet.evaluation.evaluate import load_run
-from cascadenet.evaluation.runtime import dataset_logits
+from cascadenet.evaluation.logits import dataset_logits
 from cascadenet.properties.typicality import (
     EstimatorOptions,
     average_ranks,
@@ -24,6 +23,7 @@ from cascadenet.properties.typicality import (
     settle_steps,
     spearman,
 )
+from cascadenet.runs.load import load_run
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"
 FAST = EstimatorOptions(folds=2, repeats=1, epochs=1)

@@ -14,10 +14,10 @@ from .models.anytime import AnytimeModel, ExitCosts, ModelConfig
 from .models.cascade import CascadeConfig, CascadedResNet, CascadeState
 from .models.checkpoint import load_model
 from .models.msdnet import MSDNet, MSDNetConfig
+from .models.precise_bn import recalibrate_bn
 from .models.registry import create_model, list_models, register_architecture, register_family, register_model
 from .models.sdn import SDN, SDNConfig
 from .training.losses import stepwise_ce, td_loss
-from .training.recalibrate import recalibrate_bn
 
 __all__ = [
     "AnytimeModel",

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.loader import iterate_batches, num_batches
-from ..models.checkpoint import atomic_write
-from .evaluate import check_npz_output, load_run
+from ..runs.load import load_run
+from ..utils.device import autocast
+from ..utils.files import atomic_write, check_npz_output
 from .policies import Confidence, Margin, Policy, StableArgmax, budget_steps
-from .runtime import autocast
 
 __all__ = ["Predictions", "predict", "predict_run", "policy_from_flags", "format_summary"]
 

@@ -38,28 +38,24 @@ writes the same eval.json ("step" there means exit). What a family lacks is null
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import io
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from ..data.datasets import DataError, ImageSet, load_dataset
-from ..data.loader import check_compatible, iterate_batches, train_val_split
-from ..models.checkpoint import WEIGHTS, CheckpointError, atomic_write, load_model
-from ..models.registry import config_from_dict
-from ..runs.config import CONFIG, TrainConfig
+from ..data.loader import iterate_batches
+from ..models.checkpoint import WEIGHTS, CheckpointError
+from ..runs.load import check_run_dir, load_run
+from ..utils.files import atomic_write, check_npz_output
 from . import metrics
-from .runtime import dataset_logits, resolve_device
+from .logits import dataset_logits
 
-__all__ = ["evaluate", "eval_filename", "format_table", "load_run", "LoadedRun", "check_npz_output"]
+__all__ = ["evaluate", "eval_filename", "format_table", "SPLITS"]
 
 
 SPLITS = ("test", "val", "train")
@@ -147,7 +143,7 @@ def _evaluate(
     reference_macs: float | None,
     weights: str | None,
 ) -> dict[str, Any]:
-    _check_run_dir(run_dir)
+    check_run_dir(run_dir)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
@@ -159,7 +155,7 @@ def _evaluate(
             raise ValueError(f"--weights {weights!r}: the name of a .safetensors file in the run directory")
         if not (run_dir / weights).is_file():
             raise CheckpointError(f"{run_dir / weights}: no such weights file in the run directory")
-    loaded = _load_run(run_dir, split, data_root, device, with_val=True, weights=weights)
+    loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights)
     model, ds, val_set, mean, std = loaded.model, loaded.data, loaded.val, loaded.mean, loaded.std
     amp, finished, dev = loaded.amp, loaded.finished, loaded.data.images.device
     # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
@@ -223,134 +219,6 @@ def _evaluate(
         atomic_write(save_logits, buffer.getvalue(), overwrite=overwrite)
     atomic_write(run_dir / name, (json.dumps(result, indent=2) + "\n").encode())
     return result
-
-
-@dataclasses.dataclass
-class LoadedRun:
-    """A run directory's trained model (on the device) and one split of its data (on the device), with the
-    run's normalisation statistics and mixed-precision choice."""
-
-    model: nn.Module
-    data: ImageSet
-    mean: Tensor
-    std: Tensor
-    amp: bool
-    finished: bool  # the run finished training (model.safetensors), else the last checkpoint
-    val: ImageSet | None = None  # the run's validation split (on the device) when the split asked is not it
-
-
-def load_run(
-    run_dir: str | os.PathLike, *, split: str = "test", data_root: str | None = None, device: str = "auto"
-) -> LoadedRun:
-    """Load a run's model and a split of its dataset as ``evaluate`` does (checked against each other and the
-    stored configuration); errors name the file (``CheckpointError``, ``DataError``, ``ValueError``)."""
-    run_dir = Path(run_dir)
-    try:
-        return _load_run(run_dir, split, data_root, device)
-    except OSError as e:  # as in evaluate: one line naming the file
-        raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
-
-
-def check_npz_output(path: str | os.PathLike, flag: str, overwrite: bool) -> Path:
-    """Refuse, before any work, an output file that could not be written or would replace a file without
-    ``overwrite`` (``FileExistsError``; ``ValueError`` naming ``flag`` otherwise)."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"{path}: {flag} takes a .npz file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it (nothing was written)")
-    if not path.parent.is_dir():
-        raise ValueError(f"{path}: the folder {path.parent} of {flag} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{path}: the folder {path.parent} of {flag} is not writable")
-    return path
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run directory")
-    if not (run_dir / CONFIG).is_file():
-        raise CheckpointError(f"{run_dir}: no {CONFIG} here: not a run directory")
-
-
-def _load_run(
-    run_dir: Path, split: str, data_root: str | None, device: str, with_val: bool = False, weights: str | None = None
-) -> LoadedRun:
-    _check_run_dir(run_dir)
-    cfg = TrainConfig.from_file(run_dir / CONFIG)
-    stored = json.loads((run_dir / CONFIG).read_bytes())  # from_file read it: it is a JSON object
-    norm = stored.get("normalization") if isinstance(stored, dict) else None
-    if not (isinstance(norm, dict) and isinstance(norm.get("mean"), list) and isinstance(norm.get("std"), list)):
-        raise CheckpointError(f"{run_dir / CONFIG}: no normalization statistics (not written by cascadenet train?)")
-    dev = resolve_device(device)
-    model = load_model(run_dir if weights is None else run_dir / weights, map_location=dev)
-    _check_model(run_dir, stored.get("model"), model.config)
-    finished = (run_dir / "model.safetensors").is_file()
-
-    ds, val_set = _split_data(cfg, data_root, split, with_val)
-    check_compatible(ds, model.config.in_channels, model.config.num_classes)
-    try:
-        mean, std = torch.tensor(norm["mean"], dtype=torch.float32), torch.tensor(norm["std"], dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{run_dir / CONFIG}: unreadable normalization statistics ({e})") from None
-    if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
-        raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channels, but the "
-                              f"data has {ds.num_channels}")  # fmt: skip
-    amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
-    return LoadedRun(model, ds.to(dev), mean, std, amp, finished, None if val_set is None else val_set.to(dev))
-
-
-def _split_data(cfg: TrainConfig, data_root: str | None, split: str, with_val: bool = True) -> tuple[Any, Any]:
-    """The evaluated split and the run's validation split (None when it held none out, or, for the test split,
-    when ``with_val`` is false).
-
-    ``val`` and ``train`` are the two parts of the training set that training made: the same reader and
-    ``train_val_split(full, cfg.val_fraction, seed=cfg.seed)`` as ``train._load_data``, so the same examples.
-    """
-    root = data_root or cfg.data_root
-    options = {
-        "image_size": cfg.image_size,
-        "synthetic_size": cfg.synthetic_size,
-        "seed": cfg.seed,
-        "holdout_classes": cfg.holdout_classes,
-    }  # a held-out-classes run: its kept classes, renumbered
-    held_out = 0 < cfg.val_fraction < 1
-    if split == "val" and not held_out:
-        raise ValueError(f"--split val: this run held out no validation split (val_fraction {cfg.val_fraction})")
-    if split == "test":
-        test = load_dataset(cfg.dataset, root, "test", **options)
-        try:
-            full = load_dataset(cfg.dataset, root, "train", **options) if held_out and with_val else None
-        except DataError as e:  # the test split alone still evaluates; only the budgeted-batch curve needs this
-            warnings.warn(f"no budgeted-batch curve: the run's validation split is unreadable ({e})", stacklevel=3)
-            full = None
-        return test, None if full is None else train_val_split(full, cfg.val_fraction, seed=cfg.seed)[1]
-    full = load_dataset(cfg.dataset, root, "train", **options)
-    trained, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed) if held_out else (full, None)
-    return (val_set if split == "val" else trained), val_set
-
-
-def _check_model(run_dir: Path, stored: Any, found: Any) -> None:
-    """The weights in a run directory are those of the model its config.json describes."""
-    if not isinstance(stored, dict):
-        return  # no model record to compare with (a hand-made run directory)
-    try:
-        described = config_from_dict(stored)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir / CONFIG}: unreadable model configuration: {e}") from None
-    if described != found:
-        source = "model.safetensors" if (run_dir / "model.safetensors").is_file() else "checkpoint.pt"
-        diff = (
-            "; ".join(
-                f"{f.name} {getattr(found, f.name)} vs {getattr(described, f.name)}"
-                for f in dataclasses.fields(found)
-                if type(found) is type(described) and getattr(found, f.name) != getattr(described, f.name)
-            )
-            or f"a {found.family} model vs a {described.family} model"
-        )
-        raise CheckpointError(
-            f"{run_dir / source} holds another model than {run_dir / CONFIG} describes ({source} vs {CONFIG}: {diff})"
-        )
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -44,8 +44,9 @@ from tqdm.auto import tqdm
 from ..evaluation.evaluate import eval_filename, evaluate
 from ..models.anytime import ModelConfig
 from ..models.cascade import CascadeConfig
-from ..models.checkpoint import WEIGHTS, atomic_write
+from ..models.checkpoint import WEIGHTS
 from ..runs.config import CONFIG, RESUMABLE, TrainConfig, changed_options
+from ..utils.files import atomic_write
 
 __all__ = ["BUDGETS", "LAMBDAS", "Budget", "reproduce", "train_or_reuse", "plan_runs"]
 

@@ -1,9 +1,7 @@
-"""Files of a run: atomic writes, resumable checkpoints, and final weights in safetensors.
+"""A model's files: resumable checkpoints, and weights in safetensors with the configuration that rebuilds them.
 
-Everything is written to a temporary file in the same directory, flushed to disk and then renamed over the
-target (and the directory flushed after the rename), so a kill or a power cut at any moment leaves either the
-previous file or the new one, never a torn one. A writer killed mid-write leaves its temporary
-(``.<name>.<random>.tmp``); training removes its own when it resumes (``cascadenet.runs.lock.clean_temporaries``).
+Both are written atomically (``cascadenet.utils.files.atomic_write``): a kill at any moment leaves the previous
+file or the new one, never a torn one.
 
 Loading is weights-only: a checkpoint that holds anything but tensors and plain data is refused unread (a planted
 pickle never runs), with one line saying that the file is not a cascadenet checkpoint.
@@ -11,12 +9,10 @@ pickle never runs), with one line saying that the file is not a cascadenet check
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,12 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ..utils.files import atomic_write, first_sentence
 from .anytime import ModelConfig
 from .registry import config_from_dict
 
 __all__ = [
     "CheckpointError",
-    "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
     "save_weights",
@@ -52,56 +48,6 @@ class CheckpointError(ValueError):
 
     def __str__(self) -> str:  # one line, whatever the messages of other libraries it quotes hold
         return " ".join(line.strip() for line in super().__str__().splitlines())
-
-
-def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one.
-
-    With ``overwrite=False`` an existing ``path`` is never replaced, even one created while writing:
-    ``FileExistsError``.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual permissions
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and fails if path exists
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists (nothing was written)") from None
-            os.unlink(tmp)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Flush a directory's entries (a rename is durable only once its directory is); a no-op where the
-    platform cannot."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EROFS):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -136,13 +82,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path}: not a cascadenet checkpoint (no {' or '.join(missing)} in it)")
     return state
-
-
-def first_sentence(error: BaseException) -> str:
-    """The first line of an exception's message, cut at its first sentence: library messages can run to a page."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    head, dot, _ = text.partition(". ")
-    return (head + dot.strip()) if dot else text
 
 
 def save_weights(

@@ -32,10 +32,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..utils.files import first_sentence
 from .anytime import ModelConfig
 from .blocks import BasicBlock, Bottleneck
 from .cascade import ARCHITECTURES, CascadeConfig, CascadedResNet
-from .checkpoint import CheckpointError, first_sentence, read_metadata, save_weights
+from .checkpoint import CheckpointError, read_metadata, save_weights
 from .registry import config_from_dict
 
 __all__ = [

@@ -50,10 +50,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.datasets import ImageSet
-from ..evaluation.evaluate import SPLITS, load_run
-from ..evaluation.runtime import autocast
-from ..models.checkpoint import atomic_write
-from ..training.recalibrate import recalibrate_bn, run_training_batches
+from ..evaluation.evaluate import SPLITS
+from ..models.precise_bn import recalibrate_bn
+from ..runs.data import run_training_batches
+from ..runs.load import load_run
+from ..utils.device import autocast
+from ..utils.files import atomic_write
 
 __all__ = [
     "PROTOCOLS",

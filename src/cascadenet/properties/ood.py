@@ -40,10 +40,11 @@ import torch
 from torch import Tensor
 
 from ..data.datasets import DATASETS, ImageSet, load_dataset, resize_crop, split_classes
-from ..evaluation.evaluate import load_run
-from ..evaluation.runtime import dataset_logits
-from ..models.checkpoint import CheckpointError, atomic_write
+from ..evaluation.logits import dataset_logits
+from ..models.checkpoint import CheckpointError
 from ..runs.config import CONFIG, TrainConfig
+from ..runs.load import load_run
+from ..utils.files import atomic_write
 
 __all__ = [
     "OUTPUTS",

@@ -40,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from ..evaluation import metrics
-from ..evaluation.evaluate import load_run
+from ..evaluation.logits import dataset_logits
 from ..evaluation.policies import Confidence, Margin, Policy, StableArgmax
-from ..evaluation.runtime import dataset_logits
-from ..models.checkpoint import atomic_write
+from ..runs.load import load_run
+from ..utils.files import atomic_write
 
 __all__ = [
     "GRUConfig",

@@ -46,11 +46,12 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import ImageSet, load_dataset
 from ..data.loader import iterate_batches, normalization, train_val_indices
-from ..evaluation.evaluate import load_run
+from ..evaluation.logits import dataset_logits
 from ..evaluation.policies import Confidence
-from ..evaluation.runtime import dataset_logits, resolve_device
-from ..models.checkpoint import atomic_write
 from ..runs.config import CONFIG, TrainConfig
+from ..runs.load import load_run
+from ..utils.device import resolve_device
+from ..utils.files import atomic_write
 
 __all__ = [
     "EstimatorOptions",

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,13 +19,13 @@ from typing import Any, Literal
 from ..data.datasets import DatasetName
 from ..models.anytime import ModelConfig, check_types
 from ..models.cascade import CascadeConfig
-from ..models.checkpoint import first_sentence
 from ..models.registry import config_from_dict, model_entry, model_name
 from ..models.sdn import SDNConfig
-from ..training.losses import LOSSES
+from ..utils.files import first_sentence
 
 __all__ = [
     "CONFIG",
+    "LOSSES",
     "RESUMABLE",
     "FROM_DATASET",
     "IC_LOSSES",
@@ -43,6 +44,9 @@ RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "
 # internal classifiers are sized for the images' side).
 FROM_DATASET = ("num_classes", "in_channels", "input_size")
 # Losses that train a Shallow-Deep Network's internal classifiers, and so need one.
+# The training objectives (cascadenet.training.optim.compute_loss has one branch each).
+Loss = Literal["td", "ce", "final", "sdn", "ic-only"]
+LOSSES: tuple[str, ...] = typing.get_args(Loss)
 IC_LOSSES = ("sdn", "ic-only")
 
 
@@ -91,7 +95,7 @@ class TrainConfig:
     the model is the file's (leave the model options out). A changed number of classes gets a new classifier."""
 
     # --- objective ---
-    loss: Literal["td", "ce", "final", "sdn", "ic-only"] = "td"
+    loss: Loss = "td"
     """td: TD(lambda) over the trajectory; ce: cross-entropy at every step; final: ordinary feed-forward
     cross-entropy (the CascadedCE / SerialCE baselines, delays inserted only at test time; an SDN's plain ResNet);
     sdn: SDN's joint loss, IC weights ramping over the epochs; ic-only: the ICs alone on a frozen backbone (SDN

@@ -45,20 +45,19 @@ from ..data import streaming
 from ..data.datasets import DataError, ImageSet, kept_classes, load_dataset
 from ..data.loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
 from ..evaluation import metrics
-from ..evaluation.runtime import autocast, dataset_logits, resolve_device
+from ..evaluation.logits import dataset_logits
 from ..models.anytime import ModelConfig
 from ..models.cascade import CascadedResNet
 from ..models.checkpoint import (
     CHECKPOINT,
     WEIGHTS,
     CheckpointError,
-    atomic_write,
     build_and_load,
-    first_sentence,
     load_checkpoint,
     save_checkpoint,
     save_weights,
 )
+from ..models.precise_bn import recalibrate_bn
 from ..models.pretrained import load_init, read_init
 from ..runs.config import (
     CONFIG,
@@ -69,7 +68,10 @@ from ..runs.config import (
     check_loss_fits,
     check_resume_overrides,
 )
+from ..runs.data import training_batches
 from ..runs.lock import RunLock, clean_temporaries
+from ..utils.device import autocast, resolve_device
+from ..utils.files import atomic_write, first_sentence
 from . import distributed
 from .claim import (
     TrainingError,
@@ -83,7 +85,7 @@ from .claim import (
 )
 from .interrupts import Interrupts, Terminated, catch_signals
 from .optim import compute_loss, lr_at, make_optimizer
-from .recalibrate import calibration_forward, recalibrate_bn, training_batches
+from .recalibrate import calibration_forward
 
 # TrainConfig, ConfigError, CONFIG, RESUMABLE and the resume policy live in runs/config.py (evaluation reads them
 # without the training loop), TrainingError in claim.py and lr_at in optim.py; they are re-exported here, where

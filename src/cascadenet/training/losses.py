@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "td_targets", "td_loss", "stepwise_ce", "final_ce", "sdn_weights", "sdn_loss", "ic_only_loss"]
-
-LOSSES = ("td", "ce", "final", "sdn", "ic-only")
+__all__ = ["td_targets", "td_loss", "stepwise_ce", "final_ce", "sdn_weights", "sdn_loss", "ic_only_loss"]
 
 
 def _check(logits: Tensor, targets: Tensor, label_smoothing: float) -> None:

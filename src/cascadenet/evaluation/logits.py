@@ -1,11 +1,11 @@
-"""Running a model on a device: device choice, mixed precision, and the exit logits of a whole dataset.
+"""The exit logits of a whole dataset.
 
-Shared by training (validation) and evaluation, so that both compute the same numbers the same way.
+Shared by training (validation), evaluation and the property analyses, so that all compute the same numbers the
+same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -14,26 +14,9 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import ImageSet
 from ..data.loader import iterate_batches, num_batches
+from ..utils.device import autocast
 
-__all__ = ["resolve_device", "autocast", "dataset_logits"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``ValueError`` otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is available")
-    return device
-
-
-def autocast(device_type: str, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device_type`` when enabled, else nothing."""
-    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+__all__ = ["dataset_logits"]
 
 
 @torch.no_grad()

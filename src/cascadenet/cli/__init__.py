@@ -36,14 +36,14 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from .data.datasets import DataError, DatasetName
-from .models.anytime import ModelConfig
-from .models.checkpoint import CheckpointError
-from .models.registry import model_entry, model_name, registered_families
-from .runs.config import FROM_DATASET, TrainConfig
-from .runs.lock import RunLockedError
-from .training.interrupts import Terminated
-from .training.loop import TrainingError
+from ..data.datasets import DataError, DatasetName
+from ..models.anytime import ModelConfig
+from ..models.checkpoint import CheckpointError
+from ..models.registry import model_entry, model_name, registered_families
+from ..runs.config import FROM_DATASET, TrainConfig
+from ..runs.lock import RunLockedError
+from ..training.interrupts import Terminated
+from ..training.loop import TrainingError
 
 __all__ = ["main"]
 
@@ -574,7 +574,7 @@ def _parse(argv: list[str]):
 
 
 def _run_train(cmd: TrainCommand, argv: Sequence[str]) -> None:
-    from .training.loop import train
+    from ..training.loop import train
 
     if cmd.resume is None:
         run_dir = train(cmd.train_config(given_options(argv)))
@@ -591,7 +591,7 @@ def _run_train(cmd: TrainCommand, argv: Sequence[str]) -> None:
 
 
 def _run_eval(cmd: EvalCommand) -> None:
-    from .evaluation.evaluate import evaluate, format_table
+    from ..evaluation.evaluate import evaluate, format_table
 
     progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
     result = evaluate(cmd.run_dir, split=cmd.split, scheme=cmd.scheme, num_steps=cmd.num_steps,
@@ -602,7 +602,7 @@ def _run_eval(cmd: EvalCommand) -> None:
 
 
 def _run_predict(cmd: PredictCommand) -> None:
-    from .evaluation.early_exit import format_summary, policy_from_flags, predict_run
+    from ..evaluation.early_exit import format_summary, policy_from_flags, predict_run
 
     policy = policy_from_flags(cmd.threshold, cmd.margin, cmd.stable)
     progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
@@ -613,7 +613,7 @@ def _run_predict(cmd: PredictCommand) -> None:
 
 
 def _run_recalibrate(cmd: RecalibrateCommand) -> None:
-    from .training.recalibrate import recalibrate_run
+    from ..training.recalibrate import recalibrate_run
 
     path, record = recalibrate_run(cmd.run_dir, batches=cmd.batches, output=cmd.output, data_root=cmd.data_root,
                                    device=cmd.device)  # fmt: skip
@@ -622,7 +622,7 @@ def _run_recalibrate(cmd: RecalibrateCommand) -> None:
 
 
 def _run_noise(cmd: NoiseCommand) -> None:
-    from .properties.noise import noise_run
+    from ..properties.noise import noise_run
 
     progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
     options = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(cmd) if f.name != "progress"}
@@ -636,7 +636,7 @@ def _run_noise(cmd: NoiseCommand) -> None:
 
 
 def _run_ood(cmd: OodCommand) -> None:
-    from .properties.ood import ood_run
+    from ..properties.ood import ood_run
 
     progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
     out = Path(cmd.out) if cmd.out is not None else Path(cmd.run_dir) / "ood"
@@ -651,7 +651,7 @@ def _run_ood(cmd: OodCommand) -> None:
 
 
 def _run_plot(cmd: PlotCommand) -> None:
-    from .evaluation.plotting import plot_runs
+    from ..evaluation.plotting import plot_runs
 
     results = []
     for run in cmd.runs:
@@ -666,7 +666,7 @@ def _run_plot(cmd: PlotCommand) -> None:
 
 
 def _run_policy(cmd: PolicyCommand) -> None:
-    from .properties.stopping import policy_report
+    from ..properties.stopping import policy_report
 
     progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
     report = policy_report(cmd.runs, out=cmd.out, overwrite=cmd.overwrite, device=cmd.device,
@@ -676,14 +676,14 @@ def _run_policy(cmd: PolicyCommand) -> None:
 
 
 def _run_demo(cmd: DemoCommand) -> None:
-    from .experiments.demo import run_demo
+    from ..experiments.demo import run_demo
 
     report = run_demo(cmd.out, data_root=cmd.data_root, threads=cmd.threads, device=cmd.device, epochs=cmd.epochs)
     print(f"report: {report}")
 
 
 def _run_reproduce(cmd: ReproduceCommand) -> None:
-    from .experiments.reproduce import reproduce
+    from ..experiments.reproduce import reproduce
 
     progress = sys.stderr.isatty() if cmd.progress is None else cmd.progress
     report = reproduce(cmd.dataset, data_root=cmd.data_root, seeds=cmd.seeds, budget=cmd.budget, out=cmd.out,
@@ -692,7 +692,7 @@ def _run_reproduce(cmd: ReproduceCommand) -> None:
 
 
 def _run_convert(cmd: ConvertCommand) -> None:
-    from .models.pretrained import convert_file
+    from ..models.pretrained import convert_file
 
     options = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(cmd)}
     source, output, overwrite = options.pop("source"), options.pop("output"), options.pop("overwrite")
@@ -703,7 +703,7 @@ def _run_convert(cmd: ConvertCommand) -> None:
 
 
 def _run_typicality(cmd: TypicalityCommand) -> None:
-    from .properties.typicality import EstimatorOptions, format_summary, typicality
+    from ..properties.typicality import EstimatorOptions, format_summary, typicality
 
     estimator = EstimatorOptions(folds=cmd.folds, repeats=cmd.repeats, epochs=cmd.estimator_epochs,
                                  model=cmd.estimator_model, seed=cmd.estimator_seed)  # fmt: skip
@@ -715,7 +715,7 @@ def _run_typicality(cmd: TypicalityCommand) -> None:
 
 
 def _run_models(cmd: ModelsCommand) -> None:
-    from .models.registry import list_models
+    from ..models.registry import list_models
 
     print("\n".join(list_models(cmd.pattern)))
 

@@ -1,0 +1,88 @@
+"""Writing files so that a kill or a full disk never leaves a torn one, and errors that fit on one line.
+
+Everything is written to a temporary file in the same directory, flushed to disk and then renamed over the
+target (and the directory flushed after the rename), so a kill or a power cut at any moment leaves either the
+previous file or the new one, never a torn one. A writer killed mid-write leaves its temporary
+(``.<name>.<random>.tmp``); training removes its own when it resumes (``cascadenet.runs.lock.clean_temporaries``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_write", "fsync_dir", "first_sentence", "check_npz_output"]
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one.
+
+    With ``overwrite=False`` an existing ``path`` is never replaced, even one created while writing:
+    ``FileExistsError``.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual permissions
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and fails if path exists
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists (nothing was written)") from None
+            os.unlink(tmp)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename is durable only once its directory is); a no-op where the
+    platform cannot."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def first_sentence(error: BaseException) -> str:
+    """The first line of an exception's message, cut at its first sentence: library messages can run to a page."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    head, dot, _ = text.partition(". ")
+    return (head + dot.strip()) if dot else text
+
+
+def check_npz_output(path: str | os.PathLike, flag: str, overwrite: bool) -> Path:
+    """Refuse, before any work, an output file that could not be written or would replace a file without
+    ``overwrite`` (``FileExistsError``; ``ValueError`` naming ``flag`` otherwise)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: {flag} takes a .npz file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it (nothing was written)")
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: the folder {path.parent} of {flag} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: the folder {path.parent} of {flag} is not writable")
+    return path
