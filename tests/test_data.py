@@ -557,3 +557,17 @@ def test_batches_on_gpu() -> None:
 def test_os_pathlike_root(tmp_path: Path) -> None:
     root, _, _ = fashion(tmp_path)
     assert len(load_dataset("fashion-mnist", os.fspath(root), "test")) == 6
+
+
+def test_batches_come_in_the_default_dtype():
+    ds = load_dataset("synthetic", None, "train", synthetic_size=8)
+    mean, std = normalization(ds)
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        x, _ = next(iterate_batches(ds, 4, shuffle=False, augment=False, mean=mean, std=std))
+    finally:
+        torch.set_default_dtype(before)
+    assert x.dtype == torch.float64
+    x32, _ = next(iterate_batches(ds, 4, shuffle=False, augment=False, mean=mean, std=std))
+    assert x32.dtype == torch.float32 and torch.allclose(x.float(), x32, atol=1e-6)

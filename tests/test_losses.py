@@ -94,3 +94,12 @@ def test_final_ce_is_cross_entropy_with_smoothing():
     assert torch.allclose(
         final_ce(logits, targets, label_smoothing=0.1), F.cross_entropy(logits, targets, label_smoothing=0.1)
     )
+
+
+def test_losses_keep_float64_and_upcast_bf16():
+    """A float64 model trains in float64 throughout (the distributed equivalence test relies on it); bf16 logits
+    (autocast) are computed in float32."""
+    logits, targets = torch.randn(4, 3, 5, dtype=torch.float64), torch.tensor([0, 2, 4])
+    for loss in (td_loss(logits, targets, 0.5), stepwise_ce(logits, targets), final_ce(logits[-1], targets)):
+        assert loss.dtype == torch.float64
+    assert td_loss(logits.bfloat16(), targets, 0.5).dtype == torch.float32

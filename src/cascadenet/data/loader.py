@@ -116,7 +116,7 @@ def iterate_batches(
             processes' parts are disjoint and together are the epoch.
 
     Returns:
-        An iterator of ``x`` float32 (B, C, H, W) and ``y`` int64 (B,).
+        An iterator of ``x`` float32 (the default dtype) (B, C, H, W) and ``y`` int64 (B,).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -137,9 +137,11 @@ def iterate_batches(
         shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=draw_on).to(device)
     if augment and ds.hflip:
         flips = (torch.rand(n, generator=generator, device=draw_on) < 0.5).to(device)
-    # (x / 255 - mean) / std, folded into one multiply-add.
-    scale = (1 / (255 * std.float())).to(device).view(1, c, 1, 1)
-    offset = (mean.float() / std.float()).to(device).view(1, c, 1, 1)
+    # (x / 255 - mean) / std, folded into one multiply-add, in the default dtype (float32 unless the user made it
+    # float64, whose models then get float64 inputs)
+    dtype = torch.get_default_dtype()
+    scale = (1 / (255 * std.to(dtype))).to(device).view(1, c, 1, 1)
+    offset = (mean.to(dtype) / std.to(dtype)).to(device).view(1, c, 1, 1)
 
     def batches() -> Iterator[tuple[Tensor, Tensor]]:
         step = batch_size * processes
@@ -150,7 +152,7 @@ def iterate_batches(
                 x = _crop_flip(
                     x, pad, None if shifts is None else shifts[window], None if flips is None else flips[window]
                 )
-            yield x.float().mul_(scale).sub_(offset), ds.labels[order[window]]
+            yield x.to(dtype).mul_(scale).sub_(offset), ds.labels[order[window]]
 
     return batches()
 

@@ -23,6 +23,12 @@ from torch import Tensor
 __all__ = ["td_targets", "td_loss", "stepwise_ce", "final_ce", "sdn_weights", "sdn_loss", "ic_only_loss"]
 
 
+def _upcast(logits: Tensor) -> Tensor:
+    """Losses are computed in at least float32 (logits under bf16 autocast are upcast); a float64 model keeps
+    float64, so that a double-precision run is double precision throughout."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def _check(logits: Tensor, targets: Tensor, label_smoothing: float) -> None:
     if logits.ndim != 3:
         raise ValueError(f"logits must be a trajectory (T, B, C), got shape {tuple(logits.shape)}")
@@ -45,7 +51,7 @@ def td_targets(logits: Tensor, targets: Tensor, lam: float, label_smoothing: flo
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
     _check(logits, targets, label_smoothing)
-    probs = logits.float().softmax(dim=-1)  # (T, B, C)
+    probs = _upcast(logits).softmax(dim=-1)  # (T, B, C)
     q = torch.empty_like(probs)
     q[-1] = _labels(targets, logits.shape[-1], label_smoothing, probs.dtype)
     for t in range(logits.shape[0] - 2, -1, -1):  # the one loop over time: each target needs the next one
@@ -56,7 +62,7 @@ def td_targets(logits: Tensor, targets: Tensor, lam: float, label_smoothing: flo
 def _soft_ce(logits: Tensor, q: Tensor, first_step: int) -> Tensor:
     if not 0 <= first_step < logits.shape[0]:
         raise ValueError(f"first_step must be in [0, {logits.shape[0]}), got {first_step}")
-    per_step = -(q * logits.float().log_softmax(dim=-1)).sum(-1).mean(-1)  # (T,)
+    per_step = -(q * _upcast(logits).log_softmax(dim=-1)).sum(-1).mean(-1)  # (T,)
     return per_step[first_step:].sum()
 
 
@@ -80,7 +86,7 @@ def td_loss(
 def stepwise_ce(logits: Tensor, targets: Tensor, *, first_step: int = 1, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy with the label at every step, summed over steps (= TD(1))."""
     _check(logits, targets, label_smoothing)
-    q = _labels(targets, logits.shape[-1], label_smoothing, torch.float32).expand(logits.shape[0], -1, -1)
+    q = _labels(targets, logits.shape[-1], label_smoothing, _upcast(logits).dtype).expand(logits.shape[0], -1, -1)
     return _soft_ce(logits, q, first_step)
 
 
@@ -89,7 +95,7 @@ def final_ce(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -
     an ordinary ResNet this way and insert the delays only at test time."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    return F.cross_entropy(_upcast(logits), targets, label_smoothing=label_smoothing)
 
 
 def sdn_weights(fractions: tuple[float, ...] | list[float], epoch: int, epochs: int) -> list[float]:
@@ -107,7 +113,7 @@ def sdn_loss(logits: Tensor, targets: Tensor, weights: list[float], *, label_smo
     _check(logits, targets, label_smoothing)
     if len(weights) != logits.shape[0] - 1:
         raise ValueError(f"{logits.shape[0] - 1} internal classifiers but {len(weights)} weights")
-    ce = [F.cross_entropy(z.float(), targets, label_smoothing=label_smoothing) for z in logits]
+    ce = [F.cross_entropy(_upcast(z), targets, label_smoothing=label_smoothing) for z in logits]
     return sum((w * c for w, c in zip(weights, ce[:-1])), ce[-1])
 
 
@@ -117,5 +123,5 @@ def ic_only_loss(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.
     _check(logits, targets, label_smoothing)
     if logits.shape[0] < 2:
         raise ValueError("the IC-only loss needs internal classifiers: the logits hold only the final exit")
-    ce = [F.cross_entropy(z.float(), targets, label_smoothing=label_smoothing) for z in logits[:-1]]
+    ce = [F.cross_entropy(_upcast(z), targets, label_smoothing=label_smoothing) for z in logits[:-1]]
     return sum(ce[1:], ce[0])
