@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 import cascadenet as cn
 import cascadenet.training.loop as T
-from cascadenet import cli
-from cascadenet.cli import main
+from cascadenet.cli import main, model_flags
 from cascadenet.evaluation.evaluate import evaluate
 from cascadenet.models import registry
 from cascadenet.models.checkpoint import load_model, save_weights
@@ -255,7 +254,7 @@ def test_model_flags_are_the_fields_of_every_family(monkeypatch):
         """Channels each layer adds."""
 
     cn.register_family(OtherConfig)  # after cli's import: its flags appear when they are collected again
-    flags = cli._collect_flags()
+    flags = model_flags._collect_flags()
     assert flags["stem"].kind == Literal["cifar", "cifar_pool", "imagenet", "patch"]  # one flag, choices merged
     assert flags["width"].families == {"cascaded-resnet": 64, "sdn": 64, "msdnet": 1.0, "test-flags-other": 16}
     assert flags["growth"].doc == "Channels each layer adds." and flags["growth"].families == {"test-flags-other": 6}

@@ -194,7 +194,7 @@ def predict_run(
 
     Args:
         run_dir: a run directory written by ``cascadenet train``.
-        split: ``test`` (default) or ``train``.
+        split: ``test`` (default), ``val`` (the run's held-out validation split) or ``train`` (its training part).
         policy, budget: as for ``predict``.
         output: a ``.npz`` file to write: ``predictions``, ``steps``, ``macs`` (per example) and ``labels``;
             never replaces an existing file unless ``overwrite``.

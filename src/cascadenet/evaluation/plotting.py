@@ -8,11 +8,14 @@ costs below its linear threshold, exaggerating the cheapest exits.)
 
 from __future__ import annotations
 
+import io
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from ..utils.files import atomic_write
 
 __all__ = ["plot_runs", "plot_mean_curves"]
 
@@ -51,10 +54,15 @@ def _splits(results: Sequence[dict]) -> str:
     return f"{', '.join(names)} split{'s' if len(names) > 1 else ''}"
 
 
-def _save(fig: Any, out_path: str | pathlib.Path) -> pathlib.Path:
+def _save(fig: Any, out_path: str | pathlib.Path, overwrite: bool = True) -> pathlib.Path:
     out_path = pathlib.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=_DPI)
+    if overwrite:
+        fig.savefig(out_path, dpi=_DPI)
+    else:  # drawn in memory, then linked into place: a file that appeared meanwhile is not replaced either
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=_DPI, format=out_path.suffix[1:] or None)
+        atomic_write(out_path, buffer.getvalue(), overwrite=False)
     return out_path
 
 
@@ -65,7 +73,11 @@ def _budgeted(result: dict) -> dict | None:
 
 
 def plot_runs(
-    results: Sequence[tuple[str, dict]], out_path: str | pathlib.Path, *, title: str | None = None
+    results: Sequence[tuple[str, dict]],
+    out_path: str | pathlib.Path,
+    *,
+    title: str | None = None,
+    overwrite: bool = True,
 ) -> pathlib.Path:
     """Draws per-step accuracy, the threshold-policy trade-off and (if available) accuracy against cost.
 
@@ -80,17 +92,21 @@ def plot_runs(
         results: (run name, eval dict) pairs; each eval dict has the keys of cascadenet.evaluation.metrics.summarize and
             optionally "macs_per_step", "parallel_latency_blocks", "budgeted_batch", "feedforward_accuracy" and
             "split".
-        out_path: Where to save the figure (format from the suffix); parent directories are created and an existing
-            file is overwritten.
+        out_path: Where to save the figure (format from the suffix); parent directories are created.
         title: Optional figure title.
+        overwrite: Replace an existing ``out_path`` (with False it is refused before any drawing, as
+            ``cascadenet plot`` does without --overwrite).
 
     Returns:
         The path the figure was written to.
 
     Raises:
         ValueError: If results is empty or a run lacks the needed keys.
+        FileExistsError: ``out_path`` exists and ``overwrite`` is False (nothing was written).
     """
-    return _save(_runs_figure(results, title), out_path)
+    if not overwrite and pathlib.Path(out_path).exists():
+        raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it (nothing was written)")
+    return _save(_runs_figure(results, title), out_path, overwrite)
 
 
 def _runs_figure(results: Sequence[tuple[str, dict]], title: str | None) -> Any:

@@ -41,8 +41,10 @@ def run_demo(
     threads: int | None = 2,
     device: str = "auto",
     epochs: int | None = None,
+    progress: bool | None = None,
 ) -> Path:
-    """Train (or reuse) both demo runs, evaluate them on the test split, plot, and write ``report.md``."""
+    """Train (or reuse) both demo runs, evaluate them on the test split, plot, and write ``report.md``.
+    ``progress``: progress bars (None: training's default, when stderr is a terminal)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if threads:
@@ -50,13 +52,13 @@ def run_demo(
     results, timings, configs = [], {}, {}
     for name, base in DEMO_RUNS.items():
         cfg = dataclasses.replace(base, out=str(out), name=name, data_root=data_root, threads=threads, device=device,
-                                  epochs=epochs or base.epochs)  # fmt: skip
+                                  epochs=epochs or base.epochs, progress=progress)  # fmt: skip
         t0 = time.perf_counter()
         how = train_or_reuse(cfg)  # refuses a run directory holding a run with other options
         timings[name] = (how, time.perf_counter() - t0)
         configs[name] = cfg
         log.info("%s: %s in %.0fs", name, how, timings[name][1])
-        results.append((name, evaluate(out / name, device=device)))
+        results.append((name, evaluate(out / name, device=device, progress=progress is True)))
     figure = plot_runs(results, out / "speed_accuracy.png", title="Fashion-MNIST test set, ResNet-10 cascade")
     report = out / "report.md"
     report.write_text(_report(results, timings, configs, figure.name))

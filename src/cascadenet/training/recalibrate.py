@@ -32,6 +32,7 @@ def recalibrate_run(
     *,
     batches: int | None = None,
     output: str = RECALIBRATED,
+    overwrite: bool = False,
     data_root: str | None = None,
     device: str = "auto",
 ) -> tuple[Path, dict[str, int]]:
@@ -39,12 +40,14 @@ def recalibrate_run(
     training batches (drawn as training's own recalibration draws them) and write them beside the old ones.
 
     The new file has the weights file's metadata plus ``"recalibration": {"batches", "examples"}``; evaluate it
-    with ``evaluate(run_dir, weights=output)``. An existing file is never replaced.
+    with ``evaluate(run_dir, weights=output)``. An existing file is replaced only with ``overwrite``, and the run's
+    own weights (``model.safetensors``) never.
 
     Args:
         run_dir: a run directory with its final weights (``model.safetensors``).
         batches: how many training batches (default: the run's ``recalibrate_batches``, or 4 when that is 0).
-        output: the file name, in the run directory (``.safetensors``).
+        output: the file name, in the run directory (``.safetensors``; not ``model.safetensors``).
+        overwrite: replace an existing ``output`` (an earlier recalibration's).
         data_root: the dataset folder, if it moved since training.
         device: cpu, cuda, cuda:N or auto.
 
@@ -52,7 +55,7 @@ def recalibrate_run(
         The path written and the recalibration record.
 
     Raises:
-        FileExistsError: the output exists (nothing was written).
+        FileExistsError: the output exists and ``overwrite`` is False (nothing was written).
         CheckpointError: not a finished run directory, or unreadable weights.
         ValueError: a bad option.
     """
@@ -67,8 +70,15 @@ def recalibrate_run(
     if not source.is_file():
         raise CheckpointError(f"{run_dir}: no {WEIGHTS} here (training has not finished)")
     target = run_dir / output
-    if target.exists():
-        raise FileExistsError(f"{target} exists (nothing was written)")
+    if output == WEIGHTS or (target.exists() and target.samefile(source)):  # (samefile: a case-blind file system)
+        # the weights everything else is measured against: never replaced, --overwrite or not
+        raise ValueError(f"--output {output}: the run's own weights are never replaced; name another file")
+    if target.exists() and not overwrite:
+        stem = output.removesuffix(".safetensors")
+        raise FileExistsError(
+            f"{target} exists (nothing was written): name another file with --output {stem}-2.safetensors, or "
+            "pass --overwrite to replace it"
+        )
     cfg = TrainConfig.from_file(run_dir / CONFIG)
     count = batches or cfg.recalibrate_batches or 4
     dev = resolve_device(device)
@@ -79,7 +89,7 @@ def recalibrate_run(
     channels_last = dev.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     record = recalibrate_bn(model, data(), forward=calibration_forward(cfg, amp, channels_last))
     meta = {k: v for k, v in meta.items() if k != "model_config"}
-    save_weights(target, model, {**meta, "recalibration": record}, overwrite=False)
+    save_weights(target, model, {**meta, "recalibration": record}, overwrite=overwrite)
     return target, record
 
 

@@ -1,0 +1,152 @@
+"""The verbs that measure or use a trained run: ``eval``, ``predict`` (early exit), ``recalibrate`` (batch-norm
+statistics) and ``plot``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from ..models.checkpoint import CheckpointError
+from .options import BatchSize, DataRoot, Device, Progress, RunDir, RunDirs, Threads, progress_of
+
+__all__ = ["EvalCommand", "PlotCommand", "PredictCommand", "RecalibrateCommand"]
+
+
+@dataclass
+class EvalCommand:
+    """Evaluate a run: per-step accuracy, threshold and budgeted-batch curves, AUCs, MACs; writes eval.json. The
+    run's eval*.json files are results of the run, recomputed here: an earlier one of the same split, scheme and
+    weights is replaced."""
+
+    run_dir: RunDir
+    """Run directory written by `cascadenet train`."""
+    split: Literal["test", "val", "train"] = "test"
+    """Split to evaluate: test (eval.json), or the run's held-out val or its train part (eval-val.json,
+    eval-train.json)."""
+    scheme: Literal["parallel", "serial"] | None = None
+    """Evaluate the same weights in another scheme (written to eval-<scheme>.json)."""
+    num_steps: int | None = None
+    """Run this many steps instead of the model's own (e.g. longer integration)."""
+    save_logits: str | None = None
+    """Also store the trajectory logits (T, N, C) and labels in this .npz file."""
+    overwrite: bool = False
+    """Allow --save-logits to replace an existing file."""
+    reference_macs: float | None = None
+    """Full serial cost (MACs) that the 25/50/75/100% accuracy budgets are fractions of (default: this model's)."""
+    weights: str | None = None
+    """Evaluate this weights file of the run instead of model.safetensors (e.g. model-recalibrated.safetensors;
+    written to eval-recalibrated.json)."""
+    data_root: DataRoot = None
+    batch_size: BatchSize = 500
+    device: Device = "auto"
+    threads: Threads = None
+    progress: Progress = None
+
+    def run(self) -> None:
+        from ..evaluation.evaluate import evaluate, format_table
+
+        result = evaluate(self.run_dir, split=self.split, scheme=self.scheme, num_steps=self.num_steps,
+                          data_root=self.data_root, batch_size=self.batch_size, device=self.device,
+                          save_logits=self.save_logits, overwrite=self.overwrite, progress=progress_of(self.progress),
+                          reference_macs=self.reference_macs, weights=self.weights)  # fmt: skip
+        print(format_table(result))
+
+
+@dataclass
+class PredictCommand:
+    """Predict a split with early exit: each example stops at the step its policy chooses and leaves the batch;
+    prints accuracy, mean step, mean MACs and wall time, and optionally writes each example's result."""
+
+    run_dir: RunDir
+    """Run directory written by `cascadenet train`."""
+    split: Literal["test", "val", "train"] = "test"
+    """Split to predict: test, the run's held-out val, or its train part."""
+    threshold: float | None = None
+    """Stop at the first step whose max softmax probability is >= this."""
+    margin: float | None = None
+    """Stop at the first step whose two largest softmax probabilities differ by >= this."""
+    stable: int | None = None
+    """Stop at the first step whose predicted class is the one of each of the K steps before it."""
+    budget: float | None = None
+    """At most this many MACs per example: stop at the last step within it."""
+    output: Annotated[str | None, tyro.conf.arg(aliases=("-o",))] = None
+    """Write each example's prediction, step, MACs and label to this .npz file."""
+    overwrite: bool = False
+    """Allow --output to replace an existing file."""
+    data_root: DataRoot = None
+    batch_size: BatchSize = 500
+    device: Device = "auto"
+    threads: Threads = None
+    progress: Progress = None
+
+    def run(self) -> None:
+        from ..evaluation.early_exit import format_summary, policy_from_flags, predict_run
+
+        policy = policy_from_flags(self.threshold, self.margin, self.stable)
+        summary = predict_run(self.run_dir, split=self.split, policy=policy, budget=self.budget,
+                              data_root=self.data_root, batch_size=self.batch_size, device=self.device,
+                              output=self.output, overwrite=self.overwrite,
+                              progress=progress_of(self.progress))  # fmt: skip
+        print(format_summary(summary))
+
+
+@dataclass
+class RecalibrateCommand:
+    """Recompute a finished run's batch-norm statistics at its final weights over training batches (precise batch
+    norm); writes new weights beside the old ones (model.safetensors itself is never replaced)."""
+
+    run_dir: RunDir
+    """Run directory written by `cascadenet train`."""
+    batches: int | None = None
+    """Training batches (of the run's batch size, augmented as in training; default: the run's
+    --recalibrate-batches, or 4)."""
+    output: Annotated[str, tyro.conf.arg(aliases=("-o",))] = "model-recalibrated.safetensors"
+    """File name of the new weights, in the run directory."""
+    overwrite: bool = False
+    """Allow --output to replace an earlier recalibration's file (never model.safetensors)."""
+    data_root: DataRoot = None
+    device: Device = "auto"
+    threads: Threads = None
+
+    def run(self) -> None:
+        from ..training.recalibrate import recalibrate_run
+
+        path, record = recalibrate_run(self.run_dir, batches=self.batches, output=self.output,
+                                       overwrite=self.overwrite, data_root=self.data_root,
+                                       device=self.device)  # fmt: skip
+        print(f"wrote {path}: statistics over {record['batches']} batches ({record['examples']} examples) "
+              f"(next: cascadenet eval {self.run_dir} --weights {path.name})")  # fmt: skip
+
+
+@dataclass
+class PlotCommand:
+    """Overlay per-step accuracy and the threshold speed-accuracy curves of several evaluated runs."""
+
+    runs: RunDirs
+    """Run directories (each evaluated with `cascadenet eval`)."""
+    output: Annotated[str, tyro.conf.arg(aliases=("-o",))] = "speed_accuracy.png"
+    """Figure file (.png, .pdf or .svg)."""
+    overwrite: bool = False
+    """Allow --output to replace an existing file."""
+    eval_file: str = "eval.json"
+    """Which evaluation of each run to plot (e.g. eval-serial.json)."""
+    title: str | None = None
+    """Figure title."""
+
+    def run(self) -> None:
+        from ..evaluation.plotting import plot_runs
+
+        results = []
+        for run in self.runs:
+            path = Path(run) / self.eval_file
+            if not path.is_file():
+                raise CheckpointError(f"{path}: no evaluation here; run `cascadenet eval {run}` first")
+            try:
+                results.append((Path(run).name, json.loads(path.read_text())))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: not a readable evaluation: {e}") from None
+        print(plot_runs(results, self.output, title=self.title, overwrite=self.overwrite))
