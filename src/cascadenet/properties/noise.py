@@ -401,6 +401,34 @@ def noise_robustness(
         (None if it does not within the trajectory).
     """
     _check_streaming(model)
+    sigmas, protocols, alphas = _check_options(sigmas, protocols, alphas, seed, batch_size, max_examples)
+    templates, num_steps = _plan_protocols(model, protocols, num_steps, steps_noisy, burst)
+    variants = {
+        f"ews-{a:g}": ews_variant(model, a, num_steps=num_steps, calibration=ews_calibration and ews_calibration())
+        for a in alphas
+    }
+    images, labels = _pick_examples(ds, max_examples, seed)
+    was_training = model.training
+    model.eval()
+    runs = [(p, s) for p in protocols for s in sigmas if s > 0]
+    bar = tqdm(total=(len(runs) + 1) * math.ceil(len(labels) / batch_size), desc="noise", disable=not progress,
+               leave=False)  # fmt: skip
+    bench = _Bench(model, variants, _method_names(model, alphas), images, labels, mean, std, num_steps, seed,
+                   batch_size, amp, bar)  # fmt: skip
+    try:
+        clean = bench.predictions(Protocol("persistent"), 0.0)
+        results = {p: [bench.entry(templates[p], sigma, clean) for sigma in sigmas] for p in protocols}
+    finally:
+        bar.close()
+        model.train(was_training)
+    return _record(bench, templates, sigmas, alphas, ews_calibration is not None, max_examples, clean, results)
+
+
+def _check_options(
+    sigmas: Sequence[float], protocols: Sequence[str], alphas: Sequence[float], seed: int, batch_size: int,
+    max_examples: int | None,
+) -> tuple[list[float], list[str], list[float]]:  # fmt: skip
+    """Check ``noise_robustness``'s options; returns the sigmas, protocols and alphas as lists."""
     sigmas = [_check_sigma(s) for s in _unique("--sigmas", sigmas)]
     protocols = _unique("--protocols", protocols)
     for p in protocols:
@@ -414,6 +442,14 @@ def noise_robustness(
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):  # fmt: skip
         raise ValueError(f"--max-examples must be a positive integer, got {max_examples!r}")
+    return sigmas, protocols, alphas
+
+
+def _plan_protocols(
+    model: nn.Module, protocols: list[str], num_steps: int | None, steps_noisy: int | None, burst: Sequence[int] | None
+) -> tuple[dict[str, Protocol], int]:
+    """Each protocol with its K and burst (defaults from the model), and the trajectory length, checked against
+    each other: the transient and the burst must end within the trajectory."""
     k, burst, default_steps = _default_lengths(model, protocols, steps_noisy, burst)
     templates = {p: Protocol(p, steps_noisy=k, burst=burst) for p in protocols}  # validates K and the burst
     if num_steps is None:
@@ -424,65 +460,82 @@ def noise_robustness(
         raise ValueError(f"--steps-noisy {k} must be below --num-steps {num_steps} (else the noise never ends)")
     if "burst" in protocols and burst[1] >= num_steps:
         raise ValueError(f"--burst {burst[0]} {burst[1]}: its last step must be below --num-steps {num_steps}")
-    variants = {
-        f"ews-{a:g}": ews_variant(model, a, num_steps=num_steps, calibration=ews_calibration and ews_calibration())
-        for a in alphas
-    }
-    methods = _method_names(model, alphas)
+    return templates, num_steps
 
+
+def _pick_examples(ds: ImageSet, max_examples: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """The evaluated images (on their device) and labels (on the CPU): all of ``ds``, or a seeded random subset
+    of ``max_examples`` in their original order."""
     n_all = len(ds)
     if max_examples is not None and max_examples < n_all:
         picked = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))[:max_examples].sort().values
         images, labels = ds.images[picked.to(ds.images.device)], ds.labels[picked.to(ds.labels.device)]
     else:
         images, labels = ds.images, ds.labels
-    labels = labels.cpu()
-    n = len(labels)
-    was_training = model.training
-    model.eval()
-    dev_type = images.device.type
-    runs = [(p, s) for p in protocols for s in sigmas if s > 0]
-    bar = tqdm(total=(len(runs) + 1) * math.ceil(n / batch_size), desc="noise", disable=not progress, leave=False)
+    return images, labels.cpu()
 
-    def predictions(protocol: Protocol, sigma: float) -> dict[str, Tensor]:
-        parts: dict[str, list[Tensor]] = {m: [] for m in methods}
-        for start in range(0, n, batch_size):
-            with autocast(dev_type, amp):
-                traj = noise_trajectories(model, images[start : start + batch_size], mean, std, sigma, protocol,
-                                          num_steps, variants=variants, seed=seed, offset=start)  # fmt: skip
-            for m in methods:
+
+@dataclass
+class _Bench:
+    """What every trajectory of one ``noise_robustness`` call shares: the model and its EWS variants, the methods,
+    the examples, the normalisation, the trajectory length, the noise seed and the batching."""
+
+    model: nn.Module
+    variants: dict[str, nn.Module]
+    methods: list[str]
+    images: Tensor
+    labels: Tensor  # on the CPU
+    mean: Tensor
+    std: Tensor
+    num_steps: int
+    seed: int
+    batch_size: int
+    amp: bool
+    bar: Any  # the progress bar: one update per batch
+
+    def predictions(self, protocol: Protocol, sigma: float) -> dict[str, Tensor]:
+        """Every method's predictions ``(T, N)`` on the frames of one protocol and sigma, batch by batch."""
+        parts: dict[str, list[Tensor]] = {m: [] for m in self.methods}
+        for start in range(0, len(self.labels), self.batch_size):
+            with autocast(self.images.device.type, self.amp):
+                traj = noise_trajectories(self.model, self.images[start : start + self.batch_size], self.mean,
+                                          self.std, sigma, protocol, self.num_steps, variants=self.variants,
+                                          seed=self.seed, offset=start)  # fmt: skip
+            for m in self.methods:
                 parts[m].append(traj[m].argmax(-1).cpu())
-            bar.update()
+            self.bar.update()
         return {m: torch.cat(v, dim=1) for m, v in parts.items()}  # (T, N) each
 
-    def scores(pred: Tensor) -> dict[str, Any]:
-        acc = (pred == labels).double().mean(1)
+    def scores(self, pred: Tensor) -> dict[str, Any]:
+        """Accuracy per step, at the last step and over the steps, of predictions ``(T, N)``."""
+        acc = (pred == self.labels).double().mean(1)
         return {"accuracy_per_step": acc.tolist(), "final_accuracy": float(acc[-1]), "mean_accuracy": float(acc.mean())}
 
-    try:
-        clean = predictions(Protocol("persistent"), 0.0)
-        results: dict[str, list[dict[str, Any]]] = {p: [] for p in protocols}
-        for p in protocols:
-            protocol = templates[p]
-            for sigma in sigmas:
-                preds = clean if sigma == 0 else predictions(protocol, sigma)  # sigma 0: the frames are the clean ones
-                entry = {}
-                for m in methods:
-                    agree = (preds[m] == clean[m]).double().mean(1)
-                    entry[m] = {**scores(preds[m]), "agreement_per_step": agree.tolist()}
-                    if protocol.last_noisy is not None:
-                        entry[m]["recovery_step"] = _recovery(agree, protocol.last_noisy)
-                results[p].append({"sigma": sigma, "methods": entry})
-    finally:
-        bar.close()
-        model.train(was_training)
+    def entry(self, protocol: Protocol, sigma: float, clean: dict[str, Tensor]) -> dict[str, Any]:
+        """One protocol at one sigma: per method, its scores, its agreement with its own clean run, and (where
+        the noise ends) its recovery step."""
+        preds = clean if sigma == 0 else self.predictions(protocol, sigma)  # sigma 0: the frames are the clean ones
+        entry = {}
+        for m in self.methods:
+            agree = (preds[m] == clean[m]).double().mean(1)
+            entry[m] = {**self.scores(preds[m]), "agreement_per_step": agree.tolist()}
+            if protocol.last_noisy is not None:
+                entry[m]["recovery_step"] = _recovery(agree, protocol.last_noisy)
+        return {"sigma": sigma, "methods": entry}
 
+
+def _record(
+    bench: _Bench, templates: dict[str, Protocol], sigmas: list[float], alphas: Sequence[float],
+    own_statistics: bool, max_examples: int | None, clean: dict[str, Tensor], results: dict[str, list[Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """``noise_robustness``'s JSON-ready result: the settings, each protocol's noisy steps, the methods, the
+    clean run and the results."""
+    model, num_steps, protocols = bench.model, bench.num_steps, list(templates)
     settle = int(getattr(model, "settle_steps", model.num_steps))
     config = model.config
     own_delay = getattr(config, "delay", None)
     protocol_info = {}
-    for p in protocols:
-        protocol = templates[p]
+    for p, protocol in templates.items():
         info: dict[str, Any] = {"description": _DESCRIPTIONS[p], "noisy_steps": protocol.noisy_steps(num_steps)}
         if protocol.last_noisy is not None:
             info["last_noisy_step"] = protocol.last_noisy
@@ -491,9 +544,9 @@ def noise_robustness(
         protocol_info[p] = info
     return {
         "split": None,
-        "num_examples": n,
+        "num_examples": len(bench.labels),
         "max_examples": max_examples,
-        "seed": seed,
+        "seed": bench.seed,
         "num_steps": num_steps,
         "model_num_steps": int(model.num_steps),
         "settle_steps": settle,
@@ -501,16 +554,16 @@ def noise_robustness(
         "model": config.to_dict(),
         "noise": "Gaussian pixel noise of std sigma on the [0, 1] pixel scale, added before normalisation, "
         "clipped to [0, 1], then normalised with the run's mean and std",
-        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "normalization": {"mean": bench.mean.tolist(), "std": bench.std.tolist()},
         "sigmas": sigmas,
         "alphas": [float(a) for a in alphas],
-        "ews_statistics": "own" if ews_calibration is not None else "trained",
-        "steps_noisy": k if "transient" in protocols else None,
-        "burst": list(burst) if "burst" in protocols else None,
+        "ews_statistics": "own" if own_statistics else "trained",
+        "steps_noisy": templates["transient"].steps_noisy if "transient" in protocols else None,
+        "burst": list(templates["burst"].burst) if "burst" in protocols else None,
         "protocols": protocol_info,
-        "methods": {m: _method_description(m, config, ews_calibration is not None) for m in methods},
+        "methods": {m: _method_description(m, config, own_statistics) for m in bench.methods},
         "recovered_agreement": RECOVERED,
-        "clean": {m: scores(clean[m]) for m in methods},
+        "clean": {m: bench.scores(clean[m]) for m in bench.methods},
         "results": results,
     }
 
