@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +340,30 @@ def ood_run(
         cascadenet.models.checkpoint.CheckpointError, cascadenet.data.datasets.DataError: an unusable run or dataset.
     """
     run_dir = Path(run_dir)
+    cfg, holdout, synthetic = _check_options(run_dir, ood_dataset, ood_data, holdout, synthetic, batch_size, seed)
+    out_dir = Path(out) if out is not None else run_dir / "ood"
+    _check_outputs(out_dir, overwrite)
+
+    loaded = load_run(run_dir, split="test", data_root=data_root, device=device)
+    first = loaded.model.first_informative_exit
+
+    def logits_of(images: Tensor, desc: str) -> Tensor:
+        return _logits(loaded, images, desc, batch_size, progress)
+
+    sets = _ood_sets(cfg, loaded.data, holdout, synthetic, ood_dataset, ood_data, data_root, seed)
+    in_logits = logits_of(loaded.data.images, "in-distribution (test)")
+    fit = _detector_features(run_dir, data_root, device, logits_of, first, seed)
+    results, curves = _compare_sets(sets, in_logits, fit, logits_of, first)
+    result = _record(run_dir, cfg, loaded.data, in_logits, first, fit is not None, synthetic, seed, results)
+    _write_report(out_dir, result, curves, overwrite)
+    return result
+
+
+def _check_options(
+    run_dir: Path, ood_dataset: str | None, ood_data: Any, holdout: bool, synthetic: bool, batch_size: int, seed: int
+) -> tuple[TrainConfig, bool, bool]:
+    """Check ``ood_run``'s options against each other and the run; returns the run's configuration and which of
+    the held-out classes and the synthetic sets to test (both where they can be, when no set was asked)."""
     if ood_data is not None and ood_dataset is None:
         raise ValueError("--ood-data names the folder of --ood-dataset: pass --ood-dataset NAME too")
     if ood_dataset is not None and ood_dataset not in DATASETS:
@@ -355,39 +380,51 @@ def ood_run(
                          "some out)")  # fmt: skip
     if not (holdout or synthetic or ood_dataset):
         holdout, synthetic = bool(cfg.holdout_classes), True
-    out_dir = Path(out) if out is not None else run_dir / "ood"
-    _check_outputs(out_dir, overwrite)
+    return cfg, holdout, synthetic
 
-    loaded = load_run(run_dir, split="test", data_root=data_root, device=device)
-    model, test, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
-    dev, first = test.images.device, model.first_informative_exit
 
-    def logits_of(images: Tensor, desc: str) -> Tensor:
-        ds = ImageSet(images.to(dev), torch.zeros(len(images), dtype=torch.int64, device=dev), test.classes,
-                      test.name, hflip=False)  # fmt: skip
-        return dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress, desc=desc)
+def _logits(loaded: Any, images: Tensor, desc: str, batch_size: int, progress: bool) -> Tensor:
+    """The exit logits ``(E, N, C)`` of uint8 images through a loaded run's model, normalised as its test split."""
+    test, dev = loaded.data, loaded.data.images.device
+    ds = ImageSet(images.to(dev), torch.zeros(len(images), dtype=torch.int64, device=dev), test.classes,
+                  test.name, hflip=False)  # fmt: skip
+    return dataset_logits(loaded.model, ds, loaded.mean, loaded.std, batch_size=batch_size, amp=loaded.amp,
+                          progress=progress, desc=desc)  # fmt: skip
 
-    sets = _ood_sets(cfg, test, holdout, synthetic, ood_dataset, ood_data, data_root, seed)
-    in_logits = logits_of(test.images, "in-distribution (test)")
+
+def _detector_features(
+    run_dir: Path, data_root: str | None, device: str, logits_of: Callable[[Tensor, str], Tensor], first: int, seed: int
+) -> dict[str, np.ndarray] | None:
+    """The learned detector's training features: the run's validation split (``in``) and each synthetic kind made
+    from it (never the test split); None when the run held out no validation split."""
+    val_images = _validation_images(run_dir, data_root, device)
+    if val_images is None:
+        return None
+    fit = {"in": trace_features(logits_of(val_images, "validation (detector)"), first)}
+    for kind in SYNTHETIC:
+        images = synthetic_ood(kind, val_images, seed=2 * seed + 1)
+        fit[kind] = trace_features(logits_of(images, f"{kind} of validation (detector)"), first)
+    return fit
+
+
+def _compare_sets(
+    sets: list[_OODSet],
+    in_logits: Tensor,
+    fit: dict[str, np.ndarray] | None,
+    logits_of: Callable[[Tensor, str], Tensor],
+    first: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every OOD set scored against the in-distribution trace (with its own learned detector, when there is a
+    validation split to fit it on): the result of each set and its ROC curves."""
     in_scores = trace_scores(in_logits, first)
     in_prof = step_profiles(in_logits, first)
-
-    # the learned detector: the run's validation split against synthetic sets made from it (never the test split)
-    val_images = _validation_images(run_dir, data_root, device)
-    fit: dict[str, np.ndarray] = {}
-    if val_images is not None:
-        fit["in"] = trace_features(logits_of(val_images, "validation (detector)"), first)
-        for kind in SYNTHETIC:
-            images = synthetic_ood(kind, val_images, seed=2 * seed + 1)
-            fit[kind] = trace_features(logits_of(images, f"{kind} of validation (detector)"), first)
     in_features = trace_features(in_logits, first)
-
     results, curves = {}, {}
     for s in sets:
         logits = logits_of(s.images, s.key)
         scores = trace_scores(logits, first)
         detector = None
-        if val_images is not None:
+        if fit is not None:
             detector = LogisticDetector.fit(fit["in"], np.concatenate([fit[k] for k in s.fit_on]))
             scores["learned"] = detector.score(trace_features(logits, first))
             in_scores["learned"] = detector.score(in_features)
@@ -395,8 +432,17 @@ def ood_run(
         results[s.key] = _compare(s, in_scores, scores, in_prof, prof, detector)
         curves[s.key] = {name: roc_curve(in_scores[name], scores[name]) for name in SCORES if name in scores}
         in_scores.pop("learned", None)  # each set's detector is its own
+    return results, curves
 
-    result = {
+
+def _record(
+    run_dir: Path, cfg: TrainConfig, test: ImageSet, in_logits: Tensor, first: int, detector: bool, synthetic: bool,
+    seed: int, results: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """``ood_run``'s JSON-ready result: the in-distribution data, the conventions, the scores, the detector, and
+    the in-distribution profile beside each OOD set's result."""
+    in_prof = step_profiles(in_logits, first)
+    return {
         "run": run_dir.name,
         "in_distribution": {
             "dataset": cfg.dataset,
@@ -418,7 +464,7 @@ def ood_run(
             "logistic regression (L2 1e-3, classes weighted equally, Newton from zero) on per-exit max softmax and "
             "entropy, flips and settling step; fitted on the run's validation split (in) against the synthetic "
             f"kinds made from it other than the tested one (noise seed {2 * seed + 1})"
-            if val_images is not None
+            if detector
             else None
         ),
         "synthetic": {k: SYNTHETIC[k] for k in SYNTHETIC} if synthetic else {},
@@ -428,8 +474,6 @@ def ood_run(
         },
         "ood_sets": results,
     }
-    _write_report(out_dir, result, curves, overwrite)
-    return result
 
 
 def _check_outputs(out_dir: Path, overwrite: bool) -> None:
