@@ -566,72 +566,18 @@ def typicality(
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it (nothing was written)")
     dev = resolve_device(device)
 
-    runs, first = [], None
-    for path in paths:
-        loaded = load_run(path, split=split, data_root=data_root, device=str(dev))
-        cfg, source, idx = _source_examples(path, split, data_root)
-        data = loaded.data
-        if not (torch.equal(source.labels[idx], data.labels.cpu()) and torch.equal(source.images[idx],
-                                                                                   data.images.cpu())):  # fmt: skip
-            raise RuntimeError(f"{path}: the {split} split's examples are not at the positions computed for them")
-        if first is None:
-            first = (path, cfg, source, idx)
-        elif (
-            cfg.dataset != first[1].dataset
-            or not torch.equal(idx, first[3])
-            or _fingerprint(data) != _fingerprint(first[2].subset(first[3]))
-        ):
-            raise ValueError(
-                f"{path} and {first[0]} evaluate different {split} examples (dataset {cfg.dataset} vs "
-                f"{first[1].dataset}, seed {cfg.seed} vs {first[1].seed}, val fraction {cfg.val_fraction} vs "
-                f"{first[1].val_fraction}): typicality compares runs on the same examples"
-            )
-        runs.append((path, loaded))
-    _, cfg, source, idx = first
+    runs, (cfg, source, idx) = _load_runs(paths, split, data_root, dev)
     idx_np = idx.numpy()
     labels = source.labels[idx].numpy()
     if bins > idx_np.size:  # before the estimator's work, not after it
         raise ValueError(f"--bins {bins}: more bins than {split} examples ({idx_np.size})")
 
     out.mkdir(parents=True, exist_ok=True)
-    tiebreak = None
-    if scores is not None:
-        what = f"the {cfg.dataset} {'test' if split == 'test' else 'training'} set"
-        score = read_scores(scores, len(source), source.labels.numpy(), what)[idx_np]
-        score_source: dict[str, Any] = {"kind": "file", "path": str(scores)}
-    else:
-        if split == "test":  # the test examples are scored by every model trained on the training set
-            pool = load_dataset(cfg.dataset, data_root or cfg.data_root, "train", image_size=cfg.image_size,
-                                synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
-            found, cache, reused = cached_consistency_scores(pool, estimator, out, extra=source, device=dev,
-                                                             progress=progress)  # fmt: skip
-            score, tiebreak = found["extra_score"][idx_np], found["extra_probability"][idx_np]
-        else:
-            found, cache, reused = cached_consistency_scores(source, estimator, out, device=dev, progress=progress)
-            score, tiebreak = found["score"][idx_np], found["probability"][idx_np]
-        score_source = {"kind": "estimator", "options": dataclasses.asdict(estimator), "cache": str(cache),
-                        "reused": reused}  # fmt: skip
+    score, tiebreak, score_source = _example_scores(scores, split, cfg, source, idx_np, estimator, out, data_root, dev,
+                                                    progress)  # fmt: skip
     bin_of = quantile_bins(score, bins, tiebreak)
-
-    bin_info = []
-    for b in range(bins):
-        members = score[bin_of == b]
-        bin_info.append({
-            "bin": b + 1,
-            "n": int(members.size),
-            "score_min": float(members.min()) if members.size else None,
-            "score_max": float(members.max()) if members.size else None,
-            "score_mean": float(members.mean()) if members.size else None,
-        })  # fmt: skip
-    names = _run_names(paths)
-    run_results = []
-    for name, (path, loaded) in zip(names, runs):
-        model = loaded.model
-        logits = dataset_logits(model, loaded.data, loaded.mean, loaded.std, batch_size=batch_size, amp=loaded.amp,
-                                progress=progress, desc=f"typicality {name}")  # fmt: skip
-        analysis = bin_analysis(logits.softmax(-1), labels, bin_of, bins, score, thresholds=thresholds,
-                                first_step=model.first_informative_exit)  # fmt: skip
-        run_results.append({"name": name, "run_dir": str(path), "family": model.config.family, **analysis})
+    bin_info = _bin_summary(score, bin_of, bins)
+    run_results = _analyse_runs(runs, labels, bin_of, bins, score, thresholds, batch_size, progress)
     result = {
         "split": split,
         "dataset": cfg.dataset,
@@ -655,6 +601,94 @@ def typicality(
     _save_figure(result, out / "typicality.png")
     result["out"] = str(out)
     return result
+
+
+def _load_runs(
+    paths: Sequence[Path], split: str, data_root: str | None, dev: torch.device
+) -> tuple[list[tuple[Path, Any]], tuple[TrainConfig, ImageSet, Tensor]]:
+    """Each run loaded on its ``split``, checked to hold the examples at the positions computed for them, and the
+    same examples as the first run; returns the runs, and the first run's configuration, the dataset split its
+    examples are drawn from and their positions in it."""
+    runs, first = [], None
+    for path in paths:
+        loaded = load_run(path, split=split, data_root=data_root, device=str(dev))
+        cfg, source, idx = _source_examples(path, split, data_root)
+        data = loaded.data
+        if not (torch.equal(source.labels[idx], data.labels.cpu()) and torch.equal(source.images[idx],
+                                                                                   data.images.cpu())):  # fmt: skip
+            raise RuntimeError(f"{path}: the {split} split's examples are not at the positions computed for them")
+        if first is None:
+            first = (path, cfg, source, idx)
+        elif (
+            cfg.dataset != first[1].dataset
+            or not torch.equal(idx, first[3])
+            or _fingerprint(data) != _fingerprint(first[2].subset(first[3]))
+        ):
+            raise ValueError(
+                f"{path} and {first[0]} evaluate different {split} examples (dataset {cfg.dataset} vs "
+                f"{first[1].dataset}, seed {cfg.seed} vs {first[1].seed}, val fraction {cfg.val_fraction} vs "
+                f"{first[1].val_fraction}): typicality compares runs on the same examples"
+            )
+        runs.append((path, loaded))
+    _, cfg, source, idx = first
+    return runs, (cfg, source, idx)
+
+
+def _example_scores(
+    scores: str | os.PathLike | None, split: str, cfg: TrainConfig, source: ImageSet, idx: np.ndarray,
+    estimator: EstimatorOptions, out: Path, data_root: str | None, dev: torch.device, progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:  # fmt: skip
+    """The typicality of each evaluated example (at positions ``idx`` of ``source``), its tie-break (None for a
+    score file) and where it came from: the score file, or the estimator (its scores cached in ``out``)."""
+    tiebreak = None
+    if scores is not None:
+        what = f"the {cfg.dataset} {'test' if split == 'test' else 'training'} set"
+        score = read_scores(scores, len(source), source.labels.numpy(), what)[idx]
+        return score, tiebreak, {"kind": "file", "path": str(scores)}
+    if split == "test":  # the test examples are scored by every model trained on the training set
+        pool = load_dataset(cfg.dataset, data_root or cfg.data_root, "train", image_size=cfg.image_size,
+                            synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+        found, cache, reused = cached_consistency_scores(pool, estimator, out, extra=source, device=dev,
+                                                         progress=progress)  # fmt: skip
+        score, tiebreak = found["extra_score"][idx], found["extra_probability"][idx]
+    else:
+        found, cache, reused = cached_consistency_scores(source, estimator, out, device=dev, progress=progress)
+        score, tiebreak = found["score"][idx], found["probability"][idx]
+    score_source = {"kind": "estimator", "options": dataclasses.asdict(estimator), "cache": str(cache),
+                    "reused": reused}  # fmt: skip
+    return score, tiebreak, score_source
+
+
+def _bin_summary(score: np.ndarray, bin_of: np.ndarray, bins: int) -> list[dict[str, Any]]:
+    """Per bin, its size and the range and mean of its scores (None for an empty bin)."""
+    bin_info = []
+    for b in range(bins):
+        members = score[bin_of == b]
+        bin_info.append({
+            "bin": b + 1,
+            "n": int(members.size),
+            "score_min": float(members.min()) if members.size else None,
+            "score_max": float(members.max()) if members.size else None,
+            "score_mean": float(members.mean()) if members.size else None,
+        })  # fmt: skip
+    return bin_info
+
+
+def _analyse_runs(
+    runs: list[tuple[Path, Any]], labels: np.ndarray, bin_of: np.ndarray, bins: int, score: np.ndarray,
+    thresholds: Sequence[float], batch_size: int, progress: bool,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Each run's exit logits on the examples, analysed per typicality bin (``bin_analysis``)."""
+    names = _run_names([path for path, _ in runs])
+    run_results = []
+    for name, (path, loaded) in zip(names, runs):
+        model = loaded.model
+        logits = dataset_logits(model, loaded.data, loaded.mean, loaded.std, batch_size=batch_size, amp=loaded.amp,
+                                progress=progress, desc=f"typicality {name}")  # fmt: skip
+        analysis = bin_analysis(logits.softmax(-1), labels, bin_of, bins, score, thresholds=thresholds,
+                                first_step=model.first_informative_exit)  # fmt: skip
+        run_results.append({"name": name, "run_dir": str(path), "family": model.config.family, **analysis})
+    return run_results
 
 
 def _run_names(paths: Sequence[Path]) -> list[str]:
