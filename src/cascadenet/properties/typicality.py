@@ -169,38 +169,45 @@ def bin_analysis(
     correct = (probs.argmax(-1) == labels_t).numpy()  # (E, N)
     settle = settle_steps(correct, first_step)
     members = [np.flatnonzero(bin_of == b) for b in range(bins)]
-
-    def mean(values: np.ndarray, idx: np.ndarray) -> float | None:
-        return float(values[..., idx].mean(-1)) if idx.size else None
-
-    per_bin = []
-    for idx in members:
-        per_bin.append({
+    per_bin = [
+        {
             "n": int(idx.size),
             "accuracy_per_step": [float(a) for a in correct[:, idx].mean(1)] if idx.size else None,
-            "mean_settle_step": mean(settle, idx),
-            "never_settled": mean((settle == E).astype(np.float64), idx),
-        })  # fmt: skip
-    policy = []
-    for q in thresholds:
-        stop = Confidence(q).stopping_steps(probs, first_step).numpy()
-        right = correct[stop, np.arange(N)].astype(np.float64)
-        policy.append({
-            "threshold": float(q),
-            "mean_step": float(stop.mean()),
-            "accuracy": float(right.mean()),
-            "spearman_score_stop": spearman(score, stop),
-            "mean_step_per_bin": [mean(stop.astype(np.float64), idx) for idx in members],
-            "accuracy_per_bin": [mean(right, idx) for idx in members],
-        })  # fmt: skip
+            "mean_settle_step": _mean_of(settle, idx),
+            "never_settled": _mean_of((settle == E).astype(np.float64), idx),
+        }
+        for idx in members
+    ]  # fmt: skip
     return {
         "num_exits": E,
         "first_informative_exit": first_step,
         "accuracy_per_step": [float(a) for a in correct.mean(1)],
         "bins": per_bin,
-        "threshold_policy": policy,
+        "threshold_policy": [_threshold_policy(q, probs, correct, score, members, first_step) for q in thresholds],
         "spearman_score_settle": spearman(score, settle),
         "settle_step": settle.tolist(),
+    }
+
+
+def _mean_of(values: np.ndarray, idx: np.ndarray) -> float | None:
+    """The mean of ``values`` over the examples ``idx`` (the last axis); None for no example."""
+    return float(values[..., idx].mean(-1)) if idx.size else None
+
+
+def _threshold_policy(
+    q: float, probs: Tensor, correct: np.ndarray, score: np.ndarray, members: list[np.ndarray], first_step: int
+) -> dict[str, Any]:
+    """The confidence-threshold policy at ``q``: its mean stopping step and accuracy, overall and per bin, and the
+    Spearman correlation of the score with the stopping step."""
+    stop = Confidence(q).stopping_steps(probs, first_step).numpy()
+    right = correct[stop, np.arange(correct.shape[1])].astype(np.float64)
+    return {
+        "threshold": float(q),
+        "mean_step": float(stop.mean()),
+        "accuracy": float(right.mean()),
+        "spearman_score_stop": spearman(score, stop),
+        "mean_step_per_bin": [_mean_of(stop.astype(np.float64), idx) for idx in members],
+        "accuracy_per_bin": [_mean_of(right, idx) for idx in members],
     }
 
 
@@ -710,20 +717,11 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 def format_report(result: dict[str, Any]) -> str:
     """The markdown report of :func:`typicality`."""
-    src = result["scores"]
-    if src["kind"] == "file":
-        source = f"scores from `{src['path']}`"
-    else:
-        o = src["options"]
-        source = (
-            f"built-in hold-out consistency estimator ({o['folds']} folds x {o['repeats']} repeats, {o['model']}, "
-            f"{o['epochs']} epochs, seed {o['seed']}; ties broken by the mean held-out probability of the label; "
-            f"cache `{src['cache']}`{', reused' if src['reused'] else ''})"
-        )
     lines = [
         "# Typicality: are typical examples classified sooner?",
         "",
-        f"{result['num_examples']} examples of the {result['dataset']} {result['split']} split; typicality: {source}.",
+        f"{result['num_examples']} examples of the {result['dataset']} {result['split']} split; typicality: "
+        f"{_score_source(result['scores'])}.",
         f"Bins are typicality quantiles, 1 = least typical, {result['num_bins']} = most typical. Settle step: the "
         "first step from which the example stays correct (never before the first informative exit; an example "
         "wrong at the last step counts as E, the number of exits). Spearman: rank correlation of the score with "
@@ -735,40 +733,72 @@ def format_report(result: dict[str, Any]) -> str:
     for b in result["bins"]:
         lines.append(f"| {b['bin']} | {b['n']} | {_num(b['score_min'], '.3f')} | {_num(b['score_max'], '.3f')} | "
                      f"{_num(b['score_mean'], '.3f')} |")  # fmt: skip
+    lines += _settle_table(result)
+    for p, q in enumerate(result["thresholds"]):
+        lines += _policy_table(result, p, q)
+    for r in result["runs"]:
+        lines += _accuracy_table(r)
+    lines += ["", "Figure: `typicality.png` (accuracy against step per bin, one panel per run). Every number: "
+              "`typicality.json`.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _score_source(src: dict[str, Any]) -> str:
+    """Where the report's scores came from, in words."""
+    if src["kind"] == "file":
+        return f"scores from `{src['path']}`"
+    o = src["options"]
+    return (
+        f"built-in hold-out consistency estimator ({o['folds']} folds x {o['repeats']} repeats, {o['model']}, "
+        f"{o['epochs']} epochs, seed {o['seed']}; ties broken by the mean held-out probability of the label; "
+        f"cache `{src['cache']}`{', reused' if src['reused'] else ''})"
+    )
+
+
+def _settle_table(result: dict[str, Any]) -> list[str]:
+    """The runs side by side: mean settle step per bin, and the Spearman correlation of score and settle step."""
     runs = result["runs"]
-    lines += ["", "## Side by side", "", "Mean settle step per bin (fraction never settled in brackets), and the "
-              "Spearman correlation of score and settle step.", ""]  # fmt: skip
+    lines = ["", "## Side by side", "", "Mean settle step per bin (fraction never settled in brackets), and the "
+             "Spearman correlation of score and settle step.", ""]  # fmt: skip
     lines.append("| bin | " + " | ".join(f"{r['name']} (E={r['num_exits']})" for r in runs) + " |")
     lines.append("|---|" + "---|" * len(runs))
     for b in range(result["num_bins"]):
         cells = [f"{_num(r['bins'][b]['mean_settle_step'])} ({_pct(r['bins'][b]['never_settled'])}%)" for r in runs]
         lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
     lines.append("| Spearman | " + " | ".join(_num(r["spearman_score_settle"], ".3f") for r in runs) + " |")
-    for p, q in enumerate(result["thresholds"]):
-        lines += ["", f"Confidence policy, threshold {q:g}: mean stopping step / accuracy at the stop (%).", ""]
-        lines.append("| bin | " + " | ".join(r["name"] for r in runs) + " |")
-        lines.append("|---|" + "---|" * len(runs))
-        for b in range(result["num_bins"]):
-            cells = [f"{_num(r['threshold_policy'][p]['mean_step_per_bin'][b])} / "
-                     f"{_pct(r['threshold_policy'][p]['accuracy_per_bin'][b])}" for r in runs]  # fmt: skip
-            lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
-        overall = [r["threshold_policy"][p] for r in runs]
-        lines.append("| all | " + " | ".join(f"{_num(o['mean_step'])} / {_pct(o['accuracy'])}" for o in overall) + " |")
-        lines.append("| Spearman (score, stop) | " + " | ".join(
-            _num(r["threshold_policy"][p]["spearman_score_stop"], ".3f") for r in runs) + " |")  # fmt: skip
-    for r in runs:
-        E = r["num_exits"]
-        lines += ["", f"## {r['name']} ({r['family']}, {E} exits, first informative exit "
-                  f"{r['first_informative_exit']}): accuracy (%) per step", ""]  # fmt: skip
-        lines.append("| bin | " + " | ".join(str(t) for t in range(E)) + " |")
-        lines.append("|---|" + "---|" * E)
-        for b, info in enumerate(r["bins"]):
-            acc = info["accuracy_per_step"] or [None] * E
-            lines.append(f"| {b + 1} | " + " | ".join(_pct(a) for a in acc) + " |")
-        lines.append("| all | " + " | ".join(_pct(a) for a in r["accuracy_per_step"]) + " |")
-    lines += ["", "Figure: `typicality.png` (accuracy against step per bin, one panel per run). Every number: "
-              "`typicality.json`.", ""]  # fmt: skip
-    return "\n".join(lines)
+    return lines
+
+
+def _policy_table(result: dict[str, Any], p: int, q: float) -> list[str]:
+    """The confidence policy at its ``p``-th threshold ``q``, runs side by side: mean stopping step and accuracy
+    at the stop per bin and overall, and the Spearman correlation of score and stopping step."""
+    runs = result["runs"]
+    lines = ["", f"Confidence policy, threshold {q:g}: mean stopping step / accuracy at the stop (%).", ""]
+    lines.append("| bin | " + " | ".join(r["name"] for r in runs) + " |")
+    lines.append("|---|" + "---|" * len(runs))
+    for b in range(result["num_bins"]):
+        cells = [f"{_num(r['threshold_policy'][p]['mean_step_per_bin'][b])} / "
+                 f"{_pct(r['threshold_policy'][p]['accuracy_per_bin'][b])}" for r in runs]  # fmt: skip
+        lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
+    overall = [r["threshold_policy"][p] for r in runs]
+    lines.append("| all | " + " | ".join(f"{_num(o['mean_step'])} / {_pct(o['accuracy'])}" for o in overall) + " |")
+    lines.append("| Spearman (score, stop) | " + " | ".join(
+        _num(r["threshold_policy"][p]["spearman_score_stop"], ".3f") for r in runs) + " |")  # fmt: skip
+    return lines
+
+
+def _accuracy_table(r: dict[str, Any]) -> list[str]:
+    """One run's accuracy per step and bin."""
+    E = r["num_exits"]
+    lines = ["", f"## {r['name']} ({r['family']}, {E} exits, first informative exit "
+             f"{r['first_informative_exit']}): accuracy (%) per step", ""]  # fmt: skip
+    lines.append("| bin | " + " | ".join(str(t) for t in range(E)) + " |")
+    lines.append("|---|" + "---|" * E)
+    for b, info in enumerate(r["bins"]):
+        acc = info["accuracy_per_step"] or [None] * E
+        lines.append(f"| {b + 1} | " + " | ".join(_pct(a) for a in acc) + " |")
+    lines.append("| all | " + " | ".join(_pct(a) for a in r["accuracy_per_step"]) + " |")
+    return lines
 
 
 def format_summary(result: dict[str, Any]) -> str:
