@@ -27,31 +27,30 @@ Definitions (also in docs/properties.md, section "Typicality"):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
-import logging
 import math
 import numbers
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from ..data.datasets import ImageSet, load_dataset
-from ..data.loader import iterate_batches, normalization, train_val_indices
+from ..data.loader import train_val_indices
 from ..evaluation.logits import dataset_logits
 from ..evaluation.policies import Confidence
 from ..runs.config import CONFIG, TrainConfig
 from ..runs.load import load_run
 from ..utils.device import resolve_device
 from ..utils.files import atomic_write
+from .consistency import EstimatorOptions, cached_consistency_scores, consistency_scores, fingerprint
+
+# the report's writers (typicality_report.py); typicality() calls _save_figure by this module's name
+from .typicality_report import _save_figure, format_report, format_summary
 
 __all__ = [
     "EstimatorOptions",
@@ -67,11 +66,8 @@ __all__ = [
     "typicality",
 ]
 
-log = logging.getLogger(__name__)
-
 SPLITS = ("val", "test", "train")
 REPORT_FILES = ("typicality.md", "typicality.json", "typicality.png")
-CACHE_FORMAT = 1
 
 
 # ---- statistics ------------------------------------------------------------------------------------------------
@@ -211,229 +207,6 @@ def _threshold_policy(
     }
 
 
-# ---- the hold-out consistency estimator ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class EstimatorOptions:
-    """Options of the built-in hold-out consistency estimator (each is part of the cache key)."""
-
-    folds: int = 4
-    """Folds per repeat: each model trains on (folds - 1) / folds of the training set and scores the rest."""
-    repeats: int = 2
-    """Random fold partitions: each training example is held out (and scored) once per repeat."""
-    epochs: int = 3
-    """Training epochs of each small model."""
-    model: Literal["mlp", "cnn"] = "mlp"
-    """mlp: raw pixels -> hidden ReLU layer -> classes; cnn: two 3x3 conv layers (32, 64) -> global average pool."""
-    hidden: int = 256
-    """Width of the MLP's hidden layer."""
-    batch_size: int = 128
-    """Batch size of the small models' training."""
-    lr: float = 1e-3
-    """Adam learning rate of the small models."""
-    seed: int = 0
-    """Seed of the fold partitions, initialisations and batch orders."""
-
-    def __post_init__(self) -> None:
-        for name, low in (("folds", 2), ("repeats", 1), ("epochs", 1), ("hidden", 1), ("batch_size", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"--{_flag(name)} must be an integer >= {low}, got {value!r}")
-        if self.model not in ("mlp", "cnn"):
-            raise ValueError(f"--estimator-model must be mlp or cnn, got {self.model!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not 0 < self.lr < math.inf:
-            raise ValueError(f"--estimator-lr must be a number > 0, got {self.lr!r}")
-
-
-def _flag(name: str) -> str:
-    """The command-line flag of an estimator option (``folds`` and ``repeats`` are bare; others are prefixed)."""
-    return name if name in ("folds", "repeats") else "estimator-" + name.replace("_", "-")
-
-
-def _small_model(options: EstimatorOptions, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    c, h, w = input_shape
-    if options.model == "mlp":
-        return nn.Sequential(
-            nn.Flatten(), nn.Linear(c * h * w, options.hidden), nn.ReLU(), nn.Linear(options.hidden, num_classes)
-        )
-    return nn.Sequential(
-        nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
-    )  # fmt: skip
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed derived from several integers (distinct tuples give unrelated seeds)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def _fit(train: ImageSet, options: EstimatorOptions, num_classes: int, mean: Tensor, std: Tensor, seed: int):
-    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
-        torch.manual_seed(seed)
-        model = _small_model(options, tuple(train.images.shape[1:]), num_classes)
-    model = model.to(train.images.device)
-    params = list(model.parameters())
-    adam = _Adam(params, options.lr)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(options.epochs):
-        for x, y in iterate_batches(train, options.batch_size, shuffle=True, augment=False, mean=mean, std=std,
-                                    generator=g):  # fmt: skip
-            loss = nn.functional.cross_entropy(model(x), y)
-            grads = torch.autograd.grad(loss, params)
-            adam.step(grads)
-    return model.eval()
-
-
-class _Adam:
-    """Adam (Kingma and Ba; torch.optim.Adam's defaults: betas 0.9, 0.999, eps 1e-8, no weight decay), written out
-    because the first use of any torch.optim optimizer imports torch._dynamo, which takes longer (seconds) than
-    the whole estimator on a small dataset."""
-
-    def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps=1e-8):
-        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-
-    @torch.no_grad()
-    def step(self, grads: Sequence[Tensor]) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
-
-
-@torch.no_grad()
-def _assess(model: nn.Module, ds: ImageSet, mean: Tensor, std: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per example of ``ds``: correct (0/1) and the softmax probability of its label."""
-    right, prob = [], []
-    for x, y in iterate_batches(ds, 1024, shuffle=False, augment=False, mean=mean, std=std):
-        p = model(x).float().softmax(-1)
-        right.append((p.argmax(-1) == y).cpu())
-        prob.append(p.gather(1, y[:, None])[:, 0].cpu())
-    return torch.cat(right).double().numpy(), torch.cat(prob).double().numpy()
-
-
-def consistency_scores(
-    pool: ImageSet,
-    options: EstimatorOptions = EstimatorOptions(),
-    *,
-    extra: ImageSet | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Hold-out consistency scores of every example of ``pool`` (a training set).
-
-    For each of ``repeats`` seeded random partitions of ``pool`` into ``folds`` folds, a small model is trained
-    on all folds but one and scores the held-out fold: each example is held out once per repeat, so its score is
-    its accuracy over ``repeats`` models that never saw it (a consistency score at subset ratio
-    (folds - 1) / folds). Images are normalised with the pool's per-channel statistics; no augmentation.
-
-    Args:
-        pool: the examples to score; the small models train on its other folds.
-        options: folds, repeats, epochs, the small model, its optimiser and the seed.
-        extra: examples outside the pool (e.g. a test split): every one of the ``folds * repeats`` models
-            scores them (none trained on them).
-        device: where the small models train.
-        progress: a progress bar over the models.
-
-    Returns:
-        ``score`` (held-out accuracy) and ``probability`` (mean held-out softmax probability of the label; a finer
-        tie-breaker for the coarse score), each ``(len(pool),)``; with ``extra``, ``extra_score`` and
-        ``extra_probability`` too.
-    """
-    n, k = len(pool), options.folds
-    if k > n:
-        raise ValueError(f"--folds {k}: more folds than training examples ({n})")
-    device = torch.device(device) if isinstance(device, str) else device
-    num_classes = max(pool.num_classes, int(pool.labels.max()) + 1)
-    mean, std = normalization(pool)
-    pool = pool.to(device)
-    extra = extra.to(device) if extra is not None else None
-    right, prob = np.zeros(n), np.zeros(n)
-    extra_right = np.zeros(len(extra)) if extra is not None else None
-    extra_prob = np.zeros(len(extra)) if extra is not None else None
-    bar = tqdm(total=k * options.repeats, desc="consistency estimator", disable=not progress, leave=False)
-    for r in range(options.repeats):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(options.seed, r)))
-        folds = perm.tensor_split(k)
-        for f in range(k):
-            held = folds[f].sort().values
-            train_idx = torch.cat([folds[j] for j in range(k) if j != f]).sort().values
-            model = _fit(pool.subset(train_idx), options, num_classes, mean, std, _seed(options.seed, r, f))
-            c, p = _assess(model, pool.subset(held), mean, std)
-            right[held.numpy()] += c
-            prob[held.numpy()] += p
-            if extra is not None:
-                c, p = _assess(model, extra, mean, std)
-                extra_right += c
-                extra_prob += p
-            bar.update()
-    bar.close()
-    out = {"score": right / options.repeats, "probability": prob / options.repeats}
-    if extra is not None:
-        out["extra_score"] = extra_right / (k * options.repeats)
-        out["extra_probability"] = extra_prob / (k * options.repeats)
-    return out
-
-
-def _fingerprint(ds: ImageSet) -> str:
-    h = hashlib.sha256()
-    h.update(repr((tuple(ds.images.shape), ds.name)).encode())
-    h.update(ds.images.cpu().contiguous().numpy().tobytes())
-    h.update(ds.labels.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def cached_consistency_scores(
-    pool: ImageSet,
-    options: EstimatorOptions,
-    cache_dir: str | os.PathLike,
-    *,
-    extra: ImageSet | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> tuple[dict[str, np.ndarray], Path, bool]:
-    """:func:`consistency_scores`, stored in ``cache_dir/consistency-<key>.npz`` and reused when the key matches.
-
-    The key is a hash of the dataset (the pool's images and labels, and ``extra``'s when given) and every
-    estimator option, so any change recomputes (into another file: the previous one stays for a later reuse).
-    The scores cover the whole pool, so the val and train splits of runs on the same training set share them.
-
-    Returns:
-        (the scores, the cache file, whether it was reused).
-    """
-    key = {
-        "format": CACHE_FORMAT,
-        "dataset": pool.name,
-        "pool": _fingerprint(pool),
-        "extra": None if extra is None else _fingerprint(extra),
-        "options": dataclasses.asdict(options),
-    }
-    text = json.dumps(key, sort_keys=True)
-    path = Path(cache_dir) / f"consistency-{hashlib.sha256(text.encode()).hexdigest()[:16]}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                found = {name: stored[name] for name in stored.files}
-            if str(found.pop("key")) == text and len(found["score"]) == len(pool):
-                log.info("consistency scores reused from %s", path)
-                return found, path, True
-            warnings.warn(f"{path}: another key than its name says; recomputing it", stacklevel=2)
-        except (OSError, ValueError, KeyError, EOFError) as e:  # a truncated or foreign file: compute it again
-            warnings.warn(f"{path}: unreadable cache ({e}); recomputing it", stacklevel=2)
-    scores = consistency_scores(pool, options, extra=extra, device=device, progress=progress)
-    buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(text), **scores)
-    atomic_write(path, buffer.getvalue())
-    return scores, path, False
-
-
 # ---- score files -------------------------------------------------------------------------------------------------
 
 
@@ -537,7 +310,7 @@ def typicality(
     split: str = "val",
     bins: int = 5,
     thresholds: Sequence[float] = (0.9,),
-    estimator: EstimatorOptions = EstimatorOptions(),
+    estimator: EstimatorOptions = EstimatorOptions(),  # noqa: B008 (frozen: immutable)
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     data_root: str | None = None,
@@ -629,7 +402,7 @@ def _load_runs(
         elif (
             cfg.dataset != first[1].dataset
             or not torch.equal(idx, first[3])
-            or _fingerprint(data) != _fingerprint(first[2].subset(first[3]))
+            or fingerprint(data) != fingerprint(first[2].subset(first[3]))
         ):
             raise ValueError(
                 f"{path} and {first[0]} evaluate different {split} examples (dataset {cfg.dataset} vs "
@@ -702,163 +475,3 @@ def _run_names(paths: Sequence[Path]) -> list[str]:
     """Run directory names, or the paths as given where two runs share a name."""
     names = [p.name or str(p) for p in paths]
     return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
-
-
-# ---- report --------------------------------------------------------------------------------------------------------
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _num(x: float | None, fmt: str = ".2f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The markdown report of :func:`typicality`."""
-    lines = [
-        "# Typicality: are typical examples classified sooner?",
-        "",
-        f"{result['num_examples']} examples of the {result['dataset']} {result['split']} split; typicality: "
-        f"{_score_source(result['scores'])}.",
-        f"Bins are typicality quantiles, 1 = least typical, {result['num_bins']} = most typical. Settle step: the "
-        "first step from which the example stays correct (never before the first informative exit; an example "
-        "wrong at the last step counts as E, the number of exits). Spearman: rank correlation of the score with "
-        "that step (ties averaged); negative means typical examples settle sooner.",
-        "",
-        "| bin | n | score min | score max | score mean |",
-        "|---|---|---|---|---|",
-    ]
-    for b in result["bins"]:
-        lines.append(f"| {b['bin']} | {b['n']} | {_num(b['score_min'], '.3f')} | {_num(b['score_max'], '.3f')} | "
-                     f"{_num(b['score_mean'], '.3f')} |")  # fmt: skip
-    lines += _settle_table(result)
-    for p, q in enumerate(result["thresholds"]):
-        lines += _policy_table(result, p, q)
-    for r in result["runs"]:
-        lines += _accuracy_table(r)
-    lines += ["", "Figure: `typicality.png` (accuracy against step per bin, one panel per run). Every number: "
-              "`typicality.json`.", ""]  # fmt: skip
-    return "\n".join(lines)
-
-
-def _score_source(src: dict[str, Any]) -> str:
-    """Where the report's scores came from, in words."""
-    if src["kind"] == "file":
-        return f"scores from `{src['path']}`"
-    o = src["options"]
-    return (
-        f"built-in hold-out consistency estimator ({o['folds']} folds x {o['repeats']} repeats, {o['model']}, "
-        f"{o['epochs']} epochs, seed {o['seed']}; ties broken by the mean held-out probability of the label; "
-        f"cache `{src['cache']}`{', reused' if src['reused'] else ''})"
-    )
-
-
-def _settle_table(result: dict[str, Any]) -> list[str]:
-    """The runs side by side: mean settle step per bin, and the Spearman correlation of score and settle step."""
-    runs = result["runs"]
-    lines = ["", "## Side by side", "", "Mean settle step per bin (fraction never settled in brackets), and the "
-             "Spearman correlation of score and settle step.", ""]  # fmt: skip
-    lines.append("| bin | " + " | ".join(f"{r['name']} (E={r['num_exits']})" for r in runs) + " |")
-    lines.append("|---|" + "---|" * len(runs))
-    for b in range(result["num_bins"]):
-        cells = [f"{_num(r['bins'][b]['mean_settle_step'])} ({_pct(r['bins'][b]['never_settled'])}%)" for r in runs]
-        lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
-    lines.append("| Spearman | " + " | ".join(_num(r["spearman_score_settle"], ".3f") for r in runs) + " |")
-    return lines
-
-
-def _policy_table(result: dict[str, Any], p: int, q: float) -> list[str]:
-    """The confidence policy at its ``p``-th threshold ``q``, runs side by side: mean stopping step and accuracy
-    at the stop per bin and overall, and the Spearman correlation of score and stopping step."""
-    runs = result["runs"]
-    lines = ["", f"Confidence policy, threshold {q:g}: mean stopping step / accuracy at the stop (%).", ""]
-    lines.append("| bin | " + " | ".join(r["name"] for r in runs) + " |")
-    lines.append("|---|" + "---|" * len(runs))
-    for b in range(result["num_bins"]):
-        cells = [f"{_num(r['threshold_policy'][p]['mean_step_per_bin'][b])} / "
-                 f"{_pct(r['threshold_policy'][p]['accuracy_per_bin'][b])}" for r in runs]  # fmt: skip
-        lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
-    overall = [r["threshold_policy"][p] for r in runs]
-    lines.append("| all | " + " | ".join(f"{_num(o['mean_step'])} / {_pct(o['accuracy'])}" for o in overall) + " |")
-    lines.append("| Spearman (score, stop) | " + " | ".join(
-        _num(r["threshold_policy"][p]["spearman_score_stop"], ".3f") for r in runs) + " |")  # fmt: skip
-    return lines
-
-
-def _accuracy_table(r: dict[str, Any]) -> list[str]:
-    """One run's accuracy per step and bin."""
-    E = r["num_exits"]
-    lines = ["", f"## {r['name']} ({r['family']}, {E} exits, first informative exit "
-             f"{r['first_informative_exit']}): accuracy (%) per step", ""]  # fmt: skip
-    lines.append("| bin | " + " | ".join(str(t) for t in range(E)) + " |")
-    lines.append("|---|" + "---|" * E)
-    for b, info in enumerate(r["bins"]):
-        acc = info["accuracy_per_step"] or [None] * E
-        lines.append(f"| {b + 1} | " + " | ".join(_pct(a) for a in acc) + " |")
-    lines.append("| all | " + " | ".join(_pct(a) for a in r["accuracy_per_step"]) + " |")
-    return lines
-
-
-def format_summary(result: dict[str, Any]) -> str:
-    """A few lines for the terminal: the Spearman correlations and where the report is."""
-    lines = [f"typicality of {result['num_examples']} {result['split']} examples in {result['num_bins']} bins "
-             f"({result['scores']['kind']} scores)"]  # fmt: skip
-    for r in result["runs"]:
-        settle = [b["mean_settle_step"] for b in r["bins"]]
-        lines.append(f"{r['name']}: Spearman(score, settle step) {_num(r['spearman_score_settle'], '.3f')}; "
-                     f"mean settle step per bin {' '.join(_num(s) for s in settle)}")  # fmt: skip
-    lines.append(f"report: {Path(result['out']) / 'typicality.md'}")
-    return "\n".join(lines)
-
-
-def _save_figure(result: dict[str, Any], path: Path) -> None:
-    buffer = io.BytesIO()
-    _figure(result).savefig(buffer, format="png", dpi=150)
-    atomic_write(path, buffer.getvalue())
-
-
-def _figure(result: dict[str, Any]) -> Any:
-    """Accuracy against step per typicality bin, one panel per run; a last panel of the mean settle step and
-    the mean stopping step (first threshold) per bin, one colour per run."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    runs, bins = result["runs"], result["num_bins"]
-    fig = Figure(figsize=(5.0 * (len(runs) + 1), 4.0))
-    axes = fig.subplots(1, len(runs) + 1, squeeze=False)[0]
-    colours = colormaps["viridis"](np.linspace(0, 0.9, bins))
-    for ax, r in zip(axes, runs):
-        for b, info in enumerate(r["bins"]):
-            if info["accuracy_per_step"] is None:
-                continue
-            acc = 100 * np.asarray(info["accuracy_per_step"])
-            label = f"bin {b + 1}" + (" (least typical)" if b == 0 else " (most typical)" if b == bins - 1 else "")
-            ax.plot(np.arange(acc.size), acc, marker=".", color=colours[b], label=label)
-        ax.set_title(f"{r['name']}: accuracy per typicality bin", fontsize="medium")
-        ax.set_xlabel("exit (internal time step)")
-        ax.set_ylabel("accuracy (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    ax = axes[-1]
-    x = np.arange(1, bins + 1)
-    tab = colormaps["tab10"].colors
-    for i, r in enumerate(runs):
-        settle = [np.nan if b["mean_settle_step"] is None else b["mean_settle_step"] for b in r["bins"]]
-        ax.plot(x, settle, marker="o", color=tab[i % 10], label=f"{r['name']}: settle step")
-        pol = r["threshold_policy"][0]
-        stop = [np.nan if s is None else s for s in pol["mean_step_per_bin"]]
-        ax.plot(
-            x, stop, marker="s", linestyle="--", color=tab[i % 10], label=f"{r['name']}: stop @ {pol['threshold']:g}"
-        )
-    ax.set_xlabel("typicality bin (1 = least typical)")
-    ax.set_ylabel("mean step")
-    ax.set_title("mean settle / stopping step per bin", fontsize="medium")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
