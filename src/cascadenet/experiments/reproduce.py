@@ -33,6 +33,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,12 +312,8 @@ def reproduce(
     root = Path(out) / f"{dataset}-{budget}"
     runs_dir = root / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    input_size = tuple(probe.images.shape[1:])
-    num_classes = len(probe.classes)
-    base = dict(dataset=dataset, data_root=data_root, synthetic_size=synthetic_size, epochs=spec.epochs,
-                batch_size=spec.batch_size, lr=spec.lr, schedule=spec.schedule, warmup_epochs=spec.warmup_epochs,
-                weight_decay=spec.weight_decay, max_batches=spec.max_batches, threads=threads, device=device,
-                progress=False)  # fmt: skip
+    data_shape = (tuple(probe.images.shape[1:]), len(probe.classes))
+    base = _shared_options(spec, dataset, data_root, synthetic_size, threads, device)
     started = time.perf_counter()
     sweep = _sweep_runs(spec, base, runs_dir)
     total = len(sweep) + seeds * 9  # an upper bound: sweep runs that are main runs are counted twice
@@ -332,6 +329,34 @@ def reproduce(
         bar.update(1)
         return runs_dir / name
 
+    sweep_rows, best = _lambda_sweep(sweep, ensure)
+    per_seed, run_dirs = _seed_results(spec, base, seeds, best, data_shape, root, ensure, device)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    record = _record(dataset, budget, spec, seeds, sweep_rows, best, per_seed, run_dirs, how, elapsed, runs_dir)
+    # the command's own outputs, rewritten whole on every call (atomically: a kill leaves the previous ones)
+    atomic_write(root / f"{dataset}.json", (json.dumps(record, indent=1) + "\n").encode())
+    figures = _plots(root, dataset, per_seed)
+    report = root / f"{dataset}.md"
+    atomic_write(report, _report(record, figures).encode())
+    return report
+
+
+def _shared_options(
+    spec: Budget, dataset: str, data_root: str | None, synthetic_size: int | None, threads: int | None, device: str
+) -> dict[str, Any]:
+    """The training options every run of the reproduction shares: the data, the recipe, where it runs."""
+    return dict(dataset=dataset, data_root=data_root, synthetic_size=synthetic_size, epochs=spec.epochs,
+                batch_size=spec.batch_size, lr=spec.lr, schedule=spec.schedule, warmup_epochs=spec.warmup_epochs,
+                weight_decay=spec.weight_decay, max_batches=spec.max_batches, threads=threads, device=device,
+                progress=False)  # fmt: skip
+
+
+def _lambda_sweep(
+    sweep: dict[tuple[str, float], TrainConfig], ensure: Callable[[TrainConfig], Path]
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The sweep's runs trained (or reused) and read: a row per run, and the lambda each swept model gets (the
+    best validation anytime AUC; on a tie, the smaller lambda)."""
     sweep_rows = []
     for (key, lam), cfg in sweep.items():
         row = _last_row(ensure(cfg))
@@ -341,6 +366,17 @@ def reproduce(
         key: max((r for r in sweep_rows if r["model"] == key), key=lambda r: (r["val_anytime_auc"], -r["lam"]))["lam"]
         for key in ("cascaded-td", "serial-td-mh")
     }
+    return sweep_rows, best
+
+
+def _seed_results(
+    spec: Budget, base: dict[str, Any], seeds: int, best: dict[str, float],
+    data_shape: tuple[tuple[int, int, int], int], root: Path, ensure: Callable[[TrainConfig], Path], device: str,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:  # fmt: skip
+    """Every seed's runs trained (or resumed, or reused) and each report entry evaluated on the test split: per
+    entry, the evaluation of each seed and its run directory (relative to ``root``)."""
+    runs_dir = root / "runs"
+    input_size, num_classes = data_shape
     per_seed: dict[str, list[dict[str, Any]]] = {e.key: [] for e in ENTRIES}
     run_dirs: dict[str, list[str]] = {e.key: [] for e in ENTRIES}
     for seed in range(seeds):
@@ -354,10 +390,18 @@ def reproduce(
             result["train_seconds"] = _train_seconds(run_dir)
             per_seed[entry.key].append(result)
             run_dirs[entry.key].append(str(run_dir.relative_to(root)))
-    bar.close()
-    elapsed = time.perf_counter() - started
+    return per_seed, run_dirs
+
+
+def _record(
+    dataset: str, budget: str, spec: Budget, seeds: int, sweep_rows: list[dict[str, Any]], best: dict[str, float],
+    per_seed: dict[str, list[dict[str, Any]]], run_dirs: dict[str, list[str]], how: dict[str, str], elapsed: float,
+    runs_dir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """The reproduction's JSON record: the recipe, the sweep and the lambdas chosen, each model's summary over
+    seeds and every seed's evaluation, how each run came to be, the time taken and the machine."""
     summary = summarize_reproduction(per_seed)
-    record = {
+    return {
         "dataset": dataset,
         "budget": budget,
         "recipe": dataclasses.asdict(spec),
@@ -380,12 +424,6 @@ def reproduce(
             "platform": platform.platform(),
         },  # fmt: skip
     }
-    # the command's own outputs, rewritten whole on every call (atomically: a kill leaves the previous ones)
-    atomic_write(root / f"{dataset}.json", (json.dumps(record, indent=1) + "\n").encode())
-    figures = _plots(root, dataset, per_seed)
-    report = root / f"{dataset}.md"
-    atomic_write(report, _report(record, figures).encode())
-    return report
 
 
 def _cpu_name() -> str:
@@ -501,6 +539,15 @@ def _fmt(stat: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
+    """The markdown report of a reproduction's record: the main table, accuracy at parallel latencies, per-exit
+    accuracy and cost, the lambda sweep, the plots and how it was made."""
+    lines = _main_table(record) + _latency_table(record["models"]) + _per_exit_table(record["models"])
+    lines += _sweep_table(record["lambda_sweep"]) + _closing(record, figures)
+    return "\n".join(lines)
+
+
+def _main_table(record: dict[str, Any]) -> list[str]:
+    """The title, what the columns mean, and a row per model: accuracy, areas and costs, mean ± std over seeds."""
     models = record["models"]
     n = len(record["seeds"])
     fractions = [round(100 * f) for f in COST_FRACTIONS]
@@ -539,9 +586,14 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
         cells += [_fmt(m["latency_to_50pct"]), _fmt(m["latency_to_95pct"])]
         cells += [_fmt(m["macs_to_50pct"], 1e-6, 2), _fmt(m["macs_to_95pct"], 1e-6, 2)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _latency_table(models: dict[str, Any]) -> list[str]:
+    """Each model's accuracy at whole parallel latencies (the axis of the paper's claim)."""
     prefix = "accuracy_at_latency_"
     latencies = sorted(float(k[len(prefix) :]) for k in models["cascaded-td"] if k.startswith(prefix))
-    lines += [
+    lines = [
         "",
         "## Accuracy at a parallel latency (block units: the stem and each block one unit)",
         "",
@@ -554,22 +606,38 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
     for m in models.values():
         cells = [_fmt(m[f"{prefix}{lat:g}"], 100) for lat in latencies]
         lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "## Per-exit accuracy (mean over seeds, %) and cost", "",
-              "| model | exits: accuracy % (cumulative MMACs, latency in blocks) |", "|---|---|"]  # fmt: skip
+    return lines
+
+
+def _per_exit_table(models: dict[str, Any]) -> list[str]:
+    """Each model's accuracy at every exit (mean over seeds) with the exit's MACs and latency."""
+    lines = ["", "## Per-exit accuracy (mean over seeds, %) and cost", "",
+             "| model | exits: accuracy % (cumulative MMACs, latency in blocks) |", "|---|---|"]  # fmt: skip
     for m in models.values():
         cells = [f"{100 * a:.1f} ({c / 1e6:.2f}, {lat:g})" for a, c, lat in
                  zip(m["accuracy_per_step"], m["macs_per_step"], m["latency_per_step"])]  # fmt: skip
         lines.append(f"| {m['label']} | " + "; ".join(cells) + " |")
-    lines += ["", "## Lambda sweep (seed 0, validation split)", "", "| lambda | " + " | ".join(
+    return lines
+
+
+def _sweep_table(sweep: list[dict[str, Any]]) -> list[str]:
+    """The lambda sweep: validation AUC and final accuracy of both swept models at every lambda."""
+    lines = ["", "## Lambda sweep (seed 0, validation split)", "", "| lambda | " + " | ".join(
         f"{k} val AUC | {k} val final acc." for k in ("cascaded-td", "serial-td-mh")) + " |",
         "|---" * 5 + "|"]  # fmt: skip
-    for lam in sorted({r["lam"] for r in record["lambda_sweep"]}):
+    for lam in sorted({r["lam"] for r in sweep}):
         cells = [f"{lam:g}"]
         for key in ("cascaded-td", "serial-td-mh"):
-            r = next(r for r in record["lambda_sweep"] if r["model"] == key and r["lam"] == lam)
+            r = next(r for r in sweep if r["model"] == key and r["lam"] == lam)
             cells += [f"{100 * r['val_anytime_auc']:.2f}", f"{100 * r['val_final_accuracy']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _closing(record: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """The plots, and how the reproduction was made: the command, the machine, the time, the runs."""
+    n = len(record["seeds"])
+    return [
         "",
         "## Plots",
         "",
@@ -587,4 +655,3 @@ def _report(record: dict[str, Any], figures: dict[str, str]) -> str:
         + ". Every number is in the JSON file beside this report.",
         "",
     ]
-    return "\n".join(lines)
