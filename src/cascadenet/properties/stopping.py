@@ -438,45 +438,15 @@ def stopping_analysis(
     hold = torch.tensor(record.pop("holdout_index"))
     val_acc = metrics.per_step_accuracy(val_probs, val_y)
     test_acc = metrics.per_step_accuracy(test_probs, test_y)
-    # the GRU's scores may crowd anywhere in [0, 1]: its candidates add the quantiles of its held-out scores
-    held_scores = net.scores(val_probs[first_step:, hold]).flatten().double().cpu().numpy()
-    learned = np.unique(np.concatenate([_FRACTIONS, np.quantile(held_scores, np.linspace(0, 1, 101))]))
-    candidates = {"confidence": _FRACTIONS.tolist(), "margin": _FRACTIONS.tolist(),
-                  "stable": list(range(1, T - first_step + 1)), "learned": learned.tolist()}  # fmt: skip
+    candidates = _candidates(net, val_probs[first_step:, hold], T - first_step)
     policies: dict[str, Any] = {}
     for kind, param in POLICIES.items():
         # the learned policy's choices are made on the examples its fit held out: on the others its scores are
         # optimistic; the rule policies fit nothing, so they use the whole validation split
         vp, vy = (val_probs[:, hold], val_y[hold]) if kind == "learned" else (val_probs, val_y)
-        cand = candidates[kind]
-        cand_curve = policy_curve(_sweep_steps(kind, cand, vp, first_step, net), vp, vy, macs)
-        values = _choose(cand, cand_curve["mean_step"], points)
-        val_curve = policy_curve(_sweep_steps(kind, values, vp, first_step, net), vp, vy, macs)
-        test_curve = policy_curve(_sweep_steps(kind, values, test_probs, first_step, net), test_probs, test_y, macs)
-        last_acc = float(metrics.per_step_accuracy(vp, vy)[-1])
-        ok = [i for i, a in enumerate(val_curve["accuracy"]) if a >= operating_fraction * last_acc - 1e-12]
-        i = ok[0] if ok else int(np.argmax(val_curve["accuracy"]))  # values are in order of val mean step
-        policies[kind] = {
-            "parameter": param,
-            "values": values,
-            "val": val_curve,
-            "test": test_curve,
-            **curve_areas(test_curve, test_acc, macs, C),
-            "operating_point": {
-                param: values[i],
-                "val_accuracy": val_curve["accuracy"][i],
-                **{k: v[i] for k, v in test_curve.items()},
-            },  # fmt: skip
-        }
+        policies[kind] = _policy_result(kind, param, candidates[kind], vp, vy, test_probs, test_y, test_acc, macs,
+                                        first_step, net, points, operating_fraction)  # fmt: skip
     policies["learned"]["gru"] = record
-    tol = 1.0 / test_y.numel()
-    full = macs[-1] if macs[-1] > 0 else 1.0
-    comparison = {}
-    for axis, key, scale, x0 in (("step", "mean_step", max(T - 1, 1), 0.0), ("macs", "mean_macs", full, macs[0])):
-        curves = {k: _anchored([v / scale for v in p["test"][key]], p["test"]["accuracy"], x0 / scale,
-                               float(test_acc[0]), float(test_acc[-1])) for k, p in policies.items()}  # fmt: skip
-        areas = {k: p[f"{'steps' if axis == 'step' else 'macs'}_auc"] for k, p in policies.items()}
-        comparison[axis] = {"best_by_area": max(areas, key=areas.get), **compare_curves(curves, tol)}
     return {
         "num_steps": T,
         "num_classes": C,
@@ -487,8 +457,60 @@ def stopping_analysis(
         "accuracy_per_step": {"val": val_acc.tolist(), "test": test_acc.tolist()},
         "operating_fraction": operating_fraction,
         "policies": policies,
-        "comparison": comparison,
+        "comparison": _comparison(policies, test_acc, macs, 1.0 / test_y.numel(), T),
     }
+
+
+def _candidates(net: TraceGRU, held_probs: Tensor, num_stable: int) -> dict[str, list[float]]:
+    """Each policy's candidate parameter values: the threshold grid (the GRU's with the quantiles of its scores on
+    the held-out trace ``held_probs``, as they may crowd anywhere in [0, 1]), and 1 .. ``num_stable`` steps."""
+    held_scores = net.scores(held_probs).flatten().double().cpu().numpy()
+    learned = np.unique(np.concatenate([_FRACTIONS, np.quantile(held_scores, np.linspace(0, 1, 101))]))
+    return {"confidence": _FRACTIONS.tolist(), "margin": _FRACTIONS.tolist(),
+            "stable": list(range(1, num_stable + 1)), "learned": learned.tolist()}  # fmt: skip
+
+
+def _policy_result(
+    kind: str, param: str, candidates: list[float], vp: Tensor, vy: Tensor, test_probs: Tensor, test_y: Tensor,
+    test_acc: np.ndarray, macs: list[float], first_step: int, net: TraceGRU, points: int, operating_fraction: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One policy: its parameter values chosen on the validation trace ``vp``, its validation and test curves, the
+    test curve's areas, and its operating point (the cheapest value reaching the fraction of the last step's
+    validation accuracy)."""
+    cand_curve = policy_curve(_sweep_steps(kind, candidates, vp, first_step, net), vp, vy, macs)
+    values = _choose(candidates, cand_curve["mean_step"], points)
+    val_curve = policy_curve(_sweep_steps(kind, values, vp, first_step, net), vp, vy, macs)
+    test_curve = policy_curve(_sweep_steps(kind, values, test_probs, first_step, net), test_probs, test_y, macs)
+    last_acc = float(metrics.per_step_accuracy(vp, vy)[-1])
+    ok = [i for i, a in enumerate(val_curve["accuracy"]) if a >= operating_fraction * last_acc - 1e-12]
+    i = ok[0] if ok else int(np.argmax(val_curve["accuracy"]))  # values are in order of val mean step
+    return {
+        "parameter": param,
+        "values": values,
+        "val": val_curve,
+        "test": test_curve,
+        **curve_areas(test_curve, test_acc, macs, test_probs.shape[2]),
+        "operating_point": {
+            param: values[i],
+            "val_accuracy": val_curve["accuracy"][i],
+            **{k: v[i] for k, v in test_curve.items()},
+        },  # fmt: skip
+    }
+
+
+def _comparison(
+    policies: dict[str, Any], test_acc: np.ndarray, macs: list[float], tol: float, T: int
+) -> dict[str, Any]:
+    """Per axis (mean step, mean MACs), the policy of the largest area and the pointwise comparison of the test
+    curves, each anchored at the operating points every policy shares."""
+    full = macs[-1] if macs[-1] > 0 else 1.0
+    comparison = {}
+    for axis, key, scale, x0 in (("step", "mean_step", max(T - 1, 1), 0.0), ("macs", "mean_macs", full, macs[0])):
+        curves = {k: _anchored([v / scale for v in p["test"][key]], p["test"]["accuracy"], x0 / scale,
+                               float(test_acc[0]), float(test_acc[-1])) for k, p in policies.items()}  # fmt: skip
+        areas = {k: p[f"{'steps' if axis == 'step' else 'macs'}_auc"] for k, p in policies.items()}
+        comparison[axis] = {"best_by_area": max(areas, key=areas.get), **compare_curves(curves, tol)}
+    return comparison
 
 
 OUTPUTS = ("stopping.md", "stopping.json", "stopping.png")
