@@ -207,6 +207,34 @@ def fit_gru(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = TraceGRU(num_classes, config.hidden)
+    best, best_epoch, losses = _fit_early_stopped(net, x, y, fit, hold, config, gen)
+    net.eval()
+    with torch.no_grad():
+        hold_pred = net(x[:, hold]) >= 0  # sigmoid >= 0.5
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.state_dict().values())).hexdigest()
+    record = {
+        **asdict(config),
+        "seed": seed,
+        "fit_examples": int(fit.numel()),
+        "holdout_examples": int(n_hold),
+        "epochs_run": len(losses),
+        "best_epoch": best_epoch,
+        "holdout_loss": best,
+        "holdout_loss_per_epoch": losses,
+        "holdout_step_accuracy": float((hold_pred == y[:, hold].bool()).float().mean()),
+        "holdout_positive_rate": float(y[:, hold].mean()),
+        "holdout_index": sorted(int(i) for i in hold),
+        "weights_sha256": digest,
+    }
+    return net, record
+
+
+def _fit_early_stopped(
+    net: TraceGRU, x: Tensor, y: Tensor, fit: Tensor, hold: Tensor, config: GRUConfig, gen: torch.Generator
+) -> tuple[float, int, list[float]]:
+    """Adam on the examples ``fit`` (batch order from ``gen``) until ``config.patience`` epochs bring no lower loss
+    on the examples ``hold``; leaves ``net`` with the best epoch's weights. Returns the best held-out loss, its
+    epoch (0: the initial weights) and the held-out loss of every epoch run."""
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     bce = nn.BCEWithLogitsLoss()
 
@@ -229,25 +257,7 @@ def fit_gru(
         elif epoch - best_epoch >= config.patience:
             break
     net.load_state_dict(best_state)
-    net.eval()
-    with torch.no_grad():
-        hold_pred = net(x[:, hold]) >= 0  # sigmoid >= 0.5
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.state_dict().values())).hexdigest()
-    record = {
-        **asdict(config),
-        "seed": seed,
-        "fit_examples": int(fit.numel()),
-        "holdout_examples": int(n_hold),
-        "epochs_run": len(losses),
-        "best_epoch": best_epoch,
-        "holdout_loss": best,
-        "holdout_loss_per_epoch": losses,
-        "holdout_step_accuracy": float((hold_pred == y[:, hold].bool()).float().mean()),
-        "holdout_positive_rate": float(y[:, hold].mean()),
-        "holdout_index": sorted(int(i) for i in hold),
-        "weights_sha256": digest,
-    }
-    return net, record
+    return best, best_epoch, losses
 
 
 def _trace(probs: Any, labels: Any, name: str) -> tuple[Tensor, Tensor]:
@@ -617,44 +627,51 @@ def format_report(record: dict[str, Any]) -> str:
         "![curves](stopping.png)",
     ]
     for run in record["runs"]:
-        frac = run["operating_fraction"]
-        lines += [
-            "",
-            f"## {run['run']} ({run['family']}, {run['num_steps']} exits, first informative exit "
-            f"{run['first_step']}, {run['val_examples']} val / {run['test_examples']} test examples)",
-            "",
-            f"| policy | steps AUC | MACs AUC | operating point ({100 * frac:g}% of last-step val accuracy) "
-            "| test accuracy | mean step | mean MMACs |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for kind, p in run["policies"].items():
-            op = p["operating_point"]
-            lines.append(f"| {kind} | {p['steps_auc']:.4f} | {p['macs_auc']:.4f} | {p['parameter']} = "
-                         f"{op[p['parameter']]:.6g} | {100 * op['accuracy']:.2f}% | {op['mean_step']:.2f} | "
-                         f"{op['mean_macs'] / 1e6:.3f} |")  # fmt: skip
-        acc = run["accuracy_per_step"]["test"]
-        # sampling error, to read the areas and the one-example tolerance of the dominance verdicts against
-        se = math.sqrt(acc[-1] * (1 - acc[-1]) / run["test_examples"])
-        lines += ["", f"Last step alone: {100 * acc[-1]:.2f}% at {run['macs_per_step'][-1] / 1e6:.3f} MMACs "
-                  f"(binomial standard error of such an accuracy: {100 * se:.2f} points).", ""]  # fmt: skip
-        for axis, name in (("step", "mean step"), ("macs", "mean MACs")):
-            c = run["comparison"][axis]
-            dominant = c["dominant"] or "none (curves cross)"
-            lines.append(f"- against {name}: largest area **{c['best_by_area']}**; dominates every other "
-                         f"pointwise: **{dominant}**")  # fmt: skip
-            for pair in c["pairs"]:
-                if pair["verdict"] == "cross":
-                    lines.append(f"  - {pair['a']} vs {pair['b']}: cross ({pair['a']} ahead on "
-                                 f"{100 * pair['a_ahead']:.0f}% of the axis, {pair['b']} on "
-                                 f"{100 * pair['b_ahead']:.0f}%)")  # fmt: skip
-                else:
-                    lines.append(f"  - {pair['a']} vs {pair['b']}: {pair['verdict']}")
-        g = run["policies"]["learned"]["gru"]
-        lines += [
-            "",
-            f"GRU (hidden {g['hidden']}, target `{g['target']}`): fitted on {g['fit_examples']} val examples, "
-            f"{g['holdout_examples']} held out; best epoch {g['best_epoch']} of {g['epochs_run']}, held-out loss "
-            f"{g['holdout_loss']:.4f}, per-step accuracy {100 * g['holdout_step_accuracy']:.1f}% (positive rate "
-            f"{100 * g['holdout_positive_rate']:.1f}%).",
-        ]
+        lines += _run_section(run)
     return "\n".join(lines) + "\n"
+
+
+def _run_section(run: dict[str, Any]) -> list[str]:
+    """One run's part of the report: the policies' areas and operating points, the last step alone, the dominance
+    verdicts per axis, and the GRU's fit."""
+    frac = run["operating_fraction"]
+    lines = [
+        "",
+        f"## {run['run']} ({run['family']}, {run['num_steps']} exits, first informative exit "
+        f"{run['first_step']}, {run['val_examples']} val / {run['test_examples']} test examples)",
+        "",
+        f"| policy | steps AUC | MACs AUC | operating point ({100 * frac:g}% of last-step val accuracy) "
+        "| test accuracy | mean step | mean MMACs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, p in run["policies"].items():
+        op = p["operating_point"]
+        lines.append(f"| {kind} | {p['steps_auc']:.4f} | {p['macs_auc']:.4f} | {p['parameter']} = "
+                     f"{op[p['parameter']]:.6g} | {100 * op['accuracy']:.2f}% | {op['mean_step']:.2f} | "
+                     f"{op['mean_macs'] / 1e6:.3f} |")  # fmt: skip
+    acc = run["accuracy_per_step"]["test"]
+    # sampling error, to read the areas and the one-example tolerance of the dominance verdicts against
+    se = math.sqrt(acc[-1] * (1 - acc[-1]) / run["test_examples"])
+    lines += ["", f"Last step alone: {100 * acc[-1]:.2f}% at {run['macs_per_step'][-1] / 1e6:.3f} MMACs "
+              f"(binomial standard error of such an accuracy: {100 * se:.2f} points).", ""]  # fmt: skip
+    for axis, name in (("step", "mean step"), ("macs", "mean MACs")):
+        c = run["comparison"][axis]
+        dominant = c["dominant"] or "none (curves cross)"
+        lines.append(f"- against {name}: largest area **{c['best_by_area']}**; dominates every other "
+                     f"pointwise: **{dominant}**")  # fmt: skip
+        for pair in c["pairs"]:
+            if pair["verdict"] == "cross":
+                lines.append(f"  - {pair['a']} vs {pair['b']}: cross ({pair['a']} ahead on "
+                             f"{100 * pair['a_ahead']:.0f}% of the axis, {pair['b']} on "
+                             f"{100 * pair['b_ahead']:.0f}%)")  # fmt: skip
+            else:
+                lines.append(f"  - {pair['a']} vs {pair['b']}: {pair['verdict']}")
+    g = run["policies"]["learned"]["gru"]
+    lines += [
+        "",
+        f"GRU (hidden {g['hidden']}, target `{g['target']}`): fitted on {g['fit_examples']} val examples, "
+        f"{g['holdout_examples']} held out; best epoch {g['best_epoch']} of {g['epochs_run']}, held-out loss "
+        f"{g['holdout_loss']:.4f}, per-step accuracy {100 * g['holdout_step_accuracy']:.1f}% (positive rate "
+        f"{100 * g['holdout_positive_rate']:.1f}%).",
+    ]
+    return lines
