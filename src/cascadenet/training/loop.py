@@ -572,6 +572,45 @@ def _start_here(
     world: distributed.World | None,
 ) -> tuple[_Session, dict[str, Any] | None]:
     """The set-up of a single process, or of rank 0; returns the session and the checkpoint it resumed from."""
+    run_dir, cfg, payload = _run_config(cfg, resume, overrides)
+    device = _device(cfg, world)
+    cfg = _resolve_stream(cfg)
+    processes = 1 if world is None else world.size
+
+    data = _load_data(cfg)
+    full, train_set = data[0], data[1]
+    cfg, model = _build_model(cfg, full, resume is not None and (run_dir / CHECKPOINT).is_file())
+    schedule = _schedule(cfg, len(train_set), processes)
+
+    # --- the run directory: claimed (locked) from here on; until config.json is written nothing in it changed
+    lock, created = claim(run_dir, cfg, resume is not None)
+    try:
+        ckpt = None
+        if resume is not None:
+            ckpt, model, cfg = _check_resumed(run_dir, payload, cfg, model, data, processes)
+        s = _session(cfg, model, device, data, schedule, interrupts, world, run_dir=run_dir, lock=lock,
+                     resumed=resume is not None, created=created)  # fmt: skip
+        if ckpt is not None:
+            _restore(s, ckpt, run_dir / CHECKPOINT)
+            log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
+        if resume is not None:
+            s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
+        _write_config(s, full, processes)
+    except BaseException:
+        if resume is None:
+            _discard(run_dir, created, lock)
+        else:
+            lock.release()
+        raise
+    s.model.train()
+    return s, ckpt
+
+
+def _run_config(
+    cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[str, Any]
+) -> tuple[Path, TrainConfig, dict[str, Any]]:
+    """The run directory, its configuration and what its config.json holds: a resumed run's stored configuration
+    with the overrides it allows, or a new run's, its directory checked to be free (or this run's, unstarted)."""
     payload: dict[str, Any] = {}
     if resume is not None:
         run_dir = Path(resume)
@@ -580,15 +619,15 @@ def _start_here(
     else:
         run_dir = Path(cfg.out) / cfg.run_name()
         check_target(run_dir, cfg)
-    device = _device(cfg, world)
-    cfg = _resolve_stream(cfg)
-    processes = 1 if world is None else world.size
+    return run_dir, cfg, payload
 
-    data = _load_data(cfg)
-    full, train_set, val_set, mean, std = data
+
+def _build_model(cfg: TrainConfig, full: Any, from_checkpoint: bool) -> tuple[TrainConfig, nn.Module]:
+    """The model with the options the dataset sets (or the --init file's model, unless the run resumes from a
+    checkpoint), built from the run's seed and checked against the data; returns it with the configuration."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **_from_dataset(cfg.model, full)))
     initial = None
-    if cfg.init is not None and not (resume is not None and (run_dir / CHECKPOINT).is_file()):
+    if cfg.init is not None and not from_checkpoint:
         model_cfg, initial = read_init(cfg.init, cfg.model, full.num_classes, full.num_channels)
         side = _from_dataset(model_cfg, full).get("input_size")
         if side is not None and side != model_cfg.input_size:
@@ -607,45 +646,40 @@ def _start_here(
             f"the model has {exits} exit(s) and the first that sees the input is exit "
             f"{model.first_informative_exit}: nothing to train or evaluate (more --num-steps?)"
         )
-    schedule = _schedule(cfg, len(train_set), processes)
+    return cfg, model
 
-    # --- the run directory: claimed (locked) from here on; until config.json is written nothing in it changed
-    lock, created = claim(run_dir, cfg, resume is not None)
-    try:
-        ckpt = None
-        if resume is not None:
-            check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
-            trained_on = payload.get("processes", 1)
-            if trained_on != processes:
-                raise TrainingError(
-                    f"{run_dir} was trained by {trained_on} process(es) and this is {processes}: resume it with "
-                    f"{trained_on} (--batch-size is per process, so the number of processes is part of the run)"
-                )
-            if (run_dir / CHECKPOINT).is_file():
-                ckpt = load_checkpoint(run_dir / CHECKPOINT)
-            check_model_files(run_dir, described_model(payload, cfg.model), ckpt)
-            if ckpt is not None:
-                model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
-                cfg = dataclasses.replace(cfg, model=model.config)  # as stored (format 1 resolved num_steps)
-        s = _session(cfg, model, device, data, schedule, interrupts, world, run_dir=run_dir, lock=lock,
-                     resumed=resume is not None, created=created)  # fmt: skip
-        if ckpt is not None:
-            _restore(s, ckpt, run_dir / CHECKPOINT)
-            log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
-        if resume is not None:
-            s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
-        described = {"examples": len(full), "shape": data_shape(full), "classes": full.num_classes}
-        stored_payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra, "data": described,
-                          "processes": processes}  # fmt: skip
-        _write(s, lambda: atomic_write(run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
-    except BaseException:
-        if resume is None:
-            _discard(run_dir, created, lock)
-        else:
-            lock.release()
-        raise
-    s.model.train()
-    return s, ckpt
+
+def _check_resumed(
+    run_dir: Path, payload: dict[str, Any], cfg: TrainConfig, model: nn.Module, data: tuple, processes: int
+) -> tuple[dict[str, Any] | None, nn.Module, TrainConfig]:
+    """A resumed run checked against what trained it (the data, the number of processes, its model files);
+    returns its checkpoint (None: it has none) and, with one, the model and configuration as the checkpoint
+    stores them."""
+    full, _, _, mean, std = data
+    check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
+    trained_on = payload.get("processes", 1)
+    if trained_on != processes:
+        raise TrainingError(
+            f"{run_dir} was trained by {trained_on} process(es) and this is {processes}: resume it with "
+            f"{trained_on} (--batch-size is per process, so the number of processes is part of the run)"
+        )
+    ckpt = None
+    if (run_dir / CHECKPOINT).is_file():
+        ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    check_model_files(run_dir, described_model(payload, cfg.model), ckpt)
+    if ckpt is not None:
+        model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
+        cfg = dataclasses.replace(cfg, model=model.config)  # as stored (format 1 resolved num_steps)
+    return ckpt, model, cfg
+
+
+def _write_config(s: _Session, full: Any, processes: int) -> None:
+    """The run directory's first write: config.json, the resolved configuration with the normalisation, the class
+    names and what the data was."""
+    described = {"examples": len(full), "shape": data_shape(full), "classes": full.num_classes}
+    stored_payload = {"train": s.cfg.to_dict(), "model": s.cfg.model.to_dict(), **s.extra, "data": described,
+                      "processes": processes}  # fmt: skip
+    _write(s, lambda: atomic_write(s.run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
 
 
 def _restore(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
