@@ -146,14 +146,8 @@ def _evaluate(
     save_logits = _check_options(run_dir, batch_size, num_steps, save_logits, overwrite, weights)
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights)
     model, ds, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
-    # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
-    run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
+    run_options = _run_options(model, scheme, num_steps)
     input_size = tuple(ds.images.shape[1:])
-    # refuse an option the model's family lacks up front, rather than catching a TypeError that could come from
-    # anywhere inside the model
-    lacking = [k for k in run_options if k not in inspect.signature(model.exit_costs).parameters]
-    if lacking:
-        raise ValueError(f"this {model.config.family} model takes no {' or '.join(lacking)} option")
     costs = model.exit_costs(input_size, **run_options)
     logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
                             desc="evaluate", **run_options)  # fmt: skip
@@ -190,6 +184,18 @@ def _evaluate(
     atomic_write(run_dir / eval_filename(scheme, model_scheme, num_steps, split, weights),
                  (json.dumps(result, indent=2) + "\n").encode())  # fmt: skip
     return result
+
+
+def _run_options(model: Any, scheme: str | None, num_steps: int | None) -> dict[str, Any]:
+    """The options of a model's run (cascades: scheme, num_steps), given only when set (other families lack
+    them), refused for a family that lacks one."""
+    run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
+    # refuse an option the model's family lacks up front, rather than catching a TypeError that could come from
+    # anywhere inside the model
+    lacking = [k for k in run_options if k not in inspect.signature(model.exit_costs).parameters]
+    if lacking:
+        raise ValueError(f"this {model.config.family} model takes no {' or '.join(lacking)} option")
+    return run_options
 
 
 def _check_options(
