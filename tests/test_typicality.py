@@ -310,7 +310,7 @@ def test_cli_with_a_score_file_maps_the_val_split_to_original_indices(tmp_path, 
 
 @pytest.mark.slow  # the first torch.optim use imports torch._dynamo: seconds
 def test_the_estimators_adam_is_torchs():
-    from cascadenet.properties.typicality import _Adam
+    from cascadenet.properties.consistency import _Adam
 
     a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
