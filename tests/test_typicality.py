@@ -166,11 +166,11 @@ def test_read_scores_npy_npz_and_refusals(tmp_path):
 
 
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
-    import cascadenet.properties.typicality as typ
+    import cascadenet.properties.consistency as consistency
 
     calls = []
-    real = typ.consistency_scores
-    monkeypatch.setattr(typ, "consistency_scores", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = consistency.consistency_scores
+    monkeypatch.setattr(consistency, "consistency_scores", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     pool = blobs(24)
     first, path, reused = cached_consistency_scores(pool, FAST, tmp_path)
     assert not reused and path.is_file() and len(calls) == 1
@@ -310,7 +310,7 @@ def test_cli_with_a_score_file_maps_the_val_split_to_original_indices(tmp_path, 
 
 @pytest.mark.slow  # the first torch.optim use imports torch._dynamo: seconds
 def test_the_estimators_adam_is_torchs():
-    from cascadenet.properties.typicality import _Adam
+    from cascadenet.properties.consistency import _Adam
 
     a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())

@@ -130,13 +130,7 @@ def iterate_batches(
     pad = (4 if min(h, w) >= 32 else 2) if crop_padding is None else crop_padding
     if pad < 0:
         raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
-    draw_on = generator.device if generator is not None else torch.device("cpu")  # a CUDA generator works too
-    order = (torch.randperm(n, generator=generator, device=draw_on) if shuffle else torch.arange(n)).to(device)
-    shifts = flips = None
-    if augment and pad > 0:
-        shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=draw_on).to(device)
-    if augment and ds.hflip:
-        flips = (torch.rand(n, generator=generator, device=draw_on) < 0.5).to(device)
+    order, shifts, flips = _epoch_draws(n, shuffle, pad if augment else 0, augment and ds.hflip, generator, device)
     # (x / 255 - mean) / std, folded into one multiply-add, in the default dtype (float32 unless the user made it
     # float64, whose models then get float64 inputs)
     dtype = torch.get_default_dtype()
@@ -155,6 +149,22 @@ def iterate_batches(
             yield x.to(dtype).mul_(scale).sub_(offset), ds.labels[order[window]]
 
     return batches()
+
+
+def _epoch_draws(
+    n: int, shuffle: bool, pad: int, flip: bool, generator: torch.Generator | None, device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Every random draw of an epoch of ``n`` samples, made now and in this order: the visiting order (a
+    permutation when ``shuffle``), the crop shifts in ``[0, 2 * pad]`` (None when ``pad`` is 0) and the flips
+    (None unless ``flip``), on ``device``."""
+    draw_on = generator.device if generator is not None else torch.device("cpu")  # a CUDA generator works too
+    order = (torch.randperm(n, generator=generator, device=draw_on) if shuffle else torch.arange(n)).to(device)
+    shifts = flips = None
+    if pad > 0:
+        shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=draw_on).to(device)
+    if flip:
+        flips = (torch.rand(n, generator=generator, device=draw_on) < 0.5).to(device)
+    return order, shifts, flips
 
 
 def _crop_flip(x: Tensor, pad: int, shifts: Tensor | None, flips: Tensor | None) -> Tensor:

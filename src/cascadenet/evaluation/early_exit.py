@@ -209,20 +209,7 @@ def predict_run(
         output = check_npz_output(output, "--output", overwrite)
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device)
     model, ds = loaded.model, loaded.data
-    dev_type = ds.images.device.type
-    parts, labels = [], []
-    batches = iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=loaded.mean, std=loaded.std)
-    total = num_batches(len(ds), batch_size, False)
-    start = time.perf_counter()
-    for x, y in tqdm(batches, total=total, desc="predict", disable=not progress, leave=False):
-        with autocast(dev_type, loaded.amp):
-            parts.append(predict(model, x, policy, budget=budget))
-        labels.append(y.cpu())
-    if dev_type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    result = Predictions.cat(parts)
-    label = torch.cat(labels)
+    result, label, wall = _predict_split(loaded, policy, budget, batch_size, progress)
     input_size = tuple(ds.images.shape[1:])
     full = int(model.exit_costs(input_size).macs[-1])
     summary = {
@@ -245,6 +232,27 @@ def predict_run(
                             macs=result.macs.numpy(), labels=label.numpy())  # fmt: skip
         atomic_write(output, buffer.getvalue(), overwrite=overwrite)
     return summary
+
+
+def _predict_split(
+    loaded: Any, policy: Policy | None, budget: float | None, batch_size: int, progress: bool
+) -> tuple[Predictions, Tensor, float]:
+    """Every batch of a loaded run's split predicted with early exit: the predictions, the labels and the wall
+    time (the device synchronised before it is read)."""
+    model, ds = loaded.model, loaded.data
+    dev_type = ds.images.device.type
+    parts, labels = [], []
+    batches = iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=loaded.mean, std=loaded.std)
+    total = num_batches(len(ds), batch_size, False)
+    start = time.perf_counter()
+    for x, y in tqdm(batches, total=total, desc="predict", disable=not progress, leave=False):
+        with autocast(dev_type, loaded.amp):
+            parts.append(predict(model, x, policy, budget=budget))
+        labels.append(y.cpu())
+    if dev_type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return Predictions.cat(parts), torch.cat(labels), wall
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -143,6 +143,67 @@ def _evaluate(
     reference_macs: float | None,
     weights: str | None,
 ) -> dict[str, Any]:
+    save_logits = _check_options(run_dir, batch_size, num_steps, save_logits, overwrite, weights)
+    loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights)
+    model, ds, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
+    run_options = _run_options(model, scheme, num_steps)
+    input_size = tuple(ds.images.shape[1:])
+    costs = model.exit_costs(input_size, **run_options)
+    logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
+                            desc="evaluate", **run_options)  # fmt: skip
+    labels = ds.labels.cpu()
+    budgeted = None
+    # thresholds fitted on the held-out split, applied to another one: on the validation split itself the curve
+    # would be measured on the examples it was fitted on (optimistic), so there it is null
+    if loaded.val is not None and split != "val":
+        budgeted = _budgeted_batch(loaded, logits, labels, costs, batch_size, progress, run_options)
+    ff_accuracy, ff_macs = _feedforward(model, ds, mean, std, labels, batch_size, input_size)
+    summary = metrics.summarize(logits, labels, first_step=model.first_informative_exit)
+    model_scheme = getattr(model, "scheme", None)
+    cost_metrics = metrics.cost_summary(summary["accuracy_per_step"], costs.macs, costs.latency,
+                                        model.config.num_classes, reference_macs=reference_macs)  # fmt: skip
+    result = {
+        "run": run_dir.name,
+        "split": split,
+        "scheme": scheme or model_scheme,
+        "finished_training": loaded.finished,
+        **({"weights": weights} if weights is not None else {}),
+        **summary,
+        "feedforward_accuracy": ff_accuracy,
+        "macs_per_step": costs.macs,
+        "parallel_latency_blocks": costs.latency,
+        "macs_feedforward": ff_macs,
+        "model": model.config.to_dict(),
+        **cost_metrics,
+        "budgeted_batch": budgeted,
+    }
+    if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, logits=logits.numpy(), labels=labels.numpy())
+        atomic_write(save_logits, buffer.getvalue(), overwrite=overwrite)
+    atomic_write(run_dir / eval_filename(scheme, model_scheme, num_steps, split, weights),
+                 (json.dumps(result, indent=2) + "\n").encode())  # fmt: skip
+    return result
+
+
+def _run_options(model: Any, scheme: str | None, num_steps: int | None) -> dict[str, Any]:
+    """The options of a model's run (cascades: scheme, num_steps), given only when set (other families lack
+    them), refused for a family that lacks one."""
+    run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
+    # refuse an option the model's family lacks up front, rather than catching a TypeError that could come from
+    # anywhere inside the model
+    lacking = [k for k in run_options if k not in inspect.signature(model.exit_costs).parameters]
+    if lacking:
+        raise ValueError(f"this {model.config.family} model takes no {' or '.join(lacking)} option")
+    return run_options
+
+
+def _check_options(
+    run_dir: Path, batch_size: int, num_steps: int | None, save_logits: str | os.PathLike | None, overwrite: bool,
+    weights: str | None,
+) -> Path | None:  # fmt: skip
+    """Check the options against each other and the run directory before any work; returns the logits file
+    (None: not asked for)."""
     check_run_dir(run_dir)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
@@ -155,70 +216,43 @@ def _evaluate(
             raise ValueError(f"--weights {weights!r}: the name of a .safetensors file in the run directory")
         if not (run_dir / weights).is_file():
             raise CheckpointError(f"{run_dir / weights}: no such weights file in the run directory")
-    loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights)
-    model, ds, val_set, mean, std = loaded.model, loaded.data, loaded.val, loaded.mean, loaded.std
-    amp, finished, dev = loaded.amp, loaded.finished, loaded.data.images.device
-    # options of a model's run (cascades: scheme, num_steps), passed only when given: other families lack them
-    run_options = {k: v for k, v in (("scheme", scheme), ("num_steps", num_steps)) if v is not None}
-    input_size = tuple(ds.images.shape[1:])
-    # refuse an option the model's family lacks up front, rather than catching a TypeError that could come from
-    # anywhere inside the model
-    lacking = [k for k in run_options if k not in inspect.signature(model.exit_costs).parameters]
-    if lacking:
-        raise ValueError(f"this {model.config.family} model takes no {' or '.join(lacking)} option")
-    costs = model.exit_costs(input_size, **run_options)
-    logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
-                            desc="evaluate", **run_options)  # fmt: skip
-    labels = ds.labels.cpu()
-    budgeted = None
-    # thresholds fitted on the held-out split, applied to another one: on the validation split itself the curve
-    # would be measured on the examples it was fitted on (optimistic), so there it is null
-    if val_set is not None and split != "val":
-        val_logits = dataset_logits(model, val_set.to(dev), mean, std, batch_size=batch_size, amp=amp,
-                                    progress=progress, desc="validation (budgeted batch)", **run_options)  # fmt: skip
-        curve = metrics.budgeted_curve(val_logits, logits, labels, costs.macs, first_exit=model.first_informative_exit)
-        budgeted = {
-            "fit_split": "val",
-            "q": curve["q"],
-            "accuracy": curve["accuracy"],
-            "mean_macs": curve["mean_cost"],
-            "mean_latency": [float(np.dot(f, costs.latency)) for f in curve["exit_fractions"]],
-        }
-    feedforward = getattr(model, "feedforward", None)
-    ff_accuracy = ff_macs = None
-    if feedforward is not None:
-        batches = iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=mean, std=std)
-        with torch.no_grad():
-            ff = [feedforward(x).argmax(-1).cpu() for x, _ in batches]
-        ff_accuracy = float((torch.cat(ff) == labels).float().mean())
-        count = getattr(model, "feedforward_macs", None)
-        ff_macs = count(input_size) if count is not None else None
-    summary = metrics.summarize(logits, labels, first_step=model.first_informative_exit)
-    model_scheme = getattr(model, "scheme", None)
-    cost_metrics = metrics.cost_summary(summary["accuracy_per_step"], costs.macs, costs.latency,
-                                        model.config.num_classes, reference_macs=reference_macs)  # fmt: skip
-    result = {
-        "run": run_dir.name,
-        "split": split,
-        "scheme": scheme or model_scheme,
-        "finished_training": finished,
-        **({"weights": weights} if weights is not None else {}),
-        **summary,
-        "feedforward_accuracy": ff_accuracy,
-        "macs_per_step": costs.macs,
-        "parallel_latency_blocks": costs.latency,
-        "macs_feedforward": ff_macs,
-        "model": model.config.to_dict(),
-        **cost_metrics,
-        "budgeted_batch": budgeted,
+    return save_logits
+
+
+def _budgeted_batch(
+    loaded: Any, logits: torch.Tensor, labels: torch.Tensor, costs: Any, batch_size: int, progress: bool,
+    run_options: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The budgeted-batch curve: per-exit thresholds fitted on the run's validation split, applied to the
+    evaluated split's ``logits``; accuracy against mean MACs and mean latency."""
+    model, dev = loaded.model, loaded.data.images.device
+    val_logits = dataset_logits(model, loaded.val.to(dev), loaded.mean, loaded.std, batch_size=batch_size,
+                                amp=loaded.amp, progress=progress, desc="validation (budgeted batch)",
+                                **run_options)  # fmt: skip
+    curve = metrics.budgeted_curve(val_logits, logits, labels, costs.macs, first_exit=model.first_informative_exit)
+    return {
+        "fit_split": "val",
+        "q": curve["q"],
+        "accuracy": curve["accuracy"],
+        "mean_macs": curve["mean_cost"],
+        "mean_latency": [float(np.dot(f, costs.latency)) for f in curve["exit_fractions"]],
     }
-    name = eval_filename(scheme, model_scheme, num_steps, split, weights)
-    if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, logits=logits.numpy(), labels=labels.numpy())
-        atomic_write(save_logits, buffer.getvalue(), overwrite=overwrite)
-    atomic_write(run_dir / name, (json.dumps(result, indent=2) + "\n").encode())
-    return result
+
+
+def _feedforward(
+    model: Any, ds: Any, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tensor, batch_size: int,
+    input_size: tuple[int, ...],
+) -> tuple[float | None, int | None]:  # fmt: skip
+    """The accuracy of the model's ``feedforward`` prediction and its MACs (None where the family lacks them)."""
+    feedforward = getattr(model, "feedforward", None)
+    if feedforward is None:
+        return None, None
+    batches = iterate_batches(ds, batch_size, shuffle=False, augment=False, mean=mean, std=std)
+    with torch.no_grad():
+        ff = [feedforward(x).argmax(-1).cpu() for x, _ in batches]
+    accuracy = float((torch.cat(ff) == labels).float().mean())
+    count = getattr(model, "feedforward_macs", None)
+    return accuracy, count(input_size) if count is not None else None
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -122,8 +122,6 @@ def _runs_figure(results: Sequence[tuple[str, dict]], title: str | None) -> Any:
     # never needs a display and never switches the backend of a caller's interactive session.
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
     cost_axes = [axis for axis in ("macs", "latency") if all(_AXES[axis][0] in r for _, r in results)]
     num_panels = 2 + len(cost_axes)
@@ -135,27 +133,45 @@ def _runs_figure(results: Sequence[tuple[str, dict]], title: str | None) -> Any:
     splits = _splits([r for _, r in results])
 
     for (name, result), colour in zip(results, colours):
-        acc = 100.0 * np.asarray(result["accuracy_per_step"], dtype=np.float64)  # (T,)
-        axes[0].plot(np.arange(acc.size), acc, marker="o", color=colour, label=name)
+        _plot_run(axes, cost_panels, name, result, colour)
+    _label_panels(axes, cost_panels, splits)
+    _legend(axes[0], "macs" in cost_panels, results)
 
-        curve = result["threshold_curve"]
-        order = np.argsort(curve["mean_step"], kind="stable")  # threshold order need not be monotone in time
-        mean_step = np.asarray(curve["mean_step"], dtype=np.float64)[order]
-        curve_acc = 100.0 * np.asarray(curve["accuracy"], dtype=np.float64)[order]
-        axes[1].plot(mean_step, curve_acc, marker=".", color=colour, label=name)
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
-        for axis, ax in cost_panels.items():
-            ax.plot(np.asarray(result[_AXES[axis][0]], dtype=np.float64), acc, marker="o", color=colour, label=name)
-            budgeted = _budgeted(result)
-            if budgeted is not None and f"mean_{axis}" in budgeted:
-                order = np.argsort(budgeted[f"mean_{axis}"], kind="stable")
-                ax.plot(np.asarray(budgeted[f"mean_{axis}"], dtype=np.float64)[order],
-                        100.0 * np.asarray(budgeted["accuracy"], dtype=np.float64)[order], linestyle=":",
-                        color=colour, label=f"{name} (budgeted batch)")  # fmt: skip
 
-        if result.get("feedforward_accuracy") is not None:
-            for ax in axes:
-                ax.axhline(100.0 * float(result["feedforward_accuracy"]), color=colour, linestyle="--", linewidth=1)
+def _plot_run(axes: Any, cost_panels: dict[str, Any], name: str, result: dict, colour: Any) -> None:
+    """One run's lines on every panel: accuracy per step, the threshold policy's curve, accuracy against each cost
+    (with its budgeted-batch curve, dotted), and its feed-forward accuracy (dashed) across all."""
+    acc = 100.0 * np.asarray(result["accuracy_per_step"], dtype=np.float64)  # (T,)
+    axes[0].plot(np.arange(acc.size), acc, marker="o", color=colour, label=name)
+
+    curve = result["threshold_curve"]
+    order = np.argsort(curve["mean_step"], kind="stable")  # threshold order need not be monotone in time
+    mean_step = np.asarray(curve["mean_step"], dtype=np.float64)[order]
+    curve_acc = 100.0 * np.asarray(curve["accuracy"], dtype=np.float64)[order]
+    axes[1].plot(mean_step, curve_acc, marker=".", color=colour, label=name)
+
+    for axis, ax in cost_panels.items():
+        ax.plot(np.asarray(result[_AXES[axis][0]], dtype=np.float64), acc, marker="o", color=colour, label=name)
+        budgeted = _budgeted(result)
+        if budgeted is not None and f"mean_{axis}" in budgeted:
+            order = np.argsort(budgeted[f"mean_{axis}"], kind="stable")
+            ax.plot(np.asarray(budgeted[f"mean_{axis}"], dtype=np.float64)[order],
+                    100.0 * np.asarray(budgeted["accuracy"], dtype=np.float64)[order], linestyle=":",
+                    color=colour, label=f"{name} (budgeted batch)")  # fmt: skip
+
+    if result.get("feedforward_accuracy") is not None:
+        for ax in axes:
+            ax.axhline(100.0 * float(result["feedforward_accuracy"]), color=colour, linestyle="--", linewidth=1)
+
+
+def _label_panels(axes: Any, cost_panels: dict[str, Any], splits: str) -> None:
+    """The panels' axis labels, titles and grids."""
+    from matplotlib.ticker import MaxNLocator
 
     axes[0].set_xlabel("exit (internal time step; 1 step = 1 block of latency)")
     axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
@@ -169,19 +185,19 @@ def _runs_figure(results: Sequence[tuple[str, dict]], title: str | None) -> Any:
         ax.set_ylabel("accuracy (%)")
         ax.grid(True, alpha=0.3)
 
-    handles, labels = axes[0].get_legend_handles_labels()
+
+def _legend(ax: Any, macs_panel: bool, results: Sequence[tuple[str, dict]]) -> None:
+    """The legend of the first panel: a line per run, and what the dashed and dotted lines mean where drawn."""
+    from matplotlib.lines import Line2D
+
+    handles, labels = ax.get_legend_handles_labels()
     if any(result.get("feedforward_accuracy") is not None for _, result in results):
         handles.append(Line2D([], [], color="grey", linestyle="--", linewidth=1))
         labels.append("feed-forward (dashed)")
-    if "macs" in cost_panels and any(_budgeted(r) for _, r in results):
+    if macs_panel and any(_budgeted(r) for _, r in results):
         handles.append(Line2D([], [], color="grey", linestyle=":"))
         labels.append("budgeted batch (dotted)")
-    axes[0].legend(handles, labels, fontsize="small")
-
-    if title is not None:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    ax.legend(handles, labels, fontsize="small")
 
 
 def plot_mean_curves(

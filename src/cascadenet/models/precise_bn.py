@@ -79,31 +79,12 @@ def recalibrate_bn(
     modes = [(m, m.training) for m in model.modules()]
     saved = [(m, m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in layers]
     counts_before = [getattr(m, "slot_updates", None) for m in layers]
-    run = forward or (lambda m, x: m(x))
-    n_batches = n_examples = 0
     try:
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        for batch in batches:
-            x = _first(batch)
-            if device is not None:
-                x = x.to(device, non_blocking=True)
-            run(model, x)
-            n_batches += 1
-            n_examples += len(x)
-        if n_batches == 0:
-            raise ValueError("recalibrate_bn: no batches to compute the statistics from")
+        n_batches, n_examples = _average_passes(model, layers, batches, forward or (lambda m, x: m(x)), device)
         for m, _, before in saved:
             _keep_unreached(m, before)
     except BaseException:
-        for m, _, before in saved:  # the statistics as they were: no half-recalibrated model
-            for k, v in m.named_buffers(recurse=False):
-                v.copy_(before[k])
-        for m, counts in zip(layers, counts_before):
-            if counts is not None:
-                m.slot_updates = counts
+        _put_back(layers, saved, counts_before)  # the statistics as they were: no half-recalibrated model
         raise
     finally:
         for m, momentum, _ in saved:
@@ -111,6 +92,40 @@ def recalibrate_bn(
         for m, training in modes:
             m.training = training
     return {"batches": n_batches, "examples": n_examples}
+
+
+def _average_passes(
+    model: nn.Module, layers: list[nn.Module], batches: Iterable[Any], run: Callable[[nn.Module, Tensor], Any],
+    device: torch.device | None,
+) -> tuple[int, int]:  # fmt: skip
+    """The forward passes over ``batches`` in training mode, every layer's statistics reset and set to average
+    them (``momentum=None``); returns the numbers of batches and examples."""
+    n_batches = n_examples = 0
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for batch in batches:
+        x = _first(batch)
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        run(model, x)
+        n_batches += 1
+        n_examples += len(x)
+    if n_batches == 0:
+        raise ValueError("recalibrate_bn: no batches to compute the statistics from")
+    return n_batches, n_examples
+
+
+def _put_back(layers: list[nn.Module], saved: list[tuple[nn.Module, Any, dict[str, Tensor]]],
+              counts_before: list[Any]) -> None:  # fmt: skip
+    """Every layer's statistics (and slot update counts) as they were before the passes."""
+    for m, _, before in saved:
+        for k, v in m.named_buffers(recurse=False):
+            v.copy_(before[k])
+    for m, counts in zip(layers, counts_before):
+        if counts is not None:
+            m.slot_updates = counts
 
 
 def _keep_unreached(m: nn.Module, before: dict[str, Tensor]) -> None:

@@ -184,7 +184,23 @@ def convert_state_dict(
                            num_classes=state["fc.weight"].shape[0], **options)  # fmt: skip
     model = config.build()
     target = model.state_dict()
-    names = _mapping(model, layers)
+    out, used = _converted_layers(state, target, _mapping(model, layers), source)
+    heads, used_fc = _converted_classifier(state, target, len(model.heads), source)
+    out.update(heads)
+    used |= used_fc
+    unexpected = sorted(set(state) - used)
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise CheckpointError(f"{source}: weights that a {arch} has no place for: {', '.join(unexpected[:3])}{more}")
+    model.load_state_dict(out)
+    return model.eval()
+
+
+def _converted_layers(
+    state: Mapping[str, Tensor], target: dict[str, Tensor], names: dict[str, str], source: str
+) -> tuple[dict[str, Tensor], set[str]]:
+    """The convolutions and batch norms of ``state`` under our names (``names``: torchvision's -> ours), each batch
+    norm's vectors in every step's slot; with the keys of ``state`` they use."""
     out: dict[str, Tensor] = {}
     used = set()
     for tv, ours in names.items():
@@ -206,11 +222,20 @@ def convert_state_dict(
             out[f"{ours}.{f}"] = value.to(want.dtype).clone()
             used.add(key)
         used.add(f"{tv}.num_batches_tracked")
+    return out, used
+
+
+def _converted_classifier(
+    state: Mapping[str, Tensor], target: dict[str, Tensor], num_heads: int, source: str
+) -> tuple[dict[str, Tensor], set[str]]:
+    """torchvision's classifier (``fc``) in every one of our heads; with the keys of ``state`` it uses."""
+    out: dict[str, Tensor] = {}
+    used = set()
     for f in ("weight", "bias"):
         key = f"fc.{f}"
         if key not in state:
             raise CheckpointError(f"{source}: missing {key}")
-        for h in range(len(model.heads)):
+        for h in range(num_heads):
             want = target[f"heads.{h}.{f}"]
             if state[key].shape != want.shape:
                 raise CheckpointError(
@@ -218,12 +243,7 @@ def convert_state_dict(
                 )
             out[f"heads.{h}.{f}"] = state[key].to(want.dtype).clone()
         used.add(key)
-    unexpected = sorted(set(state) - used)
-    if unexpected:
-        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-        raise CheckpointError(f"{source}: weights that a {arch} has no place for: {', '.join(unexpected[:3])}{more}")
-    model.load_state_dict(out)
-    return model.eval()
+    return out, used
 
 
 def convert_file(
@@ -266,39 +286,14 @@ def read_init(
         (for ``load_init``).
     """
     path = Path(init)
-    if not path.is_file():
-        raise CheckpointError(f"--init {path}: no such file")
-    if path.suffix != ".safetensors":
-        raise CheckpointError(
-            f"--init {path}: not a .safetensors model file (convert a torchvision ResNet with: cascadenet convert "
-            f"{path} -o MODEL.safetensors)"
-        )
-    meta = read_metadata(path)
-    if "model_config" not in meta:
-        raise CheckpointError(f"--init {path}: no model configuration in the metadata (not written by cascadenet?)")
-    try:
-        stored = config_from_dict(meta["model_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"--init {path}: unreadable model configuration: {e}") from None
+    stored = _stored_config(path)
     if stored.in_channels != in_channels:
         raise CheckpointError(
             f"--init {path} takes {stored.in_channels}-channel images but the dataset has {in_channels} channel(s)"
         )
     dataset = {"num_classes": num_classes, "in_channels": in_channels}
     model_cfg = dataclasses.replace(stored, **dataset)
-    given = dataclasses.replace(model, **dataset)
-    default = dataclasses.replace(type(model)(), **dataset)
-    differ = ""
-    if given != model_cfg and given != default:
-        if type(given) is not type(model_cfg):
-            differ = config_difference(given, model_cfg)
-        else:  # the options set away from their defaults that the file contradicts (none: the file's model)
-            fields = [f.name for f in dataclasses.fields(given) if f.name not in dataset]
-            differ = "; ".join(
-                f"{'model' if n == 'arch' else n} {getattr(given, n)} vs {getattr(model_cfg, n)} in the file"
-                for n in fields
-                if getattr(given, n) != getattr(model_cfg, n) and getattr(given, n) != getattr(default, n)
-            )
+    differ = _contradicted(model, model_cfg, dataset)
     if differ:
         raise ValueError(
             f"--init {path} holds its own model, and the model options given differ from it ({differ}): leave the "
@@ -315,6 +310,43 @@ def read_init(
             num_classes, path.name,
         )  # fmt: skip
     return model_cfg, (state, stored)
+
+
+def _stored_config(path: Path) -> ModelConfig:
+    """The model configuration an --init file was saved with (a .safetensors file written by cascadenet)."""
+    if not path.is_file():
+        raise CheckpointError(f"--init {path}: no such file")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"--init {path}: not a .safetensors model file (convert a torchvision ResNet with: cascadenet convert "
+            f"{path} -o MODEL.safetensors)"
+        )
+    meta = read_metadata(path)
+    if "model_config" not in meta:
+        raise CheckpointError(f"--init {path}: no model configuration in the metadata (not written by cascadenet?)")
+    try:
+        return config_from_dict(meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"--init {path}: unreadable model configuration: {e}") from None
+
+
+def _contradicted(model: ModelConfig, model_cfg: ModelConfig, dataset: dict[str, int]) -> str:
+    """The model options given (``model``) that the file's model (``model_cfg``) contradicts, in words; empty when
+    they are left at their defaults or describe the file's model."""
+    given = dataclasses.replace(model, **dataset)
+    default = dataclasses.replace(type(model)(), **dataset)
+    differ = ""
+    if given != model_cfg and given != default:
+        if type(given) is not type(model_cfg):
+            differ = config_difference(given, model_cfg)
+        else:  # the options set away from their defaults that the file contradicts (none: the file's model)
+            fields = [f.name for f in dataclasses.fields(given) if f.name not in dataset]
+            differ = "; ".join(
+                f"{'model' if n == 'arch' else n} {getattr(given, n)} vs {getattr(model_cfg, n)} in the file"
+                for n in fields
+                if getattr(given, n) != getattr(model_cfg, n) and getattr(given, n) != getattr(default, n)
+            )
+    return differ
 
 
 def load_init(model: nn.Module, initial: tuple[dict[str, Tensor], ModelConfig], path: str | None) -> None:

@@ -34,8 +34,6 @@ With EWS the memory decays geometrically but never ends.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
 import os
 import re
@@ -56,6 +54,7 @@ from ..runs.data import run_training_batches
 from ..runs.load import load_run
 from ..utils.device import autocast
 from ..utils.files import atomic_write
+from .noise_report import OUTPUT_FILES, format_report, noise_figures, report_contents  # importable from here too
 
 __all__ = [
     "PROTOCOLS",
@@ -74,7 +73,6 @@ __all__ = [
 PROTOCOLS = ("persistent", "frozen", "transient", "burst")
 CHUNK = 64  # examples per noise draw: the noise of an example does not depend on the batch it is evaluated in
 RECOVERED = 0.99  # agreement with the clean run above which a method counts as recovered
-OUTPUT_FILES = ("noise.md", "noise.json", "noise-steps.png", "noise-final.png")
 
 _DESCRIPTIONS = {
     "persistent": "fresh noise at every step",
@@ -401,6 +399,34 @@ def noise_robustness(
         (None if it does not within the trajectory).
     """
     _check_streaming(model)
+    sigmas, protocols, alphas = _check_options(sigmas, protocols, alphas, seed, batch_size, max_examples)
+    templates, num_steps = _plan_protocols(model, protocols, num_steps, steps_noisy, burst)
+    variants = {
+        f"ews-{a:g}": ews_variant(model, a, num_steps=num_steps, calibration=ews_calibration and ews_calibration())
+        for a in alphas
+    }
+    images, labels = _pick_examples(ds, max_examples, seed)
+    was_training = model.training
+    model.eval()
+    runs = [(p, s) for p in protocols for s in sigmas if s > 0]
+    bar = tqdm(total=(len(runs) + 1) * math.ceil(len(labels) / batch_size), desc="noise", disable=not progress,
+               leave=False)  # fmt: skip
+    bench = _Bench(model, variants, _method_names(model, alphas), images, labels, mean, std, num_steps, seed,
+                   batch_size, amp, bar)  # fmt: skip
+    try:
+        clean = bench.predictions(Protocol("persistent"), 0.0)
+        results = {p: [bench.entry(templates[p], sigma, clean) for sigma in sigmas] for p in protocols}
+    finally:
+        bar.close()
+        model.train(was_training)
+    return _record(bench, templates, sigmas, alphas, ews_calibration is not None, max_examples, clean, results)
+
+
+def _check_options(
+    sigmas: Sequence[float], protocols: Sequence[str], alphas: Sequence[float], seed: int, batch_size: int,
+    max_examples: int | None,
+) -> tuple[list[float], list[str], list[float]]:  # fmt: skip
+    """Check ``noise_robustness``'s options; returns the sigmas, protocols and alphas as lists."""
     sigmas = [_check_sigma(s) for s in _unique("--sigmas", sigmas)]
     protocols = _unique("--protocols", protocols)
     for p in protocols:
@@ -414,6 +440,14 @@ def noise_robustness(
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):  # fmt: skip
         raise ValueError(f"--max-examples must be a positive integer, got {max_examples!r}")
+    return sigmas, protocols, alphas
+
+
+def _plan_protocols(
+    model: nn.Module, protocols: list[str], num_steps: int | None, steps_noisy: int | None, burst: Sequence[int] | None
+) -> tuple[dict[str, Protocol], int]:
+    """Each protocol with its K and burst (defaults from the model), and the trajectory length, checked against
+    each other: the transient and the burst must end within the trajectory."""
     k, burst, default_steps = _default_lengths(model, protocols, steps_noisy, burst)
     templates = {p: Protocol(p, steps_noisy=k, burst=burst) for p in protocols}  # validates K and the burst
     if num_steps is None:
@@ -424,65 +458,82 @@ def noise_robustness(
         raise ValueError(f"--steps-noisy {k} must be below --num-steps {num_steps} (else the noise never ends)")
     if "burst" in protocols and burst[1] >= num_steps:
         raise ValueError(f"--burst {burst[0]} {burst[1]}: its last step must be below --num-steps {num_steps}")
-    variants = {
-        f"ews-{a:g}": ews_variant(model, a, num_steps=num_steps, calibration=ews_calibration and ews_calibration())
-        for a in alphas
-    }
-    methods = _method_names(model, alphas)
+    return templates, num_steps
 
+
+def _pick_examples(ds: ImageSet, max_examples: int | None, seed: int) -> tuple[Tensor, Tensor]:
+    """The evaluated images (on their device) and labels (on the CPU): all of ``ds``, or a seeded random subset
+    of ``max_examples`` in their original order."""
     n_all = len(ds)
     if max_examples is not None and max_examples < n_all:
         picked = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))[:max_examples].sort().values
         images, labels = ds.images[picked.to(ds.images.device)], ds.labels[picked.to(ds.labels.device)]
     else:
         images, labels = ds.images, ds.labels
-    labels = labels.cpu()
-    n = len(labels)
-    was_training = model.training
-    model.eval()
-    dev_type = images.device.type
-    runs = [(p, s) for p in protocols for s in sigmas if s > 0]
-    bar = tqdm(total=(len(runs) + 1) * math.ceil(n / batch_size), desc="noise", disable=not progress, leave=False)
+    return images, labels.cpu()
 
-    def predictions(protocol: Protocol, sigma: float) -> dict[str, Tensor]:
-        parts: dict[str, list[Tensor]] = {m: [] for m in methods}
-        for start in range(0, n, batch_size):
-            with autocast(dev_type, amp):
-                traj = noise_trajectories(model, images[start : start + batch_size], mean, std, sigma, protocol,
-                                          num_steps, variants=variants, seed=seed, offset=start)  # fmt: skip
-            for m in methods:
+
+@dataclass
+class _Bench:
+    """What every trajectory of one ``noise_robustness`` call shares: the model and its EWS variants, the methods,
+    the examples, the normalisation, the trajectory length, the noise seed and the batching."""
+
+    model: nn.Module
+    variants: dict[str, nn.Module]
+    methods: list[str]
+    images: Tensor
+    labels: Tensor  # on the CPU
+    mean: Tensor
+    std: Tensor
+    num_steps: int
+    seed: int
+    batch_size: int
+    amp: bool
+    bar: Any  # the progress bar: one update per batch
+
+    def predictions(self, protocol: Protocol, sigma: float) -> dict[str, Tensor]:
+        """Every method's predictions ``(T, N)`` on the frames of one protocol and sigma, batch by batch."""
+        parts: dict[str, list[Tensor]] = {m: [] for m in self.methods}
+        for start in range(0, len(self.labels), self.batch_size):
+            with autocast(self.images.device.type, self.amp):
+                traj = noise_trajectories(self.model, self.images[start : start + self.batch_size], self.mean,
+                                          self.std, sigma, protocol, self.num_steps, variants=self.variants,
+                                          seed=self.seed, offset=start)  # fmt: skip
+            for m in self.methods:
                 parts[m].append(traj[m].argmax(-1).cpu())
-            bar.update()
+            self.bar.update()
         return {m: torch.cat(v, dim=1) for m, v in parts.items()}  # (T, N) each
 
-    def scores(pred: Tensor) -> dict[str, Any]:
-        acc = (pred == labels).double().mean(1)
+    def scores(self, pred: Tensor) -> dict[str, Any]:
+        """Accuracy per step, at the last step and over the steps, of predictions ``(T, N)``."""
+        acc = (pred == self.labels).double().mean(1)
         return {"accuracy_per_step": acc.tolist(), "final_accuracy": float(acc[-1]), "mean_accuracy": float(acc.mean())}
 
-    try:
-        clean = predictions(Protocol("persistent"), 0.0)
-        results: dict[str, list[dict[str, Any]]] = {p: [] for p in protocols}
-        for p in protocols:
-            protocol = templates[p]
-            for sigma in sigmas:
-                preds = clean if sigma == 0 else predictions(protocol, sigma)  # sigma 0: the frames are the clean ones
-                entry = {}
-                for m in methods:
-                    agree = (preds[m] == clean[m]).double().mean(1)
-                    entry[m] = {**scores(preds[m]), "agreement_per_step": agree.tolist()}
-                    if protocol.last_noisy is not None:
-                        entry[m]["recovery_step"] = _recovery(agree, protocol.last_noisy)
-                results[p].append({"sigma": sigma, "methods": entry})
-    finally:
-        bar.close()
-        model.train(was_training)
+    def entry(self, protocol: Protocol, sigma: float, clean: dict[str, Tensor]) -> dict[str, Any]:
+        """One protocol at one sigma: per method, its scores, its agreement with its own clean run, and (where
+        the noise ends) its recovery step."""
+        preds = clean if sigma == 0 else self.predictions(protocol, sigma)  # sigma 0: the frames are the clean ones
+        entry = {}
+        for m in self.methods:
+            agree = (preds[m] == clean[m]).double().mean(1)
+            entry[m] = {**self.scores(preds[m]), "agreement_per_step": agree.tolist()}
+            if protocol.last_noisy is not None:
+                entry[m]["recovery_step"] = _recovery(agree, protocol.last_noisy)
+        return {"sigma": sigma, "methods": entry}
 
+
+def _record(
+    bench: _Bench, templates: dict[str, Protocol], sigmas: list[float], alphas: Sequence[float],
+    own_statistics: bool, max_examples: int | None, clean: dict[str, Tensor], results: dict[str, list[Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """``noise_robustness``'s JSON-ready result: the settings, each protocol's noisy steps, the methods, the
+    clean run and the results."""
+    model, num_steps, protocols = bench.model, bench.num_steps, list(templates)
     settle = int(getattr(model, "settle_steps", model.num_steps))
     config = model.config
     own_delay = getattr(config, "delay", None)
     protocol_info = {}
-    for p in protocols:
-        protocol = templates[p]
+    for p, protocol in templates.items():
         info: dict[str, Any] = {"description": _DESCRIPTIONS[p], "noisy_steps": protocol.noisy_steps(num_steps)}
         if protocol.last_noisy is not None:
             info["last_noisy_step"] = protocol.last_noisy
@@ -491,9 +542,9 @@ def noise_robustness(
         protocol_info[p] = info
     return {
         "split": None,
-        "num_examples": n,
+        "num_examples": len(bench.labels),
         "max_examples": max_examples,
-        "seed": seed,
+        "seed": bench.seed,
         "num_steps": num_steps,
         "model_num_steps": int(model.num_steps),
         "settle_steps": settle,
@@ -501,16 +552,16 @@ def noise_robustness(
         "model": config.to_dict(),
         "noise": "Gaussian pixel noise of std sigma on the [0, 1] pixel scale, added before normalisation, "
         "clipped to [0, 1], then normalised with the run's mean and std",
-        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "normalization": {"mean": bench.mean.tolist(), "std": bench.std.tolist()},
         "sigmas": sigmas,
         "alphas": [float(a) for a in alphas],
-        "ews_statistics": "own" if ews_calibration is not None else "trained",
-        "steps_noisy": k if "transient" in protocols else None,
-        "burst": list(burst) if "burst" in protocols else None,
+        "ews_statistics": "own" if own_statistics else "trained",
+        "steps_noisy": templates["transient"].steps_noisy if "transient" in protocols else None,
+        "burst": list(templates["burst"].burst) if "burst" in protocols else None,
         "protocols": protocol_info,
-        "methods": {m: _method_description(m, config, ews_calibration is not None) for m in methods},
+        "methods": {m: _method_description(m, config, own_statistics) for m in bench.methods},
         "recovered_agreement": RECOVERED,
-        "clean": {m: scores(clean[m]) for m in methods},
+        "clean": {m: bench.scores(clean[m]) for m in bench.methods},
         "results": results,
     }
 
@@ -537,117 +588,6 @@ def _method_description(name: str, config: Any, own_statistics: bool = False) ->
     if name == "feedforward":
         return "the ordinary ResNet of the same weights on each frame alone"
     return "the ordinary ResNet of the same weights on the mean of the frames so far"
-
-
-# ---- the report ----------------------------------------------------------------------------------------------
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The markdown report of ``noise_robustness``'s result (the JSON holds every number)."""
-    methods = list(result["methods"])
-    lines = [
-        f"# Noise robustness: {result.get('run') or 'model'}",
-        "",
-        f"{result['num_examples']} examples of "
-        + (f"the {result['split']} split" if result.get("split") else "the data")
-        + (f" (a random subset, seed {result['seed']})" if result["max_examples"] else "")
-        + f"; {result['num_steps']} steps per trajectory (the model's own: {result['model_num_steps']}; "
-        f"settling time {result['settle_steps']}); noise seed {result['seed']}.",
-        "",
-        f"Noise: {result['noise']}. Every method sees the very same frames.",
-        "",
-        "| protocol | noisy steps | |",
-        "|---|---|---|",
-    ]
-    for p, info in result["protocols"].items():
-        steps = info["noisy_steps"]
-        span = "all" if len(steps) == result["num_steps"] else f"{steps[0]}..{steps[-1]}" if steps else "none"
-        clears = info.get("cascade_clears_at_step")
-        extra = f"the cascade's output is clean again from step {clears}" if clears is not None else ""
-        lines.append(f"| {p} ({info['description']}) | {span} | {extra} |")
-    lines += ["", "| method | |", "|---|---|"]
-    lines += [f"| {m} | {d} |" for m, d in result["methods"].items()]
-    header = "| method | clean | " + " | ".join(f"sigma {s:g}" for s in result["sigmas"]) + " |"
-    rule = "|---|---|" + "---|" * len(result["sigmas"])
-    for p, entries in result["results"].items():
-        for key, what in (("final_accuracy", "final accuracy"), ("mean_accuracy", "mean accuracy over steps")):
-            lines += ["", f"## {p}: {what} (%)", "", header, rule]
-            for m in methods:
-                cells = [_pct(e["methods"][m][key]) for e in entries]
-                lines.append(f"| {m} | {_pct(result['clean'][m][key])} | " + " | ".join(cells) + " |")
-        if "last_noisy_step" in result["protocols"][p]:
-            lines += ["", f"## {p}: recovery step (agreement with the clean run >= {result['recovered_agreement']:g} "
-                      "from there on; - = not within the trajectory)", "", header.replace("| clean ", ""),
-                      rule[:-4]]  # fmt: skip
-            for m in methods:
-                cells = ["-" if e["methods"][m]["recovery_step"] is None else str(e["methods"][m]["recovery_step"])
-                         for e in entries]  # fmt: skip
-                lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "![accuracy per step](noise-steps.png)", "", "![final accuracy against sigma](noise-final.png)", ""]
-    return "\n".join(lines)
-
-
-def noise_figures(result: dict[str, Any]) -> tuple[Any, Any]:
-    """Two matplotlib figures (no pyplot): accuracy per step (a row per protocol, a column per sigma, a line per
-    method, the clean cascade dotted, noisy steps shaded), and final accuracy against sigma (a panel per
-    protocol, sigma 0 = clean frames)."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    methods = list(result["methods"])
-    colours = dict(zip(methods, colormaps["tab10"].colors))
-    protocols = list(result["results"])
-    sigmas = result["sigmas"]
-    steps = np.arange(result["num_steps"])
-    fig = Figure(figsize=(3.6 * len(sigmas), 2.8 * len(protocols) + 0.6))
-    axes = fig.subplots(len(protocols), len(sigmas), squeeze=False, sharey=True)
-    for i, p in enumerate(protocols):
-        noisy = result["protocols"][p]["noisy_steps"]
-        for j, entry in enumerate(result["results"][p]):
-            ax = axes[i][j]
-            if noisy and len(noisy) < len(steps):
-                ax.axvspan(noisy[0] - 0.5, noisy[-1] + 0.5, color="grey", alpha=0.15, linewidth=0)
-            clean = 100 * np.asarray(result["clean"]["cascade"]["accuracy_per_step"])
-            ax.plot(steps, clean, color="black", linestyle=":", linewidth=1, label="cascade, clean")
-            for m in methods:
-                acc = 100 * np.asarray(entry["methods"][m]["accuracy_per_step"])
-                ax.plot(steps, acc, color=colours[m], marker=".", markersize=3, label=m)
-            ax.set_title(f"{p}, sigma {entry['sigma']:g}", fontsize="medium")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(True, alpha=0.3)
-            if i == len(protocols) - 1:
-                ax.set_xlabel("step")
-            if j == 0:
-                ax.set_ylabel("accuracy (%)")
-    axes[0][0].legend(fontsize="x-small")
-    fig.suptitle(f"accuracy per step ({result['split']} split, {result['num_examples']} examples; shaded: noisy)")
-    fig.tight_layout()
-
-    final = Figure(figsize=(4.2 * len(protocols), 3.6))
-    panels = final.subplots(1, len(protocols), squeeze=False, sharey=True)[0]
-    for ax, p in zip(panels, protocols):
-        entries = sorted(result["results"][p], key=lambda e: e["sigma"])
-        xs = [0.0] + [e["sigma"] for e in entries if e["sigma"] > 0]
-        for m in methods:
-            ys = [result["clean"][m]["final_accuracy"]] + [e["methods"][m]["final_accuracy"] for e in entries
-                                                           if e["sigma"] > 0]  # fmt: skip
-            ax.plot(xs, 100 * np.asarray(ys), color=colours[m], marker="o", label=m)
-        ax.set_title(p)
-        ax.set_xlabel("sigma (pixel scale [0, 1])")
-        ax.grid(True, alpha=0.3)
-    panels[0].set_ylabel(f"accuracy at the last step, {result['num_steps'] - 1} (%)")
-    panels[0].legend(fontsize="small")
-    final.tight_layout()
-    return fig, final
-
-
-def _png(fig: Any) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=150)
-    return buffer.getvalue()
 
 
 def noise_run(
@@ -701,10 +641,8 @@ def noise_run(
                               steps_noisy=steps_noisy, burst=burst, max_examples=max_examples, seed=seed,
                               batch_size=batch_size, amp=loaded.amp, progress=progress)  # fmt: skip
     result = {"run": run_dir.name, **result, "split": split, "ews_recalibrate_batches": ews_recalibrate_batches}
-    steps_fig, final_fig = noise_figures(result)
+    contents = report_contents(result)
     folder.mkdir(parents=True, exist_ok=True)
-    contents = [format_report(result).encode(), (json.dumps(result, indent=2) + "\n").encode(),
-                _png(steps_fig), _png(final_fig)]  # fmt: skip
     for path, data in zip(paths, contents):
         atomic_write(path, data, overwrite=overwrite)
     return result, paths

@@ -4,21 +4,10 @@ A cascade produces a prediction at every step, so an input leaves a *trace*: how
 often the prediction changes, when it settles. This module scores inputs by that trace and measures how well
 each score tells in-distribution inputs (the run's test split) from out-of-distribution ones.
 
-Conventions (fixed here, since libraries differ):
-
-- in-distribution is the positive class, and every score is oriented so that higher means "more
-  in-distribution" (an entropy enters as minus the entropy, a settling step as minus the step);
-- AUROC is the Mann-Whitney statistic: the probability that a random in-distribution example scores above a
-  random out-of-distribution one, ties counting one half (so a constant score has AUROC 0.5 exactly);
-- FPR at 95% TPR (ODIN, Liang et al. 2018): the threshold is the highest one that still accepts
-  (``score >= threshold``) at least 95% of the in-distribution examples, i.e. the ``ceil(0.95 n)``-th largest
-  in-distribution score; the FPR is the share of out-of-distribution examples it accepts (ties accepted);
-- the exits before ``model.first_informative_exit`` cannot see the input and are left out of every trace.
-
-Scores (:data:`SCORES`): the last exit's maximum softmax probability (MSP, the baseline of Hendrycks & Gimpel
-2017), MSP averaged over the exits, minus the last and the mean entropy, minus the settling step, minus the
-number of prediction flips, and a logistic regression on trace features (:class:`LogisticDetector`). The
-report also gives the MSP and entropy AUROC at every exit and the mean entropy per exit (the entropy profile).
+The scores, the metrics that judge them (AUROC, FPR at 95% TPR) and their conventions (in-distribution is the
+positive class; every score is higher for it; the exits before ``model.first_informative_exit`` are left out)
+are in ``cascadenet.properties.ood_scores``, their names importable from here too. The report also gives the MSP
+and entropy AUROC at every exit and the mean entropy per exit (the entropy profile).
 
 The learned detector never sees the out-of-distribution source it is tested on: it is fitted on the run's
 validation split (in) against synthetic sets made from that split (out), leaving out the tested kind
@@ -30,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +34,18 @@ from ..models.checkpoint import CheckpointError
 from ..runs.config import CONFIG, TrainConfig
 from ..runs.load import load_run
 from ..utils.files import atomic_write
+from .ood_scores import (
+    BASELINE,
+    SCORES,
+    LogisticDetector,
+    auroc,
+    fpr_at_tpr,
+    roc_curve,
+    settle_steps,
+    step_profiles,
+    trace_features,
+    trace_scores,
+)
 
 __all__ = [
     "OUTPUTS",
@@ -65,17 +66,6 @@ __all__ = [
     "trace_scores",
 ]
 
-# Every score is higher for in-distribution inputs.
-SCORES: dict[str, str] = {
-    "msp": "max softmax probability at the last exit (the MSP baseline)",
-    "msp_mean": "max softmax probability averaged over the exits",
-    "entropy_last": "minus the entropy of the last exit's softmax",
-    "entropy_mean": "minus the softmax entropy averaged over the exits",
-    "settle": "minus the exit from which the prediction never changes again",
-    "flips": "minus the number of prediction changes from one exit to the next",
-    "learned": "logistic regression on trace features (fitted on other OOD sources)",
-}
-BASELINE = "msp"
 # Synthetic out-of-distribution sets, always available (made from in-distribution images, or from nothing).
 SYNTHETIC: dict[str, str] = {
     "noise": "uniform noise: every pixel of every channel drawn uniformly from 0..255",
@@ -83,160 +73,7 @@ SYNTHETIC: dict[str, str] = {
     "vflip": "in-distribution images flipped upside down (training flips only left-right)",
 }
 OUTPUTS = ("ood.md", "ood.json", "ood.png")
-TPR = 0.95
 LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's RGB -> L
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def _pair(in_scores: Any, out_scores: Any) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(in_scores, dtype=np.float64).ravel()
-    b = np.asarray(out_scores, dtype=np.float64).ravel()
-    if a.size == 0 or b.size == 0:
-        raise ValueError("AUROC and FPR need at least one in-distribution and one out-of-distribution score")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("scores must be finite numbers (got NaN or infinity)")
-    return a, b
-
-
-def auroc(in_scores: Any, out_scores: Any) -> float:
-    """Area under the ROC curve, in-distribution positive: P(in > out) + P(in = out) / 2 over all pairs, the
-    Mann-Whitney U statistic divided by ``n_in * n_out`` (from average ranks, so ties count one half)."""
-    a, b = _pair(in_scores, out_scores)
-    _, inverse, counts = np.unique(np.concatenate([a, b]), return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based ranks, tied values sharing their average
-    u = ranks[: a.size].sum() - a.size * (a.size + 1) / 2
-    return float(u / (a.size * b.size))
-
-
-def fpr_at_tpr(in_scores: Any, out_scores: Any, tpr: float = TPR) -> float:
-    """False-positive rate at ``tpr`` true-positive rate (ODIN's FPR95 for 0.95), in-distribution positive.
-
-    The threshold is the highest that accepts (``score >= threshold``) at least ``tpr`` of the in-distribution
-    scores: the ``ceil(tpr * n_in)``-th largest of them. Returns the share of out-of-distribution scores it
-    accepts (a tie with the threshold is accepted)."""
-    if not 0 < tpr <= 1:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
-    a, b = _pair(in_scores, out_scores)
-    k = max(1, math.ceil(tpr * a.size - 1e-9))  # 0.95 * 20 is 19.000000000000004 in floating point
-    threshold = np.sort(a)[::-1][k - 1]
-    return float((b >= threshold).mean())
-
-
-def roc_curve(in_scores: Any, out_scores: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1), accepting ``score >= threshold``. Its
-    trapezoid area is :func:`auroc` (a tie is a diagonal segment: half credit)."""
-    a, b = _pair(in_scores, out_scores)
-    thresholds = np.unique(np.concatenate([a, b]))[::-1]
-    tpr = np.searchsorted(np.sort(-a), -thresholds, side="right") / a.size  # share of a >= threshold
-    fpr = np.searchsorted(np.sort(-b), -thresholds, side="right") / b.size
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The trace
-
-
-def step_profiles(logits: Tensor, first_exit: int = 0) -> dict[str, np.ndarray]:
-    """Per exit from ``first_exit`` on, per example: ``msp`` (max softmax), ``entropy`` (nats) and ``pred``
-    (argmax), each ``(S, N)`` with S = E - first_exit, from logits ``(E, N, C)``."""
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be (exits, examples, classes), got shape {tuple(logits.shape)}")
-    if not 0 <= first_exit < logits.shape[0]:
-        raise ValueError(f"first_exit {first_exit} is not one of the {logits.shape[0]} exits")
-    log_p = torch.log_softmax(logits[first_exit:].double(), dim=-1)  # (S, N, C)
-    p = log_p.exp()
-    entropy = -(p * log_p).sum(-1)
-    return {"msp": p.amax(-1).numpy(), "entropy": entropy.clamp_min(0).numpy(), "pred": p.argmax(-1).numpy()}
-
-
-def settle_steps(preds: np.ndarray) -> np.ndarray:
-    """For predictions ``(S, N)`` along the trace, the first index from which each example's prediction never
-    changes again (0 when it never changes)."""
-    changed = preds[1:] != preds[:-1]  # (S-1, N): changed[k] means the prediction changed at step k + 1
-    if changed.shape[0] == 0:
-        return np.zeros(preds.shape[1], dtype=np.int64)
-    last = changed.shape[0] - np.argmax(changed[::-1], axis=0)  # the step of the last change
-    return np.where(changed.any(axis=0), last, 0).astype(np.int64)
-
-
-def trace_scores(logits: Tensor, first_exit: int = 0) -> dict[str, np.ndarray]:
-    """The trace scores of :data:`SCORES` (all but ``learned``) of logits ``(E, N, C)``, each ``(N,)``, higher
-    for in-distribution inputs."""
-    prof = step_profiles(logits, first_exit)
-    return {
-        "msp": prof["msp"][-1],
-        "msp_mean": prof["msp"].mean(0),
-        "entropy_last": -prof["entropy"][-1],
-        "entropy_mean": -prof["entropy"].mean(0),
-        "settle": -settle_steps(prof["pred"]).astype(np.float64),
-        "flips": -(prof["pred"][1:] != prof["pred"][:-1]).sum(0).astype(np.float64),
-    }
-
-
-def trace_features(logits: Tensor, first_exit: int = 0) -> np.ndarray:
-    """Features of the learned detector, ``(N, 2S + 2)``: the max softmax at each exit, the entropy at each exit
-    (over log C, so in [0, 1]), the number of flips and the settling step (each over S - 1)."""
-    prof = step_profiles(logits, first_exit)
-    steps = max(prof["pred"].shape[0] - 1, 1)
-    flips = (prof["pred"][1:] != prof["pred"][:-1]).sum(0) / steps
-    settle = settle_steps(prof["pred"]) / steps
-    entropy = prof["entropy"] / math.log(max(logits.shape[-1], 2))
-    return np.concatenate([prof["msp"].T, entropy.T, flips[:, None], settle[:, None]], axis=1)
-
-
-@dataclasses.dataclass
-class LogisticDetector:
-    """Logistic regression on standardised features: ``score(x) = w . (x - mean) / std + b`` (the log-odds of
-    in-distribution, so ranks never tie where a probability would round to 1)."""
-
-    weight: np.ndarray
-    bias: float
-    mean: np.ndarray
-    std: np.ndarray
-
-    @classmethod
-    def fit(cls, in_features: np.ndarray, out_features: np.ndarray, l2: float = 1e-3, steps: int = 50):
-        """Fit in-distribution (label 1) against out-of-distribution (label 0) features, the two classes weighted
-        equally whatever their sizes, with an L2 penalty ``l2 * |w|^2 / 2`` on the weights. Deterministic: Newton's
-        method with backtracking from zero (the penalty makes the loss strictly convex, so separable data
-        converges too); what varies with a seed is only the data it is given."""
-        if len(in_features) == 0 or len(out_features) == 0:
-            raise ValueError("the detector needs in-distribution and out-of-distribution examples to fit")
-        x = np.concatenate([in_features, out_features]).astype(np.float64)
-        mean, std = x.mean(0), x.std(0)
-        std = np.where(std > 1e-12, std, 1.0)  # a constant feature stays 0 after standardising
-        xb = np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)  # the last column is the bias
-        sign = np.concatenate([np.ones(len(in_features)), -np.ones(len(out_features))])  # +1 in, -1 out
-        sample = np.concatenate([np.full(len(in_features), 0.5 / len(in_features)),
-                                 np.full(len(out_features), 0.5 / len(out_features))])  # fmt: skip
-        ridge = np.full(xb.shape[1], l2)
-        ridge[-1] = 0.0  # the bias is not penalised
-
-        def loss(theta: np.ndarray) -> float:
-            return float(sample @ np.logaddexp(0.0, -sign * (xb @ theta)) + 0.5 * ridge @ theta**2)
-
-        theta = np.zeros(xb.shape[1])
-        for _ in range(steps):
-            margin = sign * (xb @ theta)
-            p_wrong = 0.5 * (1 - np.tanh(margin / 2))  # sigmoid(-margin), without overflow
-            grad = xb.T @ (-sign * sample * p_wrong) + ridge * theta
-            hess = (xb.T * (sample * p_wrong * (1 - p_wrong))) @ xb + np.diag(ridge + 1e-12)
-            step = np.linalg.solve(hess, grad)
-            rate, current = 1.0, loss(theta)
-            while loss(theta - rate * step) > current - 1e-4 * rate * (grad @ step) and rate > 1e-8:
-                rate /= 2
-            theta = theta - rate * step
-            if np.abs(rate * step).max() < 1e-10:
-                break
-        return cls(theta[:-1].copy(), float(theta[-1]), mean, std)
-
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """The log-odds of in-distribution for each row of ``features``."""
-        return ((np.asarray(features, dtype=np.float64) - self.mean) / self.std) @ self.weight + self.bias
 
 
 def fit_sources(tested: str) -> list[str]:
@@ -339,6 +176,30 @@ def ood_run(
         cascadenet.models.checkpoint.CheckpointError, cascadenet.data.datasets.DataError: an unusable run or dataset.
     """
     run_dir = Path(run_dir)
+    cfg, holdout, synthetic = _check_options(run_dir, ood_dataset, ood_data, holdout, synthetic, batch_size, seed)
+    out_dir = Path(out) if out is not None else run_dir / "ood"
+    _check_outputs(out_dir, overwrite)
+
+    loaded = load_run(run_dir, split="test", data_root=data_root, device=device)
+    first = loaded.model.first_informative_exit
+
+    def logits_of(images: Tensor, desc: str) -> Tensor:
+        return _logits(loaded, images, desc, batch_size, progress)
+
+    sets = _ood_sets(cfg, loaded.data, holdout, synthetic, ood_dataset, ood_data, data_root, seed)
+    in_logits = logits_of(loaded.data.images, "in-distribution (test)")
+    fit = _detector_features(run_dir, data_root, device, logits_of, first, seed)
+    results, curves = _compare_sets(sets, in_logits, fit, logits_of, first)
+    result = _record(run_dir, cfg, loaded.data, in_logits, first, fit is not None, synthetic, seed, results)
+    _write_report(out_dir, result, curves, overwrite)
+    return result
+
+
+def _check_options(
+    run_dir: Path, ood_dataset: str | None, ood_data: Any, holdout: bool, synthetic: bool, batch_size: int, seed: int
+) -> tuple[TrainConfig, bool, bool]:
+    """Check ``ood_run``'s options against each other and the run; returns the run's configuration and which of
+    the held-out classes and the synthetic sets to test (both where they can be, when no set was asked)."""
     if ood_data is not None and ood_dataset is None:
         raise ValueError("--ood-data names the folder of --ood-dataset: pass --ood-dataset NAME too")
     if ood_dataset is not None and ood_dataset not in DATASETS:
@@ -355,39 +216,51 @@ def ood_run(
                          "some out)")  # fmt: skip
     if not (holdout or synthetic or ood_dataset):
         holdout, synthetic = bool(cfg.holdout_classes), True
-    out_dir = Path(out) if out is not None else run_dir / "ood"
-    _check_outputs(out_dir, overwrite)
+    return cfg, holdout, synthetic
 
-    loaded = load_run(run_dir, split="test", data_root=data_root, device=device)
-    model, test, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
-    dev, first = test.images.device, model.first_informative_exit
 
-    def logits_of(images: Tensor, desc: str) -> Tensor:
-        ds = ImageSet(images.to(dev), torch.zeros(len(images), dtype=torch.int64, device=dev), test.classes,
-                      test.name, hflip=False)  # fmt: skip
-        return dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress, desc=desc)
+def _logits(loaded: Any, images: Tensor, desc: str, batch_size: int, progress: bool) -> Tensor:
+    """The exit logits ``(E, N, C)`` of uint8 images through a loaded run's model, normalised as its test split."""
+    test, dev = loaded.data, loaded.data.images.device
+    ds = ImageSet(images.to(dev), torch.zeros(len(images), dtype=torch.int64, device=dev), test.classes,
+                  test.name, hflip=False)  # fmt: skip
+    return dataset_logits(loaded.model, ds, loaded.mean, loaded.std, batch_size=batch_size, amp=loaded.amp,
+                          progress=progress, desc=desc)  # fmt: skip
 
-    sets = _ood_sets(cfg, test, holdout, synthetic, ood_dataset, ood_data, data_root, seed)
-    in_logits = logits_of(test.images, "in-distribution (test)")
+
+def _detector_features(
+    run_dir: Path, data_root: str | None, device: str, logits_of: Callable[[Tensor, str], Tensor], first: int, seed: int
+) -> dict[str, np.ndarray] | None:
+    """The learned detector's training features: the run's validation split (``in``) and each synthetic kind made
+    from it (never the test split); None when the run held out no validation split."""
+    val_images = _validation_images(run_dir, data_root, device)
+    if val_images is None:
+        return None
+    fit = {"in": trace_features(logits_of(val_images, "validation (detector)"), first)}
+    for kind in SYNTHETIC:
+        images = synthetic_ood(kind, val_images, seed=2 * seed + 1)
+        fit[kind] = trace_features(logits_of(images, f"{kind} of validation (detector)"), first)
+    return fit
+
+
+def _compare_sets(
+    sets: list[_OODSet],
+    in_logits: Tensor,
+    fit: dict[str, np.ndarray] | None,
+    logits_of: Callable[[Tensor, str], Tensor],
+    first: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every OOD set scored against the in-distribution trace (with its own learned detector, when there is a
+    validation split to fit it on): the result of each set and its ROC curves."""
     in_scores = trace_scores(in_logits, first)
     in_prof = step_profiles(in_logits, first)
-
-    # the learned detector: the run's validation split against synthetic sets made from it (never the test split)
-    val_images = _validation_images(run_dir, data_root, device)
-    fit: dict[str, np.ndarray] = {}
-    if val_images is not None:
-        fit["in"] = trace_features(logits_of(val_images, "validation (detector)"), first)
-        for kind in SYNTHETIC:
-            images = synthetic_ood(kind, val_images, seed=2 * seed + 1)
-            fit[kind] = trace_features(logits_of(images, f"{kind} of validation (detector)"), first)
     in_features = trace_features(in_logits, first)
-
     results, curves = {}, {}
     for s in sets:
         logits = logits_of(s.images, s.key)
         scores = trace_scores(logits, first)
         detector = None
-        if val_images is not None:
+        if fit is not None:
             detector = LogisticDetector.fit(fit["in"], np.concatenate([fit[k] for k in s.fit_on]))
             scores["learned"] = detector.score(trace_features(logits, first))
             in_scores["learned"] = detector.score(in_features)
@@ -395,8 +268,17 @@ def ood_run(
         results[s.key] = _compare(s, in_scores, scores, in_prof, prof, detector)
         curves[s.key] = {name: roc_curve(in_scores[name], scores[name]) for name in SCORES if name in scores}
         in_scores.pop("learned", None)  # each set's detector is its own
+    return results, curves
 
-    result = {
+
+def _record(
+    run_dir: Path, cfg: TrainConfig, test: ImageSet, in_logits: Tensor, first: int, detector: bool, synthetic: bool,
+    seed: int, results: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """``ood_run``'s JSON-ready result: the in-distribution data, the conventions, the scores, the detector, and
+    the in-distribution profile beside each OOD set's result."""
+    in_prof = step_profiles(in_logits, first)
+    return {
         "run": run_dir.name,
         "in_distribution": {
             "dataset": cfg.dataset,
@@ -418,7 +300,7 @@ def ood_run(
             "logistic regression (L2 1e-3, classes weighted equally, Newton from zero) on per-exit max softmax and "
             "entropy, flips and settling step; fitted on the run's validation split (in) against the synthetic "
             f"kinds made from it other than the tested one (noise seed {2 * seed + 1})"
-            if val_images is not None
+            if detector
             else None
         ),
         "synthetic": {k: SYNTHETIC[k] for k in SYNTHETIC} if synthetic else {},
@@ -428,8 +310,6 @@ def ood_run(
         },
         "ood_sets": results,
     }
-    _write_report(out_dir, result, curves, overwrite)
-    return result
 
 
 def _check_outputs(out_dir: Path, overwrite: bool) -> None:

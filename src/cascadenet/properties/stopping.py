@@ -17,33 +17,33 @@ needs, and the test split reports the result (docs/properties.md, "Stopping poli
   more than one test example's worth of accuracy (1 / N) and somewhere higher by more; otherwise they cross, and
   the share of the axis where each is ahead is reported.
 
-No policy stops before the model's ``first_informative_exit``.
+No policy stops before the model's ``first_informative_exit``. The learned policy lives in
+``cascadenet.properties.learned_policy``, the report in ``cascadenet.properties.stopping_report``; their names are
+importable from here too.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import io
 import itertools
 import json
-import math
 import numbers
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..evaluation import metrics
 from ..evaluation.logits import dataset_logits
 from ..evaluation.policies import Confidence, Margin, Policy, StableArgmax
 from ..runs.load import load_run
 from ..utils.files import atomic_write
+from .learned_policy import TARGETS, GRUConfig, GRUPolicy, TraceGRU, _check_first, _trace, fit_gru, stopping_targets
+from .stopping_report import curves_figure, format_report
 
 __all__ = [
     "GRUConfig",
@@ -64,205 +64,9 @@ __all__ = [
 # The policies in report order, with the name of the parameter their sweep varies.
 POLICIES = {"confidence": "threshold", "margin": "margin", "stable": "steps", "learned": "tau"}
 
-# What the GRU learns to predict at step t (see stopping_targets):
-# - "correct": argmax_t == label. The default, because it is exactly the reward of stopping at t (the accuracy
-#   reported is that of the answers at the stopping steps): P(correct_t | trace so far) is the quantity a stopping
-#   rule should threshold, the one the model's own confidence estimates.
-# - "final-correct": argmax_t == label and argmax_t is also the last step's answer. It marks as "do not stop" an
-#   answer that is right now but changes later, although stopping there costs no accuracy, so it stops later for
-#   nothing; kept for comparison with the reference code's "settled" label (argmax_t == final argmax).
-TARGETS = ("correct", "final-correct")
-
 # Candidate thresholds in [0, 1] (confidence, margin, the GRU's tau): an even grid, and values close to 1, where
 # a trained model's confidences crowd (0.99, 0.999, ... 0.999999).
 _FRACTIONS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 101), 1.0 - np.geomspace(1e-2, 1e-6, 41)]))
-
-# The GRU reads log-probabilities, clamped here and scaled to [-1, 0] so that its gates start unsaturated.
-_LOG_FLOOR = 1e-8
-
-
-@dataclass(frozen=True)
-class GRUConfig:
-    """How the learned policy's GRU is built and fitted (on the validation split only)."""
-
-    hidden: int = 16
-    """GRU hidden units."""
-    target: str = "correct"
-    """What it predicts at each step: ``correct`` or ``final-correct`` (``TARGETS``)."""
-    holdout: float = 0.25
-    """Fraction of the validation split held out of the fitting: it picks the epoch (early stopping) and the
-    policy's tau values and operating point."""
-    epochs: int = 60
-    """Most epochs."""
-    patience: int = 8
-    """Stop after this many epochs without a lower held-out loss (the best epoch's weights are kept)."""
-    lr: float = 1e-2
-    """Adam learning rate."""
-    batch_size: int = 128
-    """Examples per Adam step."""
-
-    def __post_init__(self) -> None:
-        for name in ("hidden", "epochs", "patience", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"GRUConfig.{name} must be an integer >= 1, got {v!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"GRUConfig.target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if isinstance(self.holdout, bool) or not isinstance(self.holdout, numbers.Real) or not 0 < self.holdout < 1:
-            raise ValueError(f"GRUConfig.holdout must be a fraction in (0, 1), got {self.holdout!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not 0 < self.lr < math.inf:
-            raise ValueError(f"GRUConfig.lr must be a number > 0, got {self.lr!r}")
-
-
-class TraceGRU(nn.Module):
-    """GRU over a softmax trace ``(S, N, C)`` (time first), a linear read-out per step: ``(S, N)`` logits of the
-    probability that the answer at that step is the target (``stopping_targets``). Causal: step s reads steps
-    0..s only."""
-
-    def __init__(self, num_classes: int, hidden: int = 16):
-        super().__init__()
-        self.gru = nn.GRU(num_classes, hidden)
-        self.out = nn.Linear(hidden, 1)
-
-    def forward(self, probs: Tensor) -> Tensor:
-        x = torch.log(probs.float().clamp_min(_LOG_FLOOR)) / -math.log(_LOG_FLOOR)  # (S, N, C) in [-1, 0]
-        h, _ = self.gru(x)  # (S, N, hidden)
-        return self.out(h).squeeze(-1)  # (S, N)
-
-    @torch.no_grad()
-    def scores(self, probs: Tensor) -> Tensor:
-        """The predicted probabilities ``(S, N)`` in evaluation mode, on the trace's device."""
-        was_training = self.training
-        self.eval()
-        try:
-            probs = torch.as_tensor(probs)
-            return torch.sigmoid(self.to(probs.device)(probs))
-        finally:
-            self.train(was_training)
-
-
-class GRUPolicy(Policy):
-    """Stop at the first step where a fitted ``TraceGRU`` says ``>= tau`` (online and offline, as every policy).
-    The GRU reads every step from ``first_step`` on, so its window is the whole trace."""
-
-    window = 2**62  # more than any trace: Policy.stop passes every step from first_step on
-
-    def __init__(self, net: TraceGRU, tau: float):
-        if not isinstance(net, TraceGRU):
-            raise ValueError(f"net must be a TraceGRU, got {type(net).__name__}")
-        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
-        self.net, self.tau = net, float(tau)
-
-    def rule(self, probs: Tensor) -> Tensor:
-        return self.net.scores(probs) >= self.tau
-
-    def __repr__(self) -> str:
-        return f"GRUPolicy(tau={self.tau})"
-
-
-def stopping_targets(probs: Tensor, labels: Tensor, target: str = "correct") -> Tensor:
-    """The GRU's training targets ``(S, N)`` (float 0/1) of a trace ``(S, N, C)``; see ``TARGETS``."""
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    pred = probs.argmax(dim=-1)  # (S, N)
-    y = pred == labels.to(pred.device)
-    if target == "final-correct":
-        y &= pred == pred[-1]
-    return y.float()
-
-
-def fit_gru(
-    probs: Any, labels: Any, first_step: int = 0, config: GRUConfig = GRUConfig(), seed: int = 0
-) -> tuple[TraceGRU, dict[str, Any]]:
-    """Fit the learned policy's GRU on a (validation) trace, deterministically for a seed.
-
-    The examples are split at random (seeded) into a fitting part and a held-out part (``config.holdout``);
-    Adam minimises the per-step binary cross-entropy on the fitting part, and the weights of the epoch with the
-    lowest held-out loss are kept (``config.patience`` epochs without improvement end the fit). Steps before
-    ``first_step`` are not read. Fitting runs on the CPU in float32 (the trace is small, and the result is then
-    the same on every machine); the caller's random state is left untouched.
-
-    Args:
-        probs: ``(T, N, C)`` softmax outputs of every exit.
-        labels: ``(N,)`` class labels.
-        first_step: the first exit the policy may stop at (``model.first_informative_exit``).
-
-    Returns:
-        The fitted net (CPU, evaluation mode) and a record: sizes, epochs, losses, the held-out per-step accuracy
-        of ``score >= 0.5`` and its positive rate, ``holdout_index`` (the held-out examples) and a digest of the
-        weights.
-    """
-    probs, labels = _trace(probs, labels, "probs")
-    T, n, num_classes = probs.shape
-    _check_first(first_step, T)
-    if n < 2:
-        raise ValueError(f"the learned policy needs at least 2 validation examples (to fit and to hold out), got {n}")
-    x = probs[first_step:].detach().float().cpu()  # (S, N, C)
-    y = stopping_targets(x, labels.cpu(), config.target)  # (S, N)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen)
-    n_hold = min(n - 1, max(1, round(n * config.holdout)))
-    hold, fit = order[:n_hold], order[n_hold:]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = TraceGRU(num_classes, config.hidden)
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    bce = nn.BCEWithLogitsLoss()
-
-    def holdout_loss() -> float:
-        with torch.no_grad():
-            return float(bce(net(x[:, hold]), y[:, hold]))
-
-    best, best_epoch, best_state, losses = holdout_loss(), 0, copy.deepcopy(net.state_dict()), []
-    net.train()
-    for epoch in range(1, config.epochs + 1):
-        perm = fit[torch.randperm(fit.numel(), generator=gen)]
-        for batch in perm.split(config.batch_size):
-            opt.zero_grad()
-            bce(net(x[:, batch]), y[:, batch]).backward()
-            opt.step()
-        loss = holdout_loss()
-        losses.append(loss)
-        if loss < best:
-            best, best_epoch, best_state = loss, epoch, copy.deepcopy(net.state_dict())
-        elif epoch - best_epoch >= config.patience:
-            break
-    net.load_state_dict(best_state)
-    net.eval()
-    with torch.no_grad():
-        hold_pred = net(x[:, hold]) >= 0  # sigmoid >= 0.5
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in net.state_dict().values())).hexdigest()
-    record = {
-        **asdict(config),
-        "seed": seed,
-        "fit_examples": int(fit.numel()),
-        "holdout_examples": int(n_hold),
-        "epochs_run": len(losses),
-        "best_epoch": best_epoch,
-        "holdout_loss": best,
-        "holdout_loss_per_epoch": losses,
-        "holdout_step_accuracy": float((hold_pred == y[:, hold].bool()).float().mean()),
-        "holdout_positive_rate": float(y[:, hold].mean()),
-        "holdout_index": sorted(int(i) for i in hold),
-        "weights_sha256": digest,
-    }
-    return net, record
-
-
-def _trace(probs: Any, labels: Any, name: str) -> tuple[Tensor, Tensor]:
-    probs, labels = torch.as_tensor(probs), torch.as_tensor(labels)
-    if probs.ndim != 3 or 0 in probs.shape or not probs.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a (T, N, C) float trace of softmax outputs, got {tuple(probs.shape)}")
-    if labels.shape != (probs.shape[1],) or labels.dtype.is_floating_point:
-        raise ValueError(f"labels must be (N,) = ({probs.shape[1]},) integers, got {tuple(labels.shape)}")
-    return probs, labels.long()
-
-
-def _check_first(first_step: Any, num_steps: int) -> int:
-    if isinstance(first_step, bool) or not isinstance(first_step, numbers.Integral) or not 0 <= first_step < num_steps:
-        raise ValueError(f"first_step must be an integer in [0, {num_steps}), got {first_step!r}")
-    return int(first_step)
 
 
 def _rule_policy(kind: str, value: float) -> Policy:
@@ -401,7 +205,7 @@ def stopping_analysis(
     macs: Sequence[float],
     points: int = 21,
     operating_fraction: float = 0.99,
-    gru: GRUConfig = GRUConfig(),
+    gru: GRUConfig = GRUConfig(),  # noqa: B008 (frozen: immutable)
     seed: int = 0,
 ) -> dict[str, Any]:
     """Every policy's curve, areas and operating point, chosen on the validation trace and reported on the test
@@ -438,45 +242,15 @@ def stopping_analysis(
     hold = torch.tensor(record.pop("holdout_index"))
     val_acc = metrics.per_step_accuracy(val_probs, val_y)
     test_acc = metrics.per_step_accuracy(test_probs, test_y)
-    # the GRU's scores may crowd anywhere in [0, 1]: its candidates add the quantiles of its held-out scores
-    held_scores = net.scores(val_probs[first_step:, hold]).flatten().double().cpu().numpy()
-    learned = np.unique(np.concatenate([_FRACTIONS, np.quantile(held_scores, np.linspace(0, 1, 101))]))
-    candidates = {"confidence": _FRACTIONS.tolist(), "margin": _FRACTIONS.tolist(),
-                  "stable": list(range(1, T - first_step + 1)), "learned": learned.tolist()}  # fmt: skip
+    candidates = _candidates(net, val_probs[first_step:, hold], T - first_step)
     policies: dict[str, Any] = {}
     for kind, param in POLICIES.items():
         # the learned policy's choices are made on the examples its fit held out: on the others its scores are
         # optimistic; the rule policies fit nothing, so they use the whole validation split
         vp, vy = (val_probs[:, hold], val_y[hold]) if kind == "learned" else (val_probs, val_y)
-        cand = candidates[kind]
-        cand_curve = policy_curve(_sweep_steps(kind, cand, vp, first_step, net), vp, vy, macs)
-        values = _choose(cand, cand_curve["mean_step"], points)
-        val_curve = policy_curve(_sweep_steps(kind, values, vp, first_step, net), vp, vy, macs)
-        test_curve = policy_curve(_sweep_steps(kind, values, test_probs, first_step, net), test_probs, test_y, macs)
-        last_acc = float(metrics.per_step_accuracy(vp, vy)[-1])
-        ok = [i for i, a in enumerate(val_curve["accuracy"]) if a >= operating_fraction * last_acc - 1e-12]
-        i = ok[0] if ok else int(np.argmax(val_curve["accuracy"]))  # values are in order of val mean step
-        policies[kind] = {
-            "parameter": param,
-            "values": values,
-            "val": val_curve,
-            "test": test_curve,
-            **curve_areas(test_curve, test_acc, macs, C),
-            "operating_point": {
-                param: values[i],
-                "val_accuracy": val_curve["accuracy"][i],
-                **{k: v[i] for k, v in test_curve.items()},
-            },  # fmt: skip
-        }
+        policies[kind] = _policy_result(kind, param, candidates[kind], vp, vy, test_probs, test_y, test_acc, macs,
+                                        first_step, net, points, operating_fraction)  # fmt: skip
     policies["learned"]["gru"] = record
-    tol = 1.0 / test_y.numel()
-    full = macs[-1] if macs[-1] > 0 else 1.0
-    comparison = {}
-    for axis, key, scale, x0 in (("step", "mean_step", max(T - 1, 1), 0.0), ("macs", "mean_macs", full, macs[0])):
-        curves = {k: _anchored([v / scale for v in p["test"][key]], p["test"]["accuracy"], x0 / scale,
-                               float(test_acc[0]), float(test_acc[-1])) for k, p in policies.items()}  # fmt: skip
-        areas = {k: p[f"{'steps' if axis == 'step' else 'macs'}_auc"] for k, p in policies.items()}
-        comparison[axis] = {"best_by_area": max(areas, key=areas.get), **compare_curves(curves, tol)}
     return {
         "num_steps": T,
         "num_classes": C,
@@ -487,8 +261,60 @@ def stopping_analysis(
         "accuracy_per_step": {"val": val_acc.tolist(), "test": test_acc.tolist()},
         "operating_fraction": operating_fraction,
         "policies": policies,
-        "comparison": comparison,
+        "comparison": _comparison(policies, test_acc, macs, 1.0 / test_y.numel(), T),
     }
+
+
+def _candidates(net: TraceGRU, held_probs: Tensor, num_stable: int) -> dict[str, list[float]]:
+    """Each policy's candidate parameter values: the threshold grid (the GRU's with the quantiles of its scores on
+    the held-out trace ``held_probs``, as they may crowd anywhere in [0, 1]), and 1 .. ``num_stable`` steps."""
+    held_scores = net.scores(held_probs).flatten().double().cpu().numpy()
+    learned = np.unique(np.concatenate([_FRACTIONS, np.quantile(held_scores, np.linspace(0, 1, 101))]))
+    return {"confidence": _FRACTIONS.tolist(), "margin": _FRACTIONS.tolist(),
+            "stable": list(range(1, num_stable + 1)), "learned": learned.tolist()}  # fmt: skip
+
+
+def _policy_result(
+    kind: str, param: str, candidates: list[float], vp: Tensor, vy: Tensor, test_probs: Tensor, test_y: Tensor,
+    test_acc: np.ndarray, macs: list[float], first_step: int, net: TraceGRU, points: int, operating_fraction: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One policy: its parameter values chosen on the validation trace ``vp``, its validation and test curves, the
+    test curve's areas, and its operating point (the cheapest value reaching the fraction of the last step's
+    validation accuracy)."""
+    cand_curve = policy_curve(_sweep_steps(kind, candidates, vp, first_step, net), vp, vy, macs)
+    values = _choose(candidates, cand_curve["mean_step"], points)
+    val_curve = policy_curve(_sweep_steps(kind, values, vp, first_step, net), vp, vy, macs)
+    test_curve = policy_curve(_sweep_steps(kind, values, test_probs, first_step, net), test_probs, test_y, macs)
+    last_acc = float(metrics.per_step_accuracy(vp, vy)[-1])
+    ok = [i for i, a in enumerate(val_curve["accuracy"]) if a >= operating_fraction * last_acc - 1e-12]
+    i = ok[0] if ok else int(np.argmax(val_curve["accuracy"]))  # values are in order of val mean step
+    return {
+        "parameter": param,
+        "values": values,
+        "val": val_curve,
+        "test": test_curve,
+        **curve_areas(test_curve, test_acc, macs, test_probs.shape[2]),
+        "operating_point": {
+            param: values[i],
+            "val_accuracy": val_curve["accuracy"][i],
+            **{k: v[i] for k, v in test_curve.items()},
+        },  # fmt: skip
+    }
+
+
+def _comparison(
+    policies: dict[str, Any], test_acc: np.ndarray, macs: list[float], tol: float, T: int
+) -> dict[str, Any]:
+    """Per axis (mean step, mean MACs), the policy of the largest area and the pointwise comparison of the test
+    curves, each anchored at the operating points every policy shares."""
+    full = macs[-1] if macs[-1] > 0 else 1.0
+    comparison = {}
+    for axis, key, scale, x0 in (("step", "mean_step", max(T - 1, 1), 0.0), ("macs", "mean_macs", full, macs[0])):
+        curves = {k: _anchored([v / scale for v in p["test"][key]], p["test"]["accuracy"], x0 / scale,
+                               float(test_acc[0]), float(test_acc[-1])) for k, p in policies.items()}  # fmt: skip
+        areas = {k: p[f"{'steps' if axis == 'step' else 'macs'}_auc"] for k, p in policies.items()}
+        comparison[axis] = {"best_by_area": max(areas, key=areas.get), **compare_curves(curves, tol)}
+    return comparison
 
 
 OUTPUTS = ("stopping.md", "stopping.json", "stopping.png")
@@ -504,7 +330,7 @@ def policy_report(
     seed: int = 0,
     data_root: str | None = None,
     progress: bool = False,
-    gru: GRUConfig = GRUConfig(),
+    gru: GRUConfig = GRUConfig(),  # noqa: B008 (frozen: immutable)
 ) -> Path:
     """``cascadenet policy``: ``stopping_analysis`` of each run (validation split to fit, test split to report),
     written to ``out`` as stopping.md, stopping.json and stopping.png; returns the report's path.
@@ -545,94 +371,7 @@ def policy_report(
     record = {"seed": seed, "runs": runs}
     atomic_write(out / "stopping.json", (json.dumps(record, indent=2) + "\n").encode(), overwrite=overwrite)
     buffer = io.BytesIO()
-    _figure(runs).savefig(buffer, format="png", dpi=120)
+    curves_figure(runs).savefig(buffer, format="png", dpi=120)
     atomic_write(out / "stopping.png", buffer.getvalue(), overwrite=overwrite)
     atomic_write(out / "stopping.md", format_report(record).encode(), overwrite=overwrite)
     return out / "stopping.md"
-
-
-_LABELS = {"confidence": "confidence q", "margin": "margin m", "stable": "stable argmax k", "learned": "GRU tau"}
-
-
-def _figure(runs: Sequence[dict[str, Any]]) -> Any:
-    """Per run, test accuracy against mean stopping step and against mean MACs, one curve per policy, with the
-    fixed exits (everyone at step t) in grey."""
-    from matplotlib.figure import Figure  # without pyplot: no display, the caller's backend untouched
-
-    fig = Figure(figsize=(10.0, 4.0 * len(runs)))
-    axes = fig.subplots(len(runs), 2, squeeze=False)
-    for row, run in zip(axes, runs):
-        acc = 100 * np.asarray(run["accuracy_per_step"]["test"])
-        fixed_x = (np.arange(acc.size), np.asarray(run["macs_per_step"]) / 1e6)
-        for ax, key, x_fixed, scale in zip(row, ("mean_step", "mean_macs"), fixed_x, (1.0, 1e6)):
-            ax.plot(x_fixed, acc, color="grey", linestyle="--", marker="o", markersize=3, label="fixed exit")
-            for kind, policy in run["policies"].items():
-                x = np.asarray(policy["test"][key]) / scale
-                order = np.argsort(x, kind="stable")
-                ax.plot(x[order], 100 * np.asarray(policy["test"]["accuracy"])[order], marker=".", label=_LABELS[kind])
-            ax.set_ylabel("test accuracy (%)")
-            ax.grid(True, alpha=0.3)
-        row[0].set_xlabel("mean stopping step")
-        row[1].set_xlabel("mean MMACs per example")
-        row[0].set_title(f"{run['run']}: accuracy vs mean step")
-        row[1].set_title(f"{run['run']}: accuracy vs mean compute")
-        row[0].legend(fontsize="small")
-    fig.tight_layout()
-    return fig
-
-
-def format_report(record: dict[str, Any]) -> str:
-    """The markdown report of ``policy_report``'s record."""
-    lines = [
-        "# Stopping policies",
-        "",
-        "Parameters and the GRU fitted on each run's validation split; curves measured on its test split. Areas:",
-        "accuracy against mean step / (T - 1) and against mean MACs / last-exit MACs, each curve anchored at",
-        'everyone-at-step-0 and everyone-at-the-last-step (docs/properties.md, "Stopping policies").',
-        "Operating point: the cheapest parameter whose validation accuracy reaches the stated fraction of the last",
-        "step's. Pointwise dominance tolerates one test example (1 / N) of accuracy.",
-        "",
-        "![curves](stopping.png)",
-    ]
-    for run in record["runs"]:
-        frac = run["operating_fraction"]
-        lines += [
-            "",
-            f"## {run['run']} ({run['family']}, {run['num_steps']} exits, first informative exit "
-            f"{run['first_step']}, {run['val_examples']} val / {run['test_examples']} test examples)",
-            "",
-            f"| policy | steps AUC | MACs AUC | operating point ({100 * frac:g}% of last-step val accuracy) "
-            "| test accuracy | mean step | mean MMACs |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for kind, p in run["policies"].items():
-            op = p["operating_point"]
-            lines.append(f"| {kind} | {p['steps_auc']:.4f} | {p['macs_auc']:.4f} | {p['parameter']} = "
-                         f"{op[p['parameter']]:.6g} | {100 * op['accuracy']:.2f}% | {op['mean_step']:.2f} | "
-                         f"{op['mean_macs'] / 1e6:.3f} |")  # fmt: skip
-        acc = run["accuracy_per_step"]["test"]
-        # sampling error, to read the areas and the one-example tolerance of the dominance verdicts against
-        se = math.sqrt(acc[-1] * (1 - acc[-1]) / run["test_examples"])
-        lines += ["", f"Last step alone: {100 * acc[-1]:.2f}% at {run['macs_per_step'][-1] / 1e6:.3f} MMACs "
-                  f"(binomial standard error of such an accuracy: {100 * se:.2f} points).", ""]  # fmt: skip
-        for axis, name in (("step", "mean step"), ("macs", "mean MACs")):
-            c = run["comparison"][axis]
-            dominant = c["dominant"] or "none (curves cross)"
-            lines.append(f"- against {name}: largest area **{c['best_by_area']}**; dominates every other "
-                         f"pointwise: **{dominant}**")  # fmt: skip
-            for pair in c["pairs"]:
-                if pair["verdict"] == "cross":
-                    lines.append(f"  - {pair['a']} vs {pair['b']}: cross ({pair['a']} ahead on "
-                                 f"{100 * pair['a_ahead']:.0f}% of the axis, {pair['b']} on "
-                                 f"{100 * pair['b_ahead']:.0f}%)")  # fmt: skip
-                else:
-                    lines.append(f"  - {pair['a']} vs {pair['b']}: {pair['verdict']}")
-        g = run["policies"]["learned"]["gru"]
-        lines += [
-            "",
-            f"GRU (hidden {g['hidden']}, target `{g['target']}`): fitted on {g['fit_examples']} val examples, "
-            f"{g['holdout_examples']} held out; best epoch {g['best_epoch']} of {g['epochs_run']}, held-out loss "
-            f"{g['holdout_loss']:.4f}, per-step accuracy {100 * g['holdout_step_accuracy']:.1f}% (positive rate "
-            f"{100 * g['holdout_positive_rate']:.1f}%).",
-        ]
-    return "\n".join(lines) + "\n"

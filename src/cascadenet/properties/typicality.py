@@ -27,31 +27,30 @@ Definitions (also in docs/properties.md, section "Typicality"):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
-import logging
 import math
 import numbers
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from ..data.datasets import ImageSet, load_dataset
-from ..data.loader import iterate_batches, normalization, train_val_indices
+from ..data.loader import train_val_indices
 from ..evaluation.logits import dataset_logits
 from ..evaluation.policies import Confidence
 from ..runs.config import CONFIG, TrainConfig
 from ..runs.load import load_run
 from ..utils.device import resolve_device
 from ..utils.files import atomic_write
+from .consistency import EstimatorOptions, cached_consistency_scores, consistency_scores, fingerprint
+
+# the report's writers (typicality_report.py); typicality() calls _save_figure by this module's name
+from .typicality_report import _save_figure, format_report, format_summary
 
 __all__ = [
     "EstimatorOptions",
@@ -67,11 +66,8 @@ __all__ = [
     "typicality",
 ]
 
-log = logging.getLogger(__name__)
-
 SPLITS = ("val", "test", "train")
 REPORT_FILES = ("typicality.md", "typicality.json", "typicality.png")
-CACHE_FORMAT = 1
 
 
 # ---- statistics ------------------------------------------------------------------------------------------------
@@ -169,262 +165,46 @@ def bin_analysis(
     correct = (probs.argmax(-1) == labels_t).numpy()  # (E, N)
     settle = settle_steps(correct, first_step)
     members = [np.flatnonzero(bin_of == b) for b in range(bins)]
-
-    def mean(values: np.ndarray, idx: np.ndarray) -> float | None:
-        return float(values[..., idx].mean(-1)) if idx.size else None
-
-    per_bin = []
-    for idx in members:
-        per_bin.append({
+    per_bin = [
+        {
             "n": int(idx.size),
             "accuracy_per_step": [float(a) for a in correct[:, idx].mean(1)] if idx.size else None,
-            "mean_settle_step": mean(settle, idx),
-            "never_settled": mean((settle == E).astype(np.float64), idx),
-        })  # fmt: skip
-    policy = []
-    for q in thresholds:
-        stop = Confidence(q).stopping_steps(probs, first_step).numpy()
-        right = correct[stop, np.arange(N)].astype(np.float64)
-        policy.append({
-            "threshold": float(q),
-            "mean_step": float(stop.mean()),
-            "accuracy": float(right.mean()),
-            "spearman_score_stop": spearman(score, stop),
-            "mean_step_per_bin": [mean(stop.astype(np.float64), idx) for idx in members],
-            "accuracy_per_bin": [mean(right, idx) for idx in members],
-        })  # fmt: skip
+            "mean_settle_step": _mean_of(settle, idx),
+            "never_settled": _mean_of((settle == E).astype(np.float64), idx),
+        }
+        for idx in members
+    ]  # fmt: skip
     return {
         "num_exits": E,
         "first_informative_exit": first_step,
         "accuracy_per_step": [float(a) for a in correct.mean(1)],
         "bins": per_bin,
-        "threshold_policy": policy,
+        "threshold_policy": [_threshold_policy(q, probs, correct, score, members, first_step) for q in thresholds],
         "spearman_score_settle": spearman(score, settle),
         "settle_step": settle.tolist(),
     }
 
 
-# ---- the hold-out consistency estimator ------------------------------------------------------------------------
+def _mean_of(values: np.ndarray, idx: np.ndarray) -> float | None:
+    """The mean of ``values`` over the examples ``idx`` (the last axis); None for no example."""
+    return float(values[..., idx].mean(-1)) if idx.size else None
 
 
-@dataclasses.dataclass(frozen=True)
-class EstimatorOptions:
-    """Options of the built-in hold-out consistency estimator (each is part of the cache key)."""
-
-    folds: int = 4
-    """Folds per repeat: each model trains on (folds - 1) / folds of the training set and scores the rest."""
-    repeats: int = 2
-    """Random fold partitions: each training example is held out (and scored) once per repeat."""
-    epochs: int = 3
-    """Training epochs of each small model."""
-    model: Literal["mlp", "cnn"] = "mlp"
-    """mlp: raw pixels -> hidden ReLU layer -> classes; cnn: two 3x3 conv layers (32, 64) -> global average pool."""
-    hidden: int = 256
-    """Width of the MLP's hidden layer."""
-    batch_size: int = 128
-    """Batch size of the small models' training."""
-    lr: float = 1e-3
-    """Adam learning rate of the small models."""
-    seed: int = 0
-    """Seed of the fold partitions, initialisations and batch orders."""
-
-    def __post_init__(self) -> None:
-        for name, low in (("folds", 2), ("repeats", 1), ("epochs", 1), ("hidden", 1), ("batch_size", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-                raise ValueError(f"--{_flag(name)} must be an integer >= {low}, got {value!r}")
-        if self.model not in ("mlp", "cnn"):
-            raise ValueError(f"--estimator-model must be mlp or cnn, got {self.model!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real) or not 0 < self.lr < math.inf:
-            raise ValueError(f"--estimator-lr must be a number > 0, got {self.lr!r}")
-
-
-def _flag(name: str) -> str:
-    """The command-line flag of an estimator option (``folds`` and ``repeats`` are bare; others are prefixed)."""
-    return name if name in ("folds", "repeats") else "estimator-" + name.replace("_", "-")
-
-
-def _small_model(options: EstimatorOptions, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    c, h, w = input_shape
-    if options.model == "mlp":
-        return nn.Sequential(
-            nn.Flatten(), nn.Linear(c * h * w, options.hidden), nn.ReLU(), nn.Linear(options.hidden, num_classes)
-        )
-    return nn.Sequential(
-        nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
-    )  # fmt: skip
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed derived from several integers (distinct tuples give unrelated seeds)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def _fit(train: ImageSet, options: EstimatorOptions, num_classes: int, mean: Tensor, std: Tensor, seed: int):
-    with torch.random.fork_rng(devices=[]):  # a seeded initialisation that leaves the caller's RNG alone
-        torch.manual_seed(seed)
-        model = _small_model(options, tuple(train.images.shape[1:]), num_classes)
-    model = model.to(train.images.device)
-    params = list(model.parameters())
-    adam = _Adam(params, options.lr)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(options.epochs):
-        for x, y in iterate_batches(train, options.batch_size, shuffle=True, augment=False, mean=mean, std=std,
-                                    generator=g):  # fmt: skip
-            loss = nn.functional.cross_entropy(model(x), y)
-            grads = torch.autograd.grad(loss, params)
-            adam.step(grads)
-    return model.eval()
-
-
-class _Adam:
-    """Adam (Kingma and Ba; torch.optim.Adam's defaults: betas 0.9, 0.999, eps 1e-8, no weight decay), written out
-    because the first use of any torch.optim optimizer imports torch._dynamo, which takes longer (seconds) than
-    the whole estimator on a small dataset."""
-
-    def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps=1e-8):
-        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-
-    @torch.no_grad()
-    def step(self, grads: Sequence[Tensor]) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
-
-
-@torch.no_grad()
-def _assess(model: nn.Module, ds: ImageSet, mean: Tensor, std: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per example of ``ds``: correct (0/1) and the softmax probability of its label."""
-    right, prob = [], []
-    for x, y in iterate_batches(ds, 1024, shuffle=False, augment=False, mean=mean, std=std):
-        p = model(x).float().softmax(-1)
-        right.append((p.argmax(-1) == y).cpu())
-        prob.append(p.gather(1, y[:, None])[:, 0].cpu())
-    return torch.cat(right).double().numpy(), torch.cat(prob).double().numpy()
-
-
-def consistency_scores(
-    pool: ImageSet,
-    options: EstimatorOptions = EstimatorOptions(),
-    *,
-    extra: ImageSet | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """Hold-out consistency scores of every example of ``pool`` (a training set).
-
-    For each of ``repeats`` seeded random partitions of ``pool`` into ``folds`` folds, a small model is trained
-    on all folds but one and scores the held-out fold: each example is held out once per repeat, so its score is
-    its accuracy over ``repeats`` models that never saw it (a consistency score at subset ratio
-    (folds - 1) / folds). Images are normalised with the pool's per-channel statistics; no augmentation.
-
-    Args:
-        pool: the examples to score; the small models train on its other folds.
-        options: folds, repeats, epochs, the small model, its optimiser and the seed.
-        extra: examples outside the pool (e.g. a test split): every one of the ``folds * repeats`` models
-            scores them (none trained on them).
-        device: where the small models train.
-        progress: a progress bar over the models.
-
-    Returns:
-        ``score`` (held-out accuracy) and ``probability`` (mean held-out softmax probability of the label; a finer
-        tie-breaker for the coarse score), each ``(len(pool),)``; with ``extra``, ``extra_score`` and
-        ``extra_probability`` too.
-    """
-    n, k = len(pool), options.folds
-    if k > n:
-        raise ValueError(f"--folds {k}: more folds than training examples ({n})")
-    device = torch.device(device) if isinstance(device, str) else device
-    num_classes = max(pool.num_classes, int(pool.labels.max()) + 1)
-    mean, std = normalization(pool)
-    pool = pool.to(device)
-    extra = extra.to(device) if extra is not None else None
-    right, prob = np.zeros(n), np.zeros(n)
-    extra_right = np.zeros(len(extra)) if extra is not None else None
-    extra_prob = np.zeros(len(extra)) if extra is not None else None
-    bar = tqdm(total=k * options.repeats, desc="consistency estimator", disable=not progress, leave=False)
-    for r in range(options.repeats):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(options.seed, r)))
-        folds = perm.tensor_split(k)
-        for f in range(k):
-            held = folds[f].sort().values
-            train_idx = torch.cat([folds[j] for j in range(k) if j != f]).sort().values
-            model = _fit(pool.subset(train_idx), options, num_classes, mean, std, _seed(options.seed, r, f))
-            c, p = _assess(model, pool.subset(held), mean, std)
-            right[held.numpy()] += c
-            prob[held.numpy()] += p
-            if extra is not None:
-                c, p = _assess(model, extra, mean, std)
-                extra_right += c
-                extra_prob += p
-            bar.update()
-    bar.close()
-    out = {"score": right / options.repeats, "probability": prob / options.repeats}
-    if extra is not None:
-        out["extra_score"] = extra_right / (k * options.repeats)
-        out["extra_probability"] = extra_prob / (k * options.repeats)
-    return out
-
-
-def _fingerprint(ds: ImageSet) -> str:
-    h = hashlib.sha256()
-    h.update(repr((tuple(ds.images.shape), ds.name)).encode())
-    h.update(ds.images.cpu().contiguous().numpy().tobytes())
-    h.update(ds.labels.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def cached_consistency_scores(
-    pool: ImageSet,
-    options: EstimatorOptions,
-    cache_dir: str | os.PathLike,
-    *,
-    extra: ImageSet | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> tuple[dict[str, np.ndarray], Path, bool]:
-    """:func:`consistency_scores`, stored in ``cache_dir/consistency-<key>.npz`` and reused when the key matches.
-
-    The key is a hash of the dataset (the pool's images and labels, and ``extra``'s when given) and every
-    estimator option, so any change recomputes (into another file: the previous one stays for a later reuse).
-    The scores cover the whole pool, so the val and train splits of runs on the same training set share them.
-
-    Returns:
-        (the scores, the cache file, whether it was reused).
-    """
-    key = {
-        "format": CACHE_FORMAT,
-        "dataset": pool.name,
-        "pool": _fingerprint(pool),
-        "extra": None if extra is None else _fingerprint(extra),
-        "options": dataclasses.asdict(options),
+def _threshold_policy(
+    q: float, probs: Tensor, correct: np.ndarray, score: np.ndarray, members: list[np.ndarray], first_step: int
+) -> dict[str, Any]:
+    """The confidence-threshold policy at ``q``: its mean stopping step and accuracy, overall and per bin, and the
+    Spearman correlation of the score with the stopping step."""
+    stop = Confidence(q).stopping_steps(probs, first_step).numpy()
+    right = correct[stop, np.arange(correct.shape[1])].astype(np.float64)
+    return {
+        "threshold": float(q),
+        "mean_step": float(stop.mean()),
+        "accuracy": float(right.mean()),
+        "spearman_score_stop": spearman(score, stop),
+        "mean_step_per_bin": [_mean_of(stop.astype(np.float64), idx) for idx in members],
+        "accuracy_per_bin": [_mean_of(right, idx) for idx in members],
     }
-    text = json.dumps(key, sort_keys=True)
-    path = Path(cache_dir) / f"consistency-{hashlib.sha256(text.encode()).hexdigest()[:16]}.npz"
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                found = {name: stored[name] for name in stored.files}
-            if str(found.pop("key")) == text and len(found["score"]) == len(pool):
-                log.info("consistency scores reused from %s", path)
-                return found, path, True
-            warnings.warn(f"{path}: another key than its name says; recomputing it", stacklevel=2)
-        except (OSError, ValueError, KeyError, EOFError) as e:  # a truncated or foreign file: compute it again
-            warnings.warn(f"{path}: unreadable cache ({e}); recomputing it", stacklevel=2)
-    scores = consistency_scores(pool, options, extra=extra, device=device, progress=progress)
-    buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(text), **scores)
-    atomic_write(path, buffer.getvalue())
-    return scores, path, False
 
 
 # ---- score files -------------------------------------------------------------------------------------------------
@@ -530,7 +310,7 @@ def typicality(
     split: str = "val",
     bins: int = 5,
     thresholds: Sequence[float] = (0.9,),
-    estimator: EstimatorOptions = EstimatorOptions(),
+    estimator: EstimatorOptions = EstimatorOptions(),  # noqa: B008 (frozen: immutable)
     out: str | os.PathLike | None = None,
     overwrite: bool = False,
     data_root: str | None = None,
@@ -566,72 +346,18 @@ def typicality(
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it (nothing was written)")
     dev = resolve_device(device)
 
-    runs, first = [], None
-    for path in paths:
-        loaded = load_run(path, split=split, data_root=data_root, device=str(dev))
-        cfg, source, idx = _source_examples(path, split, data_root)
-        data = loaded.data
-        if not (torch.equal(source.labels[idx], data.labels.cpu()) and torch.equal(source.images[idx],
-                                                                                   data.images.cpu())):  # fmt: skip
-            raise RuntimeError(f"{path}: the {split} split's examples are not at the positions computed for them")
-        if first is None:
-            first = (path, cfg, source, idx)
-        elif (
-            cfg.dataset != first[1].dataset
-            or not torch.equal(idx, first[3])
-            or _fingerprint(data) != _fingerprint(first[2].subset(first[3]))
-        ):
-            raise ValueError(
-                f"{path} and {first[0]} evaluate different {split} examples (dataset {cfg.dataset} vs "
-                f"{first[1].dataset}, seed {cfg.seed} vs {first[1].seed}, val fraction {cfg.val_fraction} vs "
-                f"{first[1].val_fraction}): typicality compares runs on the same examples"
-            )
-        runs.append((path, loaded))
-    _, cfg, source, idx = first
+    runs, (cfg, source, idx) = _load_runs(paths, split, data_root, dev)
     idx_np = idx.numpy()
     labels = source.labels[idx].numpy()
     if bins > idx_np.size:  # before the estimator's work, not after it
         raise ValueError(f"--bins {bins}: more bins than {split} examples ({idx_np.size})")
 
     out.mkdir(parents=True, exist_ok=True)
-    tiebreak = None
-    if scores is not None:
-        what = f"the {cfg.dataset} {'test' if split == 'test' else 'training'} set"
-        score = read_scores(scores, len(source), source.labels.numpy(), what)[idx_np]
-        score_source: dict[str, Any] = {"kind": "file", "path": str(scores)}
-    else:
-        if split == "test":  # the test examples are scored by every model trained on the training set
-            pool = load_dataset(cfg.dataset, data_root or cfg.data_root, "train", image_size=cfg.image_size,
-                                synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
-            found, cache, reused = cached_consistency_scores(pool, estimator, out, extra=source, device=dev,
-                                                             progress=progress)  # fmt: skip
-            score, tiebreak = found["extra_score"][idx_np], found["extra_probability"][idx_np]
-        else:
-            found, cache, reused = cached_consistency_scores(source, estimator, out, device=dev, progress=progress)
-            score, tiebreak = found["score"][idx_np], found["probability"][idx_np]
-        score_source = {"kind": "estimator", "options": dataclasses.asdict(estimator), "cache": str(cache),
-                        "reused": reused}  # fmt: skip
+    score, tiebreak, score_source = _example_scores(scores, split, cfg, source, idx_np, estimator, out, data_root, dev,
+                                                    progress)  # fmt: skip
     bin_of = quantile_bins(score, bins, tiebreak)
-
-    bin_info = []
-    for b in range(bins):
-        members = score[bin_of == b]
-        bin_info.append({
-            "bin": b + 1,
-            "n": int(members.size),
-            "score_min": float(members.min()) if members.size else None,
-            "score_max": float(members.max()) if members.size else None,
-            "score_mean": float(members.mean()) if members.size else None,
-        })  # fmt: skip
-    names = _run_names(paths)
-    run_results = []
-    for name, (path, loaded) in zip(names, runs):
-        model = loaded.model
-        logits = dataset_logits(model, loaded.data, loaded.mean, loaded.std, batch_size=batch_size, amp=loaded.amp,
-                                progress=progress, desc=f"typicality {name}")  # fmt: skip
-        analysis = bin_analysis(logits.softmax(-1), labels, bin_of, bins, score, thresholds=thresholds,
-                                first_step=model.first_informative_exit)  # fmt: skip
-        run_results.append({"name": name, "run_dir": str(path), "family": model.config.family, **analysis})
+    bin_info = _bin_summary(score, bin_of, bins)
+    run_results = _analyse_runs(runs, labels, bin_of, bins, score, thresholds, batch_size, progress)
     result = {
         "split": split,
         "dataset": cfg.dataset,
@@ -657,144 +383,95 @@ def typicality(
     return result
 
 
+def _load_runs(
+    paths: Sequence[Path], split: str, data_root: str | None, dev: torch.device
+) -> tuple[list[tuple[Path, Any]], tuple[TrainConfig, ImageSet, Tensor]]:
+    """Each run loaded on its ``split``, checked to hold the examples at the positions computed for them, and the
+    same examples as the first run; returns the runs, and the first run's configuration, the dataset split its
+    examples are drawn from and their positions in it."""
+    runs, first = [], None
+    for path in paths:
+        loaded = load_run(path, split=split, data_root=data_root, device=str(dev))
+        cfg, source, idx = _source_examples(path, split, data_root)
+        data = loaded.data
+        if not (torch.equal(source.labels[idx], data.labels.cpu()) and torch.equal(source.images[idx],
+                                                                                   data.images.cpu())):  # fmt: skip
+            raise RuntimeError(f"{path}: the {split} split's examples are not at the positions computed for them")
+        if first is None:
+            first = (path, cfg, source, idx)
+        elif (
+            cfg.dataset != first[1].dataset
+            or not torch.equal(idx, first[3])
+            or fingerprint(data) != fingerprint(first[2].subset(first[3]))
+        ):
+            raise ValueError(
+                f"{path} and {first[0]} evaluate different {split} examples (dataset {cfg.dataset} vs "
+                f"{first[1].dataset}, seed {cfg.seed} vs {first[1].seed}, val fraction {cfg.val_fraction} vs "
+                f"{first[1].val_fraction}): typicality compares runs on the same examples"
+            )
+        runs.append((path, loaded))
+    _, cfg, source, idx = first
+    return runs, (cfg, source, idx)
+
+
+def _example_scores(
+    scores: str | os.PathLike | None, split: str, cfg: TrainConfig, source: ImageSet, idx: np.ndarray,
+    estimator: EstimatorOptions, out: Path, data_root: str | None, dev: torch.device, progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:  # fmt: skip
+    """The typicality of each evaluated example (at positions ``idx`` of ``source``), its tie-break (None for a
+    score file) and where it came from: the score file, or the estimator (its scores cached in ``out``)."""
+    tiebreak = None
+    if scores is not None:
+        what = f"the {cfg.dataset} {'test' if split == 'test' else 'training'} set"
+        score = read_scores(scores, len(source), source.labels.numpy(), what)[idx]
+        return score, tiebreak, {"kind": "file", "path": str(scores)}
+    if split == "test":  # the test examples are scored by every model trained on the training set
+        pool = load_dataset(cfg.dataset, data_root or cfg.data_root, "train", image_size=cfg.image_size,
+                            synthetic_size=cfg.synthetic_size, seed=cfg.seed)  # fmt: skip
+        found, cache, reused = cached_consistency_scores(pool, estimator, out, extra=source, device=dev,
+                                                         progress=progress)  # fmt: skip
+        score, tiebreak = found["extra_score"][idx], found["extra_probability"][idx]
+    else:
+        found, cache, reused = cached_consistency_scores(source, estimator, out, device=dev, progress=progress)
+        score, tiebreak = found["score"][idx], found["probability"][idx]
+    score_source = {"kind": "estimator", "options": dataclasses.asdict(estimator), "cache": str(cache),
+                    "reused": reused}  # fmt: skip
+    return score, tiebreak, score_source
+
+
+def _bin_summary(score: np.ndarray, bin_of: np.ndarray, bins: int) -> list[dict[str, Any]]:
+    """Per bin, its size and the range and mean of its scores (None for an empty bin)."""
+    bin_info = []
+    for b in range(bins):
+        members = score[bin_of == b]
+        bin_info.append({
+            "bin": b + 1,
+            "n": int(members.size),
+            "score_min": float(members.min()) if members.size else None,
+            "score_max": float(members.max()) if members.size else None,
+            "score_mean": float(members.mean()) if members.size else None,
+        })  # fmt: skip
+    return bin_info
+
+
+def _analyse_runs(
+    runs: list[tuple[Path, Any]], labels: np.ndarray, bin_of: np.ndarray, bins: int, score: np.ndarray,
+    thresholds: Sequence[float], batch_size: int, progress: bool,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Each run's exit logits on the examples, analysed per typicality bin (``bin_analysis``)."""
+    names = _run_names([path for path, _ in runs])
+    run_results = []
+    for name, (path, loaded) in zip(names, runs):
+        model = loaded.model
+        logits = dataset_logits(model, loaded.data, loaded.mean, loaded.std, batch_size=batch_size, amp=loaded.amp,
+                                progress=progress, desc=f"typicality {name}")  # fmt: skip
+        analysis = bin_analysis(logits.softmax(-1), labels, bin_of, bins, score, thresholds=thresholds,
+                                first_step=model.first_informative_exit)  # fmt: skip
+        run_results.append({"name": name, "run_dir": str(path), "family": model.config.family, **analysis})
+    return run_results
+
+
 def _run_names(paths: Sequence[Path]) -> list[str]:
     """Run directory names, or the paths as given where two runs share a name."""
     names = [p.name or str(p) for p in paths]
     return [n if names.count(n) == 1 else str(p) for n, p in zip(names, paths)]
-
-
-# ---- report --------------------------------------------------------------------------------------------------------
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _num(x: float | None, fmt: str = ".2f") -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The markdown report of :func:`typicality`."""
-    src = result["scores"]
-    if src["kind"] == "file":
-        source = f"scores from `{src['path']}`"
-    else:
-        o = src["options"]
-        source = (
-            f"built-in hold-out consistency estimator ({o['folds']} folds x {o['repeats']} repeats, {o['model']}, "
-            f"{o['epochs']} epochs, seed {o['seed']}; ties broken by the mean held-out probability of the label; "
-            f"cache `{src['cache']}`{', reused' if src['reused'] else ''})"
-        )
-    lines = [
-        "# Typicality: are typical examples classified sooner?",
-        "",
-        f"{result['num_examples']} examples of the {result['dataset']} {result['split']} split; typicality: {source}.",
-        f"Bins are typicality quantiles, 1 = least typical, {result['num_bins']} = most typical. Settle step: the "
-        "first step from which the example stays correct (never before the first informative exit; an example "
-        "wrong at the last step counts as E, the number of exits). Spearman: rank correlation of the score with "
-        "that step (ties averaged); negative means typical examples settle sooner.",
-        "",
-        "| bin | n | score min | score max | score mean |",
-        "|---|---|---|---|---|",
-    ]
-    for b in result["bins"]:
-        lines.append(f"| {b['bin']} | {b['n']} | {_num(b['score_min'], '.3f')} | {_num(b['score_max'], '.3f')} | "
-                     f"{_num(b['score_mean'], '.3f')} |")  # fmt: skip
-    runs = result["runs"]
-    lines += ["", "## Side by side", "", "Mean settle step per bin (fraction never settled in brackets), and the "
-              "Spearman correlation of score and settle step.", ""]  # fmt: skip
-    lines.append("| bin | " + " | ".join(f"{r['name']} (E={r['num_exits']})" for r in runs) + " |")
-    lines.append("|---|" + "---|" * len(runs))
-    for b in range(result["num_bins"]):
-        cells = [f"{_num(r['bins'][b]['mean_settle_step'])} ({_pct(r['bins'][b]['never_settled'])}%)" for r in runs]
-        lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
-    lines.append("| Spearman | " + " | ".join(_num(r["spearman_score_settle"], ".3f") for r in runs) + " |")
-    for p, q in enumerate(result["thresholds"]):
-        lines += ["", f"Confidence policy, threshold {q:g}: mean stopping step / accuracy at the stop (%).", ""]
-        lines.append("| bin | " + " | ".join(r["name"] for r in runs) + " |")
-        lines.append("|---|" + "---|" * len(runs))
-        for b in range(result["num_bins"]):
-            cells = [f"{_num(r['threshold_policy'][p]['mean_step_per_bin'][b])} / "
-                     f"{_pct(r['threshold_policy'][p]['accuracy_per_bin'][b])}" for r in runs]  # fmt: skip
-            lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
-        overall = [r["threshold_policy"][p] for r in runs]
-        lines.append("| all | " + " | ".join(f"{_num(o['mean_step'])} / {_pct(o['accuracy'])}" for o in overall) + " |")
-        lines.append("| Spearman (score, stop) | " + " | ".join(
-            _num(r["threshold_policy"][p]["spearman_score_stop"], ".3f") for r in runs) + " |")  # fmt: skip
-    for r in runs:
-        E = r["num_exits"]
-        lines += ["", f"## {r['name']} ({r['family']}, {E} exits, first informative exit "
-                  f"{r['first_informative_exit']}): accuracy (%) per step", ""]  # fmt: skip
-        lines.append("| bin | " + " | ".join(str(t) for t in range(E)) + " |")
-        lines.append("|---|" + "---|" * E)
-        for b, info in enumerate(r["bins"]):
-            acc = info["accuracy_per_step"] or [None] * E
-            lines.append(f"| {b + 1} | " + " | ".join(_pct(a) for a in acc) + " |")
-        lines.append("| all | " + " | ".join(_pct(a) for a in r["accuracy_per_step"]) + " |")
-    lines += ["", "Figure: `typicality.png` (accuracy against step per bin, one panel per run). Every number: "
-              "`typicality.json`.", ""]  # fmt: skip
-    return "\n".join(lines)
-
-
-def format_summary(result: dict[str, Any]) -> str:
-    """A few lines for the terminal: the Spearman correlations and where the report is."""
-    lines = [f"typicality of {result['num_examples']} {result['split']} examples in {result['num_bins']} bins "
-             f"({result['scores']['kind']} scores)"]  # fmt: skip
-    for r in result["runs"]:
-        settle = [b["mean_settle_step"] for b in r["bins"]]
-        lines.append(f"{r['name']}: Spearman(score, settle step) {_num(r['spearman_score_settle'], '.3f')}; "
-                     f"mean settle step per bin {' '.join(_num(s) for s in settle)}")  # fmt: skip
-    lines.append(f"report: {Path(result['out']) / 'typicality.md'}")
-    return "\n".join(lines)
-
-
-def _save_figure(result: dict[str, Any], path: Path) -> None:
-    buffer = io.BytesIO()
-    _figure(result).savefig(buffer, format="png", dpi=150)
-    atomic_write(path, buffer.getvalue())
-
-
-def _figure(result: dict[str, Any]) -> Any:
-    """Accuracy against step per typicality bin, one panel per run; a last panel of the mean settle step and
-    the mean stopping step (first threshold) per bin, one colour per run."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    runs, bins = result["runs"], result["num_bins"]
-    fig = Figure(figsize=(5.0 * (len(runs) + 1), 4.0))
-    axes = fig.subplots(1, len(runs) + 1, squeeze=False)[0]
-    colours = colormaps["viridis"](np.linspace(0, 0.9, bins))
-    for ax, r in zip(axes, runs):
-        for b, info in enumerate(r["bins"]):
-            if info["accuracy_per_step"] is None:
-                continue
-            acc = 100 * np.asarray(info["accuracy_per_step"])
-            label = f"bin {b + 1}" + (" (least typical)" if b == 0 else " (most typical)" if b == bins - 1 else "")
-            ax.plot(np.arange(acc.size), acc, marker=".", color=colours[b], label=label)
-        ax.set_title(f"{r['name']}: accuracy per typicality bin", fontsize="medium")
-        ax.set_xlabel("exit (internal time step)")
-        ax.set_ylabel("accuracy (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    ax = axes[-1]
-    x = np.arange(1, bins + 1)
-    tab = colormaps["tab10"].colors
-    for i, r in enumerate(runs):
-        settle = [np.nan if b["mean_settle_step"] is None else b["mean_settle_step"] for b in r["bins"]]
-        ax.plot(x, settle, marker="o", color=tab[i % 10], label=f"{r['name']}: settle step")
-        pol = r["threshold_policy"][0]
-        stop = [np.nan if s is None else s for s in pol["mean_step_per_bin"]]
-        ax.plot(
-            x, stop, marker="s", linestyle="--", color=tab[i % 10], label=f"{r['name']}: stop @ {pol['threshold']:g}"
-        )
-    ax.set_xlabel("typicality bin (1 = least typical)")
-    ax.set_ylabel("mean step")
-    ax.set_title("mean settle / stopping step per bin", fontsize="medium")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig

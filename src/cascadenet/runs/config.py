@@ -158,6 +158,11 @@ class TrainConfig:
             self.holdout_classes = tuple(self.holdout_classes)
         check_types(self, flags=True)  # a config file can hold "epochs": "2" or "augment": "false"
         self._check_holdout()
+        self._check_values()
+        self._check_loss()
+
+    def _check_values(self) -> None:
+        """Every number finite and in its range, and the options that exclude each other."""
         finite = [n for n in ("lr", "lam", "label_smoothing", "momentum", "weight_decay", "warmup_epochs",
                               "val_fraction", "stream_above_gb") if not math.isfinite(getattr(self, n))]  # fmt: skip
         if finite:
@@ -206,6 +211,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_loss(self) -> None:
+        """The loss fits the model (unless --init's file decides the model)."""
         # --loss final trains the feed-forward network: the last step's classifier and scale/shift only; per-step
         # copies would keep their initial values, and the cascade uses them at test time
         untrained = {"multi_head": "classifiers", "temporal_affine": "batch-norm scales and shifts"}

@@ -17,23 +17,19 @@ whose state at the epoch start is saved, so resuming mid-epoch skips exactly the
 on CPU a resumed run ends with the same weights and the same metrics as an uninterrupted one. Before anything
 is written, a resumed run checks that its checkpoint and weights hold the model its config.json describes and
 that the data is the data it was trained on (``cascadenet.training.claim``). A new run that stops before its first
-checkpoint leaves nothing.
+checkpoint leaves nothing. The set-up and the session it makes are in ``cascadenet.training.session``; this module
+runs the loop over the session: epochs, checkpoints, validation and the metrics rows.
 
 Training uses only the anytime-model interface (``cascadenet.models.anytime``): any registered model family trains here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import errno
 import itertools
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,54 +38,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import streaming
-from ..data.datasets import DataError, ImageSet, kept_classes, load_dataset
-from ..data.loader import check_compatible, iterate_batches, normalization, num_batches, train_val_split
+from ..data.loader import iterate_batches
 from ..evaluation import metrics
 from ..evaluation.logits import dataset_logits
-from ..models.anytime import ModelConfig
-from ..models.cascade import CascadedResNet
-from ..models.checkpoint import (
-    CHECKPOINT,
-    WEIGHTS,
-    CheckpointError,
-    build_and_load,
-    load_checkpoint,
-    save_checkpoint,
-    save_weights,
-)
+from ..models.checkpoint import CHECKPOINT, WEIGHTS, save_checkpoint, save_weights
 from ..models.precise_bn import recalibrate_bn
-from ..models.pretrained import load_init, read_init
-from ..runs.config import (
-    CONFIG,
-    RESUMABLE,
-    ConfigError,
-    TrainConfig,
-    changed_options,
-    check_loss_fits,
-    check_resume_overrides,
-)
+from ..runs.config import CONFIG, RESUMABLE, ConfigError, TrainConfig, changed_options, check_resume_overrides
 from ..runs.data import training_batches
-from ..runs.lock import RunLock, clean_temporaries
-from ..utils.device import autocast, resolve_device
-from ..utils.files import atomic_write, first_sentence
+from ..utils.device import autocast
+from ..utils.files import atomic_write
 from . import distributed
-from .claim import (
-    TrainingError,
-    check_model_files,
-    check_same_data,
-    check_target,
-    claim,
-    data_shape,
-    described_model,
-    read_run,
-)
+from .claim import TrainingError
 from .interrupts import Interrupts, Terminated, catch_signals
-from .optim import compute_loss, lr_at, make_optimizer
+from .optim import compute_loss, lr_at
 from .recalibrate import calibration_forward
+from .session import METRICS, _EpochStats, _release, _rng_state, _Session, _start, _write
+from .session import _load_data as _load_data  # read here by tests, where it was before session.py
 
 # TrainConfig, ConfigError, CONFIG, RESUMABLE and the resume policy live in runs/config.py (evaluation reads them
 # without the training loop), TrainingError in claim.py and lr_at in optim.py; they are re-exported here, where
-# the first release had them. The loop calls compute_loss through this module's name (tests patch it here).
+# the first release had them. The loop calls compute_loss through this module's name (tests patch it here), and so
+# do save_checkpoint, recalibrate_bn, dataset_logits, _train_epoch and _release; the set-up is in session.py.
 __all__ = [
     "CONFIG",
     "ConfigError",
@@ -107,111 +76,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _trim_metrics(path: Path, epochs_done: int) -> list[dict]:
-    """The metric rows of the epochs the checkpoint covers (a kill may have left one more); rewrites the file
-    when that drops a row."""
-    if not path.is_file():
-        return []
-    rows, lines = [], path.read_text(errors="replace").splitlines()
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= epochs_done:
-            rows.append(row)
-    if len(rows) != len(lines):
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-    return rows
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# The session and the loop
-
-
-@dataclass
-class _EpochStats:
-    """Running sums of the current epoch (kept in checkpoints, so that a resumed epoch reports all of it)."""
-
-    loss_sum: torch.Tensor
-    batches: int = 0
-    images: int = 0
-    seconds: float = 0.0  # before ``since``
-    since: float = field(default_factory=time.perf_counter)
-
-    def elapsed(self) -> float:
-        return self.seconds + time.perf_counter() - self.since
-
-    def state(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum.detach().cpu(), "batches": self.batches, "images": self.images,
-                "seconds": self.elapsed()}  # fmt: skip
-
-    @classmethod
-    def restore(cls, state: dict[str, Any] | None, device: torch.device) -> _EpochStats:
-        if not state:
-            return cls(torch.zeros((), device=device))
-        return cls(state["loss_sum"].to(device), int(state["batches"]), int(state["images"]), float(state["seconds"]))
-
-
-@dataclass
-class _Session:
-    """Everything one training run holds between its steps."""
-
-    cfg: TrainConfig
-    run_dir: Path
-    lock: RunLock | None  # None on processes other than rank 0
-    resumed: bool
-    created: bool  # this process created the run directory
-    device: torch.device
-    amp: bool
-    channels_last: bool
-    progress: bool
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    generator: torch.Generator  # draws each epoch's batch order and augmentation
-    train_set: ImageSet
-    val_set: ImageSet
-    mean: torch.Tensor
-    std: torch.Tensor
-    extra: dict[str, Any]  # stored with the config, checkpoints and weights: normalisation and class names
-    per_epoch: int
-    stats: _EpochStats
-    epoch_gen_state: torch.Tensor  # the generator's state at the start of the current epoch
-    interrupts: Interrupts
-    epoch: int = 0  # epochs completed
-    batch_done: int = 0  # batches of the current epoch completed
-    step: int = 0  # optimizer steps completed
-    done: dict[str, Any] | None = None  # the training half of the metrics row of the epoch just completed
-    rows: list[dict] = field(default_factory=list)  # metrics.jsonl
-    saved: tuple[int, int, int] | None = None  # position of the last checkpoint on disk
-    world: distributed.World | None = None  # None: a single process
-    objective: nn.Module | None = None  # the loss under DistributedDataParallel (several processes)
-    recalibration: dict[str, int] | None = None  # batches and examples of the final statistics, once recomputed
-
-    @property
-    def main(self) -> bool:
-        """This process writes the run directory (a single process, or rank 0)."""
-        return self.world is None or self.world.main
-
-    def position(self) -> tuple[int, int, int]:
-        return self.epoch, self.batch_done, self.step
+# The loop (the session and its set-up: session.py)
 
 
 def train(
@@ -252,7 +119,7 @@ def _train(
     interrupts: Interrupts,
     world: distributed.World | None,
 ) -> Path:
-    s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts, world)
+    s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts, world, _Objective)
     try:
         start = s.saved
         if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):
@@ -307,132 +174,10 @@ def _stopped(s: _Session, e: BaseException) -> None:
         log.warning("%s; the last checkpoint (step %d) was kept; %s", what, s.saved[2], resume)
 
 
-def _release(s: _Session) -> None:
-    """Drop the lock; a new run that never checkpointed leaves nothing behind (so the same command can start
-    again)."""
-    if s.lock is None:  # not rank 0: nothing held, nothing written
-        return
-    if s.saved is None and not s.resumed:
-        _discard(s.run_dir, s.created, s.lock)
-    else:
-        s.lock.release()
-
-
-def _discard(run_dir: Path, created: bool, lock: RunLock) -> None:
-    for name in (CONFIG, METRICS):
-        (run_dir / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        clean_temporaries(run_dir)
-    lock.release()
-    if created:
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()  # only if empty: another process may have claimed it meanwhile
-
-
-def _write(s: _Session, write: Any) -> None:
-    """Run a write of the run directory (only in the process that writes it: a single one, or rank 0); a full
-    disk or an I/O error becomes one ``TrainingError`` line."""
-    if not s.main:
-        return
-    try:
-        write()
-    except OSError as e:
-        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-        if s.saved is None:
-            raise TrainingError(f"cannot write in {s.run_dir}: {reason}; no checkpoint was written yet") from None
-        raise TrainingError(
-            f"cannot write in {s.run_dir}: {reason}; the last checkpoint (step {s.saved[2]}) was kept: free space "
-            f"and continue with: cascadenet train --resume {s.run_dir}"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Set-up: every check before anything is written
-
-
-def _start(
-    cfg: TrainConfig,
-    resume: str | os.PathLike | None,
-    overrides: dict[str, Any],
-    interrupts: Interrupts,
-    world: distributed.World | None = None,
-) -> _Session:
-    """Set-up: every check first (options, data, model, the run directory's contents), then the claim of the
-    run directory, then the first write (config.json).
-
-    With several processes, rank 0 does all of that and sends the resolved configuration and the checkpoint's
-    training state to the others, which load the data and build the model themselves; then every process
-    reports whether it could start, and they fail together or go on together (DistributedDataParallel)."""
-    if world is None:
-        return _start_here(cfg, resume, overrides, interrupts, None)[0]
-    if not world.main:
-        return _start_follower(interrupts, world)
-    try:
-        s, ckpt = _start_here(cfg, resume, overrides, interrupts, world)
-    except BaseException as e:
-        with contextlib.suppress(Exception):  # tell the others, which wait for the configuration
-            distributed.broadcast({"error": (type(e).__name__, str(e))})
-        raise
-    try:
-        state = None if ckpt is None else {k: v for k, v in ckpt.items() if k != "model"}  # weights: broadcast
-        distributed.broadcast({"cfg": s.cfg.to_dict(), "run_dir": str(s.run_dir), "resumed": s.resumed,
-                               "state": state})  # fmt: skip
-        _agree(None, world)
-        _distribute(s)
-    except BaseException:
-        _release(s)
-        raise
-    return s
-
-
-_ERRORS: dict[str, type[Exception]] = {
-    "ValueError": ValueError, "DataError": DataError, "CheckpointError": CheckpointError,
-    "ConfigError": ConfigError, "TrainingError": TrainingError,
-}  # fmt: skip
-
-
-def _start_follower(interrupts: Interrupts, world: distributed.World) -> _Session:
-    packet = distributed.broadcast(None)
-    if "error" in packet:  # rank 0 could not start: the same error here (rank 0 reports it)
-        name, message = packet["error"]
-        if name in ("KeyboardInterrupt", "Terminated"):
-            raise KeyboardInterrupt
-        error = _ERRORS.get(name, TrainingError)(message)
-        error.reported_by_rank0 = True  # type: ignore[attr-defined]
-        raise error
-    s = None
-    try:
-        s = _follow(packet, interrupts, world)
-        error = None
-    except Exception as e:
-        error = " ".join(f"{type(e).__name__}: {e}".split())
-    _agree(error, world)
-    assert s is not None
-    _distribute(s)
-    return s
-
-
-def _agree(error: str | None, world: distributed.World) -> None:
-    """Every process says whether it could start; all stop (TrainingError) if one could not."""
-    failed = [(rank, e) for rank, e in enumerate(distributed.gather(error)) if e]
-    if failed:
-        rank, e = failed[0]
-        stop = TrainingError(f"process {rank} of {world.size} could not start: {e}")
-        stop.reported_by_rank0 = not world.main  # type: ignore[attr-defined]
-        raise stop
-
-
-def _distribute(s: _Session) -> None:
-    """Synchronised batch norm, rank 0's weights everywhere, and DistributedDataParallel around the objective."""
-    distributed.convert_sync_temporal_bn(s.model)
-    distributed.broadcast_module(s.model)
-    unused = not isinstance(s.model, CascadedResNet) or s.model.config.multi_head  # heads of uninformative exits
-    s.objective = distributed.wrap(_Objective(s.model, s.cfg), s.device, find_unused_parameters=unused)
-
-
 class _Objective(nn.Module):
     """The training loss as a module, so that DistributedDataParallel sees every loss's forward pass (the
-    ``final`` loss calls ``feedforward``, not ``forward``)."""
+    ``final`` loss calls ``feedforward``, not ``forward``). Here, beside the loop: it calls compute_loss by this
+    module's name too."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
         super().__init__()
@@ -441,226 +186,6 @@ class _Objective(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         return compute_loss(self.model, x, y, self.cfg, epoch)
-
-
-def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
-    """``--stream auto`` decided: on for an image folder whose decoded training images would exceed the
-    threshold or half the available memory, else off."""
-    if cfg.stream != "auto":
-        return cfg
-    if cfg.dataset != "imagefolder" or cfg.data_root is None:
-        return cfg  # read into memory: auto is off (and stays auto in config.json)
-    need = streaming.estimated_bytes(cfg.data_root, cfg.image_size)
-    limit = min(cfg.stream_above_gb * 2**30, streaming.available_memory() / 2)
-    if need > limit:
-        log.info("the decoded training images would take %.1f GiB (more than %.1f GiB): streaming them from %s "
-                 "with DataLoader workers (--stream off to hold them in memory)", need / 2**30, limit / 2**30,
-                 cfg.data_root)  # fmt: skip
-    return dataclasses.replace(cfg, stream="on" if need > limit else "off")
-
-
-def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
-    if cfg.stream == "on":
-        if cfg.holdout_classes:  # --stream auto chose it: the folder is too large to hold in memory
-            raise ValueError(f"--holdout-classes works on datasets read into memory; {cfg.data_root} would be "
-                             "streamed (try --stream off, or a larger --stream-above-gb)")  # fmt: skip
-        if cfg.data_root is None:
-            raise DataError("no default location for dataset 'imagefolder': pass --data-root with its files")
-        full = streaming.index_folder(cfg.data_root, "train", cfg.image_size or streaming.DEFAULT_SIZE)
-        train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)  # type: ignore[arg-type]
-        mean, std = streaming.streaming_normalization()
-        return full, train_set, val_set, mean, std
-    full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
-                        synthetic_size=cfg.synthetic_size, seed=cfg.seed,
-                        holdout_classes=cfg.holdout_classes)  # fmt: skip
-    train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
-    mean, std = normalization(train_set)
-    return full, train_set, val_set, mean, std
-
-
-def _from_dataset(model: ModelConfig, full: Any) -> dict[str, Any]:
-    """The model options that the dataset sets (``FROM_DATASET``, those the model's family has)."""
-    c, h, w = data_shape(full)
-    options = {"num_classes": full.num_classes, "in_channels": c}
-    if any(f.name == "input_size" for f in dataclasses.fields(model)):
-        if h != w:
-            raise ValueError(f"a {model.family} model needs square images, the dataset's are {h}x{w} (--image-size)")
-        options["input_size"] = h
-    return options
-
-
-def _schedule(cfg: TrainConfig, n_train: int, processes: int) -> tuple[int, int, int]:
-    """Optimizer steps per epoch, in all, and of warm-up."""
-    per_epoch = num_batches(n_train, cfg.batch_size * processes, drop_last=True)
-    if per_epoch == 0:
-        on = f" on {processes} processes (a global batch of {cfg.batch_size * processes})" if processes > 1 else ""
-        raise ValueError(f"--batch-size {cfg.batch_size}{on} is larger than the training set ({n_train} examples)")
-    per_epoch = min(per_epoch, cfg.max_batches or per_epoch)
-    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
-    if cfg.schedule != "constant" and warmup >= total:
-        raise ValueError(
-            f"--warmup-epochs {cfg.warmup_epochs} is {warmup} steps, the whole run ({total} steps): the learning "
-            "rate would never decay (use a shorter --warmup-epochs or more --epochs)"
-        )
-    return per_epoch, total, warmup
-
-
-def _device(cfg: TrainConfig, world: distributed.World | None) -> torch.device:
-    device = resolve_device(cfg.device) if world is None else distributed.device_for(cfg.device, world)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return device
-
-
-def _session(cfg: TrainConfig, model: nn.Module, device: torch.device, data: tuple, schedule: tuple[int, int, int],
-             interrupts: Interrupts, world: distributed.World | None, **where: Any) -> _Session:  # fmt: skip
-    """The session of a model on its device, with a fresh optimizer, scheduler and batch-order generator."""
-    full, train_set, val_set, mean, std = data
-    per_epoch, total, warmup = schedule
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    if cfg.loss == "ic-only":  # before the optimizer, which then holds the internal classifiers only
-        model.freeze_backbone()
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_at(i, total, warmup, cfg.schedule))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    main = world is None or world.main
-    return _Session(
-        cfg=cfg, device=device, amp=device.type == "cuda" if cfg.amp is None else cfg.amp,
-        channels_last=channels_last, progress=main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress),
-        model=model, optimizer=optimizer, scheduler=scheduler, generator=generator, train_set=train_set.to(device),
-        val_set=val_set.to(device), mean=mean, std=std,
-        extra={"normalization": {"mean": mean.tolist(), "std": std.tolist()}, "classes": full.classes,
-               **_label_map(cfg, full)},
-        per_epoch=per_epoch, stats=_EpochStats(torch.zeros((), device=device)),
-        epoch_gen_state=generator.get_state(), interrupts=interrupts, world=world, **where,
-    )  # fmt: skip
-
-
-def _label_map(cfg: TrainConfig, full: Any) -> dict[str, Any]:
-    """With --holdout-classes, which original class each label of the model is (``kept_classes[k]`` is label
-    ``k``), stored with the run; ``full`` is the kept part, so the dataset had K + len(holdout) classes."""
-    if not cfg.holdout_classes:
-        return {}
-    held = list(cfg.holdout_classes)
-    return {"label_map": {"kept_classes": kept_classes(full.num_classes + len(held), held), "held_out_classes": held}}
-
-
-def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.World) -> _Session:
-    """A process other than rank 0: rank 0's configuration and training state, its own data and model (whose
-    weights rank 0 broadcasts next)."""
-    cfg = TrainConfig.from_dict(packet["cfg"])
-    device = _device(cfg, world)
-    data = _load_data(cfg)
-    torch.manual_seed(cfg.seed)
-    model = cfg.model.build()
-    s = _session(cfg, model, device, data, _schedule(cfg, len(data[1]), world.size), interrupts, world,
-                 run_dir=Path(packet["run_dir"]), lock=None, resumed=packet["resumed"], created=False)  # fmt: skip
-    if packet["state"] is not None:
-        _restore(s, packet["state"], Path(packet["run_dir"]) / CHECKPOINT)
-    s.model.train()
-    return s
-
-
-def _start_here(
-    cfg: TrainConfig,
-    resume: str | os.PathLike | None,
-    overrides: dict[str, Any],
-    interrupts: Interrupts,
-    world: distributed.World | None,
-) -> tuple[_Session, dict[str, Any] | None]:
-    """The set-up of a single process, or of rank 0; returns the session and the checkpoint it resumed from."""
-    payload: dict[str, Any] = {}
-    if resume is not None:
-        run_dir = Path(resume)
-        stored, payload = read_run(run_dir)
-        cfg = dataclasses.replace(stored, **check_resume_overrides(overrides, stored))
-    else:
-        run_dir = Path(cfg.out) / cfg.run_name()
-        check_target(run_dir, cfg)
-    device = _device(cfg, world)
-    cfg = _resolve_stream(cfg)
-    processes = 1 if world is None else world.size
-
-    data = _load_data(cfg)
-    full, train_set, val_set, mean, std = data
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **_from_dataset(cfg.model, full)))
-    initial = None
-    if cfg.init is not None and not (resume is not None and (run_dir / CHECKPOINT).is_file()):
-        model_cfg, initial = read_init(cfg.init, cfg.model, full.num_classes, full.num_channels)
-        side = _from_dataset(model_cfg, full).get("input_size")
-        if side is not None and side != model_cfg.input_size:
-            raise CheckpointError(f"--init {cfg.init} holds a model sized for {model_cfg.input_size}x"
-                                  f"{model_cfg.input_size} images, but the dataset's are {side}x{side}")  # fmt: skip
-        cfg = dataclasses.replace(cfg, model=model_cfg)
-        check_loss_fits(cfg.loss, cfg.model)  # the file decides the model
-    torch.manual_seed(cfg.seed)
-    model = cfg.model.build()
-    if initial is not None:
-        load_init(model, initial, cfg.init)
-    check_compatible(full, cfg.model.in_channels, cfg.model.num_classes)
-    exits = getattr(model, "num_steps", None)
-    if isinstance(exits, int) and model.first_informative_exit >= exits:
-        raise ValueError(
-            f"the model has {exits} exit(s) and the first that sees the input is exit "
-            f"{model.first_informative_exit}: nothing to train or evaluate (more --num-steps?)"
-        )
-    schedule = _schedule(cfg, len(train_set), processes)
-
-    # --- the run directory: claimed (locked) from here on; until config.json is written nothing in it changed
-    lock, created = claim(run_dir, cfg, resume is not None)
-    try:
-        ckpt = None
-        if resume is not None:
-            check_same_data(run_dir, payload, full, mean, std, cfg.data_root)
-            trained_on = payload.get("processes", 1)
-            if trained_on != processes:
-                raise TrainingError(
-                    f"{run_dir} was trained by {trained_on} process(es) and this is {processes}: resume it with "
-                    f"{trained_on} (--batch-size is per process, so the number of processes is part of the run)"
-                )
-            if (run_dir / CHECKPOINT).is_file():
-                ckpt = load_checkpoint(run_dir / CHECKPOINT)
-            check_model_files(run_dir, described_model(payload, cfg.model), ckpt)
-            if ckpt is not None:
-                model = build_and_load(ckpt["model_config"], ckpt["model"], run_dir / CHECKPOINT)
-                cfg = dataclasses.replace(cfg, model=model.config)  # as stored (format 1 resolved num_steps)
-        s = _session(cfg, model, device, data, schedule, interrupts, world, run_dir=run_dir, lock=lock,
-                     resumed=resume is not None, created=created)  # fmt: skip
-        if ckpt is not None:
-            _restore(s, ckpt, run_dir / CHECKPOINT)
-            log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
-        if resume is not None:
-            s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
-        described = {"examples": len(full), "shape": data_shape(full), "classes": full.num_classes}
-        stored_payload = {"train": cfg.to_dict(), "model": cfg.model.to_dict(), **s.extra, "data": described,
-                          "processes": processes}  # fmt: skip
-        _write(s, lambda: atomic_write(run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
-    except BaseException:
-        if resume is None:
-            _discard(run_dir, created, lock)
-        else:
-            lock.release()
-        raise
-    s.model.train()
-    return s, ckpt
-
-
-def _restore(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
-    try:
-        s.optimizer.load_state_dict(ckpt["optimizer"])
-        s.scheduler.load_state_dict(ckpt["scheduler"])
-        s.generator.set_state(ckpt["epoch_generator_state"])
-        s.epoch_gen_state = ckpt["epoch_generator_state"]
-        _set_rng_state(ckpt["rng"])
-        s.epoch, s.batch_done, s.step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
-        s.stats = _EpochStats.restore(ckpt.get("epoch_stats"), s.device)
-        s.done = ckpt.get("epoch_done")
-    except Exception as e:  # a checkpoint of another version or a hand-edited one: whatever torch raises
-        raise CheckpointError(f"{path}: the training state does not fit this run ({first_sentence(e)})") from None
-    s.saved = s.position()
 
 
 def _checkpoint(s: _Session) -> None:

@@ -1,0 +1,219 @@
+"""The report of ``cascadenet reproduce``: each model's numbers summarised over seeds (mean and spread; costs as
+fractions of CascadedTD's full serial cost) and the markdown report of the record
+(``cascadenet.experiments.reproduce``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BUDGETED_AT", "COST_FRACTIONS", "format_report", "latency_budgets", "summarize_reproduction"]
+
+COST_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+BUDGETED_AT = (0.25, 0.5)
+
+
+def _mean_std(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds; None where any seed lacks the value (never reached)."""
+    if not values or any(v is None for v in values):
+        return {"mean": None, "std": None, "values": values}
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "values": values}
+
+
+def summarize_reproduction(per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per model, mean and spread over seeds of the report's numbers (cost fractions relative to CascadedTD's full
+    serial cost)."""
+    from ..evaluation import metrics
+
+    reference = per_seed["cascaded-td"][0]["macs_per_step"][-1]
+    latencies = latency_budgets(per_seed)
+    out = {}
+    for key, results in per_seed.items():
+        rows: dict[str, list[Any]] = {}
+        for r in results:
+            acc = r["accuracy_per_step"]
+            budgets = [f * reference for f in COST_FRACTIONS]
+            at_budgets = metrics.accuracy_at_budgets(acc, r["macs_per_step"], budgets, r["model"]["num_classes"])
+            values = {
+                "final_accuracy": acc[-1],
+                "anytime_auc": r["anytime_auc"],
+                "auc_macs": r["macs_auc"],
+                "auc_latency": r["latency_auc"],
+                **{f"accuracy_at_{round(100 * f)}pct_td_cost": float(a) for f, a in zip(COST_FRACTIONS, at_budgets)},
+                **{f"budgeted_at_{round(100 * f)}pct_td_cost": _budgeted_at(r, f * reference) for f in BUDGETED_AT},
+                **{
+                    f"accuracy_at_latency_{lat:g}": float(a)
+                    for lat, a in zip(
+                        latencies,
+                        metrics.accuracy_at_budgets(
+                            acc, r["parallel_latency_blocks"], latencies, r["model"]["num_classes"]
+                        ),
+                    )
+                },  # fmt: skip
+                "step_to_50pct": r["steps_to_50pct_accuracy"],
+                "step_to_95pct": r["steps_to_95pct_accuracy"],
+                "latency_to_50pct": r["latency_to_50pct_accuracy"],
+                "latency_to_95pct": r["latency_to_95pct_accuracy"],
+                "macs_to_50pct": r["macs_to_50pct_accuracy"],
+                "macs_to_95pct": r["macs_to_95pct_accuracy"],
+                "threshold_auc": r["threshold_auc"],
+                "full_macs": r["macs_per_step"][-1],
+                "train_seconds": r.get("train_seconds"),
+            }
+            for k, v in values.items():
+                rows.setdefault(k, []).append(v)
+        out[key] = {k: _mean_std(v) for k, v in rows.items()}
+        out[key]["accuracy_per_step"] = np.mean([r["accuracy_per_step"] for r in results], axis=0).tolist()
+        out[key]["macs_per_step"] = results[0]["macs_per_step"]
+        out[key]["latency_per_step"] = results[0]["parallel_latency_blocks"]
+    return out
+
+
+def latency_budgets(per_seed: dict[str, list[dict[str, Any]]]) -> list[float]:
+    """Whole block units from 1 to three past CascadedTD's last step: where the report reads every model's accuracy
+    on the parallel-latency axis."""
+    last = per_seed["cascaded-td"][0]["parallel_latency_blocks"][-1]
+    return [float(k) for k in range(1, int(last) + 4)]
+
+
+def _budgeted_at(result: dict[str, Any], cost: float) -> float | None:
+    """Test accuracy of the budgeted-batch curve (thresholds fitted on validation) read at a mean cost, by linear
+    interpolation between its operating points; None outside the range of mean costs the curve covers. Reading
+    the curve at a cost chooses nothing on the test split."""
+    curve = result.get("budgeted_batch")
+    if not curve:
+        return None
+    order = np.argsort(curve["mean_macs"], kind="stable")
+    x, y = np.asarray(curve["mean_macs"], float)[order], np.asarray(curve["accuracy"], float)[order]
+    if not x[0] <= cost <= x[-1]:
+        return None
+    return float(np.interp(cost, x, y))
+
+
+def _fmt(stat: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        reached = [v for v in stat["values"] if v is not None]
+        return f"- ({len(reached)}/{len(stat['values'])})" if reached else "-"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def format_report(record: dict[str, Any], figures: dict[str, str]) -> str:
+    """The markdown report of a reproduction's record: the main table, accuracy at parallel latencies, per-exit
+    accuracy and cost, the lambda sweep, the plots and how it was made."""
+    lines = _main_table(record) + _latency_table(record["models"]) + _per_exit_table(record["models"])
+    lines += _sweep_table(record["lambda_sweep"]) + _closing(record, figures)
+    return "\n".join(lines)
+
+
+def _main_table(record: dict[str, Any]) -> list[str]:
+    """The title, what the columns mean, and a row per model: accuracy, areas and costs, mean ± std over seeds."""
+    models = record["models"]
+    n = len(record["seeds"])
+    fractions = [round(100 * f) for f in COST_FRACTIONS]
+    budgeted = [round(100 * f) for f in BUDGETED_AT]
+    head = ("| model | final acc. | AUC (steps) | AUC (MACs) | AUC (latency) | "
+            + " | ".join(f"acc. @{f}% TD cost" for f in fractions)
+            + "".join(f" | budgeted @{f}%" for f in budgeted) + " | latency to 50% | latency to 95%"
+            + " | MMACs to 50% | MMACs to 95% |")  # fmt: skip
+    lines = [
+        f"# Reproduction: {record['dataset']}, budget {record['budget']}",
+        "",
+        f"Test split; mean ± standard deviation over {n} seed(s) ({', '.join(map(str, record['seeds']))}). "
+        "Accuracies and areas in %. Recipe shared by every model: " + record["recipe"]["description"] + ".",
+        f"Lambda chosen on the validation split: {json.dumps(record['lambda_chosen'])}.",
+        "",
+        "- AUC (steps): area under accuracy against exit index / (E - 1) (the paper's axis for cascades).",
+        "- AUC (MACs): area under accuracy against cumulative MACs / the model's own full cost, holding the last "
+        "completed exit's answer (chance before the first exit). AUC (latency): the same against parallel latency.",
+        "- acc. @f% TD cost: accuracy of the last exit completed within f% of CascadedTD's full serial cost "
+        f"({models['cascaded-td']['full_macs']['mean'] / 1e6:.2f} MMACs); chance if none.",
+        "- budgeted @f%: the budgeted-batch curve (MSDNet's protocol: per-exit confidence thresholds fitted on the "
+        "validation split for a range of target costs, applied to the test split) read at a mean cost of f% of "
+        "CascadedTD's full serial cost (- where the curve does not reach that cost).",
+        "- latency / MMACs to 50% / 95%: parallel latency (block units) and cumulative serial MACs of the first exit "
+        "whose absolute accuracy reaches 50% / 95% (- where never reached; (k/n) where "
+        "only k of n seeds reach it).",
+        "",
+        head,
+        "|---" * (5 + len(fractions) + len(budgeted) + 4) + "|",
+    ]
+    for m in models.values():
+        cells = [m["label"], _fmt(m["final_accuracy"], 100), _fmt(m["anytime_auc"], 100), _fmt(m["auc_macs"], 100),
+                 _fmt(m["auc_latency"], 100)]  # fmt: skip
+        cells += [_fmt(m[f"accuracy_at_{f}pct_td_cost"], 100) for f in fractions]
+        cells += [_fmt(m[f"budgeted_at_{f}pct_td_cost"], 100) for f in budgeted]
+        cells += [_fmt(m["latency_to_50pct"]), _fmt(m["latency_to_95pct"])]
+        cells += [_fmt(m["macs_to_50pct"], 1e-6, 2), _fmt(m["macs_to_95pct"], 1e-6, 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _latency_table(models: dict[str, Any]) -> list[str]:
+    """Each model's accuracy at whole parallel latencies (the axis of the paper's claim)."""
+    prefix = "accuracy_at_latency_"
+    latencies = sorted(float(k[len(prefix) :]) for k in models["cascaded-td"] if k.startswith(prefix))
+    lines = [
+        "",
+        "## Accuracy at a parallel latency (block units: the stem and each block one unit)",
+        "",
+        "The answer available after L units (the last exit completed within L; chance before the first). "
+        "The paper's claim lives on this axis.",
+        "",
+        "| model | " + " | ".join(f"L={lat:g}" for lat in latencies) + " |",
+        "|---" * (len(latencies) + 1) + "|",
+    ]
+    for m in models.values():
+        cells = [_fmt(m[f"{prefix}{lat:g}"], 100) for lat in latencies]
+        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_exit_table(models: dict[str, Any]) -> list[str]:
+    """Each model's accuracy at every exit (mean over seeds) with the exit's MACs and latency."""
+    lines = ["", "## Per-exit accuracy (mean over seeds, %) and cost", "",
+             "| model | exits: accuracy % (cumulative MMACs, latency in blocks) |", "|---|---|"]  # fmt: skip
+    for m in models.values():
+        cells = [f"{100 * a:.1f} ({c / 1e6:.2f}, {lat:g})" for a, c, lat in
+                 zip(m["accuracy_per_step"], m["macs_per_step"], m["latency_per_step"])]  # fmt: skip
+        lines.append(f"| {m['label']} | " + "; ".join(cells) + " |")
+    return lines
+
+
+def _sweep_table(sweep: list[dict[str, Any]]) -> list[str]:
+    """The lambda sweep: validation AUC and final accuracy of both swept models at every lambda."""
+    lines = ["", "## Lambda sweep (seed 0, validation split)", "", "| lambda | " + " | ".join(
+        f"{k} val AUC | {k} val final acc." for k in ("cascaded-td", "serial-td-mh")) + " |",
+        "|---" * 5 + "|"]  # fmt: skip
+    for lam in sorted({r["lam"] for r in sweep}):
+        cells = [f"{lam:g}"]
+        for key in ("cascaded-td", "serial-td-mh"):
+            r = next(r for r in sweep if r["model"] == key and r["lam"] == lam)
+            cells += [f"{100 * r['val_anytime_auc']:.2f}", f"{100 * r['val_final_accuracy']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _closing(record: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """The plots, and how the reproduction was made: the command, the machine, the time, the runs."""
+    n = len(record["seeds"])
+    return [
+        "",
+        "## Plots",
+        "",
+        f"![accuracy against parallel latency]({figures['latency']})",
+        f"![accuracy against serial MACs]({figures['macs']})",
+        f"![budgeted batch]({figures['budgeted']})",
+        "",
+        "## How this was made",
+        "",
+        f"`cascadenet reproduce --dataset {record['dataset']} --seeds {n} --budget {record['budget']}` on "
+        f"{record['machine']['cpu']} ({record['machine']['threads']} threads, torch {record['machine']['torch']}): "
+        f"{len(record['how'])} runs, {record['train_seconds_total'] / 60:.1f} min of training in all (epochs and "
+        f"validation); this invocation took {record['seconds'] / 60:.1f} min; runs trained, resumed or reused: "
+        + ", ".join(f"{v} {sum(1 for h in record['how'].values() if h == v)}" for v in ("trained", "resumed", "reused"))
+        + ". Every number is in the JSON file beside this report.",
+        "",
+    ]
