@@ -130,3 +130,21 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
     with pytest.raises(CheckpointError, match="do not fit a resnet18"):
         build_and_load({**ckpt["model_config"], "name": "resnet18"}, ckpt["model"], "x")
+
+
+def test_the_default_warm_up_fits_a_one_epoch_run(tmp_path):
+    """`cascadenet train --epochs 1` is the first thing a new user types: the default warm-up (one epoch, or a
+    fifth of a shorter run) lets it train, and its learning rate warms up and decays within the epoch."""
+    assert TrainConfig(epochs=30).warmup() == 1.0 and TrainConfig(epochs=5).warmup() == 1.0
+    assert TrainConfig(epochs=1).warmup() == pytest.approx(0.2) and TrainConfig(epochs=2).warmup() == 0.4
+    assert TrainConfig(epochs=1, warmup_epochs=0.5).warmup() == 0.5  # an explicit value is kept
+    with pytest.raises(ValueError, match="--warmup-epochs 1.0 is not shorter than --epochs 1"):
+        TrainConfig(epochs=1, warmup_epochs=1.0)
+    assert TrainConfig.from_dict({"warmup_epochs": 1.0}).warmup_epochs == 1.0  # stored runs keep what they ran
+    from cascadenet.cli import main
+
+    argv = ["train", "--dataset", "synthetic", "--synthetic-size", "64", "--model", "resnet10", "--width", "2",
+            "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path), "--name", "one"]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and rows[0]["lr"] == 0.0  # one-cycle decayed to 0 by the end

@@ -120,8 +120,9 @@ class TrainConfig:
     """Weight decay of conv and linear weights (not of batch-norm parameters or biases)."""
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     """onecycle: linear warm-up then linear decay to 0; cosine: warm-up then cosine decay to 0."""
-    warmup_epochs: float = 1.0
-    """Length of the linear warm-up, in epochs (may be fractional)."""
+    warmup_epochs: float | None = None
+    """Length of the linear warm-up, in epochs (may be fractional); default: one epoch, or a fifth of a run
+    shorter than 5 epochs (so that `--epochs 1` works)."""
     max_batches: int | None = None
     """Stop each epoch after this many batches (quick tests)."""
     recalibrate_batches: int = 4
@@ -164,7 +165,8 @@ class TrainConfig:
     def _check_values(self) -> None:
         """Every number finite and in its range, and the options that exclude each other."""
         finite = [n for n in ("lr", "lam", "label_smoothing", "momentum", "weight_decay", "warmup_epochs",
-                              "val_fraction", "stream_above_gb") if not math.isfinite(getattr(self, n))]  # fmt: skip
+                              "val_fraction", "stream_above_gb")
+                  if getattr(self, n) is not None and not math.isfinite(getattr(self, n))]  # fmt: skip
         if finite:
             raise ValueError(f"--{finite[0].replace('_', '-')} must be a finite number, got {getattr(self, finite[0])}")
         decays = self.schedule != "constant"
@@ -178,10 +180,10 @@ class TrainConfig:
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (0.0 <= self.momentum < 1.0, f"--momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.warmup() >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
             (
-                not decays or self.warmup_epochs < self.epochs,
-                f"--warmup-epochs {self.warmup_epochs} is not shorter than --epochs {self.epochs}: the {self.schedule}"
+                not decays or self.warmup() < self.epochs,
+                f"--warmup-epochs {self.warmup()} is not shorter than --epochs {self.epochs}: the {self.schedule}"
                 " learning rate would never decay (use a shorter --warmup-epochs, more --epochs, or --schedule "
                 "constant)",
             ),
@@ -243,6 +245,11 @@ class TrainConfig:
         if self.stream == "on":
             raise ValueError("--holdout-classes works on datasets read into memory, not with --stream on")
         self.holdout_classes = tuple(sorted(held))
+
+    def warmup(self) -> float:
+        """The warm-up in epochs: ``warmup_epochs``, or by default one epoch, or a fifth of a run shorter than 5
+        epochs (a one-epoch smoke run then warms up over its first fifth instead of being refused)."""
+        return self.warmup_epochs if self.warmup_epochs is not None else min(1.0, self.epochs / 5)
 
     def options(self) -> dict[str, Any]:
         """Every option under its command-line name, the model's inlined (``arch`` is ``model``, as the flag

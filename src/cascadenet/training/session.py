@@ -339,10 +339,10 @@ def _schedule(cfg: TrainConfig, n_train: int, processes: int) -> tuple[int, int,
         on = f" on {processes} processes (a global batch of {cfg.batch_size * processes})" if processes > 1 else ""
         raise ValueError(f"--batch-size {cfg.batch_size}{on} is larger than the training set ({n_train} examples)")
     per_epoch = min(per_epoch, cfg.max_batches or per_epoch)
-    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
+    total, warmup = per_epoch * cfg.epochs, round(cfg.warmup() * per_epoch)
     if cfg.schedule != "constant" and warmup >= total:
         raise ValueError(
-            f"--warmup-epochs {cfg.warmup_epochs} is {warmup} steps, the whole run ({total} steps): the learning "
+            f"--warmup-epochs {cfg.warmup()} is {warmup} steps, the whole run ({total} steps): the learning "
             "rate would never decay (use a shorter --warmup-epochs or more --epochs)"
         )
     return per_epoch, total, warmup
