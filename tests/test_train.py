@@ -224,7 +224,10 @@ def test_cli_end_to_end(tmp_path, capsys):
         (["train", "--width", "0"], "--width must be a positive integer"),
         (["train", "--num-steps", "1", "--dataset", "synthetic"], "--num-steps 1 leaves no step"),
         (["train", "--eval-batch-size", "0", "--dataset", "synthetic"], "--eval-batch-size must be >= 1"),
-        (["train", "--epochs", "1", "--dataset", "synthetic"], "--warmup-epochs 1.0 is not shorter than --epochs 1"),
+        (
+            ["train", "--epochs", "1", "--warmup-epochs", "1", "--dataset", "synthetic"],
+            "--warmup-epochs 1.0 is not shorter than --epochs 1",
+        ),
     ],
 )
 def test_cli_user_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
