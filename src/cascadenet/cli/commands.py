@@ -8,7 +8,7 @@ from typing import Annotated, Any, Union
 
 import tyro
 
-from .evaluation import EvalCommand, PlotCommand, PredictCommand, RecalibrateCommand
+from .evaluation import CalibrateCommand, EvalCommand, PlotCommand, PredictCommand, RecalibrateCommand
 from .experiments import DemoCommand, ReproduceCommand
 from .models import ConvertCommand, ModelsCommand
 from .properties import NoiseCommand, OodCommand, PolicyCommand, TypicalityCommand
@@ -31,6 +31,7 @@ VERBS: dict[str, type] = {
     "models": ModelsCommand,
     "convert": ConvertCommand,
     "typicality": TypicalityCommand,
+    "calibrate": CalibrateCommand,
 }
 
 

@@ -1,5 +1,5 @@
 """The verbs that measure or use a trained run: ``eval``, ``predict`` (early exit), ``recalibrate`` (batch-norm
-statistics) and ``plot``."""
+statistics), ``calibrate`` (per-exit temperatures) and ``plot``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tyro
 from ..models.checkpoint import CheckpointError
 from .options import BatchSize, DataRoot, Device, Progress, RunDir, RunDirs, Threads, progress_of
 
-__all__ = ["EvalCommand", "PlotCommand", "PredictCommand", "RecalibrateCommand"]
+__all__ = ["CalibrateCommand", "EvalCommand", "PlotCommand", "PredictCommand", "RecalibrateCommand"]
 
 
 @dataclass
@@ -40,6 +40,11 @@ class EvalCommand:
     weights: str | None = None
     """Evaluate this weights file of the run instead of model.safetensors (e.g. model-recalibrated.safetensors;
     written to eval-recalibrated.json)."""
+    calibrated: bool = False
+    """Evaluate the temperature-scaled exits (`cascadenet calibrate`'s temperatures; written to
+    eval-calibrated.json)."""
+    poe: bool = False
+    """Evaluate the product-of-experts outputs (monotone anytime predictions; written to eval-poe.json)."""
     data_root: DataRoot = None
     batch_size: BatchSize = 500
     device: Device = "auto"
@@ -52,7 +57,8 @@ class EvalCommand:
         result = evaluate(self.run_dir, split=self.split, scheme=self.scheme, num_steps=self.num_steps,
                           data_root=self.data_root, batch_size=self.batch_size, device=self.device,
                           save_logits=self.save_logits, overwrite=self.overwrite, progress=progress_of(self.progress),
-                          reference_macs=self.reference_macs, weights=self.weights)  # fmt: skip
+                          reference_macs=self.reference_macs, weights=self.weights, calibrated=self.calibrated,
+                          poe=self.poe)  # fmt: skip
         print(format_table(result))
 
 
@@ -77,6 +83,10 @@ class PredictCommand:
     """Write each example's prediction, step, MACs and label to this .npz file."""
     overwrite: bool = False
     """Allow --output to replace an existing file."""
+    calibrated: bool = False
+    """The policy and the prediction read the temperature-scaled exits (`cascadenet calibrate`)."""
+    poe: bool = False
+    """The policy and the prediction read the product-of-experts outputs (monotone anytime predictions)."""
     data_root: DataRoot = None
     batch_size: BatchSize = 500
     device: Device = "auto"
@@ -89,8 +99,8 @@ class PredictCommand:
         policy = policy_from_flags(self.threshold, self.margin, self.stable)
         summary = predict_run(self.run_dir, split=self.split, policy=policy, budget=self.budget,
                               data_root=self.data_root, batch_size=self.batch_size, device=self.device,
-                              output=self.output, overwrite=self.overwrite,
-                              progress=progress_of(self.progress))  # fmt: skip
+                              output=self.output, overwrite=self.overwrite, progress=progress_of(self.progress),
+                              calibrated=self.calibrated, poe=self.poe)  # fmt: skip
         print(format_summary(summary))
 
 
@@ -123,6 +133,35 @@ class RecalibrateCommand:
 
 
 @dataclass
+class CalibrateCommand:
+    """Fit one temperature per exit on a run's validation split (minimum negative log-likelihood) and store them
+    with the run (temperatures.json), with every exit's validation ECE before and after; eval, predict and policy
+    use them with --calibrated."""
+
+    run_dir: RunDir
+    """Run directory written by `cascadenet train` (with a validation split)."""
+    overwrite: bool = False
+    """Allow replacing the run's temperatures.json."""
+    data_root: DataRoot = None
+    batch_size: BatchSize = 500
+    device: Device = "auto"
+    threads: Threads = None
+    progress: Progress = None
+
+    def run(self) -> None:
+        from ..evaluation.calibration import TEMPERATURES, calibrate_run
+
+        record = calibrate_run(self.run_dir, overwrite=self.overwrite, data_root=self.data_root,
+                               batch_size=self.batch_size, device=self.device,
+                               progress=progress_of(self.progress))  # fmt: skip
+        print(f"{'exit':>4} {'temperature':>11} {'val ECE':>8} {'calibrated':>10}")
+        for t, (temp, a, b) in enumerate(zip(record["temperatures"], record["val_ece_per_exit"],
+                                             record["val_ece_per_exit_calibrated"])):  # fmt: skip
+            print(f"{t:>4} {temp:>11.3f} {a:>8.4f} {b:>10.4f}")
+        print(f"wrote {Path(self.run_dir) / TEMPERATURES} (next: cascadenet eval {self.run_dir} --calibrated)")
+
+
+@dataclass
 class PlotCommand:
     """Overlay per-step accuracy and the threshold speed-accuracy curves of several evaluated runs."""
 
@@ -136,9 +175,12 @@ class PlotCommand:
     """Which evaluation of each run to plot (e.g. eval-serial.json)."""
     title: str | None = None
     """Figure title."""
+    reliability: bool = False
+    """Plot the reliability diagram of every exit of each run instead (one row per run; raw, and temperature-scaled
+    when the run was calibrated before `cascadenet eval`)."""
 
     def run(self) -> None:
-        from ..evaluation.plotting import plot_runs
+        from ..evaluation.plotting import plot_reliability, plot_runs
 
         results = []
         for run in self.runs:
@@ -149,4 +191,7 @@ class PlotCommand:
                 results.append((Path(run).name, json.loads(path.read_text())))
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{path}: not a readable evaluation: {e}") from None
+        if self.reliability:
+            print(plot_reliability(results, self.output, title=self.title, overwrite=self.overwrite))
+            return
         print(plot_runs(results, self.output, title=self.title, overwrite=self.overwrite))

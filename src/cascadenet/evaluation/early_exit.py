@@ -30,6 +30,7 @@ from ..data.loader import iterate_batches, num_batches
 from ..runs.load import load_run
 from ..utils.device import autocast
 from ..utils.files import atomic_write, check_npz_output
+from .outputs import Outputs, outputs_for
 from .policies import Confidence, Margin, Policy, StableArgmax, budget_steps
 
 __all__ = ["Predictions", "predict", "predict_run", "policy_from_flags", "format_summary"]
@@ -68,7 +69,13 @@ class Predictions:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, x: Tensor, policy: Policy | None = None, *, budget: float | None = None, **run_options: Any
+    model: nn.Module,
+    x: Tensor,
+    policy: Policy | None = None,
+    *,
+    budget: float | None = None,
+    outputs: Outputs | None = None,
+    **run_options: Any,
 ) -> Predictions:
     """Each example's prediction at the step its policy stops it, with real early exit for cascades.
 
@@ -86,6 +93,8 @@ def predict(
         policy: when to stop (``cascadenet.evaluation.policies``); None runs every example to the last step (or budget).
         budget: a cap on the cumulative MACs per example: no example goes past the last step within it
             (``ValueError`` when even the model's first informative exit is over it).
+        outputs: the exits' outputs the policy and the prediction read (``cascadenet.evaluation.outputs``: raw
+            when None, calibrated, product of experts).
         run_options: passed to ``model.anytime``/``model(x)`` and ``exit_costs`` (a cascade's ``scheme``,
             ``num_steps``).
     """
@@ -93,17 +102,20 @@ def predict(
         raise ValueError(
             f"policy must be a cascadenet.evaluation.policies.Policy (or None), got {type(policy).__name__}"
         )
+    outputs = outputs if outputs is not None else Outputs()
     was_training = model.training
     model.eval()
     try:
         if hasattr(model, "anytime"):
-            return _early_exit(model, x, policy, budget, run_options)
-        return _every_exit(model, x, policy, budget, run_options)
+            return _early_exit(model, x, policy, budget, outputs, run_options)
+        return _every_exit(model, x, policy, budget, outputs, run_options)
     finally:
         model.train(was_training)
 
 
-def _early_exit(model: Any, x: Tensor, policy: Policy | None, budget: float | None, options: dict) -> Predictions:
+def _early_exit(
+    model: Any, x: Tensor, policy: Policy | None, budget: float | None, outputs: Outputs, options: dict
+) -> Predictions:
     first = model.first_informative_exit
     run = model.anytime(x, **options)
     costs = list(itertools.accumulate(run.step_macs()))
@@ -112,32 +124,37 @@ def _early_exit(model: Any, x: Tensor, policy: Policy | None, budget: float | No
     predictions = torch.empty(n, dtype=torch.long, device=x.device)
     steps = torch.empty(n, dtype=torch.long, device=x.device)
     trace: list[Tensor] = []  # softmax outputs so far of the rows still running
+    state = None  # the product of experts' running product of the rows still running
     for s in run:
         stop: Tensor
+        out, state = outputs.step(s.step, s.logits, len(costs), state)
         if s.step == last:
             stop = torch.ones(s.logits.shape[0], dtype=torch.bool, device=x.device)
         elif policy is None:
             trace = []
             continue
         else:
-            trace.append(_softmax(s.logits))
+            trace.append(_softmax(out))
             stop = policy.stop(trace, first)
         rows = s.indices[stop]
-        predictions[rows] = s.logits[stop].argmax(dim=-1)
+        predictions[rows] = out[stop].argmax(dim=-1)
         steps[rows] = s.step
         if bool(stop.all()):
             break
         if bool(stop.any()):
             run.keep(~stop)
             trace = [p[~stop] for p in trace]
+            state = state[~stop] if state is not None else None
     steps = steps.cpu()
     return Predictions(predictions.cpu(), steps, torch.tensor(costs)[steps], True, run.macs_spent)
 
 
-def _every_exit(model: Any, x: Tensor, policy: Policy | None, budget: float | None, options: dict) -> Predictions:
+def _every_exit(
+    model: Any, x: Tensor, policy: Policy | None, budget: float | None, outputs: Outputs, options: dict
+) -> Predictions:
     first = model.first_informative_exit
     costs = list(model.exit_costs(tuple(x.shape[1:]), **options).macs)
-    logits = model(x, **options)  # (E, B, C)
+    logits = outputs.transform(model(x, **options))  # (E, B, C)
     last = len(costs) - 1 if budget is None else budget_steps(costs, budget, first)
     probs = _softmax(logits[: last + 1])
     n = x.shape[0]
@@ -189,6 +206,8 @@ def predict_run(
     output: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    calibrated: bool = False,
+    poe: bool = False,
 ) -> dict[str, Any]:
     """Predict a split of a run's dataset with early exit; optionally write the per-example results.
 
@@ -198,6 +217,8 @@ def predict_run(
         policy, budget: as for ``predict``.
         output: a ``.npz`` file to write: ``predictions``, ``steps``, ``macs`` (per example) and ``labels``;
             never replaces an existing file unless ``overwrite``.
+        calibrated, poe: the policy and the prediction read the temperature-scaled exits (``cascadenet calibrate``)
+            or the product of experts (``cascadenet.evaluation.outputs``).
 
     Returns:
         a summary: accuracy, mean stopping step, mean MACs per example (and the last step's for comparison),
@@ -209,13 +230,16 @@ def predict_run(
         output = check_npz_output(output, "--output", overwrite)
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device)
     model, ds = loaded.model, loaded.data
-    result, label, wall = _predict_split(loaded, policy, budget, batch_size, progress)
     input_size = tuple(ds.images.shape[1:])
-    full = int(model.exit_costs(input_size).macs[-1])
+    exit_macs = model.exit_costs(input_size).macs
+    outputs = outputs_for(run_dir, model, len(exit_macs), calibrated=calibrated, poe=poe)
+    result, label, wall = _predict_split(loaded, policy, budget, batch_size, progress, outputs)
+    full = int(exit_macs[-1])
     summary = {
         "run": Path(run_dir).name,
         "split": split,
         "policy": repr(policy) if policy is not None else None,
+        "outputs": outputs.name or "raw",
         "budget": budget,
         "num_examples": len(label),
         "accuracy": float((result.predictions == label).float().mean()),
@@ -235,7 +259,7 @@ def predict_run(
 
 
 def _predict_split(
-    loaded: Any, policy: Policy | None, budget: float | None, batch_size: int, progress: bool
+    loaded: Any, policy: Policy | None, budget: float | None, batch_size: int, progress: bool, outputs: Outputs
 ) -> tuple[Predictions, Tensor, float]:
     """Every batch of a loaded run's split predicted with early exit: the predictions, the labels and the wall
     time (the device synchronised before it is read)."""
@@ -247,7 +271,7 @@ def _predict_split(
     start = time.perf_counter()
     for x, y in tqdm(batches, total=total, desc="predict", disable=not progress, leave=False):
         with autocast(dev_type, loaded.amp):
-            parts.append(predict(model, x, policy, budget=budget))
+            parts.append(predict(model, x, policy, budget=budget, outputs=outputs))
         labels.append(y.cpu())
     if dev_type == "cuda":
         torch.cuda.synchronize()
@@ -258,6 +282,8 @@ def _predict_split(
 def format_summary(summary: dict[str, Any]) -> str:
     """One screen: the policy, accuracy, mean step, mean cost against running every step, wall time."""
     policy = summary["policy"] or "none (last step)"
+    if summary.get("outputs", "raw") != "raw":
+        policy += f" on {summary['outputs']} outputs"
     budget = "" if summary["budget"] is None else f", budget {summary['budget']:g} MACs"
     how = "early exit" if summary["early_exit"] else "every exit computed, exits picked afterwards"
     lines = [

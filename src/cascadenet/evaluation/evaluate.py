@@ -53,7 +53,9 @@ from ..models.checkpoint import WEIGHTS, CheckpointError
 from ..runs.load import check_run_dir, load_run
 from ..utils.files import atomic_write, check_npz_output
 from . import metrics
+from .calibration import BINS, ece_per_exit, read_temperatures, reliability
 from .logits import dataset_logits
+from .outputs import Outputs, outputs_for
 
 __all__ = ["evaluate", "eval_filename", "format_table", "SPLITS"]
 
@@ -62,16 +64,24 @@ SPLITS = ("test", "val", "train")
 
 
 def eval_filename(
-    scheme: str | None, model_scheme: str | None, num_steps: int | None, split: str = "test", weights: str | None = None
+    scheme: str | None,
+    model_scheme: str | None,
+    num_steps: int | None,
+    split: str = "test",
+    weights: str | None = None,
+    outputs: str | None = None,
 ) -> str:
     """``eval.json`` for the test split with the model's own weights, scheme and length; otherwise one part per
     difference, joined by ``-``: ``eval-serial.json``, ``eval-T20.json``, ``eval-train.json``,
     ``eval-serial-train.json`` (the split last). Weights other than ``model.safetensors`` add their name first:
-    ``model-recalibrated.safetensors`` -> ``eval-recalibrated.json``, ``other.safetensors`` -> ``eval-other.json``."""
+    ``model-recalibrated.safetensors`` -> ``eval-recalibrated.json``, ``other.safetensors`` -> ``eval-other.json``.
+    Transformed outputs (``Outputs.name``) come next: ``eval-calibrated.json``, ``eval-poe.json``."""
     parts = []
     if weights and weights != WEIGHTS:
         stem = Path(weights).name.removesuffix(".safetensors")
         parts.append(stem.removeprefix("model-") or stem)
+    if outputs:
+        parts.append(outputs)
     if scheme and scheme != model_scheme:
         parts.append(scheme)
     if num_steps:
@@ -95,6 +105,8 @@ def evaluate(
     progress: bool = False,
     reference_macs: float | None = None,
     weights: str | None = None,
+    calibrated: bool = False,
+    poe: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run on one split; writes ``eval.json`` (the test split; other splits, schemes and lengths get
     their own name, see ``eval_filename``) in the run directory and returns its content.
@@ -122,7 +134,7 @@ def evaluate(
         raise ValueError(f"--reference-macs must be a number > 0, got {reference_macs!r}")
     try:
         return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
-                         progress, reference_macs, weights)  # fmt: skip
+                         progress, reference_macs, weights, calibrated, poe)  # fmt: skip
     except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
         if isinstance(e, FileExistsError) and not e.strerror:
             raise
@@ -142,6 +154,8 @@ def _evaluate(
     progress: bool,
     reference_macs: float | None,
     weights: str | None,
+    calibrated: bool = False,
+    poe: bool = False,
 ) -> dict[str, Any]:
     save_logits = _check_options(run_dir, batch_size, num_steps, save_logits, overwrite, weights)
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights)
@@ -152,11 +166,14 @@ def _evaluate(
     logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
                             desc="evaluate", **run_options)  # fmt: skip
     labels = ds.labels.cpu()
+    outputs = outputs_for(run_dir, model, logits.shape[0], calibrated=calibrated, poe=poe)
+    calibration = _calibration(run_dir, logits, labels, outputs)
+    raw_logits, logits = logits, outputs.transform(logits)
     budgeted = None
     # thresholds fitted on the held-out split, applied to another one: on the validation split itself the curve
     # would be measured on the examples it was fitted on (optimistic), so there it is null
     if loaded.val is not None and split != "val":
-        budgeted = _budgeted_batch(loaded, logits, labels, costs, batch_size, progress, run_options)
+        budgeted = _budgeted_batch(loaded, logits, labels, costs, batch_size, progress, run_options, outputs)
     ff_accuracy, ff_macs = _feedforward(model, ds, mean, std, labels, batch_size, input_size)
     summary = metrics.summarize(logits, labels, first_step=model.first_informative_exit)
     model_scheme = getattr(model, "scheme", None)
@@ -168,7 +185,9 @@ def _evaluate(
         "scheme": scheme or model_scheme,
         "finished_training": loaded.finished,
         **({"weights": weights} if weights is not None else {}),
+        "outputs": outputs.name or "raw",
         **summary,
+        **calibration,
         "feedforward_accuracy": ff_accuracy,
         "macs_per_step": costs.macs,
         "parallel_latency_blocks": costs.latency,
@@ -179,9 +198,9 @@ def _evaluate(
     }
     if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, logits=logits.numpy(), labels=labels.numpy())
+        np.savez_compressed(buffer, logits=raw_logits.numpy(), labels=labels.numpy())  # the model's own logits
         atomic_write(save_logits, buffer.getvalue(), overwrite=overwrite)
-    atomic_write(run_dir / eval_filename(scheme, model_scheme, num_steps, split, weights),
+    atomic_write(run_dir / eval_filename(scheme, model_scheme, num_steps, split, weights, outputs.name),
                  (json.dumps(result, indent=2) + "\n").encode())  # fmt: skip
     return result
 
@@ -221,14 +240,16 @@ def _check_options(
 
 def _budgeted_batch(
     loaded: Any, logits: torch.Tensor, labels: torch.Tensor, costs: Any, batch_size: int, progress: bool,
-    run_options: dict[str, Any],
+    run_options: dict[str, Any], outputs: Outputs,
 ) -> dict[str, Any]:  # fmt: skip
     """The budgeted-batch curve: per-exit thresholds fitted on the run's validation split, applied to the
-    evaluated split's ``logits``; accuracy against mean MACs and mean latency."""
+    evaluated split's ``logits``; accuracy against mean MACs and mean latency. ``outputs`` transform the validation
+    logits as the evaluated ones were."""
     model, dev = loaded.model, loaded.data.images.device
     val_logits = dataset_logits(model, loaded.val.to(dev), loaded.mean, loaded.std, batch_size=batch_size,
                                 amp=loaded.amp, progress=progress, desc="validation (budgeted batch)",
                                 **run_options)  # fmt: skip
+    val_logits = outputs.transform(val_logits)
     curve = metrics.budgeted_curve(val_logits, logits, labels, costs.macs, first_exit=model.first_informative_exit)
     return {
         "fit_split": "val",
@@ -237,6 +258,27 @@ def _budgeted_batch(
         "mean_macs": curve["mean_cost"],
         "mean_latency": [float(np.dot(f, costs.latency)) for f in curve["exit_fractions"]],
     }
+
+
+def _calibration(run_dir: Path, logits: torch.Tensor, labels: torch.Tensor, outputs: Outputs) -> dict[str, Any]:
+    """The expected calibration error of every exit: raw, after the run's temperatures (when it has them for this
+    many exits), and of the evaluated ``outputs``."""
+    try:
+        temps = read_temperatures(run_dir, logits.shape[0])
+    except CheckpointError:
+        if outputs.temperatures is not None:
+            raise
+        temps = None  # e.g. --num-steps: the stored temperatures are for another number of exits
+    raw = ece_per_exit(logits, labels)
+    scaled = diagrams = None
+    if temps is not None:
+        scaled_logits = logits.double() / torch.tensor(temps, dtype=torch.float64)[:, None, None]
+        scaled = ece_per_exit(scaled_logits, labels)
+        diagrams = [reliability(z, labels) for z in scaled_logits]
+    evaluated = raw if outputs.name is None else ece_per_exit(outputs.transform(logits), labels)
+    return {"calibration_bins": BINS, "ece_per_exit": raw, "ece_per_exit_calibrated": scaled,
+            "ece_per_exit_evaluated": evaluated, "temperatures": temps,
+            "reliability": {"raw": [reliability(z, labels) for z in logits], "calibrated": diagrams}}  # fmt: skip
 
 
 def _feedforward(

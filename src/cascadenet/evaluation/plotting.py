@@ -17,7 +17,7 @@ import numpy as np
 
 from ..utils.files import atomic_write
 
-__all__ = ["plot_runs", "plot_mean_curves"]
+__all__ = ["plot_runs", "plot_mean_curves", "plot_reliability"]
 
 _PANEL_SIZE = (5.0, 4.0)  # inches per panel
 _DPI = 150
@@ -319,3 +319,52 @@ def _mean_curves_figure(groups: Any, axis: str, band: str, budgeted: bool, title
     ax.set_title(title if title is not None else f"mean accuracy per exit ({splits}; band: {what})")
     fig.tight_layout()
     return fig
+
+
+def plot_reliability(
+    results: Sequence[tuple[str, dict]],
+    out_path: str | pathlib.Path,
+    *,
+    title: str | None = None,
+    overwrite: bool = True,
+) -> pathlib.Path:
+    """Reliability diagrams of every exit of each evaluated run (one row per run, one panel per exit): accuracy
+    against mean confidence over eval.json's equal-mass bins, raw and (when the run was calibrated before it was
+    evaluated) temperature-scaled, with the diagonal of perfect calibration and each exit's ECE in its title."""
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("no runs to plot")
+    for name, result in results:
+        if not isinstance(result, dict) or not (result.get("reliability") or {}).get("raw"):
+            raise ValueError(f"run {name!r}: its evaluation has no reliability diagrams (evaluate it again with "
+                             "this version of `cascadenet eval`)")  # fmt: skip
+    cols = max(len(r["reliability"]["raw"]) for _, r in results)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * len(results)))
+    axes = fig.subplots(len(results), cols, squeeze=False)
+    for row, (name, result) in enumerate(results):
+        rel = result["reliability"]
+        for t in range(cols):
+            ax = axes[row][t]
+            if t >= len(rel["raw"]):
+                ax.axis("off")
+                continue
+            ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+            ax.plot(rel["raw"][t]["confidence"], rel["raw"][t]["accuracy"], "o-", ms=2.5, lw=1, label="raw")
+            text = f"ECE {100 * result['ece_per_exit'][t]:.1f}"
+            if rel.get("calibrated"):
+                c = rel["calibrated"][t]
+                ax.plot(c["confidence"], c["accuracy"], "s-", ms=2.5, lw=1, label="temperature-scaled")
+                text += f" / {100 * result['ece_per_exit_calibrated'][t]:.1f}"
+            ax.set_title(f"exit {t}: {text}", fontsize=7)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.tick_params(labelsize=6)
+            if t == 0:
+                ax.set_ylabel(f"{name}\naccuracy", fontsize=7)
+            if row == len(results) - 1:
+                ax.set_xlabel("confidence", fontsize=7)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    fig.suptitle(title or f"reliability per exit ({_splits([r for _, r in results])}; ECE % raw / scaled)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_path, overwrite)
