@@ -11,7 +11,7 @@ import tyro
 from .evaluation import CalibrateCommand, EvalCommand, PlotCommand, PredictCommand, RecalibrateCommand
 from .experiments import DemoCommand, ReproduceCommand
 from .models import ConvertCommand, ModelsCommand
-from .properties import NoiseCommand, OodCommand, PolicyCommand, TypicalityCommand
+from .properties import GuaranteesCommand, NoiseCommand, OodCommand, PolicyCommand, TypicalityCommand
 from .train import TrainCommand, prescan_config
 
 __all__ = ["VERBS", "command_spec"]
@@ -32,6 +32,7 @@ VERBS: dict[str, type] = {
     "convert": ConvertCommand,
     "typicality": TypicalityCommand,
     "calibrate": CalibrateCommand,
+    "guarantees": GuaranteesCommand,
 }
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 from ..data.datasets import DatasetName
 from .options import BatchSize, DataRoot, Device, Progress, RunDir, RunDirs, Threads, progress_of
 
-__all__ = ["NoiseCommand", "OodCommand", "PolicyCommand", "TypicalityCommand"]
+__all__ = ["GuaranteesCommand", "NoiseCommand", "OodCommand", "PolicyCommand", "TypicalityCommand"]
 
 
 @dataclass
@@ -130,6 +130,20 @@ class PolicyCommand:
     """Allow replacing an existing report in --out."""
     seed: int = 0
     """Seed of the learned policy (its fit/held-out split of the validation examples and its initialisation)."""
+    calibrated: bool = False
+    """The policies read the temperature-scaled exits (`cascadenet calibrate`)."""
+    poe: bool = False
+    """The policies read the product-of-experts outputs (monotone anytime predictions)."""
+    risk: float | None = None
+    """EPS: instead of the comparison, the most aggressive confidence threshold whose risk is <= EPS with
+    probability >= 1 - DELTA (distribution-free, fitted on the validation split), and its test risk and MACs saved."""
+    delta: float = 0.1
+    """DELTA of --risk: the probability that the threshold's risk exceeds EPS is at most this."""
+    risk_kind: Literal["disagreement", "accuracy-drop"] = "disagreement"
+    """The risk of --risk: disagreement with the last exit's prediction (needs no labels), or the last exit right
+    and the early one wrong."""
+    method: Literal["fixed-sequence", "bonferroni"] = "fixed-sequence"
+    """Multiple testing over the ordered threshold grid for --risk."""
     data_root: DataRoot = None
     batch_size: BatchSize = 500
     device: Device = "auto"
@@ -137,11 +151,59 @@ class PolicyCommand:
     progress: Progress = None
 
     def run(self) -> None:
+        if self.risk is not None:
+            from ..properties.guarantees import format_risk_policy, risk_policy_run
+
+            for run in self.runs:
+                result = risk_policy_run(run, eps=self.risk, delta=self.delta, risk=self.risk_kind,
+                                         method=self.method, calibrated=self.calibrated, poe=self.poe,
+                                         data_root=self.data_root, device=self.device,
+                                         batch_size=self.batch_size)  # fmt: skip
+                print(format_risk_policy(result))
+            return
         from ..properties.stopping import policy_report
 
         report = policy_report(self.runs, out=self.out, overwrite=self.overwrite, device=self.device,
                                batch_size=self.batch_size, seed=self.seed, data_root=self.data_root,
-                               progress=progress_of(self.progress))  # fmt: skip
+                               progress=progress_of(self.progress), calibrated=self.calibrated,
+                               poe=self.poe)  # fmt: skip
+        print(f"report: {report}")
+
+
+@dataclass
+class GuaranteesCommand:
+    """Stopping with guarantees, measured on trained runs: ECE per exit before and after temperature scaling,
+    conditional monotonicity (raw and product of experts), risk-controlled thresholds for several EPS and their
+    guarantee checked on random re-splits of the held-out examples; writes guarantees.md and guarantees.json."""
+
+    runs: RunDirs
+    """Run directories (each with a validation split); runs named <model>-s<seed> are averaged per model."""
+    out: str = "guarantees"
+    """Folder of guarantees.md and guarantees.json."""
+    eps: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1)
+    """Risk levels of the risk-controlled thresholds."""
+    delta: float = 0.1
+    """The thresholds' risk exceeds EPS with probability at most this."""
+    splits: int = 500
+    """Random calibration/test re-splits of the held-out examples in the check."""
+    calibration_sizes: tuple[int, ...] = (1000, 6000)
+    """Calibration part sizes of the re-split check (the rest of the held-out examples is the test part)."""
+    seed: int = 0
+    """Seed of the re-splits."""
+    overwrite: bool = False
+    """Allow replacing the report's files in --out."""
+    data_root: DataRoot = None
+    batch_size: BatchSize = 500
+    device: Device = "auto"
+    threads: Threads = None
+
+    def run(self) -> None:
+        from ..properties.guarantees import guarantees_report
+
+        report = guarantees_report(self.runs, out=self.out, eps=self.eps, delta=self.delta, splits=self.splits,
+                                   calibration_sizes=self.calibration_sizes, seed=self.seed,
+                                   overwrite=self.overwrite, data_root=self.data_root, device=self.device,
+                                   batch_size=self.batch_size)  # fmt: skip
         print(f"report: {report}")
 
 

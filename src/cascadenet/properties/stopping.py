@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..evaluation import metrics
 from ..evaluation.logits import dataset_logits
+from ..evaluation.outputs import outputs_for
 from ..evaluation.policies import Confidence, Margin, Policy, StableArgmax
 from ..runs.load import load_run
 from ..utils.files import atomic_write
@@ -331,9 +332,13 @@ def policy_report(
     data_root: str | None = None,
     progress: bool = False,
     gru: GRUConfig = GRUConfig(),  # noqa: B008 (frozen: immutable)
+    calibrated: bool = False,
+    poe: bool = False,
 ) -> Path:
     """``cascadenet policy``: ``stopping_analysis`` of each run (validation split to fit, test split to report),
-    written to ``out`` as stopping.md, stopping.json and stopping.png; returns the report's path.
+    written to ``out`` as stopping.md, stopping.json and stopping.png; returns the report's path. ``calibrated`` /
+    ``poe``: the policies read the temperature-scaled exits or the product of experts
+    (``cascadenet.evaluation.outputs``).
 
     ``out`` defaults to ``RUN_DIR/stopping`` for one run and must be given for several. Existing report files are
     never replaced without ``overwrite`` (checked before any work).
@@ -363,10 +368,13 @@ def policy_report(
         val_logits = dataset_logits(val.model, val.data, val.mean, val.std, amp=val.amp, desc="val", **options)
         test_logits = dataset_logits(model, test.data, test.mean, test.std, amp=test.amp, desc="test", **options)
         costs = model.exit_costs(tuple(test.data.images.shape[1:]))
+        outputs = outputs_for(run_dir, model, len(costs.macs), calibrated=calibrated, poe=poe)
+        val_logits, test_logits = outputs.transform(val_logits), outputs.transform(test_logits)
         analysis = stopping_analysis(val_logits, val.data.labels.cpu(), test_logits, test.data.labels.cpu(),
                                      first_step=model.first_informative_exit, macs=costs.macs, gru=gru,
                                      seed=seed)  # fmt: skip
-        runs.append({"run": Path(run_dir).name, "path": str(run_dir), "family": model.config.family, **analysis})
+        runs.append({"run": Path(run_dir).name, "path": str(run_dir), "family": model.config.family,
+                     "outputs": outputs.name or "raw", **analysis})  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     record = {"seed": seed, "runs": runs}
     atomic_write(out / "stopping.json", (json.dumps(record, indent=2) + "\n").encode(), overwrite=overwrite)
