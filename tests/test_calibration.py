@@ -130,6 +130,11 @@ def test_cli_calibrate_eval_predict_and_reliability_plot(tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(run), "--threshold", "0.5", "--poe", "--calibrated"]) == 0
     assert "calibrated-poe outputs" in capsys.readouterr().out
+    # predict and the policies use the run's temperatures when present, unless --no-calibrated
+    assert main(["predict", str(run), "--threshold", "0.5"]) == 0
+    assert "calibrated outputs" in capsys.readouterr().out
+    assert main(["predict", str(run), "--threshold", "0.5", "--no-calibrated"]) == 0
+    assert "outputs" not in capsys.readouterr().out.splitlines()[0]
 
     out = tmp_path / "rel.png"
     assert main(["plot", str(run), "--reliability", "-o", str(out)]) == 0

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import tyro
 
 from ..models.checkpoint import CheckpointError
-from .options import BatchSize, DataRoot, Device, Progress, RunDir, RunDirs, Threads, progress_of
+from .options import BatchSize, Calibrated, DataRoot, Device, Progress, RunDir, RunDirs, Threads, progress_of
 
 __all__ = ["CalibrateCommand", "EvalCommand", "PlotCommand", "PredictCommand", "RecalibrateCommand"]
 
@@ -83,8 +83,7 @@ class PredictCommand:
     """Write each example's prediction, step, MACs and label to this .npz file."""
     overwrite: bool = False
     """Allow --output to replace an existing file."""
-    calibrated: bool = False
-    """The policy and the prediction read the temperature-scaled exits (`cascadenet calibrate`)."""
+    calibrated: Calibrated = None
     poe: bool = False
     """The policy and the prediction read the product-of-experts outputs (monotone anytime predictions)."""
     data_root: DataRoot = None

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import tyro
 
-__all__ = ["BatchSize", "DataRoot", "Device", "Progress", "RunDir", "RunDirs", "Threads", "progress_of",
+__all__ = ["BatchSize", "Calibrated", "DataRoot", "Device", "Progress", "RunDir", "RunDirs", "Threads", "progress_of",
            "set_threads", "tristate"]  # fmt: skip
 
 
@@ -29,6 +29,8 @@ Threads = Annotated[int | None, tyro.conf.arg(help="CPU threads for PyTorch (tor
                                                    "own choice).")]  # fmt: skip
 BatchSize = Annotated[int, tyro.conf.arg(help="Examples per forward pass.")]
 Progress = tristate("Progress bars on stderr.", "(default: when stderr is a terminal)")
+Calibrated = tristate("Read the temperature-scaled exits (`cascadenet calibrate`'s temperatures.json in the run).",
+                      "(default: when the run has them)")  # fmt: skip
 
 
 def progress_of(flag: bool | None) -> bool:

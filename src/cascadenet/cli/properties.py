@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..data.datasets import DatasetName
-from .options import BatchSize, DataRoot, Device, Progress, RunDir, RunDirs, Threads, progress_of
+from .options import BatchSize, Calibrated, DataRoot, Device, Progress, RunDir, RunDirs, Threads, progress_of
 
 __all__ = ["GuaranteesCommand", "NoiseCommand", "OodCommand", "PolicyCommand", "TypicalityCommand"]
 
@@ -130,8 +130,7 @@ class PolicyCommand:
     """Allow replacing an existing report in --out."""
     seed: int = 0
     """Seed of the learned policy (its fit/held-out split of the validation examples and its initialisation)."""
-    calibrated: bool = False
-    """The policies read the temperature-scaled exits (`cascadenet calibrate`)."""
+    calibrated: Calibrated = None
     poe: bool = False
     """The policies read the product-of-experts outputs (monotone anytime predictions)."""
     risk: float | None = None

@@ -206,7 +206,7 @@ def predict_run(
     output: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = False,
-    calibrated: bool = False,
+    calibrated: bool | None = None,
     poe: bool = False,
 ) -> dict[str, Any]:
     """Predict a split of a run's dataset with early exit; optionally write the per-example results.
@@ -217,8 +217,8 @@ def predict_run(
         policy, budget: as for ``predict``.
         output: a ``.npz`` file to write: ``predictions``, ``steps``, ``macs`` (per example) and ``labels``;
             never replaces an existing file unless ``overwrite``.
-        calibrated, poe: the policy and the prediction read the temperature-scaled exits (``cascadenet calibrate``)
-            or the product of experts (``cascadenet.evaluation.outputs``).
+        calibrated, poe: the policy and the prediction read the temperature-scaled exits (``cascadenet calibrate``;
+            None: when the run has them) or the product of experts (``cascadenet.evaluation.outputs``).
 
     Returns:
         a summary: accuracy, mean stopping step, mean MACs per example (and the last step's for comparison),

@@ -95,8 +95,8 @@ def outputs_for(run_dir: Any, model: Any, num_exits: int, *, calibrated: bool = 
     from .calibration import TEMPERATURES, read_temperatures
 
     temps: Sequence[float] | None = None
-    if calibrated:
+    if calibrated is None or calibrated:
         temps = read_temperatures(run_dir, num_exits)
-        if temps is None:
+        if temps is None and calibrated:
             raise CheckpointError(f"{run_dir}: no {TEMPERATURES}; run `cascadenet calibrate {run_dir}` first")
     return Outputs(tuple(temps) if temps is not None else None, poe, int(model.first_informative_exit))

@@ -253,7 +253,7 @@ def risk_policy_run(
     delta: float,
     risk: str = "disagreement",
     method: str = "fixed-sequence",
-    calibrated: bool = False,
+    calibrated: bool | None = None,
     poe: bool = False,
     data_root: str | None = None,
     device: str = "auto",
@@ -261,7 +261,8 @@ def risk_policy_run(
 ) -> dict[str, Any]:
     """``cascadenet policy RUN --risk EPS --delta DELTA``: the most aggressive confidence threshold whose risk is
     at most ``eps`` with probability ``>= 1 - delta``, fitted on the run's validation split (on the outputs chosen
-    by ``calibrated`` / ``poe``), and what it does on the test split."""
+    by ``calibrated`` / ``poe``; ``calibrated`` None: the temperatures when the run has them), and what it does on
+    the test split."""
     d = _run_logits(run_dir, data_root, device, batch_size)
     model = d["model"]
     outputs = outputs_for(run_dir, model, d["val"].shape[0], calibrated=calibrated, poe=poe)

@@ -332,12 +332,12 @@ def policy_report(
     data_root: str | None = None,
     progress: bool = False,
     gru: GRUConfig = GRUConfig(),  # noqa: B008 (frozen: immutable)
-    calibrated: bool = False,
+    calibrated: bool | None = None,
     poe: bool = False,
 ) -> Path:
     """``cascadenet policy``: ``stopping_analysis`` of each run (validation split to fit, test split to report),
     written to ``out`` as stopping.md, stopping.json and stopping.png; returns the report's path. ``calibrated`` /
-    ``poe``: the policies read the temperature-scaled exits or the product of experts
+    ``poe``: the policies read the temperature-scaled exits (None: when the run has them) or the product of experts
     (``cascadenet.evaluation.outputs``).
 
     ``out`` defaults to ``RUN_DIR/stopping`` for one run and must be given for several. Existing report files are
