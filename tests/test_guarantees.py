@@ -146,3 +146,15 @@ def test_cli_policy_risk_and_guarantees(tmp_path, capsys):
     record = json.loads((report / "guarantees.json").read_text())
     assert record["runs"][0]["model"] == "run" and (report / "guarantees.md").is_file()
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two fits of the learned policy's GRU (~20 s under load)
+def test_cli_policy_comparison_reads_the_chosen_outputs(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    assert main(["policy", str(run), "--poe", "--out", str(tmp_path / "p")]) == 0
+    record = json.loads((tmp_path / "p" / "stopping.json").read_text())
+    assert record["runs"][0]["outputs"] == "poe"
+    assert main(["calibrate", str(run)]) == 0
+    assert main(["policy", str(run), "--out", str(tmp_path / "c")]) == 0  # the run's temperatures when present
+    assert json.loads((tmp_path / "c" / "stopping.json").read_text())["runs"][0]["outputs"] == "calibrated"
