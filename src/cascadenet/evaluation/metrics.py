@@ -8,10 +8,14 @@ Three areas summarise a trajectory (evaluate.py's docstring and the README defin
 
 - ``anytime_auc``: trapezoid of accuracy against ``t / (T - 1)``; kept as the first release defined it, but it
   treats every step as equally expensive, so it cannot compare models whose exits cost different amounts;
-- ``cost_auc`` on cumulative serial MACs and on parallel latency, each normalised by the model's own last exit:
-  the area under "at budget b you hold the answer of the last exit completed within b; before the first exit,
-  chance (1 / num_classes)", a step function. This is the fair comparison across families: a multi-exit network
-  whose first exit costs 15% of the network is at chance for the first 15% of the axis.
+- ``absolute_cost_auc``: the area under "at budget b you hold the answer of the last exit completed within b;
+  before the first exit, chance (1 / num_classes); after the last exit, its answer" over one absolute range
+  [0, max_cost] shared by every model compared (e.g. the largest full cost among them), divided by max_cost.
+  This is the comparison across models and families: every model is judged on the same axis, and a model that
+  spends more is not rewarded for stretching its own.
+- ``cost_auc``: the same step function over the model's own range [0, its last exit's cost], normalised by that
+  cost. Each model gets its own axis, so it describes one model's shape and must not be compared across models
+  whose full costs differ (a model that spends more stretches its axis and looks better).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "BUDGET_Q",
+    "absolute_cost_auc",
     "accuracy_at_budgets",
     "anytime_auc",
     "apply_thresholds",
@@ -414,6 +419,40 @@ def cost_auc(accuracy_per_step: Any, costs: Any, num_classes: int) -> float:
         return float(acc[-1])
     c = c / c[-1]
     return float(chance * c[0] + np.sum(acc[:-1] * np.diff(c)))
+
+
+def absolute_cost_auc(accuracy_per_step: Any, costs: Any, num_classes: int, max_cost: float) -> float:
+    """Area under anytime accuracy against absolute cost over [0, max_cost], divided by max_cost.
+
+    At budget b you hold the answer of the last exit completed within b (cost <= b); before the first exit,
+    chance (1 / num_classes); after the last exit, the last exit's answer. Exits beyond ``max_cost`` are never
+    reached. With one ``max_cost`` for every model compared, the areas share one axis (unlike ``cost_auc``).
+    ``absolute_cost_auc(acc, c, n, c[-1]) == cost_auc(acc, c, n)`` when the last exit costs more than 0.
+
+    Args:
+        accuracy_per_step: Accuracy in [0, 1] at each step, shape (T,).
+        costs: Cumulative cost of each step (MACs, latency), non-decreasing, shape (T,).
+        num_classes: Number of classes.
+        max_cost: The end of the shared range, a finite number > 0.
+
+    Returns:
+        The area, in [0, 1].
+
+    Raises:
+        ValueError: If the inputs are malformed or max_cost is not a finite number > 0.
+    """
+    acc = _check_accuracy(accuracy_per_step)
+    c = _check_costs(costs, acc.size)
+    chance = 1.0 / _check_num_classes(num_classes)
+    if (
+        isinstance(max_cost, bool)
+        or not isinstance(max_cost, (int, float, np.number))
+        or not (np.isfinite(max_cost) and max_cost > 0)
+    ):
+        raise ValueError(f"max_cost must be a finite number > 0, got {max_cost!r}")
+    m = float(max_cost)
+    x = np.minimum(np.append(c, max(m, c[-1])), m)  # each exit's start, clipped to the range; the last held to m
+    return float((chance * x[0] + np.sum(acc * np.diff(x))) / m)
 
 
 def first_step_reaching(accuracy_per_step: Any, target: float) -> int | None:
