@@ -64,6 +64,14 @@ def test_reproduce_end_to_end_reuse_resume_and_refusal(tmp_path, monkeypatch):
     best = max((0.0, 1.0), key=lambda lam: (aucs[lam], -lam))
     assert td["chosen"] == best
     assert record["models"]["cascaded-td"]["runs"] == [f"runs/cascaded-td-lam{best:g}-s0"]
+    # the headline statistics: CascadedTD against each headline model at every block latency, paired over seeds
+    # and bootstrapped over test examples
+    stats = record["statistics"]
+    assert {r["b"] for r in stats} == {"cascaded-ce", "sdn", "sdn-stem", "msdnet", "serial-td-mh"}
+    assert {r["axis"] for r in stats} == {"latency_blocks", "latency_layers", "macs"}
+    first = next(r for r in stats if r["b"] == "sdn" and r["axis"] == "latency_blocks" and r["budget"] == 1.0)
+    assert first["bootstrap"]["low"] <= first["bootstrap"]["difference"] <= first["bootstrap"]["high"]
+    assert "Is the difference real?" in text
     # the stem-IC SDN has one exit more than SDN, at one block unit
     assert record["per_seed"]["sdn-stem"][0]["parallel_latency_blocks"][0] == 1.0
     assert len(record["per_seed"]["sdn-stem"][0]["accuracy_per_step"]) == len(

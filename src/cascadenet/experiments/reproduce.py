@@ -56,6 +56,7 @@ from .reproduce_report import (  # noqa: F401 (BUDGETED_AT, COST_FRACTIONS, late
     BUDGETED_AT,
     COST_FRACTIONS,
     format_report,
+    headline_statistics,
     latency_budgets,
     shared_ranges,
     summarize_reproduction,
@@ -298,10 +299,24 @@ def train_or_reuse(cfg: TrainConfig) -> str:
     return "trained"
 
 
+def _logits_file(run_dir: Path, scheme: str | None, model_scheme: str | None) -> Path:
+    """Where the reproduction keeps a run's test logits (the statistics over examples read them)."""
+    return run_dir / eval_filename(scheme, model_scheme, None).replace("eval", "logits").replace(".json", ".npz")
+
+
+def _correct(run_dir: Path, scheme: str | None, model_scheme: str | None) -> np.ndarray:
+    """Per exit and test example, whether the exit's argmax is the label, ``(E, N)``."""
+    with np.load(_logits_file(run_dir, scheme, model_scheme)) as f:
+        return f["logits"].argmax(axis=-1) == f["labels"][None, :]
+
+
 def _eval_cached(run_dir: Path, scheme: str | None, model_scheme: str | None, device: str) -> dict[str, Any]:
-    """The run's evaluation on the test split, reusing an evaluation file written after the final weights."""
+    """The run's evaluation on the test split (and its logits), reusing an evaluation file written after the
+    final weights."""
     path = run_dir / eval_filename(scheme, model_scheme, None)
-    if path.is_file() and path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime:
+    logits = _logits_file(run_dir, scheme, model_scheme)
+    fresh = logits.is_file() and path.is_file()
+    if fresh and path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime:
         try:
             cached = json.loads(path.read_text())
             keys = ("macs_auc", "budgeted_batch", "latency_layers", "absolute_macs_auc")
@@ -309,7 +324,8 @@ def _eval_cached(run_dir: Path, scheme: str | None, model_scheme: str | None, de
                 return cached
         except ValueError:
             pass  # unreadable, or written by a version without these numbers: evaluate again
-    return evaluate(run_dir, scheme=scheme if scheme != model_scheme else None, device=device)
+    return evaluate(run_dir, scheme=scheme if scheme != model_scheme else None, device=device, save_logits=logits,
+                    overwrite=True)  # fmt: skip
 
 
 def _last_row(run_dir: Path) -> dict[str, Any]:
@@ -384,11 +400,12 @@ def reproduce(
 
     tuning = _tune(spec, base, keys, data_shape, runs_dir, ensure)
     chosen = {key: t["chosen"] for key, t in tuning.items()}
-    per_seed, run_dirs = _seed_results(spec, base, seeds, chosen, entries, data_shape, root, ensure, device)
+    per_seed, run_dirs, correct = _seed_results(spec, base, seeds, chosen, entries, data_shape, root, ensure, device)
     bar.close()
     elapsed = time.perf_counter() - started
     record = _record(dataset, budget, spec, seeds, tuning, entries, per_seed, run_dirs, how, elapsed, runs_dir)
     record["models_asked"] = list(models) if models is not None else None
+    record["statistics"] = headline_statistics(per_seed, correct)
     # the command's own outputs, rewritten whole on every call (atomically: a kill leaves the previous ones)
     atomic_write(root / f"{dataset}.json", (json.dumps(record, indent=1) + "\n").encode())
     figures = _plots(root, dataset, per_seed, entries)
@@ -458,13 +475,14 @@ def _tune(
 def _seed_results(
     spec: Budget, base: dict[str, Any], seeds: int, chosen: dict[str, float], entries: tuple[Entry, ...],
     data_shape: tuple[tuple[int, int, int], int], root: Path, ensure: Callable[[TrainConfig], Path], device: str,
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:  # fmt: skip
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]], dict[str, list[np.ndarray]]]:  # fmt: skip
     """Every seed's runs trained (or resumed, or reused) and each report entry evaluated on the test split: per
-    entry, the evaluation of each seed and its run directory (relative to ``root``)."""
+    entry, the evaluation of each seed, its run directory (relative to ``root``) and its per-exit correctness."""
     runs_dir = root / "runs"
     input_size, num_classes = data_shape
     per_seed: dict[str, list[dict[str, Any]]] = {e.key: [] for e in entries}
     run_dirs: dict[str, list[str]] = {e.key: [] for e in entries}
+    correct: dict[str, list[np.ndarray]] = {e.key: [] for e in entries}
     for seed in range(seeds):
         plan = plan_runs(spec, base, seed, chosen, input_size, num_classes, runs_dir)
         dirs = {key: ensure(cfg) for key, cfg in plan.items()}
@@ -473,9 +491,10 @@ def _seed_results(
             model_scheme = getattr(plan[entry.run].model, "scheme", None)
             result = _eval_cached(run_dir, entry.scheme, model_scheme, device)
             result["train_seconds"] = _train_seconds(run_dir)
+            correct[entry.key].append(_correct(run_dir, entry.scheme, model_scheme))
             per_seed[entry.key].append(result)
             run_dirs[entry.key].append(str(run_dir.relative_to(root)))
-    return per_seed, run_dirs
+    return per_seed, run_dirs, correct
 
 
 def _record(

@@ -9,7 +9,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BUDGETED_AT", "COST_FRACTIONS", "format_report", "latency_budgets", "summarize_reproduction"]
+__all__ = [
+    "BUDGETED_AT",
+    "COST_FRACTIONS",
+    "HEADLINE",
+    "format_report",
+    "headline_statistics",
+    "latency_budgets",
+    "shared_ranges",
+    "summarize_reproduction",
+]
+
+# CascadedTD against each of these, where the reproduction has them (the issue's headline comparisons)
+HEADLINE = ("cascaded-ce", "sdn", "sdn-stem", "msdnet", "serial-td-mh")
+STATS_AT = (0.25, 0.5)  # fractions of CascadedTD's full serial cost
 
 COST_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 BUDGETED_AT = (0.25, 0.5)
@@ -112,6 +125,82 @@ def latency_budgets(per_seed: dict[str, list[dict[str, Any]]]) -> list[float]:
     return [float(k) for k in range(1, int(last) + 4)]
 
 
+def headline_statistics(
+    per_seed: dict[str, list[dict[str, Any]]], correct: dict[str, list[Any]], resamples: int = 2000
+) -> list[dict[str, Any]]:
+    """CascadedTD against each ``HEADLINE`` model present: at every whole block latency up to CascadedTD's last,
+    at every layer latency up to its last, and at 25/50% of its full serial cost, the per-seed paired t-test and
+    the bootstrap interval over test examples of the accuracy difference (``evaluation.statistics.compare``).
+    ``correct[key][s]`` is seed s's ``(E, N)`` per-exit, per-example correctness."""
+    from ..evaluation import statistics
+
+    td = per_seed["cascaded-td"][0]
+
+    def upto(last: float) -> list[float]:
+        return [float(k) for k in range(1, int(last) + 1)]
+
+    axes = {
+        "latency_blocks": ("parallel_latency_blocks", upto(td["parallel_latency_blocks"][-1])),
+        "latency_layers": ("latency_layers", upto((td.get("latency_layers") or [0])[-1])),
+        "macs": ("macs_per_step", [f * td["macs_per_step"][-1] for f in STATS_AT]),
+    }
+    rows = []
+    for other in (k for k in HEADLINE if k in per_seed and k in correct):
+        for axis, (key, budgets) in axes.items():
+            for budget in budgets:
+                held = {}
+                for model in ("cascaded-td", other):
+                    held[model] = [
+                        statistics.correct_at_budget(c, r[key], budget, r["model"]["num_classes"])
+                        for c, r in zip(correct[model], per_seed[model])
+                        if r.get(key) is not None
+                    ]
+                if not held["cascaded-td"] or len(held["cascaded-td"]) != len(held[other]):
+                    continue
+                verdict = statistics.compare([float(h.mean()) for h in held["cascaded-td"]],
+                                             [float(h.mean()) for h in held[other]], np.stack(held["cascaded-td"]),
+                                             np.stack(held[other]), resamples=resamples)  # fmt: skip
+                rows.append({"a": "cascaded-td", "b": other, "axis": axis, "budget": budget, **verdict})
+    return rows
+
+
+def _stats_table(record: dict[str, Any]) -> list[str]:
+    """The headline comparisons: CascadedTD minus each model, in accuracy points, with the bootstrap interval
+    over test examples and the paired test's p over seeds; * marks a significant difference."""
+    rows = record.get("statistics") or []
+    if not rows:
+        return []
+    labels = {k: m["label"] for k, m in record["models"].items()}
+    td_macs = record["models"]["cascaded-td"]["macs_per_step"][-1]
+    lines = ["", "## Is the difference real? CascadedTD minus each model (accuracy points)", "",
+             "Cell: mean difference over seeds [95% bootstrap interval over test examples, paired draws], p of the "
+             "paired t-test over seeds; * = significant (the interval excludes 0 and p < 0.05). With 2-3 seeds the "
+             "t-test has 1-2 degrees of freedom: only large, consistent differences pass it.", ""]  # fmt: skip
+    names = {"latency_blocks": "latency L (block units)", "latency_layers": "latency (layers)",
+             "macs": "serial cost (fraction of CascadedTD's)"}  # fmt: skip
+    for axis, title in names.items():
+        here = [r for r in rows if r["axis"] == axis]
+        if not here:
+            continue
+        budgets = sorted({r["budget"] for r in here})
+        head = [f"{b / td_macs:.0%}" if axis == "macs" else f"{b:g}" for b in budgets]
+        lines += [f"**{title}**", "", "| model | " + " | ".join(head) + " |", "|---" * (len(budgets) + 1) + "|"]
+        for other in dict.fromkeys(r["b"] for r in here):
+            cells = []
+            for b in budgets:
+                r = next((r for r in here if r["b"] == other and r["budget"] == b), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                boot, p = r["bootstrap"], r["paired"]["p"]
+                p_text = "-" if p is None else f"{p:.2g}"
+                cells.append(f"{100 * boot['difference']:+.1f} [{100 * boot['low']:+.1f}, {100 * boot['high']:+.1f}] "
+                             f"p={p_text}{' *' if r['significant'] else ''}")  # fmt: skip
+            lines.append(f"| {labels.get(other, other)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def _budgeted_at(result: dict[str, Any], cost: float) -> float | None:
     """Test accuracy of the budgeted-batch curve (thresholds fitted on validation) read at a mean cost, by linear
     interpolation between its operating points; None outside the range of mean costs the curve covers. Reading
@@ -137,7 +226,7 @@ def format_report(record: dict[str, Any], figures: dict[str, str]) -> str:
     """The markdown report of a reproduction's record: the main table, accuracy at parallel latencies, per-exit
     accuracy and cost, the lambda sweep, the plots and how it was made."""
     lines = _main_table(record) + _latency_table(record["models"]) + _layers_table(record["models"])
-    lines += _per_exit_table(record["models"]) + _own_table(record["models"])
+    lines += _stats_table(record) + _per_exit_table(record["models"]) + _own_table(record["models"])
     lines += _tuning_table(record["tuning"]) + _closing(record, figures)
     return "\n".join(lines)
 
