@@ -38,7 +38,10 @@ Definitions (also in the README); "step" means exit (a cascade's exit t is its s
   held after the last; with one reference for every model compared, the areas share one axis. The MACs and
   latency AUCs above are each normalised by the model's own full cost: they describe one model, and are not
   comparable across models whose costs differ;
-- ``ic_after``: an SDN's internal classifiers as placed (its rule resolved at the input size), else null.
+- ``ic_after``: an SDN's internal classifiers as placed (its rule resolved at the input size), else null;
+- ``fallback``: what an example that no threshold stops answers in the threshold policy and the budgeted batch:
+  ``last`` (the last exit's answer; SDN's reference code answers with the most confident exit, which
+  ``metrics`` offers as ``fallback="most-confident"``).
 
 Only the anytime-model interface (``cascadenet.models.anytime``) is used, so any model family evaluates the same way and
 writes the same eval.json ("step" there means exit). What a family lacks is null: ``feedforward_accuracy`` and
@@ -193,6 +196,8 @@ def _evaluate(
         "model": model.config.to_dict(),
         **cost_metrics,
         "absolute_macs_auc": absolute,
+        # what an example that no threshold stops answers (threshold policy, budgeted batch): metrics.FALLBACKS
+        "fallback": "last",
         "budgeted_batch": budgeted,
     }
     if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite

@@ -27,6 +27,7 @@ import numpy as np
 
 __all__ = [
     "BUDGET_Q",
+    "FALLBACKS",
     "absolute_cost_auc",
     "accuracy_at_budgets",
     "anytime_auc",
@@ -45,6 +46,11 @@ __all__ = [
     "threshold_auc",
     "threshold_curve",
 ]
+
+# What an example that passes no exit's threshold answers: the last exit's prediction (this project's default,
+# and what every report uses), or the prediction of its most confident exit (SDN's reference code). Either way it
+# has run every exit, so its cost is the last exit's.
+FALLBACKS = ("last", "most-confident")
 
 # The budgeted-batch protocol's grid (MSDNet, adaptive_inference.py): q = p / 20 for p = 1..39, so exit
 # fractions range from "almost everyone at the first exit" (q = 0.05) to "almost everyone at the last" (1.95).
@@ -241,7 +247,15 @@ def anytime_auc(accuracy_per_step: Any) -> float:
     return _trapezoid(acc, normalized_time(acc.size))
 
 
-def threshold_curve(logits: Any, labels: Any, thresholds: Any = None, first_step: int = 0) -> dict[str, list[float]]:
+def _check_fallback(fallback: str) -> str:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; valid choices: {', '.join(FALLBACKS)}")
+    return fallback
+
+
+def threshold_curve(
+    logits: Any, labels: Any, thresholds: Any = None, first_step: int = 0, fallback: str = "last"
+) -> dict[str, list[float]]:
     """Speed-accuracy trade-off of the confidence-threshold stopping policy.
 
     For each threshold q, every example stops at the first step whose max softmax probability is >= q, or at the last
@@ -255,6 +269,8 @@ def threshold_curve(logits: Any, labels: Any, thresholds: Any = None, first_step
         first_step: The policy may not stop before this step. Steps whose output cannot depend on the input (step 0
             of a cascade whose stem is delayed) give the same, possibly confident, answer for every example;
             stopping there would be answering before looking.
+        fallback: the answer of an example no step stops (``FALLBACKS``): the last step's (default) or that of its
+            most confident step from ``first_step`` on (SDN's reference); it stops at the last step either way.
 
     Returns:
         {"thresholds", "mean_step", "accuracy"}: per threshold, the threshold, the mean stopping step (0-based, in
@@ -268,15 +284,20 @@ def threshold_curve(logits: Any, labels: Any, thresholds: Any = None, first_step
     num_steps, num_examples = logits.shape[:2]
     if not 0 <= first_step < num_steps:
         raise ValueError(f"first_step must be in [0, {num_steps}), got {first_step}")
+    _check_fallback(fallback)
     correct = logits.argmax(axis=2) == labels  # (T, N)
-    running_conf = np.maximum.accumulate(_max_softmax(logits[first_step:]), axis=0)  # (T - first_step, N)
+    conf = _max_softmax(logits[first_step:])  # (T - first_step, N)
+    running_conf = np.maximum.accumulate(conf, axis=0)
     examples = np.arange(num_examples)
+    confident = first_step + conf.argmax(axis=0)  # each example's most confident step
 
     mean_step, accuracy = [], []
     for threshold in q:
+        passes = running_conf[-1] >= threshold  # some step stops the example
         stop = first_step + np.minimum((running_conf < threshold).sum(axis=0), num_steps - 1 - first_step)  # (N,)
+        answer = stop if fallback == "last" else np.where(passes, stop, confident)
         mean_step.append(float(stop.mean()))
-        accuracy.append(float(correct[stop, examples].mean()))
+        accuracy.append(float(correct[answer, examples].mean()))
     return {"thresholds": [float(t) for t in q], "mean_step": mean_step, "accuracy": accuracy}
 
 
@@ -609,9 +630,12 @@ def _fit_thresholds(conf: np.ndarray, q: float, first_exit: int) -> np.ndarray:
     return thresholds
 
 
-def apply_thresholds(test_logits: Any, labels: Any, thresholds: Any, costs: Any) -> dict[str, Any]:
+def apply_thresholds(
+    test_logits: Any, labels: Any, thresholds: Any, costs: Any, fallback: str = "last"
+) -> dict[str, Any]:
     """Each example exits at the first exit whose confidence (max softmax) is >= its threshold and answers with
-    that exit's argmax; an example that passes none exits at the last exit.
+    that exit's argmax; an example that passes none exits at the last exit and answers with the last exit's
+    argmax (``fallback="last"``, the default) or its most confident exit's (``"most-confident"``, SDN's reference).
 
     Args:
         test_logits: Trajectory of shape (K, N, C).
@@ -632,15 +656,21 @@ def apply_thresholds(test_logits: Any, labels: Any, thresholds: Any, costs: Any)
     if t.shape != (num_exits,) or np.any(np.isnan(t)):
         raise ValueError(f"thresholds must be {num_exits} numbers (one per exit, no NaN), got {t.tolist()}")
     c = _check_costs(costs, num_exits, monotone=False)
-    return _apply(_max_softmax(logits), logits.argmax(axis=2), labels, t, c)
+    return _apply(_max_softmax(logits), logits.argmax(axis=2), labels, t, c, _check_fallback(fallback))
 
 
-def _apply(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, t: np.ndarray, c: np.ndarray) -> dict[str, Any]:
-    """apply_thresholds on the (K, N) confidences and predictions."""
+def _apply(
+    conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, t: np.ndarray, c: np.ndarray, fallback: str = "last",
+    first_exit: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """apply_thresholds on the (K, N) confidences and predictions (the most confident fallback chooses among the
+    exits from ``first_exit`` on)."""
     num_exits, n = conf.shape
     passes = conf >= t[:, None]  # (K, N)
-    exit_at = np.where(passes.any(axis=0), passes.argmax(axis=0), num_exits - 1)  # (N,)
-    correct = pred[exit_at, np.arange(n)] == labels
+    any_pass = passes.any(axis=0)
+    exit_at = np.where(any_pass, passes.argmax(axis=0), num_exits - 1)  # (N,)
+    answer = exit_at if fallback == "last" else np.where(any_pass, exit_at, first_exit + conf[first_exit:].argmax(0))
+    correct = pred[answer, np.arange(n)] == labels
     fractions = np.bincount(exit_at, minlength=num_exits) / n
     return {
         "accuracy": float(correct.mean()),
@@ -657,6 +687,7 @@ def budgeted_curve(
     *,
     first_exit: int = 0,
     q: Any = BUDGET_Q,
+    fallback: str = "last",
 ) -> dict[str, list]:
     """The budgeted-batch accuracy/cost curve: for each q, thresholds fitted on ``val_logits``
     (fit_budget_thresholds), applied to the test split (apply_thresholds).
@@ -668,6 +699,7 @@ def budgeted_curve(
         costs: Cumulative cost of each exit, shape (K,).
         first_exit: Exits before it are never taken (see fit_budget_thresholds).
         q: The ratios, by default the protocol's p / 20 for p = 1..39.
+        fallback: what an example that passes no threshold answers (``FALLBACKS``; see apply_thresholds).
 
     Returns:
         {"q", "accuracy", "mean_cost", "exit_fractions"}: per q, the test accuracy, the mean cost per example and
@@ -684,12 +716,14 @@ def budgeted_curve(
             f"{(test.shape[0], test.shape[2])}"
         )
     c = _check_costs(costs, test.shape[0], monotone=False)
+    _check_fallback(fallback)
     qs = np.asarray(q, dtype=np.float64).reshape(-1)
     # the confidences once, not once per q
     val_conf, test_conf, test_pred = _max_softmax(val), _max_softmax(test), test.argmax(axis=2)
     out: dict[str, list] = {"q": [], "accuracy": [], "mean_cost": [], "exit_fractions": []}
     for ratio in qs:
-        point = _apply(test_conf, test_pred, labels, _fit_thresholds(val_conf, float(ratio), first_exit), c)
+        thresholds = _fit_thresholds(val_conf, float(ratio), first_exit)
+        point = _apply(test_conf, test_pred, labels, thresholds, c, fallback, first_exit)
         out["q"].append(float(ratio))
         out["accuracy"].append(point["accuracy"])
         out["mean_cost"].append(point["mean_cost"])
