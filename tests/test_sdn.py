@@ -104,6 +104,11 @@ def test_default_placement_is_nearest_to_the_cost_fractions():
     model = cn.create_model("sdn-resnet18", width=4, num_classes=10)
     assert model.ic_after == (1, 2, 3, 5, 6, 7) and model.config.ic_after is None  # 32x32, 8 blocks
     assert cn.create_model("sdn-resnet10", width=4).ic_after == (1, 2, 3)
+    # docs/baselines.md: the placement depends on the width and the stem
+    placed = {(w, stem): cn.create_model("sdn-resnet18", width=w, stem=stem).ic_after
+              for w, stem in ((8, "cifar"), (16, "cifar"), (64, "cifar"), (8, "cifar_pool"))}  # fmt: skip
+    assert placed == {(8, "cifar"): (1, 2, 3, 5, 6, 7), (16, "cifar"): (1, 2, 3, 5, 6, 7),
+                      (64, "cifar"): (1, 2, 4, 5, 6, 7), (8, "cifar_pool"): (1, 2, 3, 4, 6, 7)}  # fmt: skip
 
 
 def test_config_validation_and_stored_form(tmp_path):
