@@ -21,6 +21,7 @@ early exit by Jazbec et al., "Fast yet Safe: Early-Exiting with Risk Control", N
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,11 +100,18 @@ def example_losses(logits: Any, labels: Any, thresholds: Any, *, first_exit: int
 
 def binomial_p_values(counts: Any, n: int, eps: float) -> np.ndarray:
     """``P(Binomial(n, eps) <= k)`` for each count k: the p-value of H: risk > eps after k losses in n examples."""
+    return np.exp(_binomial_log_cdf(int(n), float(eps))[np.asarray(counts, dtype=np.int64)])
+
+
+@functools.lru_cache(maxsize=64)
+def _binomial_log_cdf(n: int, eps: float) -> np.ndarray:
+    """``log P(Binomial(n, eps) <= k)`` for k = 0..n (computed once per (n, eps): the re-split check asks often)."""
     i = torch.arange(n + 1, dtype=torch.float64)
     log_pmf = (torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(i + 1) - torch.lgamma(n - i + 1)
                + i * np.log(eps) + (n - i) * np.log1p(-eps))  # fmt: skip
-    log_cdf = torch.logcumsumexp(log_pmf, 0).clamp(max=0.0).numpy()
-    return np.exp(log_cdf[np.asarray(counts, dtype=np.int64)])
+    out = torch.logcumsumexp(log_pmf, 0).clamp(max=0.0).numpy()
+    out.setflags(write=False)
+    return out
 
 
 def _choose(p_values: np.ndarray, delta: float, method: str) -> int | None:
