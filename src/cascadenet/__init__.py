@@ -17,6 +17,8 @@ from .models.msdnet import MSDNet, MSDNetConfig
 from .models.precise_bn import recalibrate_bn
 from .models.registry import create_model, list_models, register_architecture, register_family, register_model
 from .models.sdn import SDN, SDNConfig
+from .runs.config import TrainConfig
+from .training.fit import fit
 from .training.losses import stepwise_ce, td_loss
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "MSDNetConfig",
     "Predictions",
     "create_model",
+    "fit",
     "list_models",
     "load_model",
     "predict",
@@ -41,6 +44,7 @@ __all__ = [
     "SDNConfig",
     "stepwise_ce",
     "td_loss",
+    "TrainConfig",
 ]
 
 __version__ = "0.1.0"

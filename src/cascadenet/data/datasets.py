@@ -165,6 +165,11 @@ def load_dataset(
     if holdout_classes:
         return split_classes(load_dataset(name, root, split, image_size=image_size, synthetic_size=synthetic_size,
                                           seed=seed), holdout_classes)[0]  # fmt: skip
+    if name == "python":  # data.user.PYTHON_DATA: what a run trained by cascadenet.fit records
+        raise DataError(
+            "the run was trained on data given from Python (cascadenet.fit): it cannot be read from disk; pass the "
+            "data from Python (cascadenet.fit(..., test_set=...), or evaluate(run_dir, data=...))"
+        )
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:

@@ -66,8 +66,9 @@ class TrainConfig:
     are set from the dataset."""
 
     # --- data ---
-    dataset: DatasetName = "fashion-mnist"
-    """Dataset; all but synthetic are read from --data-root in their standard on-disk layout."""
+    dataset: DatasetName | Literal["python"] = "fashion-mnist"
+    """Dataset; all but synthetic are read from --data-root in their standard on-disk layout (python: data given
+    to cascadenet.fit, which it records)."""
     data_root: str | None = None
     """Dataset folder (default for fashion-mnist: where Debian's dataset-fashion-mnist installs it)."""
     image_size: int | None = None

@@ -82,7 +82,11 @@ log = logging.getLogger(__name__)
 
 
 def train(
-    cfg: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+    cfg: TrainConfig | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    data: tuple | None = None,
 ) -> Path:
     """Train a model; returns the run directory.
 
@@ -96,6 +100,8 @@ def train(
         overrides: options given for a resumed run, by command-line name (as ``TrainConfig.options``); those
             equal to the stored ones are no change, and only the ``RESUMABLE`` ones may differ (where and how
             fast it runs, not what it computes).
+        data: the data given from Python (``cascadenet.training.fit`` makes it: the full training set, its
+            training and validation parts, the normalisation); default: read as the configuration says.
 
     Raises:
         TrainingError: the run directory is in the way or in use, the checkpoint does not fit the run, the loss
@@ -107,7 +113,7 @@ def train(
     world = distributed.setup()
     try:
         with distributed.quiet_followers(world), catch_signals() as interrupts:
-            return _train(cfg, resume, overrides, interrupts, world)
+            return _train(cfg, resume, overrides, interrupts, world, data)
     finally:
         distributed.teardown(world)
 
@@ -118,8 +124,9 @@ def _train(
     overrides: dict[str, Any] | None,
     interrupts: Interrupts,
     world: distributed.World | None,
+    data: tuple | None = None,
 ) -> Path:
-    s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts, world, _Objective)
+    s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts, world, _Objective, data)
     try:
         start = s.saved
         if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):

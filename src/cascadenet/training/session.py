@@ -211,6 +211,7 @@ def _start(
     interrupts: Interrupts,
     world: distributed.World | None,
     objective: Objective,
+    data: tuple | None = None,
 ) -> _Session:
     """Set-up: every check first (options, data, model, the run directory's contents), then the claim of the
     run directory, then the first write (config.json).
@@ -218,13 +219,16 @@ def _start(
     With several processes, rank 0 does all of that and sends the resolved configuration and the checkpoint's
     training state to the others, which load the data and build the model themselves; then every process
     reports whether it could start, and they fail together or go on together (DistributedDataParallel around
-    ``objective(model, cfg)``, the training loss as a module)."""
+    ``objective(model, cfg)``, the training loss as a module).
+
+    ``data``: the data given from Python (``cascadenet.fit``: the full training set, its training and validation
+    parts, the normalisation), else it is read as the configuration says."""
     if world is None:
-        return _start_here(cfg, resume, overrides, interrupts, None)[0]
+        return _start_here(cfg, resume, overrides, interrupts, None, data)[0]
     if not world.main:
-        return _start_follower(interrupts, world, objective)
+        return _start_follower(interrupts, world, objective, data)
     try:
-        s, ckpt = _start_here(cfg, resume, overrides, interrupts, world)
+        s, ckpt = _start_here(cfg, resume, overrides, interrupts, world, data)
     except BaseException as e:
         with contextlib.suppress(Exception):  # tell the others, which wait for the configuration
             distributed.broadcast({"error": (type(e).__name__, str(e))})
@@ -247,7 +251,9 @@ _ERRORS: dict[str, type[Exception]] = {
 }  # fmt: skip
 
 
-def _start_follower(interrupts: Interrupts, world: distributed.World, objective: Objective) -> _Session:
+def _start_follower(
+    interrupts: Interrupts, world: distributed.World, objective: Objective, data: tuple | None = None
+) -> _Session:
     packet = distributed.broadcast(None)
     if "error" in packet:  # rank 0 could not start: the same error here (rank 0 reports it)
         name, message = packet["error"]
@@ -258,7 +264,7 @@ def _start_follower(interrupts: Interrupts, world: distributed.World, objective:
         raise error
     s = None
     try:
-        s = _follow(packet, interrupts, world)
+        s = _follow(packet, interrupts, world, data)
         error = None
     except Exception as e:
         error = " ".join(f"{type(e).__name__}: {e}".split())
@@ -391,12 +397,12 @@ def _label_map(cfg: TrainConfig, full: Any) -> dict[str, Any]:
     return {"label_map": {"kept_classes": kept_classes(full.num_classes + len(held), held), "held_out_classes": held}}
 
 
-def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.World) -> _Session:
+def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.World, given: tuple | None) -> _Session:
     """A process other than rank 0: rank 0's configuration and training state, its own data and model (whose
     weights rank 0 broadcasts next)."""
     cfg = TrainConfig.from_dict(packet["cfg"])
     device = _device(cfg, world)
-    data = _load_data(cfg)
+    data = _load_data(cfg) if given is None else given
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     s = _session(cfg, model, device, data, _schedule(cfg, len(data[1]), world.size), interrupts, world,
@@ -413,6 +419,7 @@ def _start_here(
     overrides: dict[str, Any],
     interrupts: Interrupts,
     world: distributed.World | None,
+    given: tuple | None = None,
 ) -> tuple[_Session, dict[str, Any] | None]:
     """The set-up of a single process, or of rank 0; returns the session and the checkpoint it resumed from."""
     run_dir, cfg, payload = _run_config(cfg, resume, overrides)
@@ -420,7 +427,7 @@ def _start_here(
     cfg = _resolve_stream(cfg)
     processes = 1 if world is None else world.size
 
-    data = _load_data(cfg)
+    data = _load_data(cfg) if given is None else given
     full, train_set = data[0], data[1]
     cfg, model = _build_model(cfg, full, resume is not None and (run_dir / CHECKPOINT).is_file())
     schedule = _schedule(cfg, len(train_set), processes)
