@@ -99,6 +99,7 @@ def test_a_python_run_is_evaluated_with_its_data_and_the_command_line_says_why_n
     result = evaluate(run, data=Patterns(64, seed=2))
     assert result["split"] == "test" and len(result["accuracy_per_step"]) == len(result["macs_per_step"])
     assert result["budgeted_batch"] is None  # no validation split given with it
+    capsys.readouterr()
     assert main(["eval", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "given from Python" in err[0]
@@ -147,7 +148,8 @@ def test_float_pixels_off_the_8_bit_grid_are_rounded_with_a_warning():
 def test_fit_shows_progress_by_default_when_logging_is_not_configured(tmp_path, capsys, monkeypatch):
     import logging
 
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a plain script (pytest adds its own handlers)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a plain script (pytest adds its own handlers,
+    monkeypatch.setattr(logging.getLogger("cascadenet"), "handlers", [])  # and the command line its own)
     cascadenet.fit(config(tmp_path, epochs=1), Patterns())
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "val acc" in err

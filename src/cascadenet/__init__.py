@@ -14,6 +14,7 @@ from .models.anytime import AnytimeModel, ExitCosts, ModelConfig
 from .models.cascade import CascadeConfig, CascadedResNet, CascadeState
 from .models.checkpoint import load_model
 from .models.msdnet import MSDNet, MSDNetConfig
+from .models.network import CascadedNetwork, NetworkConfig, cascade
 from .models.precise_bn import recalibrate_bn
 from .models.registry import create_model, list_models, register_architecture, register_family, register_model
 from .models.sdn import SDN, SDNConfig
@@ -26,8 +27,11 @@ __all__ = [
     "CascadeConfig",
     "CascadedResNet",
     "CascadeState",
+    "CascadedNetwork",
+    "cascade",
     "ExitCosts",
     "ModelConfig",
+    "NetworkConfig",
     "MSDNet",
     "MSDNetConfig",
     "Predictions",
