@@ -91,6 +91,10 @@ class TrainConfig:
     """The size of decoded training images above which --stream auto streams."""
     workers: int | None = None
     """DataLoader worker processes of a streamed image folder (default: CPU cores - 1, at most 8)."""
+    normalize: str | None = None
+    """Input normalisation: dataset (the training split's per-channel mean and std), imagenet, or numbers MEAN,STD
+    (one pair for every channel, or C means then C stds); default: the statistics stored with the --init weights
+    (ImageNet's for converted torchvision weights), else the dataset's."""
     init: str | None = None
     """Start from the weights in this file (a model.safetensors: a finished run's, or `cascadenet convert`'s);
     the model is the file's (leave the model options out). A changed number of classes gets a new classifier."""
@@ -161,6 +165,7 @@ class TrainConfig:
         check_types(self, flags=True)  # a config file can hold "epochs": "2" or "augment": "false"
         self._check_holdout()
         self._check_values()
+        self._check_normalize()
         self._check_loss()
 
     def _check_values(self) -> None:
@@ -214,6 +219,19 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_normalize(self) -> None:
+        spec = self.normalize
+        if spec is None or spec in ("dataset", "imagenet"):
+            return
+        try:
+            numbers = [float(v) for v in spec.split(",")]
+        except ValueError:
+            numbers = []
+        if len(numbers) < 2 or len(numbers) % 2 or not all(math.isfinite(v) for v in numbers):
+            raise ValueError(f"--normalize takes dataset, imagenet or MEAN,STD numbers, got {spec!r}")
+        if not all(v > 0 for v in numbers[len(numbers) // 2 :]):
+            raise ValueError(f"--normalize {spec}: the standard deviations must be > 0")
 
     def _check_loss(self) -> None:
         """The loss fits the model (unless --init's file decides the model)."""

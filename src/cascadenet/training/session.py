@@ -29,7 +29,7 @@ from ..data.datasets import DataError, ImageSet, kept_classes, load_dataset
 from ..data.loader import check_compatible, normalization, num_batches, train_val_split
 from ..models.anytime import ModelConfig
 from ..models.cascade import CascadedResNet
-from ..models.checkpoint import CHECKPOINT, CheckpointError, build_and_load, load_checkpoint
+from ..models.checkpoint import CHECKPOINT, CheckpointError, build_and_load, load_checkpoint, read_metadata
 from ..models.pretrained import load_init, read_init
 from ..runs.config import CONFIG, ConfigError, TrainConfig, check_loss_fits, check_resume_overrides
 from ..runs.lock import RunLock, clean_temporaries
@@ -236,7 +236,7 @@ def _start(
     try:
         state = None if ckpt is None else {k: v for k, v in ckpt.items() if k != "model"}  # weights: broadcast
         distributed.broadcast({"cfg": s.cfg.to_dict(), "run_dir": str(s.run_dir), "resumed": s.resumed,
-                               "state": state})  # fmt: skip
+                               "state": state, "stored": {"normalization": s.extra["normalization"]}})  # fmt: skip
         _agree(None, world)
         _distribute(s, objective)
     except BaseException:
@@ -327,6 +327,43 @@ def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Ten
     return full, train_set, val_set, mean, std
 
 
+def _normalized(cfg: TrainConfig, data: tuple, stored: dict[str, Any] | None = None) -> tuple:
+    """The data with the normalisation ``--normalize`` asks for: the dataset's statistics (as read), ImageNet's, the
+    numbers given, or by default those stored with the ``--init`` weights (``stored``: a resumed run's config.json,
+    which recorded them) when it has them."""
+    full, train_set, val_set, mean, std = data
+    channels = data_shape(full)[0]
+    spec = cfg.normalize
+    source = f"--normalize {spec}"
+    if spec is None and cfg.init is not None:
+        norm = (stored or {}).get("normalization") if stored else _init_normalization(cfg.init)
+        if not isinstance(norm, dict):
+            return data
+        values, source = [*norm.get("mean", []), *norm.get("std", [])], f"the normalisation stored with {cfg.init}"
+    elif spec == "imagenet":
+        values = [*streaming.IMAGENET_MEAN, *streaming.IMAGENET_STD]
+    elif spec is None or spec == "dataset":
+        return data
+    else:
+        values = [float(v) for v in spec.split(",")]
+        if len(values) == 2:
+            values = [values[0]] * channels + [values[1]] * channels
+    if len(values) != 2 * channels:
+        raise ValueError(f"{source} holds statistics of {len(values) // 2} channel(s), but the images have {channels}"
+                         " (--normalize dataset, or MEAN,STD numbers)")  # fmt: skip
+    t = torch.tensor(values, dtype=torch.float32)
+    return full, train_set, val_set, t[:channels], t[channels:]
+
+
+def _init_normalization(path: str) -> Any:
+    """The normalisation stored with an --init weights file (None: none stored, or not a readable file, which
+    the model's own reading of the file reports)."""
+    try:
+        return read_metadata(path).get("normalization")
+    except (CheckpointError, OSError):
+        return None
+
+
 def _from_dataset(model: ModelConfig, full: Any) -> dict[str, Any]:
     """The model options that the dataset sets (``FROM_DATASET``, those the model's family has)."""
     c, h, w = data_shape(full)
@@ -402,7 +439,7 @@ def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.W
     weights rank 0 broadcasts next)."""
     cfg = TrainConfig.from_dict(packet["cfg"])
     device = _device(cfg, world)
-    data = _load_data(cfg) if given is None else given
+    data = _normalized(cfg, _load_data(cfg) if given is None else given, packet.get("stored"))
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     s = _session(cfg, model, device, data, _schedule(cfg, len(data[1]), world.size), interrupts, world,
@@ -427,7 +464,7 @@ def _start_here(
     cfg = _resolve_stream(cfg)
     processes = 1 if world is None else world.size
 
-    data = _load_data(cfg) if given is None else given
+    data = _normalized(cfg, _load_data(cfg) if given is None else given, payload if resume is not None else None)
     full, train_set = data[0], data[1]
     cfg, model = _build_model(cfg, full, resume is not None and (run_dir / CHECKPOINT).is_file())
     schedule = _schedule(cfg, len(train_set), processes)
