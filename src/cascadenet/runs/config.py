@@ -39,7 +39,7 @@ __all__ = [
 CONFIG = "config.json"
 
 # Options a resumed run may change: where and how fast it runs, not what it computes.
-RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size", "workers")
+RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size", "workers", "log")
 # Model options that training takes from the dataset, not from the user (those the model's family has; an SDN's
 # internal classifiers are sized for the images' side).
 FROM_DATASET = ("num_classes", "in_channels", "input_size")
@@ -156,6 +156,13 @@ class TrainConfig:
     """Batch size of validation."""
     progress: bool | None = None
     """Progress bars (default: only when stderr is a terminal)."""
+    log: str | None = None
+    """Experiment tracking, comma-separated: csv (train_log.csv per step: loss, lr; val_log.csv per epoch: accuracy
+    per exit, anytime AUC), tensorboard (RUN/tensorboard; needs the tensorboard package)."""
+    keep_best: bool = False
+    """Also keep the weights of the epoch with the best validation anytime AUC (model-best.safetensors)."""
+    early_stop: int | None = None
+    """Stop when the validation anytime AUC has not improved for this many epochs (keeps the best weights too)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
@@ -205,6 +212,11 @@ class TrainConfig:
                 f"--stream on: only image folders stream (--dataset imagefolder); {self.dataset} is read into memory",
             ),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.early_stop is None or self.early_stop >= 1, f"--early-stop must be >= 1, got {self.early_stop}"),
+            (
+                not self.log or all(n.strip() in ("csv", "tensorboard", "") for n in self.log.split(",")),
+                f"unknown --log {self.log!r}; valid choices: csv, tensorboard (comma-separated)",
+            ),
             (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
             (
                 self.synthetic_size is None or self.synthetic_size >= 2,

@@ -151,6 +151,7 @@ class _Session:
     world: distributed.World | None = None  # None: a single process
     objective: nn.Module | None = None  # the loss under DistributedDataParallel (several processes)
     recalibration: dict[str, int] | None = None  # batches and examples of the final statistics, once recomputed
+    tracker: Any = None  # --log's back-ends (training.tracking.Tracker), on the process that writes
 
     @property
     def main(self) -> bool:
