@@ -154,3 +154,20 @@ def test_fit_shows_progress_by_default_when_logging_is_not_configured(tmp_path, 
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "val acc" in err
     assert not logging.getLogger("cascadenet").handlers  # the handler was the call's only
+
+
+def test_a_grayscale_folder_trains_and_evaluates_with_one_channel(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 8)):
+        for c in ("dark", "light"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(n // 2):
+                level = 40 if c == "dark" else 200
+                pixels = np.clip(rng.normal(level, 20, (8, 8)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(tmp_path / "data" / split / c / f"{i}.png")
+    cfg = config(tmp_path, dataset="imagefolder", data_root=str(tmp_path / "data"), epochs=1, batch_size=8)
+    run = T.train(cfg)
+    assert json.loads((run / "config.json").read_text())["model"]["in_channels"] == 1
+    assert evaluate(run)["split"] == "test"  # the test split read as training read the train split

@@ -39,6 +39,9 @@ class TrainCommand(TrainConfig):
     amp: tristate("bf16 autocast.", "(default: on for CUDA, off for CPU)") = None  # type: ignore[valid-type]
     channels_last: tristate("channels_last memory format.", "(default: on for CUDA)") = None  # type: ignore[valid-type]
     progress: Progress = None
+    grayscale: tristate("Image folders read into memory: one channel.", "(default: when every image is grayscale)") = (
+        None  # type: ignore[valid-type]
+    )
 
     def __post_init__(self) -> None:
         pass  # checked in train_config(), so that a bad value is one error line, not the parser's box

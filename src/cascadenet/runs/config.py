@@ -73,6 +73,9 @@ class TrainConfig:
     """Dataset folder (default for fashion-mnist: where Debian's dataset-fashion-mnist installs it)."""
     image_size: int | None = None
     """Resize images to this size (image folders of mixed sizes)."""
+    grayscale: bool | None = None
+    """Image folders read into memory: one channel (true), RGB (false), or one channel when every image is
+    grayscale (default)."""
     val_fraction: float = 0.1
     """Share of the training set held out for validation (seeded)."""
     augment: bool = True

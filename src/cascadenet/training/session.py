@@ -322,7 +322,7 @@ def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Ten
         return full, train_set, val_set, mean, std
     full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
                         synthetic_size=cfg.synthetic_size, seed=cfg.seed,
-                        holdout_classes=cfg.holdout_classes)  # fmt: skip
+                        holdout_classes=cfg.holdout_classes, grayscale=cfg.grayscale)  # fmt: skip
     train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
     mean, std = normalization(train_set)
     return full, train_set, val_set, mean, std
