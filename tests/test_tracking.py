@@ -119,5 +119,12 @@ def test_tensorboard_without_its_package_is_one_line(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="needs tensorboard")
 def test_tensorboard_logs(tmp_path):
-    run = train(cfg(tmp_path, log="tensorboard", epochs=1))
-    assert any((run / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(cfg(tmp_path, log="csv,tensorboard", epochs=1))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "val/anytime_auc", "val/accuracy_exit_0"} <= set(tags)
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([float(r["loss"]) for r in read(run / "train_log.csv")], rel=1e-6)

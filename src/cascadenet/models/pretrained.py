@@ -130,7 +130,8 @@ def _infer_architecture(state: Mapping[str, Tensor], source: str) -> tuple[str, 
     known = ", ".join(f"{n} {'-'.join(map(str, ls))}" for n, (_, ls) in ARCHITECTURES.items())
     raise CheckpointError(
         f"{source}: a ResNet of {kind} blocks {'-'.join(map(str, layers))} per stage matches no known architecture "
-        f"({known}; cascadenet.register_architecture adds one)"
+        f"({known}; cascadenet.register_architecture adds one; any torchvision ResNet, ResNeXt or Wide-ResNet "
+        "module becomes a cascade from Python with cascadenet.cascade(network))"
     )
 
 
