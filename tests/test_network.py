@@ -208,7 +208,7 @@ def test_training_a_cascaded_network_with_the_td_loss_lowers_it():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(8):
-        loss = cascadenet.td_loss(model(x), y, 0.5)
+        loss = cascadenet.td_loss(model(x), y, 0.5, first_step=model.first_informative_exit)
         opt.zero_grad()
         loss.backward()
         opt.step()

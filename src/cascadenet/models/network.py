@@ -283,6 +283,12 @@ class ModuleBranch(nn.Module):
     def norms(self) -> list[TemporalBatchNorm2d]:
         return [m for m in self.module.modules() if isinstance(m, StepBatchNorm2d)]
 
+    @property
+    def units(self) -> list[nn.Conv2d]:
+        """The branch's convolutions: its depth in layers for ``cascadenet.models.latency`` (taken to be in
+        sequence; a branch with parallel paths inside counts them all)."""
+        return [m for m in self.module.modules() if isinstance(m, nn.Conv2d)]
+
     def forward(self, x: Tensor, t: int | None) -> Tensor:
         steps = self.__dict__["_steps"]
         steps.t, steps.grouped, steps.stats = t, False, None
