@@ -553,12 +553,14 @@ def _plots(
     labels = {e.key: e.label for e in entries}
     groups = {labels[k]: v for k, v in per_seed.items()}
     figures = {}
-    for axis in ("latency", "macs"):
+    for axis in ("latency", "layers", "macs"):
+        if axis == "layers" and any(r.get("latency_layers") is None for v in per_seed.values() for r in v):
+            continue
         path = root / f"{dataset}-{axis}.png"
         plot_mean_curves(groups, path, axis=axis, title=f"{dataset}, test split, mean over seeds")
         figures[axis] = path.name
     path = root / f"{dataset}-budgeted.png"
-    title = f"{dataset}: budgeted batch (dashed; thresholds fitted on validation) and exits"
+    title = f"{dataset}: Pareto on absolute MACs, every exit and budgeted batch (dashed; fitted on validation)"
     plot_mean_curves(groups, path, axis="macs", budgeted=True, title=title)
     figures["budgeted"] = path.name
     return figures
