@@ -425,7 +425,7 @@ def _entries(models: tuple[str, ...] | None) -> tuple[Entry, ...]:
     """The report rows asked for (all by default); CascadedTD always, as costs are read relative to it."""
     if models is None:
         return ENTRIES
-    known = {e.key for e in ENTRIES}
+    known = [e.key for e in ENTRIES]
     unknown = [m for m in models if m not in known]
     if unknown or not models:
         raise ValueError(f"unknown --models {', '.join(unknown) or '(none)'}; valid choices: {', '.join(known)}")
