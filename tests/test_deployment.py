@@ -79,10 +79,17 @@ def test_metadata_reads_the_input_shape_of_a_bare_weights_file(tmp_path):
                                     "size": (20, 24)}  # fmt: skip
     loaded = cn.load_model(path)
     assert loaded.preprocess(torch.zeros(3, 50, 50, dtype=torch.uint8)).shape == (1, 3, 20, 24)
-    bare = tmp_path / "bare.safetensors"
+    bare = tmp_path / "bare.safetensors"  # saved from Python without statistics: loads, but will not guess them
     save_weights(bare, model)
-    with pytest.raises(cn.models.checkpoint.CheckpointError, match="no normalisation statistics"):
-        cn.load_model(bare)
+    plain = cn.load_model(bare)
+    assert plain.classes is None and plain.preprocess.to_uint8(torch.zeros(3, 5, 5, dtype=torch.uint8)).shape == (
+        1,
+        3,
+        5,
+        5,
+    )
+    with pytest.raises(ValueError, match="no normalisation statistics"):
+        plain.preprocess(torch.zeros(3, 5, 5, dtype=torch.uint8))
 
 
 def test_expand_paths_files_folders_globs(run_and_images, tmp_path):

@@ -74,18 +74,25 @@ class Preprocess:
     ``--image-size``), then ``(x / 255 - mean) / std``.
 
     Attributes:
-        mean, std: per-channel statistics in [0, 1] pixel units (the run's).
+        mean, std: per-channel statistics in [0, 1] pixel units (the run's); None when the file has none
+            (calling the transform then raises ``ValueError``; ``to_uint8`` still works).
         channels: the model's input channels.
         size: ``(H, W)`` the model was trained at, or None (unknown: images keep their size, which must then be
             the same across a batch).
+        source: the model's file, for messages.
     """
 
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
     channels: int
     size: tuple[int, int] | None = None
+    source: str = ""
 
     def __call__(self, images: Any) -> Tensor:
+        if self.mean is None or self.std is None:
+            where = self.source or "this model"
+            raise ValueError(f"{where}: no normalisation statistics recorded with the weights (not written by "
+                             "cascadenet train): normalise the images as it was trained")  # fmt: skip
         x = self.to_uint8(images).float()
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)

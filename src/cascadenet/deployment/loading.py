@@ -30,23 +30,28 @@ def load_model(source: str | os.PathLike, map_location: str | torch.device = "cp
     """Load a trained model from a run directory, a ``model.safetensors`` or a ``checkpoint.pt``, in evaluation
     mode, with ``model.classes`` and ``model.preprocess`` (see the module docstring).
 
+    A weights file saved without normalisation statistics (``save_weights`` from Python) loads too; its
+    ``preprocess`` then refuses to guess them (``ValueError`` when called).
+
     Raises:
-        CheckpointError: one line naming the file (missing, corrupt, or without normalisation statistics).
+        CheckpointError: one line naming the file (missing or corrupt).
     """
     model = load_weights(source, map_location)
     meta = model_metadata(source)
     config = model.config
-    channels = int(getattr(config, "in_channels", len(meta["mean"])))
-    if len(meta["mean"]) != channels or len(meta["std"]) != channels:
+    channels = int(getattr(config, "in_channels", len(meta["mean"] or [])))
+    if meta["mean"] is not None and (len(meta["mean"]) != channels or len(meta["std"]) != channels):
         raise CheckpointError(f"{source}: normalisation statistics for {len(meta['mean'])} channels, but the model "
                               f"takes {channels}")  # fmt: skip
     model.classes = meta["classes"]
-    model.preprocess = Preprocess(tuple(meta["mean"]), tuple(meta["std"]), channels, meta["size"])
+    stats = (None, None) if meta["mean"] is None else (tuple(meta["mean"]), tuple(meta["std"]))
+    model.preprocess = Preprocess(*stats, channels, meta["size"], source=str(source))
     return model
 
 
 def model_metadata(source: str | os.PathLike) -> dict[str, Any]:
-    """What a model's files record about its inputs and outputs: ``mean``, ``std`` (lists), ``classes`` (list of
+    """What a model's files record about its inputs and outputs: ``mean``, ``std`` (lists, or None for a file
+    saved without them, e.g. by ``save_weights`` from Python), ``classes`` (list of
     names or None), ``size`` ((H, W) or None). The weights file's metadata first, then the run's config.json."""
     path = Path(source)
     if path.is_dir():
@@ -64,15 +69,13 @@ def model_metadata(source: str | os.PathLike) -> dict[str, Any]:
             meta = {"normalization": stored.get("normalization"), "classes": stored.get("classes"),
                     "input_shape": shape, **{k: v for k, v in meta.items() if v is not None}}  # fmt: skip
     norm = meta.get("normalization")
-    if not (isinstance(norm, dict) and _numbers(norm.get("mean")) and _numbers(norm.get("std"))):
-        raise CheckpointError(f"{path}: no normalisation statistics in its metadata or a {CONFIG} beside it "
-                              "(not written by cascadenet train?)")  # fmt: skip
+    known = isinstance(norm, dict) and _numbers(norm.get("mean")) and _numbers(norm.get("std"))
     classes = meta.get("classes")
     shape = meta.get("input_shape")
     size = (int(shape[1]), int(shape[2])) if _numbers(shape) and len(shape) == 3 else None
     return {
-        "mean": [float(v) for v in norm["mean"]],
-        "std": [float(v) for v in norm["std"]],
+        "mean": [float(v) for v in norm["mean"]] if known else None,
+        "std": [float(v) for v in norm["std"]] if known else None,
         "classes": [str(c) for c in classes] if isinstance(classes, list) else None,
         "size": size,
     }
