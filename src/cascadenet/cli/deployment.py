@@ -65,7 +65,7 @@ class ServeCommand:
     """The deadline of a request that gives none (its deadline_ms query parameter)."""
     threshold: float | None = None
     """Also stop a request at the first step whose max softmax probability is >= this."""
-    max_batch: int = 64
+    max_batch: int = 512
     """The most requests answered in one batch."""
     input_size: tuple[int, int] | None = None
     """H W the images are resized to (default: the size the model was trained at, from its files)."""

@@ -10,8 +10,9 @@ The :class:`Scheduler` runs the model in one worker thread. Each round takes eve
 ``max_batch``), stacks them into one batch and runs ``cascadenet.predict`` on it:
 
 - ``anytime`` mode: with the deadline of the batch's most urgent request (less the time it has already waited),
-  so under overload the batch stops at an earlier exit instead of the queue growing: a round costs at most the
-  time its most urgent request has left, and the requests that arrived meanwhile are the next round;
+  and at most half of the shortest deadline in the batch, so under overload the batch stops at an earlier exit
+  instead of the queue growing: the requests that arrived during a round are the next round and still have at
+  least half of their time;
 - ``final`` mode (the feed-forward baseline): every request runs to the last step, whatever its deadline.
 
 Needs the optional packages ``fastapi`` and ``uvicorn`` (``pip install 'cascadenet[serve]'``).
@@ -58,8 +59,10 @@ class Scheduler:
         model: a loaded model (``cascadenet.load_model``), in evaluation mode.
         mode: ``anytime`` (keep deadlines with earlier exits) or ``final`` (every request to the last step).
         policy: an optional stopping policy (stop earlier when confident).
-        max_batch: the most requests in one round.
+        max_batch: the most requests in one round (under overload a round takes every request waiting up to this;
+            a small limit leaves requests waiting for later rounds).
         margin: seconds kept back from each round's deadline for what follows the model (answers, HTTP).
+        round_share: the longest a round may run, as a share of the shortest deadline in it.
     """
 
     def __init__(
@@ -68,8 +71,9 @@ class Scheduler:
         *,
         mode: str = "anytime",
         policy: Policy | None = None,
-        max_batch: int = 64,
+        max_batch: int = 512,
         margin: float = 0.002,
+        round_share: float = 0.5,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
@@ -80,6 +84,7 @@ class Scheduler:
         self.policy = policy
         self.max_batch = max_batch
         self.margin = margin
+        self.round_share = round_share
         self.classes = getattr(model, "classes", None)
         self.device = next(model.parameters()).device
         self.size = tuple(getattr(getattr(model, "preprocess", None), "size", None) or ())
@@ -88,10 +93,10 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="cascadenet-scheduler", daemon=True)
         self._thread.start()
 
-    def submit(self, x: Tensor, deadline_s: float) -> concurrent.futures.Future:
-        """Queue one preprocessed image ``(C, H, W)`` with ``deadline_s`` seconds from now; the future's result is
-        the answer dict."""
-        now = time.perf_counter()
+    def submit(self, x: Tensor, deadline_s: float, arrival: float | None = None) -> concurrent.futures.Future:
+        """Queue one preprocessed image ``(C, H, W)`` due ``deadline_s`` seconds after ``arrival`` (a
+        ``time.perf_counter()`` reading; default now); the future's result is the answer dict."""
+        now = time.perf_counter() if arrival is None else arrival
         request = _Request(x, now, now + deadline_s)
         self._queue.put(request)
         return request.future
@@ -127,7 +132,10 @@ class Scheduler:
         x = torch.stack([r.x for r in batch]).to(self.device)
         deadline = None
         if self.mode == "anytime":
-            left = min(r.deadline for r in batch) - time.perf_counter() - self.margin
+            # at most half of the shortest deadline: a request arriving while this round runs still has half of
+            # its own when its round starts (a round as long as the most urgent request allows would leave it none)
+            left = min(min(r.deadline for r in batch) - time.perf_counter(),
+                       self.round_share * min(r.deadline - r.arrival for r in batch)) - self.margin  # fmt: skip
             deadline = max(left, 1e-6)  # past due: the first informative exit, at once
         with torch.no_grad():
             result = predict(self.model, x, self.policy, deadline=deadline)
@@ -170,6 +178,7 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
 
     @app.post("/predict")
     async def predict_image(request: Request, deadline_ms: float | None = None) -> dict[str, Any]:
+        arrival = time.perf_counter()  # the deadline counts the body's reading and decoding too
         wait = default_deadline_ms if deadline_ms is None else deadline_ms
         if not wait > 0 or wait != wait or wait == float("inf"):
             raise HTTPException(400, f"deadline_ms must be a positive number, got {deadline_ms}")
@@ -180,7 +189,7 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
             x = await run_in_threadpool(model.preprocess, body)
         except (DataError, ValueError) as e:
             raise HTTPException(400, " ".join(str(e).split())) from None
-        future = scheduler.submit(x[0], wait / 1000)
+        future = scheduler.submit(x[0], wait / 1000, arrival)
         return await asyncio.wrap_future(future)
 
     return app
@@ -194,7 +203,7 @@ def serve(
     mode: str = "anytime",
     policy: Policy | None = None,
     deadline_ms: float = 100.0,
-    max_batch: int = 64,
+    max_batch: int = 512,
     device: str = "auto",
     input_size: tuple[int, int] | None = None,
 ) -> None:
