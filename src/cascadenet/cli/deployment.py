@@ -76,7 +76,6 @@ class ServeCommand:
         from ..deployment.server import serve
         from ..evaluation.early_exit import policy_from_flags
 
-        print(f"serving {self.run_dir} on http://{self.host}:{self.port} ({self.mode}; POST /predict)", flush=True)
         serve(self.run_dir, host=self.host, port=self.port, mode=self.mode, policy=policy_from_flags(self.threshold),
               deadline_ms=self.deadline_ms, max_batch=self.max_batch, device=self.device,
               input_size=self.input_size)  # fmt: skip

@@ -227,6 +227,7 @@ def serve(
         raise ValueError(f"{source}: the training input size is not recorded (a run from before it was): "
                          "give --input-size H W")  # fmt: skip
     scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch)
+    print(f"serving {source} on http://{host}:{port} ({mode}; POST /predict)", flush=True)
     try:
         uvicorn.run(make_app(scheduler, default_deadline_ms=deadline_ms), host=host, port=port, log_level="warning")
     finally:
