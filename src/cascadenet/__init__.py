@@ -14,9 +14,12 @@ from .evaluation.early_exit import Predictions, predict
 from .models.anytime import AnytimeModel, ExitCosts, ModelConfig
 from .models.cascade import CascadeConfig, CascadedResNet, CascadeState
 from .models.msdnet import MSDNet, MSDNetConfig
+from .models.network import CascadedNetwork, NetworkConfig, cascade
 from .models.precise_bn import recalibrate_bn
 from .models.registry import create_model, list_models, register_architecture, register_family, register_model
 from .models.sdn import SDN, SDNConfig
+from .runs.config import TrainConfig
+from .training.fit import fit
 from .training.losses import stepwise_ce, td_loss
 
 __all__ = [
@@ -24,12 +27,16 @@ __all__ = [
     "CascadeConfig",
     "CascadedResNet",
     "CascadeState",
+    "CascadedNetwork",
+    "cascade",
     "ExitCosts",
     "ModelConfig",
+    "NetworkConfig",
     "MSDNet",
     "MSDNetConfig",
     "Predictions",
     "create_model",
+    "fit",
     "list_models",
     "load_model",
     "predict",
@@ -41,6 +48,7 @@ __all__ = [
     "SDNConfig",
     "stepwise_ce",
     "td_loss",
+    "TrainConfig",
 ]
 
 __version__ = "0.1.0"

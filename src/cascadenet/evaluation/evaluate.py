@@ -108,6 +108,7 @@ def evaluate(
     progress: bool = False,
     reference_macs: float | None = None,
     weights: str | None = None,
+    data: Any = None,
 ) -> dict[str, Any]:
     """Evaluate a run on one split; writes ``eval.json`` (the test split; other splits, schemes and lengths get
     their own name, see ``eval_filename``) in the run directory and returns its content.
@@ -126,6 +127,8 @@ def evaluate(
         weights: a weights file in the run directory to evaluate instead of ``model.safetensors`` (e.g.
             ``cascadenet recalibrate``'s ``model-recalibrated.safetensors``); the file name says so
             (``eval-recalibrated.json``).
+        data: the split's examples given from Python (a run trained by ``cascadenet.fit`` on data that is not on
+            disk): an ``ImageSet`` or a map-style dataset of ``(image, label)``; no budgeted-batch curve then.
     """
     run_dir = Path(run_dir)
     if split not in SPLITS:
@@ -135,7 +138,7 @@ def evaluate(
         raise ValueError(f"--reference-macs must be a number > 0, got {reference_macs!r}")
     try:
         return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
-                         progress, reference_macs, weights)  # fmt: skip
+                         progress, reference_macs, weights, data)  # fmt: skip
     except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
         if isinstance(e, FileExistsError) and not e.strerror:
             raise
@@ -155,9 +158,11 @@ def _evaluate(
     progress: bool,
     reference_macs: float | None,
     weights: str | None,
+    data: Any = None,
 ) -> dict[str, Any]:
     save_logits = _check_options(run_dir, batch_size, num_steps, save_logits, overwrite, weights)
-    loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights)
+    loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights,
+                      data=data)  # fmt: skip
     model, ds, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
     run_options = _run_options(model, scheme, num_steps)
     input_size = tuple(ds.images.shape[1:])

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..data.datasets import ImageSet
 from ..data.loader import check_compatible
+from ..data.user import as_image_set
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, CheckpointError, load_model
 from ..models.registry import config_from_dict
 from ..utils.device import resolve_device
@@ -46,6 +47,7 @@ def load_run(
     device: str = "auto",
     with_val: bool = False,
     weights: str | None = None,
+    data: Any = None,
 ) -> LoadedRun:
     """Load a run's model and a split of its dataset (checked against each other and the stored configuration).
 
@@ -54,13 +56,16 @@ def load_run(
         data_root: the dataset folder, if it moved since training.
         with_val: also load the run's validation split (``LoadedRun.val``) when ``split`` is ``test``.
         weights: a weights file of the run to load instead of its own (e.g. ``model-recalibrated.safetensors``).
+        data: the split's examples given from Python instead of read from disk (a run trained by
+            ``cascadenet.fit``): an ``ImageSet`` or any dataset ``cascadenet.data.user.as_image_set`` reads;
+            ``with_val`` then loads nothing.
 
     Raises:
         CheckpointError, DataError, ValueError: one line naming the file.
     """
     run_dir = Path(run_dir)
     try:
-        return _load_run(run_dir, split, data_root, device, with_val, weights)
+        return _load_run(run_dir, split, data_root, device, with_val, weights, data)
     except OSError as e:  # unreadable run directory or data: one line naming the file
         raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
 
@@ -74,7 +79,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def _load_run(
-    run_dir: Path, split: str, data_root: str | None, device: str, with_val: bool, weights: str | None
+    run_dir: Path, split: str, data_root: str | None, device: str, with_val: bool, weights: str | None, data: Any = None
 ) -> LoadedRun:
     check_run_dir(run_dir)
     cfg = TrainConfig.from_file(run_dir / CONFIG)
@@ -85,7 +90,10 @@ def _load_run(
     _check_model(run_dir, stored.get("model"), model.config)
     finished = (run_dir / WEIGHTS).is_file()
 
-    ds, val_set = split_data(cfg, data_root, split, with_val)
+    if data is not None:
+        ds, val_set = as_image_set(data, name=f"the {split} data"), None
+    else:
+        ds, val_set = split_data(cfg, data_root, split, with_val)
     check_compatible(ds, model.config.in_channels, model.config.num_classes)
     if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
         raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channels, but the "
