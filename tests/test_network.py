@@ -318,3 +318,16 @@ def test_train_and_eval_a_users_network_from_the_command_line_with_import(tmp_pa
     assert len(err) == 1 and "--import" in err[0]
     assert main(["--import", "no_such_module_here", "models"]) == 2
     assert "--import no_such_module_here" in capsys.readouterr().err
+
+
+def test_fit_trains_a_cascade_of_a_builder_and_the_run_rebuilds_it(tmp_path, user_module):
+    from cascadenet.data.datasets import load_dataset
+
+    config = cascadenet.cascade(f"{user_module}:tiny").config  # 5 classes: the data's 4 get a new classifier
+    cfg = cascadenet.TrainConfig(model=config, epochs=1, batch_size=16, out=str(tmp_path), name="run", threads=1)
+    data = load_dataset("synthetic", synthetic_size=64, image_size=16)
+    run = cascadenet.fit(cfg, data, test_set=load_dataset("synthetic", "", "test", synthetic_size=32, image_size=16),
+                         progress=False)  # fmt: skip
+    model = load_model(run)
+    assert model.config.builder == "usernets:tiny" and model.config.num_classes == 4
+    assert json.loads((run / "eval.json").read_text())["accuracy_per_step"]
