@@ -4,6 +4,7 @@ statistics) and ``plot``."""
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -118,8 +119,9 @@ class RecalibrateCommand:
         path, record = recalibrate_run(self.run_dir, batches=self.batches, output=self.output,
                                        overwrite=self.overwrite, data_root=self.data_root,
                                        device=self.device)  # fmt: skip
+        nxt = f"cascadenet eval {shlex.quote(str(self.run_dir))} --weights {shlex.quote(path.name)}"
         print(f"wrote {path}: statistics over {record['batches']} batches ({record['examples']} examples) "
-              f"(next: cascadenet eval {self.run_dir} --weights {path.name})")  # fmt: skip
+              f"(next: {nxt})")  # fmt: skip
 
 
 @dataclass

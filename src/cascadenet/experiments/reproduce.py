@@ -273,13 +273,47 @@ def _eval_cached(run_dir: Path, scheme: str | None, model_scheme: str | None, de
     return evaluate(run_dir, scheme=scheme if scheme != model_scheme else None, device=device)
 
 
+def _metrics_rows(run_dir: Path, needed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A finished run's ``metrics.jsonl``, every row holding ``needed``; a damaged file is one line naming it."""
+    path = run_dir / "metrics.jsonl"
+    fix = f"restore it, or move {run_dir} away to train that run again"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing from a finished run ({fix})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: damaged (not UTF-8 text; {fix})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path}: line {number} is not JSON (the file is damaged; {fix})") from None
+        missing = [k for k in needed if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}: line {number} has no {missing[0]!r} (the file is damaged; {fix})")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no epoch recorded (the file is damaged; {fix})")
+    return rows
+
+
 def _last_row(run_dir: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return rows[-1]
+    row = _metrics_rows(run_dir, ("val_anytime_auc", "val_accuracy_per_step"))[-1]
+    per_step = row["val_accuracy_per_step"]
+    if not isinstance(per_step, list) or not per_step or not isinstance(row["val_anytime_auc"], int | float):
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: the last row's validation numbers are damaged (restore it, "
+                         f"or move {run_dir} away to train that run again)")  # fmt: skip
+    return row
 
 
 def _train_seconds(run_dir: Path) -> float:
-    return sum(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line)
+    rows = _metrics_rows(run_dir, ("seconds",))
+    if not all(isinstance(r["seconds"], int | float) for r in rows):
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: a row's 'seconds' is not a number (the file is damaged)")
+    return sum(r["seconds"] for r in rows)
 
 
 def reproduce(

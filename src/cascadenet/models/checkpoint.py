@@ -67,6 +67,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # weights-only loading met something other than tensors and plain data
+        if not _looks_pickled(path):  # random or damaged bytes: no pickle to speak of
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (neither a PyTorch archive nor a pickle: damaged or not a "
+                "checkpoint at all)"
+            ) from None
         raise CheckpointError(
             f"{path}: not a cascadenet checkpoint (it holds objects other than tensors and plain data; it was not "
             "loaded and nothing in it was run)"
@@ -82,6 +87,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path}: not a cascadenet checkpoint (no {' or '.join(missing)} in it)")
     return state
+
+
+def _looks_pickled(path: Path) -> bool:
+    """The file starts as torch.save's zip archive or a pickle (protocol 2 to 5) does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def save_weights(

@@ -31,6 +31,8 @@ import json
 import math
 import numbers
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -236,7 +238,7 @@ def read_scores(path: str | os.PathLike, n: int, labels: Any = None, what: str =
                 file_labels = loaded["labels"] if "labels" in loaded.files else None
             else:
                 scores = loaded
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated, corrupt, foreign
         if str(e).startswith(where):
             raise
         raise ValueError(f"{where}: not a readable numpy file ({_one_line(e)})") from None

@@ -199,6 +199,10 @@ class TrainConfig:
                 f"--stream on: only image folders stream (--dataset imagefolder); {self.dataset} is read into memory",
             ),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (
+                self.name is None or _plain_name(self.name),
+                f"--name must be a folder name inside --out (no '/', not '.' or '..'), got {self.name!r}",
+            ),
             (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
             (
                 self.synthetic_size is None or self.synthetic_size >= 2,
@@ -215,7 +219,7 @@ class TrainConfig:
                 raise ValueError(message)
 
     def _check_loss(self) -> None:
-        """The loss fits the model (unless --init's file decides the model)."""
+        """The loss fits the model (unless --init's file decides the model); ic-only starts from trained weights."""
         # --loss final trains the feed-forward network: the last step's classifier and scale/shift only; per-step
         # copies would keep their initial values, and the cascade uses them at test time
         untrained = {"multi_head": "classifiers", "temporal_affine": "batch-norm scales and shifts"}
@@ -229,6 +233,12 @@ class TrainConfig:
             )
         if self.init is None:  # else the model is the --init file's: checked when training reads it
             check_loss_fits(self.loss, self.model)
+            if self.loss == "ic-only":
+                raise ValueError(
+                    "--loss ic-only trains the internal classifiers on a frozen backbone: without --init the backbone "
+                    "would stay at its random initialisation (start it with --init RUN/model.safetensors from a run "
+                    "trained with --loss final, or use --loss sdn)"
+                )
 
     def _check_holdout(self) -> None:
         """--holdout-classes: distinct class indices >= 0, stored sorted (the range is the dataset's to check)."""
@@ -322,6 +332,11 @@ class TrainConfig:
             return cls.from_dict(raw)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def _plain_name(name: str) -> bool:
+    """A run directory's name: one path component, so that the run lands inside --out."""
+    return bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name and "\0" not in name
 
 
 def check_loss_fits(loss: str, model: ModelConfig) -> None:

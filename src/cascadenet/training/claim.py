@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def check_target(run_dir: Path, cfg: TrainConfig) -> None:
             leftovers = _leftovers(run_dir)
             if leftovers and not _unstarted_same(run_dir, cfg, leftovers):
                 raise TrainingError(
-                    f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+                    f"{run_dir} already exists and is not empty: resume it with --resume {shlex.quote(str(run_dir))}, "
                     "or choose another --name or --out (nothing was overwritten)"
                 )
             return
@@ -127,7 +128,7 @@ def claim(run_dir: Path, cfg: TrainConfig, resuming: bool) -> tuple[RunLock, boo
             leftovers = _leftovers(run_dir)
             if leftovers and not _unstarted_same(run_dir, cfg, leftovers):
                 raise TrainingError(
-                    f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+                    f"{run_dir} already exists and is not empty: resume it with --resume {shlex.quote(str(run_dir))}, "
                     "or choose another --name or --out (nothing was overwritten)"
                 )
             if leftovers:

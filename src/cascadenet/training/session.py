@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -194,9 +195,11 @@ def _write(s: _Session, write: Any) -> None:
         reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
         if s.saved is None:
             raise TrainingError(f"cannot write in {s.run_dir}: {reason}; no checkpoint was written yet") from None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = "free space" if full else "make it writable" if e.errno in (errno.EROFS, errno.EACCES) else "fix it"
         raise TrainingError(
-            f"cannot write in {s.run_dir}: {reason}; the last checkpoint (step {s.saved[2]}) was kept: free space "
-            f"and continue with: cascadenet train --resume {s.run_dir}"
+            f"cannot write in {s.run_dir}: {reason}; the last checkpoint (step {s.saved[2]}) was kept: {fix} "
+            f"and continue with: cascadenet train --resume {shlex.quote(str(s.run_dir))}"
         ) from None
 
 
@@ -458,11 +461,29 @@ def _run_config(
     if resume is not None:
         run_dir = Path(resume)
         stored, payload = read_run(run_dir)
-        cfg = dataclasses.replace(stored, **check_resume_overrides(overrides, stored))
+        cfg = dataclasses.replace(stored, **_resumed_threads(check_resume_overrides(overrides, stored), stored))
     else:
         run_dir = Path(cfg.out) / cfg.run_name()
         check_target(run_dir, cfg)
+        if cfg.threads is None:  # the thread count is part of what a CPU run computes: stored with it
+            cfg = dataclasses.replace(cfg, threads=torch.get_num_threads())
     return run_dir, cfg, payload
+
+
+def _resumed_threads(overrides: dict[str, Any], stored: TrainConfig) -> dict[str, Any]:
+    """A resumed run keeps the thread count it was trained with (PyTorch's CPU reductions split the work by
+    thread, so another count gives other weights); a different ``--threads`` is allowed, with a warning."""
+    overrides = dict(overrides)
+    if overrides.get("threads", stored.threads) is None:  # not given: the stored count (None: an older run's)
+        overrides.pop("threads", None)
+    new = overrides.get("threads")
+    if new is not None and stored.threads is not None and new != stored.threads:
+        log.warning(
+            "warning: --threads %d differs from the %d threads this run was trained with: on CPU the resumed run's "
+            "weights will differ from an uninterrupted run's (resume without --threads to keep them identical)",
+            new, stored.threads,
+        )  # fmt: skip
+    return overrides
 
 
 def _build_model(cfg: TrainConfig, full: Any, from_checkpoint: bool) -> tuple[TrainConfig, nn.Module]:
@@ -537,4 +558,23 @@ def _restore(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
         s.done = ckpt.get("epoch_done")
     except Exception as e:  # a checkpoint of another version or a hand-edited one: whatever torch raises
         raise CheckpointError(f"{path}: the training state does not fit this run ({first_sentence(e)})") from None
+    _check_position(s, ckpt, path)
     s.saved = s.position()
+
+
+def _check_position(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
+    """A checkpoint's position (epoch, batch, step) lies inside the run: a damaged or hand-edited one would
+    otherwise train the wrong number of epochs or batches."""
+    raw = {k: ckpt.get(k) for k in ("epoch", "batch", "step")}
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in raw.values()):
+        raise CheckpointError(f"{path}: damaged training position (epoch, batch, step must be integers, got {raw})")
+    total = s.per_epoch * s.cfg.epochs
+    bad = [
+        f"epoch {s.epoch} is outside 0..{s.cfg.epochs}" if not 0 <= s.epoch <= s.cfg.epochs else "",
+        f"batch {s.batch_done} is outside 0..{s.per_epoch}" if not 0 <= s.batch_done <= s.per_epoch else "",
+        f"step {s.step} is outside 0..{total}" if not 0 <= s.step <= total else "",
+    ]
+    bad = [b for b in bad if b]
+    if bad:
+        raise CheckpointError(f"{path}: damaged training position ({'; '.join(bad)}): this checkpoint cannot resume "
+                              "the run")  # fmt: skip

@@ -23,7 +23,10 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True
     ``FileExistsError``.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only or missing folder: name the file the user asked for, not a temporary
+        raise _named(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -39,9 +42,24 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True
                 raise FileExistsError(f"{path} exists (nothing was written)") from None
             os.unlink(tmp)
         fsync_dir(path.parent)
+    except FileExistsError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    except OSError as e:  # a full disk, an I/O error: nothing left behind, and the error names the target
+        Path(tmp).unlink(missing_ok=True)
+        raise _named(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _named(error: OSError, path: Path) -> OSError:
+    """``error`` about ``path`` (the file being written), with its errno, so that callers still tell a full disk
+    from a read-only folder."""
+    if error.errno is None:
+        return error
+    reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
+    return OSError(error.errno, reason, str(path))
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -1,0 +1,242 @@
+"""The second reliability pass (issue 21): silent wrong results, things left stuck, and errors that were not one
+line. Each test reproduces one defect on a tiny run; most share one trained run (``tiny_run``, session-scoped) and
+copy it where they change it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cascadenet.cli import main
+from cascadenet.models.checkpoint import CHECKPOINT, CheckpointError
+from cascadenet.runs.config import TrainConfig
+from cascadenet.training.loop import train
+
+TINY = dict(dataset="synthetic", synthetic_size=96, width=4, epochs=2, batch_size=16, max_batches=2, lr=0.05,
+            warmup_epochs=0.5, threads=1, eval_batch_size=64, recalibrate_batches=1)  # fmt: skip
+
+
+def tiny_cfg(out: Path, name: str, **kw) -> TrainConfig:
+    from cascadenet.models.cascade import CascadeConfig
+
+    options = {**TINY, **kw}
+    model = options.pop("model", CascadeConfig(arch="resnet10", width=options.pop("width")))
+    options.pop("width", None)
+    return TrainConfig(model=model, out=str(out), name=name, **options)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished tiny run, shared: tests that change it work on a copy."""
+    return train(tiny_cfg(tmp_path_factory.mktemp("tiny"), "run"))
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+def err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("cascadenet: error: ") and "Traceback" not in "\n".join(err), err
+    return err[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# options that silently did something else
+
+
+def test_demo_epochs_zero_is_refused_and_leaves_no_folder(tmp_path, capsys):
+    assert main(["demo", "--epochs", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "--epochs must be >= 1, got 0" in err_line(capsys)
+    assert not (tmp_path / "d").exists()
+
+
+def test_ic_only_without_init_is_refused():
+    from cascadenet.models.sdn import SDNConfig
+
+    with pytest.raises(ValueError, match="--loss ic-only .* without --init the backbone would stay"):
+        TrainConfig(model=SDNConfig(), loss="ic-only")
+    TrainConfig(model=SDNConfig(), loss="ic-only", init="x.safetensors")  # the file decides: checked when read
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", ""])
+def test_name_must_stay_inside_out(tmp_path, capsys, name):
+    argv = ["train", "--dataset", "synthetic", "--width", "4", "--out", str(tmp_path / "o"), "--name", name]
+    assert main(argv) == 2
+    assert "--name must be a folder name inside --out" in err_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_num_steps_1_with_the_stem_delayed_is_refused(tmp_path, capsys):
+    from test_pretrained import torchvision_layout
+
+    src = tmp_path / "r.pth"
+    torch.save(torchvision_layout("resnet18", width=4), src)
+    out = tmp_path / "c.safetensors"
+    assert main(["convert", str(src), "-o", str(out), "--num-steps", "1"]) == 2
+    assert "--num-steps 1 leaves no step that sees the input" in err_line(capsys)
+    assert not out.exists()
+    assert main(["convert", str(src), "-o", str(out), "--num-steps", "1", "--no-stem-delay"]) == 0
+
+
+def test_checkpoint_position_fields_are_validated(tiny_run, tmp_path, capsys):
+    for fields, what in [({"epoch": -7}, "epoch -7 is outside 0..2"), ({"batch": 10**9}, "batch 1000000000"),
+                         ({"step": -1}, "step -1"), ({"epoch": 1.5}, "must be integers")]:  # fmt: skip
+        run = copy_run(tiny_run, tmp_path / f"r{len(list(tmp_path.iterdir()))}")
+        (run / "model.safetensors").unlink()
+        ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+        ckpt.update(fields)
+        torch.save(ckpt, run / CHECKPOINT)
+        before = (run / CHECKPOINT).read_bytes()
+        assert main(["train", "--resume", str(run)]) == 2
+        line = err_line(capsys)
+        assert "damaged training position" in line and what in line, line
+        assert (run / CHECKPOINT).read_bytes() == before and not (run / "model.safetensors").exists()
+
+
+def test_threads_are_stored_and_a_change_on_resume_is_warned(tmp_path, caplog):
+    cfg = tiny_cfg(tmp_path, "t", threads=None, epochs=2)
+    run = train(dataclasses_replace(cfg, max_batches=1))
+    stored = json.loads((run / "config.json").read_text())["train"]["threads"]
+    assert stored == torch.get_num_threads()  # the count the run computed with, not None
+    # an interrupted run resumed without --threads keeps its count; another count warns what it costs
+    (run / "model.safetensors").unlink()
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+    ckpt.update(epoch=1, batch=0, epoch_done=None)
+    torch.save(ckpt, run / CHECKPOINT)
+    with caplog.at_level(logging.WARNING, logger="cascadenet"):
+        train(resume=run, overrides={"threads": stored + 1})
+    assert f"--threads {stored + 1} differs from the {stored} threads this run was trained with" in caplog.text
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one line, always
+
+
+def test_corrupt_or_truncated_npz_scores_are_one_line(tmp_path):
+    import numpy as np
+
+    from cascadenet.properties.typicality import read_scores
+
+    good = tmp_path / "s.npz"
+    np.savez(good, scores=np.arange(10.0), labels=np.arange(10) % 3)
+    raw = good.read_bytes()
+    for name, data in [("trunc.npz", raw[: len(raw) // 2]), ("garbage.npz", b"PK\x03\x04" + b"\x00" * 50),
+                       ("random.npz", bytes(range(256)))]:  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"--scores {tmp_path / name}: not a readable numpy file"):
+            read_scores(tmp_path / name, 10)
+    assert read_scores(good, 10).shape == (10,)
+
+
+def test_corrupt_consistency_cache_is_recomputed(tmp_path, monkeypatch):
+    import cascadenet.properties.consistency as C
+    from cascadenet.data.datasets import load_dataset
+
+    pool = load_dataset("synthetic", None, "train", synthetic_size=20)
+    calls = []
+
+    def fake(pool, options, **kw):
+        calls.append(1)
+        return {"score": np.arange(len(pool), dtype=np.float64)}
+
+    import numpy as np
+
+    monkeypatch.setattr(C, "consistency_scores", fake)
+    options = C.EstimatorOptions()
+    _, path, reused = C.cached_consistency_scores(pool, options, tmp_path)
+    assert not reused and path.is_file()
+    path.write_bytes(path.read_bytes()[:40])  # truncated: zipfile.BadZipFile before the fix
+    with pytest.warns(UserWarning, match="unreadable cache"):
+        scores, _, reused = C.cached_consistency_scores(pool, options, tmp_path)
+    assert not reused and len(calls) == 2 and len(scores["score"]) == 20
+
+
+@pytest.mark.parametrize(
+    "damage,what",
+    [("garbage\n", "line 1 is not JSON"), ("{}\n", "line 1 has no"), ("[1]\n", "line 1 has no"), ("", "no epoch")],
+)
+def test_damaged_metrics_of_a_reused_run_are_one_line(tiny_run, tmp_path, damage, what):
+    from cascadenet.experiments.reproduce import _last_row, _train_seconds
+
+    run = copy_run(tiny_run, tmp_path / "r")
+    assert _last_row(run)["epoch"] == 2 and _train_seconds(run) > 0
+    (run / "metrics.jsonl").write_text(damage)
+    for read in (_last_row, _train_seconds):
+        with pytest.raises(ValueError, match=f"{run / 'metrics.jsonl'}: {what}"):
+            read(run)
+
+
+def test_random_bytes_as_a_checkpoint_are_not_called_a_planted_pickle(tmp_path):
+    import os
+
+    from cascadenet.models.checkpoint import load_checkpoint
+
+    (tmp_path / "c.pt").write_bytes(bytes([7]) + os.urandom(2000))
+    with pytest.raises(CheckpointError, match="neither a PyTorch archive nor a pickle") as e:
+        load_checkpoint(tmp_path / "c.pt")
+    assert "objects other than tensors" not in str(e.value)
+
+
+def test_ood_dataset_without_its_folder_names_ood_data(tiny_run, capsys, tmp_path):
+    assert main(["ood", str(tiny_run), "--ood-dataset", "cifar10", "--ood-data", str(tmp_path / "none")]) == 2
+    line = err_line(capsys)
+    assert "--ood-data" in line and "--data-root" not in line, line
+
+
+def test_plot_names_the_file_it_writes_and_writes_atomically(tiny_run, tmp_path, capsys, monkeypatch):
+    from cascadenet.evaluation.evaluate import evaluate
+
+    run = copy_run(tiny_run, tmp_path / "r")
+    evaluate(run)
+    # no suffix: refused (it was written as curves.png while `curves` was printed)
+    assert main(["plot", str(run), "-o", str(tmp_path / "curves")]) == 2
+    assert "name the figure with its format's suffix" in err_line(capsys)
+    assert list(tmp_path.glob("curves*")) == []
+    fig = tmp_path / "f.png"
+    assert main(["plot", str(run), "-o", str(fig)]) == 0
+    assert capsys.readouterr().out.strip() == str(fig)
+    old = fig.read_bytes()
+    # a full disk while writing: the old figure stays, nothing is left behind, the error names the figure
+    import cascadenet.utils.files as F
+
+    def full(fd, *a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(F.os, "fsync", full)
+    assert main(["plot", str(run), "-o", str(fig), "--overwrite"]) == 2
+    line = err_line(capsys)
+    assert line == f"cascadenet: error: {fig}: the disk is full", line
+    assert fig.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "r"]
+
+
+def test_atomic_write_onto_a_missing_folder_names_the_target(tmp_path):
+    from cascadenet.utils.files import atomic_write
+
+    target = tmp_path / "no" / "x.json"
+    with pytest.raises(FileNotFoundError) as e:
+        atomic_write(target, b"{}")
+    assert e.value.filename == str(target)
+
+
+def test_suggested_commands_are_shell_quoted(tmp_path, capsys):
+    out = tmp_path / "my runs"
+    argv = ["train", "--dataset", "synthetic", "--synthetic-size", "64", "--width", "4", "--epochs", "1",
+            "--max-batches", "1", "--batch-size", "16", "--threads", "1", "--out", str(out),
+            "--name", "a b"]  # fmt: skip
+    assert main(argv) == 0
+    assert f"next: cascadenet eval '{out / 'a b'}'" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert f"--resume '{out / 'a b'}'" in err_line(capsys)
