@@ -240,3 +240,121 @@ def test_suggested_commands_are_shell_quoted(tmp_path, capsys):
     assert f"next: cascadenet eval '{out / 'a b'}'" in capsys.readouterr().out
     assert main(argv) == 2
     assert f"--resume '{out / 'a b'}'" in err_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# analyses of unfinished runs, and of other data
+
+
+def unfinished_copy(tiny_run: Path, dest: Path) -> Path:
+    """A run killed after its last checkpoint, before its final weights."""
+    run = copy_run(tiny_run, dest)
+    (run / "model.safetensors").unlink()
+    return run
+
+
+def test_analyses_of_an_unfinished_run_refuse_and_eval_says_it(tiny_run, tmp_path, capsys):
+    run = unfinished_copy(tiny_run, tmp_path / "r")
+    for argv in (["predict", str(run)], ["noise", str(run), "--sigmas", "0.1", "--out", str(tmp_path / "n")],
+                 ["policy", str(run), "--out", str(tmp_path / "p")], ["ood", str(run), "--synthetic-ood"],
+                 ["typicality", str(run), "--out", str(tmp_path / "t")]):  # fmt: skip
+        assert main(argv) == 2, argv
+        line = err_line(capsys)
+        assert "has not finished training" in line and "--resume" in line, (argv, line)
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "NOT FINISHED TRAINING" in out and "2 epoch(s) done" in out
+    result = json.loads((run / "eval.json").read_text())
+    assert result["finished_training"] is False and result["checkpoint_epoch"] == 2
+    # training resumed: the evaluation of the checkpoint is removed, none describes other weights than the final
+    train(resume=run)
+    assert (run / "model.safetensors").is_file() and not (run / "eval.json").exists()
+
+
+def test_a_run_being_trained_is_not_evaluated(tiny_run, tmp_path, capsys):
+    from cascadenet.runs.lock import RunLock
+
+    run = unfinished_copy(tiny_run, tmp_path / "r")
+    with RunLock.acquire(run):  # as a training process holds it
+        assert main(["eval", str(run)]) == 2
+        assert "is being trained by process" in err_line(capsys)
+        assert not (run / "eval.json").exists()
+    assert main(["eval", str(run)]) == 0  # the lock released (or left by a dead process): evaluated
+    assert not (run / "train.lock").exists()
+
+
+def image_folder(root: Path, size: int, classes=("a", "b"), test_classes=None, seed=0, n_train=12) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, names, n in (("train", classes, n_train), ("test", test_classes or classes, 4)):
+        for c in names:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{k}.png"
+                )
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_run(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("folder")
+    data = image_folder(base / "data16", 16)
+    return train(tiny_cfg(base, "run", dataset="imagefolder", data_root=str(data), batch_size=8, val_fraction=0.25,
+                          synthetic_size=None))  # fmt: skip
+
+
+def test_eval_and_predict_refuse_other_data_unless_asked_and_record_it(folder_run, tmp_path, capsys):
+    run = copy_run(folder_run, tmp_path / "r")
+    big = image_folder(tmp_path / "data32", 32)
+    same_shape = image_folder(tmp_path / "other16", 16, seed=5)
+    moved = shutil.copytree(Path(TrainConfig.from_file(run / "config.json").data_root), tmp_path / "moved")
+    for root, what in ((big, "images of 3x32x32, the run's are 3x16x16"), (same_shape, "other training images")):
+        for verb in ("eval", "predict"):
+            assert main([verb, str(run), "--data-root", str(root)]) == 2
+            line = err_line(capsys)
+            assert what in line and "--other-data" in line, line
+    assert not (run / "eval.json").exists()
+    # the same data moved elsewhere is the run's
+    assert main(["eval", str(run), "--data-root", str(moved)]) == 0
+    data = json.loads((run / "eval.json").read_text())["data"]
+    assert data["other_data"] is False and data["shape"] == [3, 16, 16] and data["split"] == "test"
+    assert data["dataset"] == "imagefolder" and data["root"] == str(moved) and len(data["labels_sha256"]) == 16
+    # asked explicitly: evaluated, and said in the table and the JSON
+    assert main(["eval", str(run), "--data-root", str(big), "--other-data"]) == 0
+    assert "OTHER DATA than the run's" in capsys.readouterr().out
+    data = json.loads((run / "eval.json").read_text())["data"]
+    assert data["other_data"] is True and data["shape"] == [3, 32, 32] and "3x32x32" in data["differs"]
+
+
+def test_a_test_class_missing_from_train_is_found_before_training(tmp_path, capsys):
+    data = image_folder(tmp_path / "d", 16, test_classes=("a", "b", "zebra"))
+    argv = ["train", "--dataset", "imagefolder", "--data-root", str(data), "--width", "4", "--epochs", "1",
+            "--batch-size", "8", "--out", str(tmp_path / "runs"), "--threads", "1"]  # fmt: skip
+    assert main(argv) == 2
+    line = err_line(capsys)
+    assert "'zebra' does not exist in" in line and "could not be evaluated" in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_data_mismatch_on_resume_says_what_differs(folder_run, tmp_path, capsys):
+    run = unfinished_copy(folder_run, tmp_path / "r")
+    other = image_folder(tmp_path / "other16", 16, seed=5)
+    assert main(["train", "--resume", str(run), "--data-root", str(other)]) == 2
+    line = err_line(capsys)
+    assert "other images (their mean and std differ" in line, line
+
+
+def test_damaged_normalization_is_named(tiny_run, tmp_path, capsys):
+    cases = [({"mean": [0.5, 0.5, 0.5], "std": [1.0, 1.0]}, "3 channel(s) (mean) and 2 (std)"),
+             ({"mean": [0.5, 0.5, 0.5], "std": [0.0, 1.0, 1.0]}, "damaged normalization statistics")]  # fmt: skip
+    for norm, what in cases:
+        run = copy_run(tiny_run, tmp_path / f"r{len(list(tmp_path.iterdir()))}")
+        stored = json.loads((run / "config.json").read_text())
+        stored["normalization"] = norm
+        (run / "config.json").write_text(json.dumps(stored))
+        assert main(["eval", str(run)]) == 2
+        line = err_line(capsys)
+        assert what in line and str(run / "config.json") in line, line

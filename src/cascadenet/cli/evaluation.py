@@ -41,6 +41,9 @@ class EvalCommand:
     weights: str | None = None
     """Evaluate this weights file of the run instead of model.safetensors (e.g. model-recalibrated.safetensors;
     written to eval-recalibrated.json)."""
+    other_data: bool = False
+    """Accept a --data-root holding other data than the run was trained on (another image size, other classes or
+    images); refused otherwise. eval.json's "data" records what was evaluated either way."""
     data_root: DataRoot = None
     batch_size: BatchSize = 500
     device: Device = "auto"
@@ -53,7 +56,8 @@ class EvalCommand:
         result = evaluate(self.run_dir, split=self.split, scheme=self.scheme, num_steps=self.num_steps,
                           data_root=self.data_root, batch_size=self.batch_size, device=self.device,
                           save_logits=self.save_logits, overwrite=self.overwrite, progress=progress_of(self.progress),
-                          reference_macs=self.reference_macs, weights=self.weights)  # fmt: skip
+                          reference_macs=self.reference_macs, weights=self.weights,
+                          other_data=self.other_data)  # fmt: skip
         print(format_table(result))
 
 
@@ -78,6 +82,8 @@ class PredictCommand:
     """Write each example's prediction, step, MACs and label to this .npz file."""
     overwrite: bool = False
     """Allow --output to replace an existing file."""
+    other_data: bool = False
+    """Accept a --data-root holding other data than the run was trained on (refused otherwise)."""
     data_root: DataRoot = None
     batch_size: BatchSize = 500
     device: Device = "auto"
@@ -91,7 +97,7 @@ class PredictCommand:
         summary = predict_run(self.run_dir, split=self.split, policy=policy, budget=self.budget,
                               data_root=self.data_root, batch_size=self.batch_size, device=self.device,
                               output=self.output, overwrite=self.overwrite,
-                              progress=progress_of(self.progress))  # fmt: skip
+                              progress=progress_of(self.progress), other_data=self.other_data)  # fmt: skip
         print(format_summary(summary))
 
 

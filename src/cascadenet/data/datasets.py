@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "check_test_classes",
     "DATASETS",
     "DatasetName",
     "DEFAULT_ROOTS",
@@ -474,6 +475,39 @@ def _image_folder_files(root: Path, split: str) -> tuple[list[Path], list[int], 
     if not files:
         raise DataError(f"{split_dir}: no images found")
     return files, labels, classes
+
+
+def check_test_classes(root: str | os.PathLike) -> None:
+    """Before training on an image folder: every class folder of its test split (test/, else val/) is one of the
+    training classes, so that the run can be evaluated (found at evaluation, it would cost the whole training).
+    Nothing is decoded; a folder without a test split, or TinyImageNet's annotation file, passes.
+
+    Raises:
+        DataError: naming the class folder the training folder lacks.
+    """
+    root = Path(root)
+    train_dir = root / "train"
+    try:
+        if not train_dir.is_dir():
+            return  # reading the training split reports it
+        classes = {d.name for d in _class_dirs(train_dir)}
+        test_dir = root / "test"
+        test_classes = [d.name for d in _class_dirs(test_dir)] if test_dir.is_dir() else []
+        split_dir = (
+            test_dir
+            if test_dir.is_dir() and not (test_classes == ["images"] and "images" not in classes)
+            else root / "val"
+        )
+        if not split_dir.is_dir() or (split_dir / "val_annotations.txt").is_file():
+            return
+        for d in _class_dirs(split_dir):
+            if d.name not in classes:
+                raise DataError(
+                    f"{d}: the test split's class folder {d.name!r} does not exist in {train_dir}: a run trained on "
+                    "it could not be evaluated (add the class to train/, or remove it)"
+                )
+    except OSError as e:
+        raise DataError(f"{e.filename or root}: cannot read ({e.strerror or e})") from None
 
 
 def _tiny_imagenet_val(val_dir: Path, annotations: Path, index: dict[str, int]) -> tuple[list[Path], list[int]]:

@@ -95,6 +95,7 @@ def evaluate(
     progress: bool = False,
     reference_macs: float | None = None,
     weights: str | None = None,
+    other_data: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run on one split; writes ``eval.json`` (the test split; other splits, schemes and lengths get
     their own name, see ``eval_filename``) in the run directory and returns its content.
@@ -113,6 +114,11 @@ def evaluate(
         weights: a weights file in the run directory to evaluate instead of ``model.safetensors`` (e.g.
             ``cascadenet recalibrate``'s ``model-recalibrated.safetensors``); the file name says so
             (``eval-recalibrated.json``).
+        other_data: accept a ``data_root`` holding other data than the run's (another image size, other
+            classes or images); eval.json's ``data`` records what was evaluated either way.
+
+    A run that has not finished training is evaluated at its last checkpoint: ``finished_training`` is false
+    and the table says so. A run that a live process trains is refused.
     """
     run_dir = Path(run_dir)
     if split not in SPLITS:
@@ -122,7 +128,7 @@ def evaluate(
         raise ValueError(f"--reference-macs must be a number > 0, got {reference_macs!r}")
     try:
         return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
-                         progress, reference_macs, weights)  # fmt: skip
+                         progress, reference_macs, weights, other_data)  # fmt: skip
     except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
         if isinstance(e, FileExistsError) and not e.strerror:
             raise
@@ -142,9 +148,11 @@ def _evaluate(
     progress: bool,
     reference_macs: float | None,
     weights: str | None,
+    other_data: bool,
 ) -> dict[str, Any]:
     save_logits = _check_options(run_dir, batch_size, num_steps, save_logits, overwrite, weights)
-    loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights)
+    loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights,
+                      unfinished=True, other_data=other_data)  # fmt: skip
     model, ds, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
     run_options = _run_options(model, scheme, num_steps)
     input_size = tuple(ds.images.shape[1:])
@@ -167,6 +175,8 @@ def _evaluate(
         "split": split,
         "scheme": scheme or model_scheme,
         "finished_training": loaded.finished,
+        **({} if loaded.finished or weights is not None else {"checkpoint_epoch": _checkpoint_epoch(run_dir)}),
+        "data": loaded.data_record,
         **({"weights": weights} if weights is not None else {}),
         **summary,
         "feedforward_accuracy": ff_accuracy,
@@ -184,6 +194,15 @@ def _evaluate(
     atomic_write(run_dir / eval_filename(scheme, model_scheme, num_steps, split, weights),
                  (json.dumps(result, indent=2) + "\n").encode())  # fmt: skip
     return result
+
+
+def _checkpoint_epoch(run_dir: Path) -> int | None:
+    """The epochs an unfinished run's checkpoint completed (from its metrics), for the table and eval.json."""
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return int(rows[-1]["epoch"]) if rows else 0
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
 
 
 def _run_options(model: Any, scheme: str | None, num_steps: int | None) -> dict[str, Any]:
@@ -264,8 +283,17 @@ def format_table(result: dict[str, Any]) -> str:
     latency = result.get("parallel_latency_blocks") or [None] * len(acc)
     # a cascade's scheme, or the family of a model that has none (SDN, MSDNet)
     kind = result["scheme"] or (result.get("model") or {}).get("family", "anytime model")
-    lines = [f"{result['run']} ({kind}, {result['split']} split, {result['num_examples']} examples)",
-             f"{'step':>4} {'accuracy':>9} {'confidence':>10} {'cum. MMACs':>11} {'latency':>8}"]  # fmt: skip
+    lines = [f"{result['run']} ({kind}, {result['split']} split, {result['num_examples']} examples)"]
+    if result.get("finished_training") is False:
+        epoch = result.get("checkpoint_epoch")
+        done = "epoch unknown" if epoch is None else f"{epoch} epoch(s) done"
+        lines.append(
+            f"NOT FINISHED TRAINING: these are the weights of its last checkpoint ({done}), not the final ones"
+        )
+    data = result.get("data") or {}
+    if data.get("other_data"):
+        lines.append(f"OTHER DATA than the run's ({data.get('differs')}): {data.get('root')} (--other-data)")
+    lines += [f"{'step':>4} {'accuracy':>9} {'confidence':>10} {'cum. MMACs':>11} {'latency':>8}"]  # fmt: skip
     for t, (a, c, m, lat) in enumerate(zip(acc, conf, macs, latency)):
         c_text = f"{c:>10.3f}" if c is not None else f"{'-':>10}"
         lat_text = f"{lat:>8g}" if lat is not None else f"{'-':>8}"

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data import streaming
-from ..data.datasets import DataError, ImageSet, kept_classes, load_dataset
+from ..data.datasets import DataError, ImageSet, check_test_classes, kept_classes, load_dataset
 from ..data.loader import check_compatible, normalization, num_batches, train_val_split
 from ..models.anytime import ModelConfig
 from ..models.cascade import CascadedResNet
@@ -306,6 +306,8 @@ def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
 
 
 def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
+    if cfg.dataset == "imagefolder" and cfg.data_root is not None:
+        check_test_classes(cfg.data_root)  # before training, not at evaluation
     if cfg.stream == "on":
         if cfg.holdout_classes:  # --stream auto chose it: the folder is too large to hold in memory
             raise ValueError(f"--holdout-classes works on datasets read into memory; {cfg.data_root} would be "
@@ -441,6 +443,7 @@ def _start_here(
             log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
         if resume is not None:
             s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
+            _drop_stale_evaluations(run_dir)
         _write_config(s, full, processes)
     except BaseException:
         if resume is None:
@@ -450,6 +453,19 @@ def _start_here(
         raise
     s.model.train()
     return s, ckpt
+
+
+def _drop_stale_evaluations(run_dir: Path) -> None:
+    """Evaluations of the checkpoint that training now continues describe weights that will be gone: removed,
+    so that no eval*.json beside the final weights describes other ones (``plot`` would draw it)."""
+    for path in sorted(run_dir.glob("eval*.json")):
+        try:
+            stale = json.loads(path.read_bytes()).get("finished_training") is False
+        except (OSError, ValueError, AttributeError):
+            continue  # not an evaluation this version wrote: left alone
+        if stale:
+            path.unlink(missing_ok=True)
+            log.info("removed %s: it evaluated the checkpoint that training now continues", path)
 
 
 def _run_config(
