@@ -358,3 +358,206 @@ def test_damaged_normalization_is_named(tiny_run, tmp_path, capsys):
         assert main(["eval", str(run)]) == 2
         line = err_line(capsys)
         assert what in line and str(run / "config.json") in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing stuck: huge values, movable folders, temporaries
+
+
+@pytest.mark.parametrize(
+    "flags,what",
+    [
+        (["--synthetic-size", "10000000000"], "--synthetic-size 10000000000 of 16x16 images would need at least"),
+        (["--width", "1000000"], "training this model (2.94e+15 parameters) would need at least"),
+        (["--synthetic-size", "64", "--image-size", "1000000"], "of 1000000x1000000 images would need at least"),
+        (["--synthetic-size", "64", "--num-steps", "1000000000000"], "training this model"),
+    ],
+)
+def test_huge_training_values_are_refused_by_an_estimate(tmp_path, capsys, flags, what):
+    argv = ["train", "--dataset", "synthetic", "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "o"), *flags]
+    assert main(argv) == 2
+    line = err_line(capsys)
+    assert what in line and "available" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_huge_steps_in_analyses_and_stored_configs_are_refused(tiny_run, tmp_path, capsys):
+    assert main(["eval", str(tiny_run), "--num-steps", "100000000"]) == 2
+    assert "the logits of 100000000 exits for" in err_line(capsys)
+    assert main(["noise", str(tiny_run), "--num-steps", "100000000", "--out", str(tmp_path / "n")]) == 2
+    assert "100000000 steps for" in err_line(capsys)
+    assert not (tmp_path / "n").exists()
+    # a config of 10^12 steps stored with the weights: refused before building the model
+    from safetensors.torch import load_file, save_file
+
+    run = copy_run(tiny_run, tmp_path / "r")
+    weights = run / "model.safetensors"
+    from cascadenet.models.checkpoint import read_metadata
+
+    meta = read_metadata(weights)
+    meta["model_config"]["num_steps"] = 10**12
+    save_file(load_file(str(weights)), str(weights), metadata={k: json.dumps(v) for k, v in meta.items()})
+    assert main(["eval", str(run)]) == 2
+    line = err_line(capsys)
+    assert f"loading {weights}" in line and "would need at least" in line, line
+
+
+def test_estimate_is_close_for_real_sizes():
+    from cascadenet.models.cascade import CascadeConfig
+    from cascadenet.models.footprint import estimate_elements
+    from cascadenet.models.msdnet import MSDNetConfig
+
+    for cfg in (CascadeConfig(width=4, num_classes=10), CascadeConfig(width=16, num_classes=10),
+                CascadeConfig(width=8, num_classes=10, num_steps=70, multi_head=True),
+                MSDNetConfig(num_blocks=9, num_classes=10)):  # fmt: skip
+        model = cfg.build()
+        real = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+        assert 0.7 * real <= estimate_elements(cfg) <= 1.05 * real, (cfg, real, estimate_elements(cfg))
+
+
+def test_a_serialisation_failure_is_an_os_error_naming_the_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import cascadenet.models.checkpoint as C
+
+    def fail(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1545677696 vs 1545677584")
+
+    monkeypatch.setattr(C.torch, "save", fail)
+    with pytest.raises(OSError) as e:
+        C.save_checkpoint(tmp_path / "checkpoint.pt", {"model": {}, "model_config": {}})
+    assert e.value.errno == errno.ENOMEM and e.value.filename == str(tmp_path / "checkpoint.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    from cascadenet.utils.files import atomic_write
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".eval.json.{dead.pid}-abc.tmp"
+    live = tmp_path / f".eval.json.{os.getppid()}-def.tmp"  # a live writer's: kept
+    fresh = tmp_path / f".eval.json.{dead.pid}-ghi.tmp"  # too recent to judge
+    other = tmp_path / f".report.md.{dead.pid}-jkl.tmp"  # another file's: left to its own writes
+    old = time.time() - 3600
+    for p in (stale, live, other):
+        p.write_bytes(b"x")
+        os.utime(p, (old, old))
+    fresh.write_bytes(b"x")
+    atomic_write(tmp_path / "eval.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["eval.json", live.name, fresh.name, other.name])
+
+
+def test_a_reproduction_folder_can_move(tmp_path):
+    from cascadenet.experiments.reproduce import train_or_reuse
+    from cascadenet.models.sdn import SDNConfig
+
+    model = SDNConfig(arch="resnet10", width=4)
+    out = tmp_path / "a" / "runs"
+    backbone = train(tiny_cfg(out, "backbone", model=model, loss="final"))
+    ic = tiny_cfg(out, "ic", model=model, loss="ic-only", init=str(backbone / "model.safetensors"), optimizer="adamw")
+    assert train_or_reuse(ic) == "trained"
+    stored = json.loads((out / "ic" / "config.json").read_text())
+    assert stored["train"]["init"] == "../backbone/model.safetensors" and stored["relative_paths"] == ["init"]
+    moved = tmp_path / "b"
+    shutil.move(tmp_path / "a", moved)
+    out2 = moved / "runs"
+    ic2 = tiny_cfg(out2, "ic", model=model, loss="ic-only", init=str(out2 / "backbone" / "model.safetensors"),
+                   optimizer="adamw")  # fmt: skip
+    assert TrainConfig.from_file(out2 / "ic" / "config.json").init == str(out2 / "backbone" / "model.safetensors")
+    assert train_or_reuse(ic2) == "reused"
+    # a folder of an older version (the path stored absolute, into the old place) is recognised too
+    stored["train"]["init"] = str(tmp_path / "a" / "runs" / "backbone" / "model.safetensors")
+    stored["train"]["out"] = str(tmp_path / "a" / "runs")
+    del stored["relative_paths"]
+    (out2 / "ic" / "config.json").write_text(json.dumps(stored))
+    assert train_or_reuse(ic2) == "reused"
+
+
+def test_read_only_run_directory_is_refused_before_the_work(tiny_run, tmp_path, capsys, monkeypatch):
+    import os
+
+    import cascadenet.evaluation.evaluate as E
+    import cascadenet.utils.files as F
+
+    run = copy_run(tiny_run, tmp_path / "r")
+    real = os.access
+    monkeypatch.setattr(F.os, "access", lambda p, mode: False if Path(p) == run else real(p, mode))
+    monkeypatch.setattr(E, "load_run", lambda *a, **k: pytest.fail("the work started"))
+    for argv in (["eval", str(run)], ["recalibrate", str(run)]):
+        assert main(argv) == 2
+        line = err_line(capsys)
+        assert line.startswith(f"cascadenet: error: {run}: not writable") and "nothing was done" in line, line
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in tiny_run.iterdir())
+
+
+def test_nan_weights_are_named_with_their_file(tiny_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from cascadenet.models.checkpoint import read_metadata
+
+    run = copy_run(tiny_run, tmp_path / "r")
+    weights = run / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k in state if k.endswith("weight"))
+    state[name][0] = float("nan")
+    save_file(state, str(weights), metadata={k: json.dumps(v) for k, v in read_metadata(weights).items()})
+    assert main(["eval", str(run)]) == 2
+    line = err_line(capsys)
+    assert f"{weights}: {name} holds NaN or infinite values" in line, line
+
+
+def test_a_bad_image_in_a_streaming_worker_is_one_short_line(tmp_path, capsys):
+    data = image_folder(tmp_path / "d", 16)
+    bad = data / "train" / "a" / "0.png"
+    bad.write_bytes(b"not a png at all")
+    argv = ["train", "--dataset", "imagefolder", "--data-root", str(data), "--stream", "on", "--workers", "1",
+            "--image-size", "16", "--width", "4", "--epochs", "1", "--batch-size", "8", "--threads", "1",
+            "--out", str(tmp_path / "runs")]  # fmt: skip
+    assert main(argv) == 2
+    line = err_line(capsys)
+    assert "Traceback" not in line and "worker" not in line and len(line) < 300 and str(bad) in line, line
+
+
+def test_ctrl_c_while_the_command_imports_torch_is_quiet(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    p = subprocess.Popen([sys.executable, "-m", "cascadenet", "models"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    time.sleep(0.8)  # well inside `import torch` (a second or more)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and b"Traceback" not in err, err.decode()[-2000:]
+
+
+def test_long_recalibration_logs_its_progress(tiny_run, tmp_path, capsys, monkeypatch):
+    import cascadenet.utils.progress as P
+
+    run = copy_run(tiny_run, tmp_path / "r")
+    monkeypatch.setattr(P, "EVERY_S", 0.0)  # a line per batch
+    assert main(["recalibrate", str(run), "--batches", "3"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("recalibrate: 3 batches")]
+    assert lines and lines[0].startswith("recalibrate: 3 batches: 1/3 (33%) after") and "left" in lines[0], lines
+
+
+def test_a_refused_reproduction_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import cascadenet.experiments.reproduce as R
+
+    def refused(*a, **k):
+        raise ValueError("refused")
+
+    monkeypatch.setattr(R, "_reproduce_in", refused)
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(ValueError, match="refused"):
+        R.reproduce("synthetic", out=tmp_path / "keep" / "new" / "out", synthetic_size=32, threads=None)
+    assert list(tmp_path.iterdir()) == [tmp_path / "keep"] and list((tmp_path / "keep").iterdir()) == []

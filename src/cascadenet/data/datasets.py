@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils.memory import check_fits
+
 __all__ = [
     "check_test_classes",
     "DATASETS",
@@ -245,6 +247,8 @@ def resize_crop(images: Tensor, size: tuple[int, int]) -> Tensor:
     th, tw = size
     if (h, w) == (th, tw):
         return images
+    n, c = images.shape[:2]
+    check_fits(n * c * th * tw, f"{n} images resized to {th}x{tw}", "choose a smaller --image-size")
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     top, left = (nh - th) // 2, (nw - tw) // 2
@@ -577,6 +581,9 @@ def _synthetic(n: int, size: int, seed: int) -> ImageSet:
     random phase, colour and Gaussian noise: easy for a small CNN, impossible to memorise pixel by pixel."""
     if n < 1:
         raise DataError(f"--synthetic-size must be >= 1, got {n}")
+    # the images (uint8) and at least one float64 plane per image while drawing them
+    check_fits(n * size * size * (3 + 8), f"--synthetic-size {n} of {size}x{size} images",
+               "use fewer (--synthetic-size) or smaller (--image-size) images")  # fmt: skip
     # float64 throughout: 1-ulp differences between the SIMD and scalar paths of sin (which depend on the CPU and
     # on how the work is split across threads) must never flip a rounded pixel.
     g, f64 = torch.Generator().manual_seed(seed), torch.float64

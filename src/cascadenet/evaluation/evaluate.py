@@ -51,9 +51,9 @@ import torch
 from ..data.loader import iterate_batches
 from ..models.checkpoint import WEIGHTS, CheckpointError
 from ..runs.load import check_run_dir, load_run
-from ..utils.files import atomic_write, check_npz_output
+from ..utils.files import atomic_write, check_npz_output, check_writable
 from . import metrics
-from .logits import dataset_logits
+from .logits import check_logits_memory, dataset_logits
 
 __all__ = ["evaluate", "eval_filename", "format_table", "SPLITS"]
 
@@ -156,6 +156,7 @@ def _evaluate(
     model, ds, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
     run_options = _run_options(model, scheme, num_steps)
     input_size = tuple(ds.images.shape[1:])
+    check_logits_memory(model, len(ds), **run_options)  # before the costs, which walk every step too
     costs = model.exit_costs(input_size, **run_options)
     logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
                             desc="evaluate", **run_options)  # fmt: skip
@@ -224,6 +225,7 @@ def _check_options(
     """Check the options against each other and the run directory before any work; returns the logits file
     (None: not asked for)."""
     check_run_dir(run_dir)
+    check_writable(run_dir, "the evaluation (eval*.json)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):

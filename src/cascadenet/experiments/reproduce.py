@@ -26,11 +26,13 @@ resumed. So the command can be interrupted and run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -223,9 +225,19 @@ def _sweep_runs(budget: Budget, base: dict[str, Any], runs_dir: Path) -> dict[tu
 def _differences(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
     ignore = set(RESUMABLE) | {"progress", "out"}
     diff = {k: v for k, v in changed_options(stored, wanted).items() if k not in ignore}
+    # a reproduction's backbone, named inside the folder that moved (an older run stored it absolute)
+    if "init" in diff and _same_place(stored, wanted):
+        del diff["init"]
     if type(stored.model) is not type(wanted.model):
         diff["model"] = wanted.model.family
     return diff
+
+
+def _same_place(stored: TrainConfig, wanted: TrainConfig) -> bool:
+    """Both runs' --init name the same file relative to their --out folder."""
+    if not (isinstance(stored.init, str) and isinstance(wanted.init, str)):
+        return False
+    return os.path.relpath(stored.init, stored.out) == os.path.relpath(wanted.init, wanted.out)
 
 
 def train_or_reuse(cfg: TrainConfig) -> str:
@@ -349,7 +361,22 @@ def reproduce(
     probe = load_dataset(dataset, data_root, "test", synthetic_size=synthetic_size, seed=0)
     root = Path(out) / f"{dataset}-{budget}"
     runs_dir = root / "runs"
+    made = [p for p in (runs_dir, *runs_dir.parents) if not p.exists()]  # removed again if left empty
     runs_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _reproduce_in(root, runs_dir, probe, spec, dataset, data_root, seeds, budget, threads, device,
+                             progress, synthetic_size)  # fmt: skip
+    except BaseException:
+        for folder in made:  # deepest first: a refused or failed reproduction leaves no empty folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _reproduce_in(
+    root: Path, runs_dir: Path, probe: Any, spec: Budget, dataset: str, data_root: str | None, seeds: int,
+    budget: str, threads: int | None, device: str, progress: bool, synthetic_size: int | None,
+) -> Path:  # fmt: skip
     data_shape = (tuple(probe.images.shape[1:]), len(probe.classes))
     base = _shared_options(spec, dataset, data_root, synthetic_size, threads, device)
     started = time.perf_counter()

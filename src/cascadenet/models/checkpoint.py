@@ -9,6 +9,7 @@ pickle never runs), with one line saying that the file is not a cascadenet check
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..utils.files import atomic_write, first_sentence
 from .anytime import ModelConfig
+from .footprint import check_model_fits
 from .registry import config_from_dict
 
 __all__ = [
@@ -53,7 +55,11 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Save a training state (tensors, numbers, strings and containers of them) atomically."""
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
+    try:
+        torch.save({"format": FORMAT, **state}, buffer)
+    except RuntimeError as e:  # the serialiser's own failure to grow its buffer: memory ran out
+        raise OSError(errno.ENOMEM, f"not enough memory to serialise the checkpoint ({first_sentence(e)})",
+                      str(path)) from None  # fmt: skip
     atomic_write(path, buffer.getvalue())
 
 
@@ -136,6 +142,7 @@ def build_and_load(
     try:
         if not isinstance(config, ModelConfig):
             config = config_from_dict(config)
+        check_model_fits(config, 2, f"loading {source}")  # before allocating it (a damaged or hostile config)
         model = config.build()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: cannot rebuild the model from its stored configuration: {e}") from None

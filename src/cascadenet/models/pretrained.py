@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..utils.files import first_sentence
+from ..utils.files import check_writable, first_sentence
 from .anytime import ModelConfig
 from .blocks import BasicBlock, Bottleneck
 from .cascade import ARCHITECTURES, CascadeConfig, CascadedResNet
@@ -265,6 +265,7 @@ def convert_file(
         raise ValueError(f"-o {output}: the converted model is written as safetensors: name it *.safetensors")
     if not output.parent.is_dir():
         raise ValueError(f"-o {output}: the folder {output.parent} does not exist")
+    check_writable(output.parent, output.name)
     if options.get("num_steps") is not None and options.get("stem_delay", True) and options["num_steps"] < 2:
         # checked before reading the source: such a model's only output would ignore the input
         raise ValueError(

@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "check_resume_overrides",
     "changed_options",
+    "stored_paths",
 ]
 
 CONFIG = "config.json"
@@ -324,7 +325,11 @@ class TrainConfig:
         except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested beyond reason
             raise ConfigError(f"{path}: cannot read the configuration: not JSON ({first_sentence(e)})") from None
         if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+            relative = raw.get("relative_paths")
             raw = raw["train"]
+            if isinstance(relative, list) and "init" in relative and isinstance(raw.get("init"), str):
+                # stored relative to the run directory (it points into the folder of the run): movable with it
+                raw = {**raw, "init": os.path.normpath(Path(path).parent / raw["init"])}
             # a run written before --recalibrate-batches kept its running averages: resumed or replayed, it
             # computes what it did
             raw.setdefault("recalibrate_batches", 0)
@@ -377,6 +382,23 @@ def check_resume_overrides(overrides: dict[str, Any], stored: TrainConfig | None
     return {k: v for k, v in overrides.items() if k in RESUMABLE}
 
 
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def stored_paths(cfg: TrainConfig, run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """``cfg.to_dict()`` for a run's config.json, with ``init`` relative to ``run_dir`` where it points into the
+    folder that holds the run (a reproduction's own backbone run): the folder can then move or be copied. Returns
+    the dict and the names of the options stored relative (``relative_paths`` in config.json)."""
+    stored = cfg.to_dict()
+    if isinstance(cfg.init, str):
+        target, home = os.path.realpath(cfg.init), os.path.realpath(run_dir.parent)
+        if os.path.commonpath([target, home]) == home:
+            stored["init"] = os.path.relpath(target, os.path.realpath(run_dir))
+            return stored, ["init"]
+    return stored, []
+
+
 def _as_stored(name: str, value: Any) -> Any:
     """An option's value as the configuration stores it: held-out classes sorted (``3 1`` is the run ``1 3``)."""
     if name == "holdout_classes" and isinstance(value, list | tuple) and all(isinstance(c, int) for c in value):
@@ -389,4 +411,6 @@ def changed_options(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
     a, b = stored.options(), wanted.options()
     if b.get("stream") == "auto":  # a stored run holds what auto chose for it
         b.pop("stream")
+    if isinstance(a.get("init"), str) and isinstance(b.get("init"), str) and _same_file(a["init"], b["init"]):
+        b["init"] = a["init"]  # one file, named from two places
     return {k: v for k, v in b.items() if a.get(k) != v}

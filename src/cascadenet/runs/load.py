@@ -104,6 +104,7 @@ def _load_run(
     dev = resolve_device(device)
     model = load_model(run_dir if weights is None else run_dir / weights, map_location=dev)
     _check_model(run_dir, stored.get("model"), model.config)
+    _check_finite(model, run_dir / (weights or (WEIGHTS if finished else CHECKPOINT)))
 
     ds, val_set = split_data(cfg, data_root, split, with_val)
     check_compatible(ds, model.config.in_channels, model.config.num_classes)
@@ -117,6 +118,14 @@ def _load_run(
     amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
     val = None if val_set is None else val_set.to(dev)
     return LoadedRun(model, ds.to(dev), mean, std, amp, finished, val, record)
+
+
+def _check_finite(model: nn.Module, source: Path) -> None:
+    """Weights holding NaN or infinity would give NaN logits everywhere: named here, with the file."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: {name} holds NaN or infinite values (training diverged, or the file "
+                                  "is damaged): nothing meaningful to evaluate")  # fmt: skip
 
 
 def check_not_training(run_dir: Path) -> None:

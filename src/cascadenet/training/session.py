@@ -31,8 +31,9 @@ from ..data.loader import check_compatible, normalization, num_batches, train_va
 from ..models.anytime import ModelConfig
 from ..models.cascade import CascadedResNet
 from ..models.checkpoint import CHECKPOINT, CheckpointError, build_and_load, load_checkpoint
+from ..models.footprint import check_model_fits
 from ..models.pretrained import load_init, read_init
-from ..runs.config import CONFIG, ConfigError, TrainConfig, check_loss_fits, check_resume_overrides
+from ..runs.config import CONFIG, ConfigError, TrainConfig, check_loss_fits, check_resume_overrides, stored_paths
 from ..runs.lock import RunLock, clean_temporaries
 from ..utils.device import resolve_device
 from ..utils.files import atomic_write, first_sentence
@@ -515,6 +516,8 @@ def _build_model(cfg: TrainConfig, full: Any, from_checkpoint: bool) -> tuple[Tr
                                   f"{model_cfg.input_size} images, but the dataset's are {side}x{side}")  # fmt: skip
         cfg = dataclasses.replace(cfg, model=model_cfg)
         check_loss_fits(cfg.loss, cfg.model)  # the file decides the model
+    # weights, gradients, optimizer state and the checkpoint's serialised copy of both: before building it
+    check_model_fits(cfg.model, 6, "training this model")
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     if initial is not None:
@@ -557,8 +560,9 @@ def _write_config(s: _Session, full: Any, processes: int) -> None:
     """The run directory's first write: config.json, the resolved configuration with the normalisation, the class
     names and what the data was."""
     described = {"examples": len(full), "shape": data_shape(full), "classes": full.num_classes}
-    stored_payload = {"train": s.cfg.to_dict(), "model": s.cfg.model.to_dict(), **s.extra, "data": described,
-                      "processes": processes}  # fmt: skip
+    train, relative = stored_paths(s.cfg, s.run_dir)
+    stored_payload = {"train": train, "model": s.cfg.model.to_dict(), **s.extra, "data": described,
+                      "processes": processes, **({"relative_paths": relative} if relative else {})}  # fmt: skip
     _write(s, lambda: atomic_write(s.run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
 
 
