@@ -266,6 +266,8 @@ def test_analyses_of_an_unfinished_run_refuse_and_eval_says_it(tiny_run, tmp_pat
     assert "NOT FINISHED TRAINING" in out and "2 epoch(s) done" in out
     result = json.loads((run / "eval.json").read_text())
     assert result["finished_training"] is False and result["checkpoint_epoch"] == 2
+    assert main(["plot", str(run), "-o", str(tmp_path / "f.png")]) == 0
+    assert "before it finished training" in capsys.readouterr().err
     # training resumed: the evaluation of the checkpoint is removed, none describes other weights than the final
     train(resume=run)
     assert (run / "model.safetensors").is_file() and not (run / "eval.json").exists()

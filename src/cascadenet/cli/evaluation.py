@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -154,7 +155,13 @@ class PlotCommand:
             if not path.is_file():
                 raise CheckpointError(f"{path}: no evaluation here; run `cascadenet eval {run}` first")
             try:
-                results.append((Path(run).name, json.loads(path.read_text())))
+                result = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{path}: not a readable evaluation: {e}") from None
+            name = Path(run).name
+            if isinstance(result, dict) and result.get("finished_training") is False:  # said, in the figure too
+                print(f"warning: {path} evaluated {run} before it finished training (its last checkpoint)",
+                      file=sys.stderr)  # fmt: skip
+                name += " (unfinished)"
+            results.append((name, result))
         print(plot_runs(results, self.output, title=self.title, overwrite=self.overwrite))
