@@ -134,7 +134,7 @@ def make_bound(model, x, train: bool):
 def fwd_bwd(model, x, y):
     """Forward (trajectory), TD loss, backward: a training step without the optimizer."""
     model.zero_grad(set_to_none=True)
-    td_loss(model(x), y, 0.5).backward()
+    td_loss(model(x), y, 0.5, first_step=1).backward()
 
 
 def sync(device):
@@ -144,7 +144,7 @@ def sync(device):
 
 def train_step(model, opt, x, y, method):
     opt.zero_grad(set_to_none=True)
-    td_loss(model(x, method=method), y, 0.5).backward()
+    td_loss(model(x, method=method), y, 0.5, first_step=1).backward()
     opt.step()
 
 

@@ -47,7 +47,7 @@ def main() -> None:
 
     def train_step() -> None:
         model.zero_grad(set_to_none=True)
-        td_loss(model(x), y, 0.5).backward()
+        td_loss(model(x), y, 0.5, first_step=1).backward()
 
     model.train()
     for _ in range(2):

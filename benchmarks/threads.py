@@ -35,7 +35,7 @@ def child(args) -> None:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        td_loss(model(x), y, 0.5).backward()
+        td_loss(model(x), y, 0.5, first_step=1).backward()
         opt.step()
 
     for _ in range(args.warmup):

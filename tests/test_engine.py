@@ -56,7 +56,7 @@ def compare(model, x, scheme=None, num_steps=None, train=True):
             m = copy.deepcopy(model).to(dtype).train(train)
             z = m(x.to(dtype), scheme=scheme, num_steps=num_steps, method=method)
             if dtype == torch.float64:
-                td_loss(z, y, 0.5).backward()
+                td_loss(z, y, 0.5, first_step=1).backward()
             runs[dtype, method] = (m, z)
     (ea, ez), (la, lz) = runs[torch.float32, "engine"], runs[torch.float32, "loop"]
     assert ez.shape == lz.shape
@@ -122,8 +122,8 @@ def test_float32_gradients_agree_to_rounding():
     perturb(model)
     a, b = model, copy.deepcopy(model)
     x, y = torch.randn(4, 3, 16, 16), torch.arange(4)
-    td_loss(a(x), y, 0.5).backward()
-    td_loss(b(x, method="loop"), y, 0.5).backward()
+    td_loss(a(x), y, 0.5, first_step=1).backward()
+    td_loss(b(x, method="loop"), y, 0.5, first_step=1).backward()
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=2e-3 * q.grad.abs().max().item())
 
@@ -217,7 +217,7 @@ def test_engine_under_bf16_autocast_and_channels_last():
         assert za.shape == zb.shape and torch.isfinite(za).all()
         assert (za.float() - zb.float()).abs().max() < 0.1  # bf16 has 8 bits of mantissa
         if train:
-            td_loss(za, y, 0.5).backward()
+            td_loss(za, y, 0.5, first_step=1).backward()
             assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in a.parameters())
 
 

@@ -60,8 +60,8 @@ def test_td_loss_property(T, B, C, lam, smooth, seed):
 def test_lambda_one_is_cross_entropy_at_every_step():
     logits, targets = torch.randn(6, 8, 5), torch.randint(0, 5, (8,))
     per_step = sum(F.cross_entropy(logits[t], targets) for t in range(1, 6))
-    assert torch.allclose(td_loss(logits, targets, 1.0), per_step, atol=1e-5)
-    assert torch.allclose(stepwise_ce(logits, targets), per_step, atol=1e-5)
+    assert torch.allclose(td_loss(logits, targets, 1.0, first_step=1), per_step, atol=1e-5)
+    assert torch.allclose(stepwise_ce(logits, targets, first_step=1), per_step, atol=1e-5)
 
 
 def test_lambda_zero_bootstraps_from_the_next_step():
@@ -80,9 +80,9 @@ def test_bad_inputs():
     logits, targets = torch.randn(3, 2, 4), torch.tensor([1, 3])
     for lam in (-0.1, 1.5):
         with pytest.raises(ValueError, match="lambda"):
-            td_loss(logits, targets, lam)
+            td_loss(logits, targets, lam, first_step=1)
     with pytest.raises(ValueError, match=r"\(T, B, C\)"):
-        td_loss(logits[0], targets, 0.5)
+        td_loss(logits[0], targets, 0.5, first_step=1)
     with pytest.raises(ValueError, match="first_step"):
         td_loss(logits, targets, 0.5, first_step=3)
     with pytest.raises(ValueError, match="label_smoothing"):
@@ -100,6 +100,18 @@ def test_losses_keep_float64_and_upcast_bf16():
     """A float64 model trains in float64 throughout (the distributed equivalence test relies on it); bf16 logits
     (autocast) are computed in float32."""
     logits, targets = torch.randn(4, 3, 5, dtype=torch.float64), torch.tensor([0, 2, 4])
-    for loss in (td_loss(logits, targets, 0.5), stepwise_ce(logits, targets), final_ce(logits[-1], targets)):
+    losses = (td_loss(logits, targets, 0.5, first_step=1), stepwise_ce(logits, targets, first_step=1))
+    for loss in (*losses, final_ce(logits[-1], targets)):
         assert loss.dtype == torch.float64
-    assert td_loss(logits.bfloat16(), targets, 0.5).dtype == torch.float32
+    assert td_loss(logits.bfloat16(), targets, 0.5, first_step=1).dtype == torch.float32
+
+
+def test_first_step_is_required_and_the_loss_is_summed_over_steps_averaged_over_the_batch():
+    logits, targets = torch.randn(4, 6, 3), torch.randint(0, 3, (6,))
+    with pytest.raises(TypeError, match="first_step"):
+        td_loss(logits, targets, 0.5)  # no default: a cascade without the stem delay needs 0, the default one 1
+    with pytest.raises(TypeError, match="first_step"):
+        stepwise_ce(logits, targets)
+    per = torch.stack([F.cross_entropy(logits[t], targets) for t in range(4)])  # each a batch mean
+    assert torch.allclose(stepwise_ce(logits, targets, first_step=0), per.sum(), atol=1e-5)
+    assert torch.allclose(stepwise_ce(logits, targets, first_step=1), per[1:].sum(), atol=1e-5)

@@ -580,3 +580,44 @@ def test_budgeted_curve_matches_the_reference_code(seed: int) -> None:
         assert sum(fractions) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="differ"):
         budgeted_curve(val[:1], test, labels, costs)
+
+
+def test_absolute_cost_auc_shares_one_axis():
+    from cascadenet.evaluation.metrics import absolute_cost_auc
+
+    # exits at 2 and 4 with accuracies 0.6 and 0.8, 10 classes, range [0, 8]: chance over [0, 2], 0.6 over [2, 4],
+    # the last answer held over [4, 8]
+    assert absolute_cost_auc([0.6, 0.8], [2, 4], 10, 8) == pytest.approx((0.1 * 2 + 0.6 * 2 + 0.8 * 4) / 8)
+    # on its own range it is cost_auc
+    assert absolute_cost_auc([0.6, 0.8], [2, 4], 10, 4) == pytest.approx(cost_auc([0.6, 0.8], [2, 4], 10))
+    # a range shorter than the model: exits beyond it never arrive
+    assert absolute_cost_auc([0.6, 0.8], [2, 4], 10, 3) == pytest.approx((0.1 * 2 + 0.6 * 1) / 3)
+    assert absolute_cost_auc([0.6, 0.8], [2, 4], 10, 1) == pytest.approx(0.1)
+    # the own-normalised area rewards a model that spends more; the shared axis does not: B is A at twice the cost
+    a, b = ([0.5, 0.9], [1, 2]), ([0.5, 0.9], [2, 4])
+    assert cost_auc(*a, 10) == cost_auc(*b, 10)
+    assert absolute_cost_auc(*a, 10, 4) > absolute_cost_auc(*b, 10, 4)
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="max_cost must be a finite number > 0"):
+            absolute_cost_auc([0.5], [1], 10, bad)
+
+
+def test_fallback_last_or_most_confident():
+    from cascadenet.evaluation.metrics import apply_thresholds, budgeted_curve, threshold_curve
+
+    # one example, three exits: confident and right at exit 0 (0.7 < the threshold 0.9), unsure and wrong at 1, 2
+    logits = np.log(np.array([[[0.7, 0.3]], [[0.4, 0.6]], [[0.45, 0.55]]]))
+    labels = np.array([0])
+    last = apply_thresholds(logits, labels, [0.9, 0.9, -np.inf], [1, 2, 3])
+    assert last["accuracy"] == 0.0 and last["exit_fractions"] == [0, 0, 1]  # exits at the last, answers with it
+    conf = apply_thresholds(logits, labels, [0.9, 0.9, np.inf], [1, 2, 3], fallback="most-confident")
+    assert conf["accuracy"] == 1.0 and conf["mean_cost"] == 3.0  # answers with exit 0, having paid for all three
+    curve = threshold_curve(logits, labels, [0.95], fallback="most-confident")
+    assert curve["accuracy"] == [1.0] and curve["mean_step"] == [2.0]
+    assert threshold_curve(logits, labels, [0.95])["accuracy"] == [0.0]
+    # exits before first_exit are never the answer
+    assert threshold_curve(logits, labels, [0.95], first_step=1, fallback="most-confident")["accuracy"] == [0.0]
+    assert budgeted_curve(logits, logits, labels, [1, 2, 3], q=[1.0], first_exit=1, fallback="most-confident")[
+        "accuracy"] == [0.0]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown fallback 'first'"):
+        apply_thresholds(logits, labels, [0.9, 0.9, 0.9], [1, 2, 3], fallback="first")

@@ -18,7 +18,7 @@ from cascadenet.data.datasets import DataError
 from cascadenet.experiments.reproduce import ENTRIES, Budget, reproduce
 
 TINY = Budget(description="tiny", arch="resnet10", width=4, stem="cifar_pool", epochs=2, batch_size=32,
-              max_batches=2, warmup_epochs=0.5, sweep=(0.0, 1.0))  # fmt: skip
+              max_batches=2, warmup_epochs=0.5, sweep=(0.0, 1.0), tuning_seeds=1)  # fmt: skip
 
 
 def _run(out, **kw):
@@ -51,12 +51,31 @@ def test_reproduce_end_to_end_reuse_resume_and_refusal(tmp_path, monkeypatch):
         assert len(record["per_seed"][entry.key]) == 1
     how = record["how"]
     assert sorted(how.values()).count("resumed") == 1  # the interrupted run went on from its checkpoint
-    # lambda chosen among the sweep's values, by validation AUC, and the seed-0 run at that lambda is the sweep's
-    chosen = record["lambda_chosen"]
-    sweep = {(r["model"], r["lam"]): r["val_anytime_auc"] for r in record["lambda_sweep"]}
-    best = max((0.0, 1.0), key=lambda lam: (sweep["cascaded-td", lam], -lam))
-    assert chosen["parallel (CascadedTD, CascadedTD-MultiHead)"] == best
+    # an equal tuning budget: every trained model offered two configurations, chosen by validation MACs AUC, and
+    # the reported seed-0 run is the tuning run of the chosen value
+    tuning = record["tuning"]
+    assert set(tuning) == {"cascaded-td", "cascaded-td-mh", "serial-td", "serial-td-mh", "ce", "sdn", "sdn-ic-only",
+                           "sdn-stem", "msdnet"}  # fmt: skip
+    assert {len(t["offered"]) for t in tuning.values()} == {2}
+    assert tuning["ce"]["option"] == "lr" and tuning["ce"]["offered"] == [0.1, 0.05]
+    assert tuning["sdn-ic-only"]["offered"] == [1e-3, 5e-4]
+    td = tuning["cascaded-td"]
+    aucs = {r["value"]: r["val_macs_auc"] for r in td["rows"]}
+    best = max((0.0, 1.0), key=lambda lam: (aucs[lam], -lam))
+    assert td["chosen"] == best
     assert record["models"]["cascaded-td"]["runs"] == [f"runs/cascaded-td-lam{best:g}-s0"]
+    # the headline statistics: CascadedTD against each headline model at every block latency, paired over seeds
+    # and bootstrapped over test examples
+    stats = record["statistics"]
+    assert {r["b"] for r in stats} == {"cascaded-ce", "sdn", "sdn-stem", "msdnet", "serial-td-mh"}
+    assert {r["axis"] for r in stats} == {"latency_blocks", "latency_layers", "macs"}
+    first = next(r for r in stats if r["b"] == "sdn" and r["axis"] == "latency_blocks" and r["budget"] == 1.0)
+    assert first["bootstrap"]["low"] <= first["bootstrap"]["difference"] <= first["bootstrap"]["high"]
+    assert "Is the difference real?" in text
+    # the stem-IC SDN has one exit more than SDN, at one block unit
+    assert record["per_seed"]["sdn-stem"][0]["parallel_latency_blocks"][0] == 1.0
+    assert len(record["per_seed"]["sdn-stem"][0]["accuracy_per_step"]) == len(
+        record["per_seed"]["sdn"][0]["accuracy_per_step"]) + 1  # fmt: skip
     # CascadedCE and SerialCE are one training evaluated in two schemes
     assert record["models"]["cascaded-ce"]["runs"] == record["models"]["serial-ce"]["runs"]
     assert record["per_seed"]["serial-ce"][0]["scheme"] == "serial"
@@ -85,6 +104,10 @@ def test_reproduce_refuses_bad_arguments(tmp_path):
         reproduce("synthetic", budget="huge", out=tmp_path)
     with pytest.raises(ValueError, match="--seeds must be a positive integer"):
         reproduce("synthetic", seeds=0, out=tmp_path)
+    with pytest.raises(ValueError, match="unknown --models resnet"):
+        reproduce("synthetic", models=("resnet",), out=tmp_path)
+    with pytest.raises(ValueError, match="the same number of configurations"):
+        reproduce("synthetic", recipe=Budget(**{**TINY.__dict__, "lrs": (0.1,)}), out=tmp_path)
     with pytest.raises(DataError):
         reproduce("cifar10", data_root=str(tmp_path / "nowhere"), out=tmp_path)
     assert not any(tmp_path.iterdir())

@@ -40,6 +40,25 @@ def test_exit_costs_are_the_hand_count_of_the_docs():
         model.exit_costs((1, 32, 32))
 
 
+def test_an_ic_after_the_stem_is_an_exit_one_unit_deep():
+    # ic_after 0: an internal classifier on the stem's output (after its ReLU), 4 channels of 28x28, kernel 7
+    model = SDN(SDNConfig(arch="resnet10", width=4, num_classes=10, in_channels=1, input_size=28, ic_after=(0, 1, 3)))
+    costs = model.exit_costs((1, 28, 28))
+    IC0 = 4 * 4 * 4 * 10  # pooled to 4x4, 4 channels, 10 classes
+    assert costs.macs == [STEM + IC0, STEM + B1 + IC0 + IC1, STEM + B1 + B2 + B3 + IC0 + IC1 + IC2,
+                          STEM + B1 + B2 + B3 + B4 + IC0 + IC1 + IC2 + HEAD]  # fmt: skip
+    assert costs.latency == [1.0, 2.0, 4.0, 5.0]
+    model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    seen = []
+    model.ics[0].register_forward_hook(lambda m, inputs, output: seen.append(inputs[0]))
+    out = model(x)
+    assert out.shape == (4, 2, 10) and torch.equal(seen[0], model.stem(x, None))
+    assert torch.equal(model.feedforward(x), out[-1])
+    # the default placement never puts an IC on the stem
+    assert 0 not in cn.create_model("sdn-resnet10", width=4).ic_after
+
+
 def test_forward_shapes_exits_and_the_ic_input():
     model = SDN(HAND).eval()
     x = torch.randn(3, 1, 28, 28)
@@ -85,11 +104,16 @@ def test_default_placement_is_nearest_to_the_cost_fractions():
     model = cn.create_model("sdn-resnet18", width=4, num_classes=10)
     assert model.ic_after == (1, 2, 3, 5, 6, 7) and model.config.ic_after is None  # 32x32, 8 blocks
     assert cn.create_model("sdn-resnet10", width=4).ic_after == (1, 2, 3)
+    # docs/baselines.md: the placement depends on the width and the stem
+    placed = {(w, stem): cn.create_model("sdn-resnet18", width=w, stem=stem).ic_after
+              for w, stem in ((8, "cifar"), (16, "cifar"), (64, "cifar"), (8, "cifar_pool"))}  # fmt: skip
+    assert placed == {(8, "cifar"): (1, 2, 3, 5, 6, 7), (16, "cifar"): (1, 2, 3, 5, 6, 7),
+                      (64, "cifar"): (1, 2, 4, 5, 6, 7), (8, "cifar_pool"): (1, 2, 3, 4, 6, 7)}  # fmt: skip
 
 
 def test_config_validation_and_stored_form(tmp_path):
-    for bad in [(0,), (4,), (2, 1), (1, 1), (1.5,)]:
-        with pytest.raises(ValueError, match="ic_after must list increasing residual blocks in 1..3"):
+    for bad in [(-1,), (4,), (2, 1), (1, 1), (1.5,)]:
+        with pytest.raises(ValueError, match="ic_after must list increasing residual blocks in 0..3"):
             SDNConfig(arch="resnet10", ic_after=bad)
     with pytest.raises(ValueError, match="unknown model 'resnet11'"):
         SDNConfig(arch="resnet11")

@@ -49,6 +49,9 @@ class ReproduceCommand:
     """small: ResNet-10 width 8, 3 short epochs (2 CPU cores); full: the paper's recipe (ResNet-18, 150 epochs)."""
     out: str = "runs/reproduce"
     """Parent folder of the runs and the report."""
+    models: tuple[str, ...] | None = None
+    """Reproduce only these rows (cascaded-td, cascaded-td-mh, serial-td, serial-td-mh, cascaded-ce, serial-ce,
+    sdn, sdn-ic-only, sdn-stem, msdnet; CascadedTD is always included); default: all."""
     data_root: DataRoot = None
     device: Device = "auto"
     threads: Threads = 2
@@ -59,5 +62,5 @@ class ReproduceCommand:
 
         report = reproduce(self.dataset, data_root=self.data_root, seeds=self.seeds, budget=self.budget,
                            out=self.out, threads=self.threads, device=self.device,
-                           progress=progress_of(self.progress))  # fmt: skip
+                           progress=progress_of(self.progress), models=self.models)  # fmt: skip
         print(f"report: {report}")

@@ -28,8 +28,20 @@ Definitions (also in the README); "step" means exit (a cascade's exit t is its s
   accuracy; steps to 50% / 95% accuracy: the first step reaching that absolute accuracy (with its MACs and
   latency), null if none does;
 - MACs: serial hardware, cumulative multiply-accumulates per example to produce steps 0..t (each distinct
-  state computed once); parallel hardware, latency in blocks (one block per step; a stem-delayed cascade's step
-  t at t).
+  state computed once); parallel hardware, two latency models computed from the model's structure
+  (``cascadenet.models.latency``): ``parallel_latency_blocks``, the paper's block units (the stem and each block one
+  unit; a stem-delayed cascade's step t at t), and ``latency_layers``, the critical path in layers (every conv
+  one unit, skip projections counted, parallel paths the max, the exit's linear read-out not counted; ResNet-10's
+  cascade steps 1..5 at 4, 6, 7, 8, 9), null for a family whose structure is unknown;
+- absolute MACs AUC (``absolute_macs_auc``): the area against absolute MACs over [0, reference] (the
+  ``reference_macs`` given, else the model's own full cost), chance before the first exit and the last answer
+  held after the last; with one reference for every model compared, the areas share one axis. The MACs and
+  latency AUCs above are each normalised by the model's own full cost: they describe one model, and are not
+  comparable across models whose costs differ;
+- ``ic_after``: an SDN's internal classifiers as placed (its rule resolved at the input size), else null;
+- ``fallback``: what an example that no threshold stops answers in the threshold policy and the budgeted batch:
+  ``last`` (the last exit's answer; SDN's reference code answers with the most confident exit, which
+  ``metrics`` offers as ``fallback="most-confident"``).
 
 Only the anytime-model interface (``cascadenet.models.anytime``) is used, so any model family evaluates the same way and
 writes the same eval.json ("step" there means exit). What a family lacks is null: ``feedforward_accuracy`` and
@@ -50,6 +62,7 @@ import torch
 
 from ..data.loader import iterate_batches
 from ..models.checkpoint import WEIGHTS, CheckpointError
+from ..models.latency import critical_path
 from ..runs.load import check_run_dir, load_run
 from ..utils.files import atomic_write, check_npz_output, check_writable
 from . import metrics
@@ -171,6 +184,11 @@ def _evaluate(
     model_scheme = getattr(model, "scheme", None)
     cost_metrics = metrics.cost_summary(summary["accuracy_per_step"], costs.macs, costs.latency,
                                         model.config.num_classes, reference_macs=reference_macs)  # fmt: skip
+    layers = critical_path(model, input_size, "layers", **run_options)
+    full = reference_macs if reference_macs is not None else costs.macs[-1]
+    absolute = metrics.absolute_cost_auc(summary["accuracy_per_step"], costs.macs, model.config.num_classes,
+                                         full) if full > 0 else None  # fmt: skip
+    ic_after = getattr(model, "ic_after", None)
     result = {
         "run": run_dir.name,
         "split": split,
@@ -183,9 +201,14 @@ def _evaluate(
         "feedforward_accuracy": ff_accuracy,
         "macs_per_step": costs.macs,
         "parallel_latency_blocks": costs.latency,
+        "latency_layers": layers,
         "macs_feedforward": ff_macs,
+        "ic_after": list(ic_after) if ic_after is not None else None,
         "model": model.config.to_dict(),
         **cost_metrics,
+        "absolute_macs_auc": absolute,
+        # what an example that no threshold stops answers (threshold policy, budgeted batch): metrics.FALLBACKS
+        "fallback": "last",
         "budgeted_batch": budgeted,
     }
     if save_logits is not None:  # atomically, and never over a file that appeared meanwhile unless --overwrite

@@ -8,10 +8,14 @@ Three areas summarise a trajectory (evaluate.py's docstring and the README defin
 
 - ``anytime_auc``: trapezoid of accuracy against ``t / (T - 1)``; kept as the first release defined it, but it
   treats every step as equally expensive, so it cannot compare models whose exits cost different amounts;
-- ``cost_auc`` on cumulative serial MACs and on parallel latency, each normalised by the model's own last exit:
-  the area under "at budget b you hold the answer of the last exit completed within b; before the first exit,
-  chance (1 / num_classes)", a step function. This is the fair comparison across families: a multi-exit network
-  whose first exit costs 15% of the network is at chance for the first 15% of the axis.
+- ``absolute_cost_auc``: the area under "at budget b you hold the answer of the last exit completed within b;
+  before the first exit, chance (1 / num_classes); after the last exit, its answer" over one absolute range
+  [0, max_cost] shared by every model compared (e.g. the largest full cost among them), divided by max_cost.
+  This is the comparison across models and families: every model is judged on the same axis, and a model that
+  spends more is not rewarded for stretching its own.
+- ``cost_auc``: the same step function over the model's own range [0, its last exit's cost], normalised by that
+  cost. Each model gets its own axis, so it describes one model's shape and must not be compared across models
+  whose full costs differ (a model that spends more stretches its axis and looks better).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 
 __all__ = [
     "BUDGET_Q",
+    "FALLBACKS",
+    "absolute_cost_auc",
     "accuracy_at_budgets",
     "anytime_auc",
     "apply_thresholds",
@@ -40,6 +46,11 @@ __all__ = [
     "threshold_auc",
     "threshold_curve",
 ]
+
+# What an example that passes no exit's threshold answers: the last exit's prediction (this project's default,
+# and what every report uses), or the prediction of its most confident exit (SDN's reference code). Either way it
+# has run every exit, so its cost is the last exit's.
+FALLBACKS = ("last", "most-confident")
 
 # The budgeted-batch protocol's grid (MSDNet, adaptive_inference.py): q = p / 20 for p = 1..39, so exit
 # fractions range from "almost everyone at the first exit" (q = 0.05) to "almost everyone at the last" (1.95).
@@ -236,7 +247,15 @@ def anytime_auc(accuracy_per_step: Any) -> float:
     return _trapezoid(acc, normalized_time(acc.size))
 
 
-def threshold_curve(logits: Any, labels: Any, thresholds: Any = None, first_step: int = 0) -> dict[str, list[float]]:
+def _check_fallback(fallback: str) -> str:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; valid choices: {', '.join(FALLBACKS)}")
+    return fallback
+
+
+def threshold_curve(
+    logits: Any, labels: Any, thresholds: Any = None, first_step: int = 0, fallback: str = "last"
+) -> dict[str, list[float]]:
     """Speed-accuracy trade-off of the confidence-threshold stopping policy.
 
     For each threshold q, every example stops at the first step whose max softmax probability is >= q, or at the last
@@ -250,6 +269,8 @@ def threshold_curve(logits: Any, labels: Any, thresholds: Any = None, first_step
         first_step: The policy may not stop before this step. Steps whose output cannot depend on the input (step 0
             of a cascade whose stem is delayed) give the same, possibly confident, answer for every example;
             stopping there would be answering before looking.
+        fallback: the answer of an example no step stops (``FALLBACKS``): the last step's (default) or that of its
+            most confident step from ``first_step`` on (SDN's reference); it stops at the last step either way.
 
     Returns:
         {"thresholds", "mean_step", "accuracy"}: per threshold, the threshold, the mean stopping step (0-based, in
@@ -263,15 +284,20 @@ def threshold_curve(logits: Any, labels: Any, thresholds: Any = None, first_step
     num_steps, num_examples = logits.shape[:2]
     if not 0 <= first_step < num_steps:
         raise ValueError(f"first_step must be in [0, {num_steps}), got {first_step}")
+    _check_fallback(fallback)
     correct = logits.argmax(axis=2) == labels  # (T, N)
-    running_conf = np.maximum.accumulate(_max_softmax(logits[first_step:]), axis=0)  # (T - first_step, N)
+    conf = _max_softmax(logits[first_step:])  # (T - first_step, N)
+    running_conf = np.maximum.accumulate(conf, axis=0)
     examples = np.arange(num_examples)
+    confident = first_step + conf.argmax(axis=0)  # each example's most confident step
 
     mean_step, accuracy = [], []
     for threshold in q:
+        passes = running_conf[-1] >= threshold  # some step stops the example
         stop = first_step + np.minimum((running_conf < threshold).sum(axis=0), num_steps - 1 - first_step)  # (N,)
+        answer = stop if fallback == "last" else np.where(passes, stop, confident)
         mean_step.append(float(stop.mean()))
-        accuracy.append(float(correct[stop, examples].mean()))
+        accuracy.append(float(correct[answer, examples].mean()))
     return {"thresholds": [float(t) for t in q], "mean_step": mean_step, "accuracy": accuracy}
 
 
@@ -414,6 +440,40 @@ def cost_auc(accuracy_per_step: Any, costs: Any, num_classes: int) -> float:
         return float(acc[-1])
     c = c / c[-1]
     return float(chance * c[0] + np.sum(acc[:-1] * np.diff(c)))
+
+
+def absolute_cost_auc(accuracy_per_step: Any, costs: Any, num_classes: int, max_cost: float) -> float:
+    """Area under anytime accuracy against absolute cost over [0, max_cost], divided by max_cost.
+
+    At budget b you hold the answer of the last exit completed within b (cost <= b); before the first exit,
+    chance (1 / num_classes); after the last exit, the last exit's answer. Exits beyond ``max_cost`` are never
+    reached. With one ``max_cost`` for every model compared, the areas share one axis (unlike ``cost_auc``).
+    ``absolute_cost_auc(acc, c, n, c[-1]) == cost_auc(acc, c, n)`` when the last exit costs more than 0.
+
+    Args:
+        accuracy_per_step: Accuracy in [0, 1] at each step, shape (T,).
+        costs: Cumulative cost of each step (MACs, latency), non-decreasing, shape (T,).
+        num_classes: Number of classes.
+        max_cost: The end of the shared range, a finite number > 0.
+
+    Returns:
+        The area, in [0, 1].
+
+    Raises:
+        ValueError: If the inputs are malformed or max_cost is not a finite number > 0.
+    """
+    acc = _check_accuracy(accuracy_per_step)
+    c = _check_costs(costs, acc.size)
+    chance = 1.0 / _check_num_classes(num_classes)
+    if (
+        isinstance(max_cost, bool)
+        or not isinstance(max_cost, (int, float, np.number))
+        or not (np.isfinite(max_cost) and max_cost > 0)
+    ):
+        raise ValueError(f"max_cost must be a finite number > 0, got {max_cost!r}")
+    m = float(max_cost)
+    x = np.minimum(np.append(c, max(m, c[-1])), m)  # each exit's start, clipped to the range; the last held to m
+    return float((chance * x[0] + np.sum(acc * np.diff(x))) / m)
 
 
 def first_step_reaching(accuracy_per_step: Any, target: float) -> int | None:
@@ -570,9 +630,12 @@ def _fit_thresholds(conf: np.ndarray, q: float, first_exit: int) -> np.ndarray:
     return thresholds
 
 
-def apply_thresholds(test_logits: Any, labels: Any, thresholds: Any, costs: Any) -> dict[str, Any]:
+def apply_thresholds(
+    test_logits: Any, labels: Any, thresholds: Any, costs: Any, fallback: str = "last"
+) -> dict[str, Any]:
     """Each example exits at the first exit whose confidence (max softmax) is >= its threshold and answers with
-    that exit's argmax; an example that passes none exits at the last exit.
+    that exit's argmax; an example that passes none exits at the last exit and answers with the last exit's
+    argmax (``fallback="last"``, the default) or its most confident exit's (``"most-confident"``, SDN's reference).
 
     Args:
         test_logits: Trajectory of shape (K, N, C).
@@ -593,15 +656,21 @@ def apply_thresholds(test_logits: Any, labels: Any, thresholds: Any, costs: Any)
     if t.shape != (num_exits,) or np.any(np.isnan(t)):
         raise ValueError(f"thresholds must be {num_exits} numbers (one per exit, no NaN), got {t.tolist()}")
     c = _check_costs(costs, num_exits, monotone=False)
-    return _apply(_max_softmax(logits), logits.argmax(axis=2), labels, t, c)
+    return _apply(_max_softmax(logits), logits.argmax(axis=2), labels, t, c, _check_fallback(fallback))
 
 
-def _apply(conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, t: np.ndarray, c: np.ndarray) -> dict[str, Any]:
-    """apply_thresholds on the (K, N) confidences and predictions."""
+def _apply(
+    conf: np.ndarray, pred: np.ndarray, labels: np.ndarray, t: np.ndarray, c: np.ndarray, fallback: str = "last",
+    first_exit: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """apply_thresholds on the (K, N) confidences and predictions (the most confident fallback chooses among the
+    exits from ``first_exit`` on)."""
     num_exits, n = conf.shape
     passes = conf >= t[:, None]  # (K, N)
-    exit_at = np.where(passes.any(axis=0), passes.argmax(axis=0), num_exits - 1)  # (N,)
-    correct = pred[exit_at, np.arange(n)] == labels
+    any_pass = passes.any(axis=0)
+    exit_at = np.where(any_pass, passes.argmax(axis=0), num_exits - 1)  # (N,)
+    answer = exit_at if fallback == "last" else np.where(any_pass, exit_at, first_exit + conf[first_exit:].argmax(0))
+    correct = pred[answer, np.arange(n)] == labels
     fractions = np.bincount(exit_at, minlength=num_exits) / n
     return {
         "accuracy": float(correct.mean()),
@@ -618,6 +687,7 @@ def budgeted_curve(
     *,
     first_exit: int = 0,
     q: Any = BUDGET_Q,
+    fallback: str = "last",
 ) -> dict[str, list]:
     """The budgeted-batch accuracy/cost curve: for each q, thresholds fitted on ``val_logits``
     (fit_budget_thresholds), applied to the test split (apply_thresholds).
@@ -629,6 +699,7 @@ def budgeted_curve(
         costs: Cumulative cost of each exit, shape (K,).
         first_exit: Exits before it are never taken (see fit_budget_thresholds).
         q: The ratios, by default the protocol's p / 20 for p = 1..39.
+        fallback: what an example that passes no threshold answers (``FALLBACKS``; see apply_thresholds).
 
     Returns:
         {"q", "accuracy", "mean_cost", "exit_fractions"}: per q, the test accuracy, the mean cost per example and
@@ -645,12 +716,14 @@ def budgeted_curve(
             f"{(test.shape[0], test.shape[2])}"
         )
     c = _check_costs(costs, test.shape[0], monotone=False)
+    _check_fallback(fallback)
     qs = np.asarray(q, dtype=np.float64).reshape(-1)
     # the confidences once, not once per q
     val_conf, test_conf, test_pred = _max_softmax(val), _max_softmax(test), test.argmax(axis=2)
     out: dict[str, list] = {"q": [], "accuracy": [], "mean_cost": [], "exit_fractions": []}
     for ratio in qs:
-        point = _apply(test_conf, test_pred, labels, _fit_thresholds(val_conf, float(ratio), first_exit), c)
+        thresholds = _fit_thresholds(val_conf, float(ratio), first_exit)
+        point = _apply(test_conf, test_pred, labels, thresholds, c, fallback, first_exit)
         out["q"].append(float(ratio))
         out["accuracy"].append(point["accuracy"])
         out["mean_cost"].append(point["mean_cost"])

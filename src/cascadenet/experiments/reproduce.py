@@ -12,11 +12,15 @@ What it trains (every run with the same epochs, schedule, optimizer and augmenta
 | CascadedCE / SerialCE | one ordinary ResNet, run as a cascade / serially at test time | feed-forward CE |
 | SDN | internal classifiers on the same ResNet backbone (Kaya et al. 2019) | weighted per-exit CE |
 | SDN-IC-only | the same, backbone trained first (feed-forward CE), frozen, then the classifiers | CE over the ICs |
+| SDN-stem-IC | SDN with one more classifier, on the stem's output (an exit one unit deep) | weighted per-exit CE |
 | MSDNet | the CIFAR multi-scale dense network (Huang et al. 2018), width matched to the ResNet's cost | CE over exits |
 
-Lambda is chosen on the validation split: a sweep (``LAMBDAS``, seed 0) of CascadedTD and of SerialTD-MultiHead
-picks, by validation anytime AUC, the lambda of the parallel and of the serial TD models. Sweep runs whose
-configuration equals a main run (seed 0 at the chosen lambda) are that run.
+Equal tuning: every trained model gets the same number of configurations, chosen on the validation split (the
+TD models: lambda from ``Budget.sweep``; CE, SDN, SDN with a stem classifier, MSDNet: the learning rate from
+``Budget.lrs``; SDN-IC-only: its classifiers' learning rate from ``Budget.ic_lrs``), each trained with
+``Budget.tuning_seeds`` seeds; the configuration with the best validation MACs AUC (mean over those seeds; on a
+tie, the first offered) is the one reported, its tuning runs being seeds 0.. of the report. ``models`` restricts
+a reproduction to some rows (the runs they need and nothing else).
 
 Everything lives under ``<out>/<dataset>-<budget>/``: ``runs/<run>-s<seed>/`` (ordinary run directories) and the
 report ``<dataset>.md``, every number in ``<dataset>.json`` and the plots. A finished run is reused only if its
@@ -40,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -53,15 +58,20 @@ from .reproduce_report import (  # noqa: F401 (BUDGETED_AT, COST_FRACTIONS, late
     BUDGETED_AT,
     COST_FRACTIONS,
     format_report,
+    headline_statistics,
     latency_budgets,
+    shared_ranges,
     summarize_reproduction,
 )
 
-__all__ = ["BUDGETS", "LAMBDAS", "Budget", "reproduce", "train_or_reuse", "plan_runs"]
+__all__ = ["BUDGETS", "LAMBDAS", "LRS", "IC_LRS", "Budget", "reproduce", "train_or_reuse", "plan_runs", "ENTRIES"]
 
 log = logging.getLogger(__name__)
 
-LAMBDAS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+# The tuning grids: as many configurations for every family (Budget.sweep, lrs, ic_lrs).
+LAMBDAS = (0.5, 0.9)
+LRS = (0.1, 0.05)
+IC_LRS = (1e-3, 5e-4)  # SDN-IC-only's classifiers (Adam), the reference's 1e-3 and half of it
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,9 @@ class Budget:
     weight_decay: float = 5e-4
     max_batches: int | None = None
     sweep: tuple[float, ...] = LAMBDAS
+    lrs: tuple[float, ...] = LRS
+    ic_lrs: tuple[float, ...] = IC_LRS
+    tuning_seeds: int = 2
 
 
 BUDGETS = {
@@ -124,6 +137,7 @@ ENTRIES = (
     Entry("cascaded-ce", "CascadedCE", "ce", "parallel"),
     Entry("serial-ce", "SerialCE", "ce", "serial"),
     Entry("sdn", "SDN", "sdn"),
+    Entry("sdn-stem", "SDN-stem-IC", "sdn-stem"),
     Entry("sdn-ic-only", "SDN-IC-only", "sdn-ic-only"),
     Entry("msdnet", "MSDNet", "msdnet"),
 )
@@ -137,10 +151,17 @@ def _cascade(budget: Budget, **options: Any) -> CascadeConfig:
     return CascadeConfig(arch=budget.arch, width=budget.width, stem=budget.stem, **options)
 
 
-def _sdn(budget: Budget) -> ModelConfig:
+def _sdn(budget: Budget, stem_ic: bool = False, input_size: tuple[int, int, int] = (3, 32, 32)) -> ModelConfig:
+    """SDN on the recipe's backbone; with ``stem_ic``, its default classifiers plus one on the stem's output
+    (the placement resolved at the data's input size, stored explicitly)."""
     from ..models.sdn import SDNConfig
 
-    return SDNConfig(arch=budget.arch, width=budget.width, stem=budget.stem)
+    cfg = SDNConfig(arch=budget.arch, width=budget.width, stem=budget.stem)
+    if not stem_ic:
+        return cfg
+    c, h, _ = input_size
+    placed = SDNConfig(arch=budget.arch, width=budget.width, stem=budget.stem, in_channels=c, input_size=h).build()
+    return SDNConfig(arch=budget.arch, width=budget.width, stem=budget.stem, ic_after=(0, *placed.ic_after))
 
 
 @functools.cache  # a bisection over built models: once per recipe and data shape, not once per seed
@@ -168,58 +189,76 @@ def _msdnet(budget: Budget, input_size: tuple[int, int, int], num_classes: int) 
     return config(min(candidates, key=lambda w: abs(math.log(cost(w) / target))))
 
 
-def plan_runs(
-    budget: Budget,
-    base: dict[str, Any],
-    seed: int,
-    lam_parallel: float,
-    lam_serial: float,
-    input_size: tuple[int, int, int],
-    num_classes: int,
-    runs_dir: Path,
-) -> dict[str, TrainConfig]:
-    """The training runs of one seed, by run key (``ENTRIES[i].run``), in an order that respects dependencies
-    (SDN-IC-only starts from the SDN backbone run's weights)."""
+# the option each run key tunes, in training order (SDN-IC-only starts from the SDN backbone's weights)
+TUNED = {
+    "cascaded-td": "lam",
+    "cascaded-td-mh": "lam",
+    "serial-td": "lam",
+    "serial-td-mh": "lam",
+    "ce": "lr",
+    "sdn": "lr",
+    "sdn-stem": "lr",
+    "sdn-ic-only": "lr",
+    "msdnet": "lr",
+}
+
+
+def offered(budget: Budget, key: str) -> tuple[float, ...]:
+    """The configurations a run key is offered: lambdas (TD), classifier learning rates (SDN-IC-only), or
+    learning rates."""
+    if TUNED[key] == "lam":
+        return budget.sweep
+    return budget.ic_lrs if key == "sdn-ic-only" else budget.lrs
+
+
+def plan_run(
+    budget: Budget, base: dict[str, Any], key: str, value: float, seed: int, input_size: tuple[int, int, int],
+    num_classes: int, runs_dir: Path,
+) -> TrainConfig:  # fmt: skip
+    """One training run: run key ``key`` with its tuned option (``TUNED[key]``) at ``value``, seed ``seed``."""
 
     def run(name: str, model: ModelConfig, **options: Any) -> TrainConfig:
         return TrainConfig(model=model, seed=seed, name=f"{name}-s{seed}", out=str(runs_dir), **{**base, **options})
 
-    lp, ls = _lam_tag(lam_parallel), _lam_tag(lam_serial)
-    backbone = run("sdn-backbone", _sdn(budget), loss="final")
-    return {
-        "cascaded-td": run(f"cascaded-td-lam{lp}", _cascade(budget), loss="td", lam=lam_parallel),
-        "cascaded-td-mh": run(
-            f"cascaded-td-mh-lam{lp}", _cascade(budget, multi_head=True), loss="td", lam=lam_parallel
-        ),  # fmt: skip
-        "serial-td": run(f"serial-td-lam{ls}", _cascade(budget, scheme="serial"), loss="td", lam=lam_serial),
-        "serial-td-mh": run(
-            f"serial-td-mh-lam{ls}", _cascade(budget, scheme="serial", multi_head=True), loss="td", lam=lam_serial
-        ),  # fmt: skip
-        "ce": run("ce", _cascade(budget), loss="final"),
-        "sdn": run("sdn", _sdn(budget), loss="sdn"),
-        "sdn-backbone": backbone,
-        # the reference's IC-only recipe: Adam at lr 1e-3 on the classifiers of a frozen, trained backbone
-        "sdn-ic-only": run(
-            "sdn-ic-only",
-            _sdn(budget),
-            loss="ic-only",
-            optimizer="adamw",
-            lr=1e-3,
-            init=str(runs_dir / backbone.run_name() / WEIGHTS),
-        ),  # fmt: skip
-        "msdnet": run("msdnet", _msdnet(budget, input_size, num_classes), loss="ce"),
-    }
+    tag = f"{key}-{TUNED[key]}{_lam_tag(value)}" if key in TUNED else key
+    if key == "sdn-backbone":
+        return run(key, _sdn(budget), loss="final")
+    if TUNED[key] == "lam":
+        model = _cascade(budget, scheme="serial" if key.startswith("serial") else "parallel",
+                         multi_head=key.endswith("-mh"))  # fmt: skip
+        return run(tag, model, loss="td", lam=value)
+    if key == "ce":
+        return run(tag, _cascade(budget), loss="final", lr=value)
+    if key in ("sdn", "sdn-stem"):
+        return run(tag, _sdn(budget, key == "sdn-stem", input_size), loss="sdn", lr=value)
+    if key == "sdn-ic-only":
+        # the reference's IC-only recipe: Adam on the classifiers of a frozen, trained backbone
+        backbone = plan_run(budget, base, "sdn-backbone", budget.lr, seed, input_size, num_classes, runs_dir)
+        return run(tag, _sdn(budget), loss="ic-only", optimizer="adamw", lr=value,
+                   init=str(runs_dir / backbone.run_name() / WEIGHTS))  # fmt: skip
+    if key == "msdnet":
+        return run(tag, _msdnet(budget, input_size, num_classes), loss="ce", lr=value)
+    raise ValueError(f"unknown run key {key!r}")
 
 
-def _sweep_runs(budget: Budget, base: dict[str, Any], runs_dir: Path) -> dict[tuple[str, float], TrainConfig]:
-    runs = {}
-    for lam in budget.sweep:
-        tag = _lam_tag(lam)
-        for key, model in (("cascaded-td", _cascade(budget)),
-                           ("serial-td-mh", _cascade(budget, scheme="serial", multi_head=True))):  # fmt: skip
-            runs[key, lam] = TrainConfig(model=model, seed=0, name=f"{key}-lam{tag}-s0", out=str(runs_dir), loss="td",
-                                         lam=lam, **base)  # fmt: skip
-    return runs
+def plan_runs(
+    budget: Budget,
+    base: dict[str, Any],
+    seed: int,
+    chosen: dict[str, float],
+    input_size: tuple[int, int, int],
+    num_classes: int,
+    runs_dir: Path,
+) -> dict[str, TrainConfig]:
+    """The training runs of one seed at the chosen configurations, by run key (``ENTRIES[i].run``), in an order
+    that respects dependencies (SDN-IC-only starts from the SDN backbone run's weights)."""
+    out = {}
+    for key, value in chosen.items():
+        if key == "sdn-ic-only":
+            out["sdn-backbone"] = plan_run(budget, base, "sdn-backbone", budget.lr, seed, input_size, num_classes,
+                                           runs_dir)  # fmt: skip
+        out[key] = plan_run(budget, base, key, value, seed, input_size, num_classes, runs_dir)
+    return out
 
 
 def _differences(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
@@ -272,17 +311,33 @@ def train_or_reuse(cfg: TrainConfig) -> str:
     return "trained"
 
 
+def _logits_file(run_dir: Path, scheme: str | None, model_scheme: str | None) -> Path:
+    """Where the reproduction keeps a run's test logits (the statistics over examples read them)."""
+    return run_dir / eval_filename(scheme, model_scheme, None).replace("eval", "logits").replace(".json", ".npz")
+
+
+def _correct(run_dir: Path, scheme: str | None, model_scheme: str | None) -> np.ndarray:
+    """Per exit and test example, whether the exit's argmax is the label, ``(E, N)``."""
+    with np.load(_logits_file(run_dir, scheme, model_scheme)) as f:
+        return f["logits"].argmax(axis=-1) == f["labels"][None, :]
+
+
 def _eval_cached(run_dir: Path, scheme: str | None, model_scheme: str | None, device: str) -> dict[str, Any]:
-    """The run's evaluation on the test split, reusing an evaluation file written after the final weights."""
+    """The run's evaluation on the test split (and its logits), reusing an evaluation file written after the
+    final weights."""
     path = run_dir / eval_filename(scheme, model_scheme, None)
-    if path.is_file() and path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime:
+    logits = _logits_file(run_dir, scheme, model_scheme)
+    fresh = logits.is_file() and path.is_file()
+    if fresh and path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime:
         try:
             cached = json.loads(path.read_text())
-            if isinstance(cached, dict) and all(k in cached for k in ("macs_auc", "budgeted_batch")):
+            keys = ("macs_auc", "budgeted_batch", "latency_layers", "absolute_macs_auc")
+            if isinstance(cached, dict) and all(k in cached for k in keys):
                 return cached
         except ValueError:
             pass  # unreadable, or written by a version without these numbers: evaluate again
-    return evaluate(run_dir, scheme=scheme if scheme != model_scheme else None, device=device)
+    return evaluate(run_dir, scheme=scheme if scheme != model_scheme else None, device=device, save_logits=logits,
+                    overwrite=True)  # fmt: skip
 
 
 def _metrics_rows(run_dir: Path, needed: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -340,19 +395,29 @@ def reproduce(
     progress: bool = True,
     synthetic_size: int | None = None,
     recipe: Budget | None = None,
+    models: tuple[str, ...] | None = None,
 ) -> Path:
-    """Train (or reuse, or resume) every model of the comparison with ``seeds`` seeds and the lambda sweep,
-    evaluate them on the test split, and write the report. Returns the report's path.
+    """Train (or reuse, or resume) every model of the comparison with an equal tuning budget (each
+    configuration offered with ``tuning_seeds`` seeds, the best on validation chosen) and ``seeds`` seeds of the
+    chosen one, evaluate them on the test split, and write the report. Returns the report's path.
 
     Args:
         recipe: a custom :class:`Budget` instead of ``BUDGETS[budget]`` (tests use tiny ones).
         synthetic_size: examples of the synthetic dataset (tests).
+        models: the report rows to reproduce (``ENTRIES`` keys); default: all of them.
     """
     if budget not in BUDGETS and recipe is None:
         raise ValueError(f"unknown budget {budget!r}; valid choices: {', '.join(BUDGETS)}")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"--seeds must be a positive integer, got {seeds!r}")
     spec = recipe or BUDGETS[budget]
+    entries = _entries(models)
+    grids = {len(spec.sweep), len(spec.lrs), len(spec.ic_lrs)}
+    if len(grids) != 1 or 0 in grids:
+        raise ValueError(
+            "every family gets the same number of configurations: the recipe's sweep, lrs and ic_lrs must be "
+            f"equally long and non-empty, got {len(spec.sweep)}, {len(spec.lrs)} and {len(spec.ic_lrs)}"
+        )
     if threads:
         torch.set_num_threads(threads)
     from ..data.datasets import load_dataset
@@ -380,8 +445,8 @@ def _reproduce_in(
     data_shape = (tuple(probe.images.shape[1:]), len(probe.classes))
     base = _shared_options(spec, dataset, data_root, synthetic_size, threads, device)
     started = time.perf_counter()
-    sweep = _sweep_runs(spec, base, runs_dir)
-    total = len(sweep) + seeds * 9  # an upper bound: sweep runs that are main runs are counted twice
+    keys = [k for k in TUNED if any(e.run == k for e in entries)]
+    total = len(keys) * (len(spec.sweep) * spec.tuning_seeds + max(0, seeds - spec.tuning_seeds))
     bar = tqdm(total=total, desc="reproduce", unit="run", disable=not progress)
     how: dict[str, str] = {}
 
@@ -394,17 +459,32 @@ def _reproduce_in(
         bar.update(1)
         return runs_dir / name
 
-    sweep_rows, best = _lambda_sweep(sweep, ensure)
-    per_seed, run_dirs = _seed_results(spec, base, seeds, best, data_shape, root, ensure, device)
+    tuning = _tune(spec, base, keys, data_shape, runs_dir, ensure)
+    chosen = {key: t["chosen"] for key, t in tuning.items()}
+    per_seed, run_dirs, correct = _seed_results(spec, base, seeds, chosen, entries, data_shape, root, ensure, device)
     bar.close()
     elapsed = time.perf_counter() - started
-    record = _record(dataset, budget, spec, seeds, sweep_rows, best, per_seed, run_dirs, how, elapsed, runs_dir)
+    record = _record(dataset, budget, spec, seeds, tuning, entries, per_seed, run_dirs, how, elapsed, runs_dir)
+    record["models_asked"] = list(models) if models is not None else None
+    record["statistics"] = headline_statistics(per_seed, correct)
     # the command's own outputs, rewritten whole on every call (atomically: a kill leaves the previous ones)
     atomic_write(root / f"{dataset}.json", (json.dumps(record, indent=1) + "\n").encode())
-    figures = _plots(root, dataset, per_seed)
+    figures = _plots(root, dataset, per_seed, entries)
     report = root / f"{dataset}.md"
     atomic_write(report, format_report(record, figures).encode())
     return report
+
+
+def _entries(models: tuple[str, ...] | None) -> tuple[Entry, ...]:
+    """The report rows asked for (all by default); CascadedTD always, as costs are read relative to it."""
+    if models is None:
+        return ENTRIES
+    known = {e.key for e in ENTRIES}
+    unknown = [m for m in models if m not in known]
+    if unknown or not models:
+        raise ValueError(f"unknown --models {', '.join(unknown) or '(none)'}; valid choices: {', '.join(known)}")
+    wanted = {"cascaded-td", *models}
+    return tuple(e for e in ENTRIES if e.key in wanted)
 
 
 def _shared_options(
@@ -417,66 +497,84 @@ def _shared_options(
                 progress=False)  # fmt: skip
 
 
-def _lambda_sweep(
-    sweep: dict[tuple[str, float], TrainConfig], ensure: Callable[[TrainConfig], Path]
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """The sweep's runs trained (or reused) and read: a row per run, and the lambda each swept model gets (the
-    best validation anytime AUC; on a tie, the smaller lambda)."""
-    sweep_rows = []
-    for (key, lam), cfg in sweep.items():
-        row = _last_row(ensure(cfg))
-        sweep_rows.append({"model": key, "lam": lam, "val_anytime_auc": row["val_anytime_auc"],
-                           "val_final_accuracy": row["val_accuracy_per_step"][-1]})  # fmt: skip
-    best = {
-        key: max((r for r in sweep_rows if r["model"] == key), key=lambda r: (r["val_anytime_auc"], -r["lam"]))["lam"]
-        for key in ("cascaded-td", "serial-td-mh")
-    }
-    return sweep_rows, best
+def _val_macs_auc(run_dir: Path, input_size: tuple[int, int, int]) -> tuple[float, float]:
+    """A finished run's last validation: its MACs AUC (own full cost; the configurations compared share the
+    model, so the axis) and its final exit's accuracy."""
+    from ..evaluation import metrics
+
+    row = _last_row(run_dir)
+    model = TrainConfig.from_file(run_dir / CONFIG).model
+    costs = model.build().exit_costs(input_size)
+    acc = row["val_accuracy_per_step"]
+    return metrics.cost_auc(acc, costs.macs, model.num_classes), acc[-1]
+
+
+def _tune(
+    spec: Budget, base: dict[str, Any], keys: list[str], data_shape: tuple[tuple[int, int, int], int],
+    runs_dir: Path, ensure: Callable[[TrainConfig], Path],
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Every configuration each run key is offered, trained with ``tuning_seeds`` seeds and read on validation;
+    per key: the option, what was offered, a row per run, the mean validation MACs AUC per value, the choice."""
+    input_size, num_classes = data_shape
+    out = {}
+    for key in keys:
+        rows = []
+        for value in offered(spec, key):
+            for seed in range(spec.tuning_seeds):
+                if key == "sdn-ic-only":
+                    ensure(plan_run(spec, base, "sdn-backbone", spec.lr, seed, input_size, num_classes, runs_dir))
+                run_dir = ensure(plan_run(spec, base, key, value, seed, input_size, num_classes, runs_dir))
+                auc, final = _val_macs_auc(run_dir, input_size)
+                rows.append({"value": value, "seed": seed, "val_macs_auc": auc, "val_final_accuracy": final})
+        means = {v: float(np.mean([r["val_macs_auc"] for r in rows if r["value"] == v])) for v in offered(spec, key)}
+        best = max(means, key=lambda v: (means[v], -offered(spec, key).index(v)))
+        out[key] = {"option": TUNED[key], "offered": list(offered(spec, key)), "seeds": spec.tuning_seeds,
+                    "rows": rows, "mean_val_macs_auc": list(means.values()), "chosen": best}  # fmt: skip
+    return out
 
 
 def _seed_results(
-    spec: Budget, base: dict[str, Any], seeds: int, best: dict[str, float],
+    spec: Budget, base: dict[str, Any], seeds: int, chosen: dict[str, float], entries: tuple[Entry, ...],
     data_shape: tuple[tuple[int, int, int], int], root: Path, ensure: Callable[[TrainConfig], Path], device: str,
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]]]:  # fmt: skip
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[str]], dict[str, list[np.ndarray]]]:  # fmt: skip
     """Every seed's runs trained (or resumed, or reused) and each report entry evaluated on the test split: per
-    entry, the evaluation of each seed and its run directory (relative to ``root``)."""
+    entry, the evaluation of each seed, its run directory (relative to ``root``) and its per-exit correctness."""
     runs_dir = root / "runs"
     input_size, num_classes = data_shape
-    per_seed: dict[str, list[dict[str, Any]]] = {e.key: [] for e in ENTRIES}
-    run_dirs: dict[str, list[str]] = {e.key: [] for e in ENTRIES}
+    per_seed: dict[str, list[dict[str, Any]]] = {e.key: [] for e in entries}
+    run_dirs: dict[str, list[str]] = {e.key: [] for e in entries}
+    correct: dict[str, list[np.ndarray]] = {e.key: [] for e in entries}
     for seed in range(seeds):
-        plan = plan_runs(spec, base, seed, best["cascaded-td"], best["serial-td-mh"], input_size, num_classes,
-                         runs_dir)  # fmt: skip
+        plan = plan_runs(spec, base, seed, chosen, input_size, num_classes, runs_dir)
         dirs = {key: ensure(cfg) for key, cfg in plan.items()}
-        for entry in ENTRIES:
+        for entry in entries:
             run_dir = dirs[entry.run]
             model_scheme = getattr(plan[entry.run].model, "scheme", None)
             result = _eval_cached(run_dir, entry.scheme, model_scheme, device)
             result["train_seconds"] = _train_seconds(run_dir)
+            correct[entry.key].append(_correct(run_dir, entry.scheme, model_scheme))
             per_seed[entry.key].append(result)
             run_dirs[entry.key].append(str(run_dir.relative_to(root)))
-    return per_seed, run_dirs
+    return per_seed, run_dirs, correct
 
 
 def _record(
-    dataset: str, budget: str, spec: Budget, seeds: int, sweep_rows: list[dict[str, Any]], best: dict[str, float],
-    per_seed: dict[str, list[dict[str, Any]]], run_dirs: dict[str, list[str]], how: dict[str, str], elapsed: float,
-    runs_dir: Path,
+    dataset: str, budget: str, spec: Budget, seeds: int, tuning: dict[str, dict[str, Any]],
+    entries: tuple[Entry, ...], per_seed: dict[str, list[dict[str, Any]]], run_dirs: dict[str, list[str]],
+    how: dict[str, str], elapsed: float, runs_dir: Path,
 ) -> dict[str, Any]:  # fmt: skip
-    """The reproduction's JSON record: the recipe, the sweep and the lambdas chosen, each model's summary over
-    seeds and every seed's evaluation, how each run came to be, the time taken and the machine."""
+    """The reproduction's JSON record: the recipe, the tuning (offered, rows, chosen), each model's summary over
+    seeds and every seed's evaluation, the paired statistics, how each run came to be, the time taken and the
+    machine."""
     summary = summarize_reproduction(per_seed)
     return {
         "dataset": dataset,
         "budget": budget,
         "recipe": dataclasses.asdict(spec),
         "seeds": list(range(seeds)),
-        "lambda_sweep": sweep_rows,
-        "lambda_chosen": {
-            "parallel (CascadedTD, CascadedTD-MultiHead)": best["cascaded-td"],
-            "serial (SerialTD, SerialTD-MultiHead)": best["serial-td-mh"],
-        },  # fmt: skip
-        "models": {e.key: {"label": e.label, "runs": run_dirs[e.key], **summary[e.key]} for e in ENTRIES},
+        "tuning": tuning,
+        "ranges": shared_ranges(per_seed),
+        "models": {e.key: {"label": e.label, "runs": run_dirs[e.key], **summary[e.key]} for e in entries},
         "per_seed": per_seed,
         "how": how,
         "seconds": elapsed,
@@ -501,10 +599,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _plots(root: Path, dataset: str, per_seed: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+def _plots(
+    root: Path, dataset: str, per_seed: dict[str, list[dict[str, Any]]], entries: tuple[Entry, ...]
+) -> dict[str, str]:
     from ..evaluation.plotting import plot_mean_curves
 
-    labels = {e.key: e.label for e in ENTRIES}
+    labels = {e.key: e.label for e in entries}
     groups = {labels[k]: v for k, v in per_seed.items()}
     figures = {}
     for axis in ("latency", "macs"):

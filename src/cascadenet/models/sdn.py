@@ -64,8 +64,9 @@ class SDNConfig(ModelConfig):
     stem: Literal["cifar", "cifar_pool", "imagenet"] = "cifar"
     """cifar: 3x3 conv; cifar_pool: plus 3x3/2 max-pool (4x cheaper); imagenet: 7x7/2 conv plus max-pool."""
     ic_after: tuple[int, ...] | None = None
-    """Residual blocks (1-based, increasing, not the last) followed by an internal classifier; default: SDN's
-    rule, the blocks nearest 15/30/45/60/75/90% of the backbone's cumulative MACs."""
+    """Residual blocks (1-based, increasing, not the last) followed by an internal classifier, 0 meaning one on
+    the stem's output (an exit one unit deep); default: SDN's rule, the blocks nearest 15/30/45/60/75/90% of the
+    backbone's cumulative MACs (never the stem)."""
     input_size: int = 32
     """Side of the square input images the internal classifiers are sized for (training sets it from the data)."""
 
@@ -79,11 +80,11 @@ class SDNConfig(ModelConfig):
         positive_int("input_size", self.input_size)
         if self.ic_after is not None:
             blocks = self.num_blocks
-            ok = all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k < blocks for k in self.ic_after)
+            ok = all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < blocks for k in self.ic_after)
             if not ok or list(self.ic_after) != sorted(set(self.ic_after)):
                 raise ValueError(
-                    f"ic_after must list increasing residual blocks in 1..{blocks - 1} ({self.arch} has {blocks} "
-                    f"blocks; the last one feeds the final head), got {self.ic_after!r}"
+                    f"ic_after must list increasing residual blocks in 0..{blocks - 1} (0: the stem; {self.arch} "
+                    f"has {blocks} blocks; the last one feeds the final head), got {self.ic_after!r}"
                 )
 
     @property
@@ -166,8 +167,9 @@ class SDN(nn.Module):
         # per block: cumulative backbone MACs after it (stem included), output channels and map side
         side = config.input_size
         macs, hw = self.stem.macs((side, side))
-        self._block_macs: list[int] = []
-        shapes: list[tuple[int, int]] = []
+        # index 0 is the stem's output (an IC after "block 0" reads it), index k the output of block k
+        self._block_macs: list[int] = [macs]
+        shapes: list[tuple[int, int]] = [(width, hw[0])]
         for b in self.blocks:
             if b.shortcut is not None:
                 macs += b.shortcut.macs(hw)[0]
@@ -177,12 +179,12 @@ class SDN(nn.Module):
             shapes.append((b.residual.units[-1].conv.out_channels, hw[0]))
         backbone = macs + self.features * config.num_classes
         if config.ic_after is None:
-            self.ic_after = place_ics(self._block_macs, backbone)
+            self.ic_after = place_ics(self._block_macs[1:], backbone)
         else:
             self.ic_after = tuple(config.ic_after)
         # built after the backbone, so that the backbone's initialisation does not depend on the placement
         self.ics = nn.ModuleList(
-            [InternalClassifier(shapes[k - 1][0], shapes[k - 1][1], config.num_classes) for k in self.ic_after]
+            [InternalClassifier(shapes[k][0], shapes[k][1], config.num_classes) for k in self.ic_after]
         )
         self._ic_of = {k: i for i, k in enumerate(self.ic_after)}
         costs = self.exit_costs((config.in_channels, side, side))
@@ -213,6 +215,8 @@ class SDN(nn.Module):
         self._check_input(x)
         out = []
         y = self.stem(x, None)
+        if 0 in self._ic_of:  # the stem's output (already through its ReLU and pool)
+            out.append(self.ics[self._ic_of[0]](y))
         for k, block in enumerate(self.blocks, start=1):
             short = y if block.shortcut is None else block.shortcut(y, None)
             total = short + block.residual(y, None)
@@ -254,7 +258,8 @@ class SDN(nn.Module):
     # ---- cost -------------------------------------------------------------------------------------------
     def exit_costs(self, input_size: tuple[int, int, int]) -> ExitCosts:
         """Per exit, per example: cumulative MACs on serial hardware (the backbone up to the exit's block, every
-        earlier IC head and this exit's head) and latency in block units (stem 1, each block 1, heads 0)."""
+        earlier IC head and this exit's head) and latency in block units (stem 1, each block 1, heads 0: an IC on
+        the stem is at 1)."""
         c, h, w = input_size
         side = self.config.input_size
         if (h, w) != (side, side) or c != self.in_channels:
@@ -262,7 +267,7 @@ class SDN(nn.Module):
         macs, latency, heads = [], [], 0
         for k, ic in zip(self.ic_after, self.ics):
             heads += ic.macs()
-            macs.append(self._block_macs[k - 1] + heads)
+            macs.append(self._block_macs[k] + heads)
             latency.append(float(k + 1))
         macs.append(self._block_macs[-1] + heads + self.features * self.num_classes)
         latency.append(float(len(self.blocks) + 1))

@@ -66,25 +66,25 @@ def _soft_ce(logits: Tensor, q: Tensor, first_step: int) -> Tensor:
     return per_step[first_step:].sum()
 
 
-def td_loss(
-    logits: Tensor, targets: Tensor, lam: float, *, first_step: int = 1, label_smoothing: float = 0.0
-) -> Tensor:
-    """TD(lambda) loss of a trajectory.
+def td_loss(logits: Tensor, targets: Tensor, lam: float, *, first_step: int, label_smoothing: float = 0.0) -> Tensor:
+    """TD(lambda) loss of a trajectory: the cross-entropy of each step's output against its TD target, summed over
+    the steps ``first_step..T-1`` and averaged over the batch.
 
     Args:
         logits: ``(T, B, C)``.
         targets: class indices ``(B,)``.
         lam: lambda in [0, 1].
-        first_step: first step included in the sum. The default 1 skips step 0, whose output cannot depend
-            on the input when the stem is delayed (the default model); use
-            ``model.first_informative_step`` to follow the model.
+        first_step: first step included in the sum, required: pass ``model.first_informative_exit`` (1 for a
+            cascade with the stem delayed, whose step 0 cannot depend on the input; 0 without the delay, or for
+            a multi-exit network). A default would be wrong for one of them.
         label_smoothing: smoothing of the one-hot label.
     """
     return _soft_ce(logits, td_targets(logits, targets, lam, label_smoothing), first_step)
 
 
-def stepwise_ce(logits: Tensor, targets: Tensor, *, first_step: int = 1, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy with the label at every step, summed over steps (= TD(1))."""
+def stepwise_ce(logits: Tensor, targets: Tensor, *, first_step: int, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy with the label at every step, summed over the steps ``first_step..T-1`` and averaged over the
+    batch (= TD(1)); ``first_step`` as for ``td_loss`` (``model.first_informative_exit``)."""
     _check(logits, targets, label_smoothing)
     q = _labels(targets, logits.shape[-1], label_smoothing, _upcast(logits).dtype).expand(logits.shape[0], -1, -1)
     return _soft_ce(logits, q, first_step)
