@@ -430,7 +430,7 @@ def reproduce(
     runs_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _reproduce_in(root, runs_dir, probe, spec, dataset, data_root, seeds, budget, threads, device,
-                             progress, synthetic_size)  # fmt: skip
+                             progress, synthetic_size, entries, models)  # fmt: skip
     except BaseException:
         for folder in made:  # deepest first: a refused or failed reproduction leaves no empty folders
             with contextlib.suppress(OSError):
@@ -440,7 +440,8 @@ def reproduce(
 
 def _reproduce_in(
     root: Path, runs_dir: Path, probe: Any, spec: Budget, dataset: str, data_root: str | None, seeds: int,
-    budget: str, threads: int | None, device: str, progress: bool, synthetic_size: int | None,
+    budget: str, threads: int | None, device: str, progress: bool, synthetic_size: int | None, entries: Any,
+    models: tuple[str, ...] | None,
 ) -> Path:  # fmt: skip
     data_shape = (tuple(probe.images.shape[1:]), len(probe.classes))
     base = _shared_options(spec, dataset, data_root, synthetic_size, threads, device)
