@@ -15,6 +15,10 @@ machine load hits them alike), its speed ratio against the engine, accuracy, mea
 per example as a fraction of the last step's. Ratios are what to read: absolute times on a shared machine are not
 stable. The MAC fraction is the bound the speed ratio can approach when per-step overheads are small.
 
+The operating point (the threshold to quote) is chosen on the run's validation split, never on the split
+measured: the threshold among --thresholds with the fewest mean steps whose validation accuracy is within
+--tolerance points of the validation last step's (printed, and in the JSON as ``operating_point``).
+
 Then where the time goes: ``model.anytime`` run to the end once more per repeat, timed step by step, each step's
 share of the wall time next to its share of the MACs. Every example pays for the steps before its exit, so a step
 whose time share is far above its MAC share (a memory-bound stem on a small input) limits what early exit can save.
@@ -53,6 +57,8 @@ def parse(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples of the split")
     p.add_argument("--train-epochs", type=int, default=4, help="epochs of the tiny model trained when no run is given")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--tolerance", type=float, default=0.5,
+                   help="accuracy points below the last step the operating point may lose (validation)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -97,6 +103,25 @@ def load(args, tmp: str):
             seen += len(kept[-1][1])
         batches = kept
     return model, amp, batches, note
+
+
+def operating_point(run_dir: str, thresholds: list[float], tolerance: float, device: str) -> dict | None:
+    """The threshold chosen on the run's validation split: the fewest mean steps among ``thresholds`` whose
+    validation accuracy is within ``tolerance`` points of the last step's (None without a validation split)."""
+    from cascadenet.evaluation.logits import dataset_logits
+    from cascadenet.evaluation.metrics import threshold_curve
+
+    val = load_run(run_dir, split="val", device=device)
+    logits = dataset_logits(val.model.eval(), val.data, val.mean, val.std, amp=val.amp)
+    labels = val.data.labels.cpu()
+    curve = threshold_curve(logits, labels, thresholds, first_step=val.model.first_informative_exit)
+    last = float((logits[-1].argmax(-1) == labels).float().mean())
+    ok = [i for i, a in enumerate(curve["accuracy"]) if a >= last - tolerance / 100 - 1e-12]
+    if not ok:
+        return None
+    i = min(ok, key=lambda i: (curve["mean_step"][i], -curve["thresholds"][i]))
+    return {"threshold": curve["thresholds"][i], "val_accuracy": curve["accuracy"][i], "val_last_step": last,
+            "val_mean_step": curve["mean_step"][i], "tolerance_points": tolerance, "split": "val"}  # fmt: skip
 
 
 def sync(device: str) -> None:
@@ -194,6 +219,11 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['variant']:>10} {r['seconds']:>9.3f} {r['speedup_vs_engine']:>8.2f}x {100 * r['accuracy']:>8.2f}% "
               f"{r['mean_step']:>9.2f} {100 * r['macs_fraction']:>6.1f}%")  # fmt: skip
+    point = operating_point(args.run_dir, thresholds, args.tolerance, args.device) if args.run_dir else None
+    if point:
+        print(f"operating point chosen on validation: exit@{point['threshold']:g} "
+              f"(validation {100 * point['val_accuracy']:.2f}% against {100 * point['val_last_step']:.2f}% at the "
+              f"last step, within {point['tolerance_points']:g} points, fewest mean steps)")  # fmt: skip
     print(f"where the time goes (model.anytime to the end, median of {args.repeats}): per step, share of the wall time "
           "/ share of the MACs")  # fmt: skip
     print("  " + ", ".join(f"step {t}: {100 * p / sum(per_step):.0f}% / {100 * m / macs[-1]:.0f}%"
@@ -203,7 +233,8 @@ def main(argv=None) -> int:
                     steps=len(macs), macs_last_step=macs[-1], note=note, run_dir=args.run_dir,
                     machine=platform.processor() or platform.machine(), torch=torch.__version__)  # fmt: skip
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "step_seconds": per_step, "step_macs": step_macs}, f, indent=2)
+            json.dump({"meta": meta, "rows": rows, "step_seconds": per_step, "step_macs": step_macs,
+                       "operating_point": point}, f, indent=2)  # fmt: skip
     return 0
 
 

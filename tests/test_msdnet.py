@@ -2,6 +2,7 @@
 count against torch's flop counter and a hand count, validation, saving, and a train -> evaluate round trip."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -240,3 +241,41 @@ def test_train_then_evaluate(tmp_path):
     assert result["parallel_latency_blocks"] == [3.0, 4.0, 5.0]
     assert result["model"]["family"] == "msdnet" and result["policy_first_step"] == 0
     assert result["feedforward_accuracy"] is None
+
+
+def test_pooled_stem_halves_every_scale_and_counts_the_first_conv_at_full_resolution():
+    from cascadenet.models.msdnet import MSDNetConfig
+
+    cfg = MSDNetConfig(num_blocks=2, step=1, base=1, stem="cifar_pool", in_channels=1)
+    model = cfg.build()
+    assert model.scale_sizes((28, 28)) == [(14, 14), (7, 7), (4, 4)]
+    # 3x3 conv 1 -> 16 at 28x28, max-pool to 14x14, then 16 -> 32 at 7x7 and 32 -> 64 at 4x4 (stride 2)
+    assert model.stem.macs((28, 28)) == 16 * 9 * 28 * 28 + 32 * 16 * 9 * 7 * 7 + 64 * 32 * 9 * 4 * 4
+    plain = MSDNetConfig(num_blocks=2, step=1, base=1, in_channels=1).build()
+    assert model.exit_costs((1, 28, 28)).macs[-1] < plain.exit_costs((1, 28, 28)).macs[-1] / 2
+    model.eval()
+    x = torch.randn(2, 1, 28, 28)
+    maps = model.stem(x)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(14, 14), (7, 7), (4, 4)]
+    assert model(x).shape == (2, 2, 10)
+    with pytest.raises(ValueError, match="unknown stem 'imagenet'"):
+        MSDNetConfig(stem="imagenet")
+
+
+def test_reproduce_matches_msdnet_cost_by_depth_keeping_the_reference_proportions():
+    from cascadenet.experiments.reproduce import BUDGETS, _cascade, _msdnet
+
+    budget = BUDGETS["small"]
+    cfg = _msdnet(budget, (1, 28, 28), 10)
+    # the reference CIFAR configuration's proportions, untouched
+    kept = (cfg.channels, cfg.growth_rate, cfg.gr_factor, cfg.bn_factor, cfg.width)
+    assert kept == (16, 6, (1, 2, 4), (1, 2, 4), 1.0)
+    assert cfg.head_channels == 128 and cfg.bottleneck and cfg.stem == "cifar_pool"
+    assert cfg.num_blocks >= 2 and cfg.step_mode == "even" and cfg.base == cfg.step
+    target = _cascade(budget, in_channels=1).build().exit_costs((1, 28, 28)).macs[-1]
+    cost = cfg.build().exit_costs((1, 28, 28)).macs[-1]
+    # nearest in ratio among the depths offered: one block more or fewer is further from CascadedTD's cost
+    for blocks in (cfg.num_blocks - 1, cfg.num_blocks + 1):
+        if blocks >= 2:
+            other = type(cfg)(**{**cfg.__dict__, "num_blocks": blocks}).build().exit_costs((1, 28, 28)).macs[-1]
+            assert abs(math.log(other / target)) >= abs(math.log(cost / target))

@@ -21,6 +21,7 @@ from cascadenet.properties.ood import (
     auroc,
     convert_images,
     fpr_at_tpr,
+    last_exit_features,
     ood_run,
     roc_curve,
     settle_steps,
@@ -107,8 +108,19 @@ def planted(n, flip, seed):
 def test_planted_trace_feature_separates_where_msp_cannot():
     ins, outs = planted(200, flip=False, seed=0), planted(200, flip=True, seed=0)
     s_in, s_out = trace_scores(ins, first_exit=1), trace_scores(outs, first_exit=1)
-    assert set(s_in) == set(SCORES) - {"learned"}
+    assert set(s_in) == set(SCORES) - {"learned", "learned_last"}
     assert auroc(s_in["msp"], s_out["msp"]) == 0.5  # the same last-exit confidences: no information
+    assert auroc(s_in["energy"], s_out["energy"]) == 0.5  # the same last-exit logits up to the class
+    assert np.allclose(s_in["energy"], torch.logsumexp(ins[-1].double(), -1).numpy())
+    # the learned detector on the trace separates them; its ablation on the last exit's features cannot
+    f_in, f_out = trace_features(ins, 1), trace_features(outs, 1)
+    full = LogisticDetector.fit(f_in, f_out)
+    last = LogisticDetector.fit(last_exit_features(f_in), last_exit_features(f_out))
+    assert last_exit_features(f_in).shape == (200, 2)
+    assert np.allclose(last_exit_features(f_in)[:, 0], s_in["msp"])
+    assert auroc(full.score(f_in), full.score(f_out)) > 0.99
+    ablated = auroc(last.score(last_exit_features(f_in)), last.score(last_exit_features(f_out)))
+    assert ablated == pytest.approx(0.5, abs=0.05)
     assert auroc(s_in["flips"], s_out["flips"]) == 1.0 and fpr_at_tpr(s_in["flips"], s_out["flips"]) == 0.0
     assert auroc(s_in["settle"], s_out["settle"]) == 1.0
     assert s_in["flips"].max() == 0  # exit 0 (uninformative) is left out

@@ -131,6 +131,12 @@ def test_settle_steps_and_bin_analysis_on_hand_made_trajectories():
     assert res["spearman_score_settle"] == pytest.approx(spearman(score, [1, 2, 2, 1, 3, 4]))
     assert res["spearman_score_settle"] < 0  # typical examples settle sooner here
     assert res["settle_step"] == [1, 2, 2, 1, 3, 4]
+    # the score as binned, and the examples correct at the last step only (ex5 never settles: left out)
+    assert res["spearman_bin_settle"] == pytest.approx(spearman(bin_of, [1, 2, 2, 1, 3, 4]))
+    assert res["spearman_score_settle_final_correct"] == pytest.approx(spearman(score[:5], [1, 2, 2, 1, 3]))
+    assert [b["mean_settle_step_final_correct"] for b in res["bins"]] == [3.0, 1.5, 1.5]
+    # censored analysis: per bin, the fraction not settled after each step (ex5 censored: never settles)
+    assert b0["survival"] == [1.0, 1.0, 1.0, 0.5] and b2["survival"] == [1.0, 0.5, 0.0, 0.0]
     # an empty bin gives None, not a crash
     empty = bin_analysis(probs, labels, np.zeros(6, dtype=int), 2, score, first_step=1)
     assert empty["bins"][1]["accuracy_per_step"] is None and empty["bins"][1]["mean_settle_step"] is None

@@ -165,8 +165,9 @@ class TypicalityCommand:
     """Thresholds of the confidence policy (stop at the first step whose max softmax is >= q)."""
     folds: int = 4
     """Estimator: folds per repeat (each small model trains on the other folds of the training set)."""
-    repeats: int = 2
-    """Estimator: random fold partitions (each training example is scored once per repeat)."""
+    repeats: int = 8
+    """Estimator: random fold partitions (each training example is scored once per repeat; the score takes
+    repeats + 1 values)."""
     estimator_epochs: int = 3
     """Estimator: training epochs of each small model."""
     estimator_model: Literal["mlp", "cnn"] = "mlp"

@@ -26,6 +26,7 @@ _DPI = 150
 _AXES = {
     "macs": ("macs_per_step", "cumulative MACs per example (serial hardware)"),
     "latency": ("parallel_latency_blocks", "latency in blocks (parallel hardware)"),
+    "layers": ("latency_layers", "latency in layers on the critical path (parallel hardware)"),
     "step": (None, "exit (internal time step)"),
 }
 _BANDS = ("minmax", "std")
@@ -234,7 +235,7 @@ def plot_mean_curves(
     Args:
         groups: label -> eval dicts (as written by cascadenet.evaluation.evaluate), one per seed.
         path: Where to save the figure (format from the suffix); parents are created, an existing file replaced.
-        axis: "macs", "latency" or "step".
+        axis: "macs", "latency" (block units), "layers" (the critical path in layers) or "step".
         band: "minmax" or "std".
         budgeted: also draw the budgeted-batch curves (axis "macs" or "latency"; every eval must have one).
         title: Figure title; by default it names the axis and the split(s).

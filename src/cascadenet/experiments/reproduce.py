@@ -164,29 +164,36 @@ def _sdn(budget: Budget, stem_ic: bool = False, input_size: tuple[int, int, int]
     return SDNConfig(arch=budget.arch, width=budget.width, stem=budget.stem, ic_after=(0, *placed.ic_after))
 
 
-@functools.cache  # a bisection over built models: once per recipe and data shape, not once per seed
+@functools.cache  # builds a few models: once per recipe and data shape, not once per seed
 def _msdnet(budget: Budget, input_size: tuple[int, int, int], num_classes: int) -> ModelConfig:
-    """MSDNet (CIFAR configuration) with the width factor whose full serial cost is nearest (in ratio) CascadedTD's:
-    both anytime runs then cost the same on serial hardware. (A small ResNet's feed-forward cost is below what
-    MSDNet can reach: its growth rate rounds to at least one channel.)"""
+    """MSDNet with the reference CIFAR configuration's proportions kept (16 stem channels, growth rate 6 with
+    factors 1-2-4 per scale, bottleneck factors 1-2-4, classifiers of 128 channels: width 1) and its cost matched
+    to CascadedTD's full serial cost by the depth alone: ``num_blocks`` exits ``step`` layers apart (the first
+    block ``step`` layers too), the pair among 2-10 blocks and steps 1, 2, 4, 8 whose full cost is nearest in ratio
+    (ties: more blocks). The stem is the recipe's (``cifar_pool``: max-pooled, 4x cheaper on small images). (An
+    earlier version shrank every width instead, to growth 1 and a 4-channel stem: a degenerate network whose
+    exits were all alike.)"""
     from ..models.msdnet import MSDNetConfig
 
     c = input_size[0]
     target = _cascade(budget, in_channels=c, num_classes=num_classes).build().exit_costs(input_size).macs[-1]
+    stem = "cifar_pool" if budget.stem == "cifar_pool" else "cifar"
 
-    def config(hundredths: int) -> ModelConfig:
-        return MSDNetConfig(width=hundredths / 100, in_channels=c, num_classes=num_classes)
+    def config(blocks: int, step: int) -> MSDNetConfig:
+        return MSDNetConfig(num_blocks=blocks, step=step, base=step, stem=stem, in_channels=c, num_classes=num_classes)
 
-    def cost(hundredths: int) -> int:
-        return config(hundredths).build().exit_costs(input_size).macs[-1]
+    def cost(blocks: int, step: int) -> int:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            return config(blocks, step).build().exit_costs(input_size).macs[-1]
 
-    # the cost never falls as the width grows (channel counts round half up): bisect on widths 0.05 ... 4.00
-    lo, hi = 5, 400
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if cost(mid) < target else (lo, mid)
-    candidates = [w for w in (lo - 1, lo) if w >= 5]
-    return config(min(candidates, key=lambda w: abs(math.log(cost(w) / target))))
+    costs = {}
+    for step in (1, 2, 4, 8):
+        for blocks in range(2, 11):  # the cost grows with the blocks: no need to look past the target
+            costs[blocks, step] = cost(blocks, step)
+            if costs[blocks, step] >= target:
+                break
+    best = min(costs, key=lambda bs: (abs(math.log(costs[bs] / target)), -bs[0]))
+    return config(*best)
 
 
 # the option each run key tunes, in training order (SDN-IC-only starts from the SDN backbone's weights)
@@ -480,7 +487,7 @@ def _entries(models: tuple[str, ...] | None) -> tuple[Entry, ...]:
     """The report rows asked for (all by default); CascadedTD always, as costs are read relative to it."""
     if models is None:
         return ENTRIES
-    known = {e.key for e in ENTRIES}
+    known = [e.key for e in ENTRIES]
     unknown = [m for m in models if m not in known]
     if unknown or not models:
         raise ValueError(f"unknown --models {', '.join(unknown) or '(none)'}; valid choices: {', '.join(known)}")
@@ -608,12 +615,14 @@ def _plots(
     labels = {e.key: e.label for e in entries}
     groups = {labels[k]: v for k, v in per_seed.items()}
     figures = {}
-    for axis in ("latency", "macs"):
+    for axis in ("latency", "layers", "macs"):
+        if axis == "layers" and any(r.get("latency_layers") is None for v in per_seed.values() for r in v):
+            continue
         path = root / f"{dataset}-{axis}.png"
         plot_mean_curves(groups, path, axis=axis, title=f"{dataset}, test split, mean over seeds")
         figures[axis] = path.name
     path = root / f"{dataset}-budgeted.png"
-    title = f"{dataset}: budgeted batch (dashed; thresholds fitted on validation) and exits"
+    title = f"{dataset}: Pareto on absolute MACs, every exit and budgeted batch (dashed; fitted on validation)"
     plot_mean_curves(groups, path, axis="macs", budgeted=True, title=title)
     figures["budgeted"] = path.name
     return figures

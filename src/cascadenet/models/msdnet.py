@@ -109,6 +109,10 @@ class MSDNetConfig(ModelConfig):
     width: float = 1.0
     """Multiplier of channels, growth_rate and the classifiers' 128 channels (rounded), to match another
     model's cost; cost grows roughly as width squared. 1 is the published network."""
+    stem: Literal["cifar", "cifar_pool"] = "cifar"
+    """cifar: the published stem (3x3 conv at the input's resolution); cifar_pool: the same conv followed by a
+    3x3/2 max-pool, so that every scale has half the side (4x cheaper), as the cascades' pooled stem: matches a
+    small model's cost on small images without shrinking the published proportions."""
 
     def __post_init__(self) -> None:
         # a configuration read back from JSON holds lists where it was built with tuples
@@ -119,6 +123,7 @@ class MSDNetConfig(ModelConfig):
         for name in ("num_blocks", "step", "base", "num_scales", "channels", "growth_rate"):
             positive_int(name, getattr(self, name))
         choice("step_mode", self.step_mode, STEP_MODES)
+        choice("stem", self.stem, ("cifar", "cifar_pool"))
         choice("prune", self.prune, PRUNES)
         for name in ("gr_factor", "bn_factor"):
             factors = getattr(self, name)
@@ -312,24 +317,35 @@ class _Transition(nn.ModuleList):
         return sum(unit.macs(hw)[0] for unit, hw in zip(self, hws[len(hws) - len(self) :]))
 
 
+def _pooled(hw: tuple[int, int]) -> tuple[int, int]:
+    """The side of a 3x3/2 max-pool's output (padding 1)."""
+    return tuple((n + 2 - 3) // 2 + 1 for n in hw)  # type: ignore[return-value]
+
+
 class _Stem(nn.ModuleList):
-    """3x3 stride-1 conv to the finest scale, then a stride-2 3x3 conv to each coarser one."""
+    """3x3 stride-1 conv to the finest scale (with ``pool``, then a 3x3/2 max-pool), then a stride-2 3x3 conv to
+    each coarser one."""
 
     def __init__(self, config: MSDNetConfig) -> None:
         widths = [config.stem_channels * g for g in config.gr_factor]
         units = [_ConvUnit(config.in_channels, widths[0], 3, 1)]
         units += [_ConvUnit(widths[s - 1], widths[s], 3, 2) for s in range(1, config.num_scales)]
         super().__init__(units)
+        self.pool = config.stem == "cifar_pool"
 
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
         maps = []
-        for unit in self:
+        for i, unit in enumerate(self):
             x = unit(x)
+            if i == 0 and self.pool:
+                x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
             maps.append(x)
         return maps
 
     def macs(self, hw: tuple[int, int]) -> int:
-        return _chain_macs(self, hw)
+        """MACs for one example whose input has spatial size ``hw``."""
+        first, hw = self[0].macs(hw)
+        return first + _chain_macs(list(self)[1:], _pooled(hw) if self.pool else hw)
 
 
 class _Head(nn.Module):
@@ -413,7 +429,7 @@ class MSDNet(nn.Module):
 
     def scale_sizes(self, hw: tuple[int, int]) -> list[tuple[int, int]]:
         """Spatial size of each scale's maps for an input of spatial size ``hw``, finest first."""
-        sizes = [tuple(hw)]
+        sizes = [_pooled(tuple(hw)) if self.config.stem == "cifar_pool" else tuple(hw)]
         for _ in range(1, self.config.num_scales):
             sizes.append(tuple((n - 1) // 2 + 1 for n in sizes[-1]))  # 3x3 conv, stride 2, padding 1
         return sizes  # type: ignore[return-value]
@@ -429,7 +445,7 @@ class MSDNet(nn.Module):
         if c != self.config.in_channels:
             raise ValueError(f"the model takes {self.config.in_channels} input channels, input_size has {c}")
         hws = self.scale_sizes((h, w))
-        total = self.stem.macs(hws[0])
+        total = self.stem.macs((h, w))
         depth = 1
         macs, latency = [], []
         for block, head in zip(self.blocks, self.heads):

@@ -40,6 +40,7 @@ from .ood_scores import (
     LogisticDetector,
     auroc,
     fpr_at_tpr,
+    last_exit_features,
     roc_curve,
     settle_steps,
     step_profiles,
@@ -57,6 +58,7 @@ __all__ = [
     "fit_sources",
     "format_report",
     "fpr_at_tpr",
+    "last_exit_features",
     "ood_run",
     "roc_curve",
     "settle_steps",
@@ -261,13 +263,20 @@ def _compare_sets(
         scores = trace_scores(logits, first)
         detector = None
         if fit is not None:
-            detector = LogisticDetector.fit(fit["in"], np.concatenate([fit[k] for k in s.fit_on]))
-            scores["learned"] = detector.score(trace_features(logits, first))
+            out_fit = np.concatenate([fit[k] for k in s.fit_on])
+            detector = LogisticDetector.fit(fit["in"], out_fit)
+            features = trace_features(logits, first)
+            scores["learned"] = detector.score(features)
             in_scores["learned"] = detector.score(in_features)
+            # the ablation: the same detector, the same sets, the last exit's features only
+            last = LogisticDetector.fit(last_exit_features(fit["in"]), last_exit_features(out_fit))
+            scores["learned_last"] = last.score(last_exit_features(features))
+            in_scores["learned_last"] = last.score(last_exit_features(in_features))
         prof = step_profiles(logits, first)
         results[s.key] = _compare(s, in_scores, scores, in_prof, prof, detector)
         curves[s.key] = {name: roc_curve(in_scores[name], scores[name]) for name in SCORES if name in scores}
         in_scores.pop("learned", None)  # each set's detector is its own
+        in_scores.pop("learned_last", None)
     return results, curves
 
 
@@ -430,6 +439,12 @@ def format_report(result: dict[str, Any]) -> str:
             else:
                 lines.append(f"| {name} | {row['auroc']:.4f} | {row['auroc_minus_msp']:+.4f} | {row['fpr95']:.4f} "
                              f"| {row['fpr95_minus_msp']:+.4f} |")  # fmt: skip
+        rows = data["scores"]
+        if "learned" in rows and "learned_last" in rows:
+            gain = rows["learned"]["auroc"] - rows["learned_last"]["auroc"]
+            lines += ["", "The trace beyond the last exit (learned minus learned_last, the same detector fitted on the "
+                      f"same sets): AUROC {gain:+.4f}, FPR95 "
+                      f"{rows['learned']['fpr95'] - rows['learned_last']['fpr95']:+.4f}."]  # fmt: skip
         per = data["per_exit"]
         lines += [
             "",

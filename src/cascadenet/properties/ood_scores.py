@@ -17,7 +17,9 @@ Conventions (fixed here, since libraries differ):
 
 Scores (:data:`SCORES`): the last exit's maximum softmax probability (MSP, the baseline of Hendrycks & Gimpel
 2017), MSP averaged over the exits, minus the last and the mean entropy, minus the settling step, minus the
-number of prediction flips, and a logistic regression on trace features (:class:`LogisticDetector`).
+number of prediction flips, the energy score (log-sum-exp of the last exit's logits), and a logistic regression on
+trace features (:class:`LogisticDetector`), with its ablation on the last exit's features only (``learned_last``,
+:func:`last_exit_features`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "LogisticDetector",
     "auroc",
     "fpr_at_tpr",
+    "last_exit_features",
     "roc_curve",
     "settle_steps",
     "step_profiles",
@@ -52,7 +55,10 @@ SCORES: dict[str, str] = {
     "entropy_mean": "minus the softmax entropy averaged over the exits",
     "settle": "minus the exit from which the prediction never changes again",
     "flips": "minus the number of prediction changes from one exit to the next",
+    "energy": "log-sum-exp of the last exit's logits (minus the free energy; Liu et al. 2020)",
     "learned": "logistic regression on trace features (fitted on other OOD sources)",
+    "learned_last": "the same logistic regression on the last exit's features only (MSP, entropy), fitted on the "
+    "same sets: what the trace adds beyond the last exit is learned minus learned_last",
 }
 BASELINE = "msp"
 TPR = 0.95
@@ -145,6 +151,7 @@ def trace_scores(logits: Tensor, first_exit: int = 0) -> dict[str, np.ndarray]:
         "entropy_mean": -prof["entropy"].mean(0),
         "settle": -settle_steps(prof["pred"]).astype(np.float64),
         "flips": -(prof["pred"][1:] != prof["pred"][:-1]).sum(0).astype(np.float64),
+        "energy": torch.logsumexp(logits[-1].double(), dim=-1).numpy(),
     }
 
 
@@ -157,6 +164,14 @@ def trace_features(logits: Tensor, first_exit: int = 0) -> np.ndarray:
     settle = settle_steps(prof["pred"]) / steps
     entropy = prof["entropy"] / math.log(max(logits.shape[-1], 2))
     return np.concatenate([prof["msp"].T, entropy.T, flips[:, None], settle[:, None]], axis=1)
+
+
+def last_exit_features(features: np.ndarray) -> np.ndarray:
+    """The columns of :func:`trace_features` that describe the last exit alone (its max softmax and entropy),
+    ``(N, 2)``: the learned detector's ablation without the trace."""
+    features = np.asarray(features)
+    steps = (features.shape[1] - 2) // 2
+    return features[:, [steps - 1, 2 * steps - 1]]
 
 
 @dataclasses.dataclass

@@ -21,7 +21,16 @@ Definitions (also in docs/properties.md, section "Typicality"):
 - stopping step: the confidence-threshold policy (``policies.Confidence(q)``), first step at or after
   ``first_informative_exit`` whose max softmax is ``>= q``, else the last step.
 - Spearman: Pearson correlation of the ranks (ties averaged); ``None`` where one side is constant. Typical
-  examples settling sooner shows as a negative correlation.
+  examples settling sooner shows as a negative correlation. Three are reported, because the plain one mostly
+  measures final correctness (never-settled examples sit at E, and they are the least typical): of the raw
+  score and the settle step (``spearman_score_settle``), of the bin (the score as the bins use it: ranked with
+  its tie-break) and the settle step (``spearman_bin_settle``), and of the score and the settle step among the
+  examples correct at the last step only (``spearman_score_settle_final_correct``; their settle step is
+  observed, none is imputed).
+- censored analysis: an example that never settles is censored at E (its settle step is unknown, past the last
+  step), not imputed; per bin, the survival curve ``S(t)``, the fraction of the bin not yet settled after step t
+  (with every censoring at the end, the Kaplan-Meier estimate is this fraction), and the mean settle step among
+  the bin's examples correct at the last step.
 """
 
 from __future__ import annotations
@@ -167,12 +176,15 @@ def bin_analysis(
     correct = (probs.argmax(-1) == labels_t).numpy()  # (E, N)
     settle = settle_steps(correct, first_step)
     members = [np.flatnonzero(bin_of == b) for b in range(bins)]
+    final = correct[-1]
     per_bin = [
         {
             "n": int(idx.size),
             "accuracy_per_step": [float(a) for a in correct[:, idx].mean(1)] if idx.size else None,
             "mean_settle_step": _mean_of(settle, idx),
             "never_settled": _mean_of((settle == E).astype(np.float64), idx),
+            "mean_settle_step_final_correct": _mean_of(settle, idx[final[idx]]),
+            "survival": [float((settle[idx] > t).mean()) for t in range(E)] if idx.size else None,
         }
         for idx in members
     ]  # fmt: skip
@@ -183,6 +195,9 @@ def bin_analysis(
         "bins": per_bin,
         "threshold_policy": [_threshold_policy(q, probs, correct, score, members, first_step) for q in thresholds],
         "spearman_score_settle": spearman(score, settle),
+        "spearman_bin_settle": spearman(bin_of, settle),
+        "spearman_score_settle_final_correct": spearman(score[final], settle[final]) if final.sum() > 1 else None,
+        "final_correct": float(final.mean()),
         "settle_step": settle.tolist(),
     }
 

@@ -73,6 +73,24 @@ def _settle_table(result: dict[str, Any]) -> list[str]:
         cells = [f"{_num(r['bins'][b]['mean_settle_step'])} ({_pct(r['bins'][b]['never_settled'])}%)" for r in runs]
         lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
     lines.append("| Spearman | " + " | ".join(_num(r["spearman_score_settle"], ".3f") for r in runs) + " |")
+    lines.append("| Spearman (bin, as binned) | " + " | ".join(_num(r.get("spearman_bin_settle"), ".3f")
+                                                            for r in runs) + " |")  # fmt: skip
+    lines += ["", "Among the examples correct at the last step only (their settle step is observed, none imputed): "
+              "mean settle step per bin, and the Spearman correlation of score and settle step.", "",
+              "| bin | " + " | ".join(r["name"] for r in runs) + " |", "|---|" + "---|" * len(runs)]  # fmt: skip
+    for b in range(result["num_bins"]):
+        cells = [_num(r["bins"][b].get("mean_settle_step_final_correct")) for r in runs]
+        lines.append(f"| {b + 1} | " + " | ".join(cells) + " |")
+    lines.append("| Spearman | " + " | ".join(_num(r.get("spearman_score_settle_final_correct"), ".3f")
+                                             for r in runs) + " |")  # fmt: skip
+    lines += ["", "Censored analysis (never settled = censored at the end): per bin, the fraction not yet settled "
+              "after each step (survival), first run.", ""]  # fmt: skip
+    first = runs[0]
+    E = first["num_exits"]
+    lines += ["| bin | " + " | ".join(f"after {t}" for t in range(E)) + " |", "|---|" + "---|" * E]
+    for b in range(result["num_bins"]):
+        surv = first["bins"][b].get("survival") or [None] * E
+        lines.append(f"| {b + 1} | " + " | ".join(_pct(v) for v in surv) + " |")
     return lines
 
 
@@ -114,7 +132,8 @@ def format_summary(result: dict[str, Any]) -> str:
              f"({result['scores']['kind']} scores)"]  # fmt: skip
     for r in result["runs"]:
         settle = [b["mean_settle_step"] for b in r["bins"]]
-        lines.append(f"{r['name']}: Spearman(score, settle step) {_num(r['spearman_score_settle'], '.3f')}; "
+        lines.append(f"{r['name']}: Spearman(score, settle step) {_num(r['spearman_score_settle'], '.3f')} "
+                     f"(among final-correct {_num(r.get('spearman_score_settle_final_correct'), '.3f')}); "
                      f"mean settle step per bin {' '.join(_num(s) for s in settle)}")  # fmt: skip
     lines.append(f"report: {Path(result['out']) / 'typicality.md'}")
     return "\n".join(lines)
