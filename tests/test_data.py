@@ -292,9 +292,24 @@ def test_image_folder_grayscale_and_extensions(tmp_path: Path) -> None:
     gray = RNG.integers(0, 256, (5, 5), dtype=np.uint8)
     save_png(tmp_path / "train" / "x" / "IMG.PNG", gray)
     (tmp_path / "train" / "x" / "notes.txt").write_text("ignored")
-    ds = load_dataset("imagefolder", tmp_path)
+    ds = load_dataset("imagefolder", tmp_path)  # every image grayscale: one channel
+    assert ds.images.shape == (1, 1, 5, 5) and torch.equal(ds.images[0, 0], torch.from_numpy(gray))
+    ds = load_dataset("imagefolder", tmp_path, grayscale=False)  # RGB asked for: 3 equal channels
     assert ds.images.shape == (1, 3, 5, 5)
     assert all(torch.equal(ds.images[0, c], torch.from_numpy(gray)) for c in range(3))
+
+
+def test_image_folder_of_mixed_grayscale_and_colour_is_rgb(tmp_path: Path) -> None:
+    gray = RNG.integers(0, 256, (5, 5), dtype=np.uint8)
+    colour = RNG.integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    save_png(tmp_path / "train" / "a" / "0.png", gray)  # read first, before the colour image
+    save_png(tmp_path / "train" / "b" / "1.png", colour)
+    ds = load_dataset("imagefolder", tmp_path)
+    assert ds.images.shape == (2, 3, 5, 5)
+    assert all(torch.equal(ds.images[0, c], torch.from_numpy(gray)) for c in range(3))
+    assert torch.equal(ds.images[1], torch.from_numpy(colour).permute(2, 0, 1))
+    forced = load_dataset("imagefolder", tmp_path, grayscale=True)  # one channel asked for: luma
+    assert forced.images.shape == (2, 1, 5, 5) and torch.equal(forced.images[0, 0], torch.from_numpy(gray))
 
 
 def test_image_folder_sizes(tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ def test_paired_t_test():
     assert paired_t_test([0.5], [0.4])["p"] is None
     assert paired_t_test([0.5, 0.6], [0.4, 0.5])["p"] == 0.0  # the same difference twice
     assert paired_t_test([0.5, 0.6], [0.5, 0.6])["p"] == 1.0
+    # two models at chance the same way, up to floating-point rounding: no difference, not a certain one
+    assert paired_t_test([0.1, 0.1], [1 / 10 + 1e-17, 1000 / 10000])["p"] == 1.0
     with pytest.raises(ValueError, match="equally long"):
         paired_t_test([0.5, 0.6], [0.4])
 

@@ -17,9 +17,12 @@ try:
     from .models.cascade import CascadeConfig, CascadedResNet, CascadeState
     from .models.checkpoint import load_model
     from .models.msdnet import MSDNet, MSDNetConfig
+    from .models.network import CascadedNetwork, NetworkConfig, cascade
     from .models.precise_bn import recalibrate_bn
     from .models.registry import create_model, list_models, register_architecture, register_family, register_model
     from .models.sdn import SDN, SDNConfig
+    from .runs.config import TrainConfig
+    from .training.fit import fit
     from .training.losses import stepwise_ce, td_loss
 except KeyboardInterrupt as _interrupt:
     exit_if_command(_interrupt)
@@ -29,12 +32,16 @@ __all__ = [
     "CascadeConfig",
     "CascadedResNet",
     "CascadeState",
+    "CascadedNetwork",
+    "cascade",
     "ExitCosts",
     "ModelConfig",
+    "NetworkConfig",
     "MSDNet",
     "MSDNetConfig",
     "Predictions",
     "create_model",
+    "fit",
     "list_models",
     "load_model",
     "predict",
@@ -46,6 +53,7 @@ __all__ = [
     "SDNConfig",
     "stepwise_ce",
     "td_loss",
+    "TrainConfig",
 ]
 
 __version__ = "0.1.0"

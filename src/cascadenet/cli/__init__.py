@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _configure_logging()
     try:
+        argv = import_user_code(argv)
         cmd = parse(argv)
         if cmd is not None:
             _run(cmd, argv)
@@ -77,6 +78,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def import_user_code(argv: list[str]) -> list[str]:
+    """``cascadenet --import MODULE [--import MODULE ...] VERB ...``: import the user's modules (which may register
+    model families, or hold the builder of a cascaded network, ``cascadenet.cascade``) before the verb runs; the
+    current directory is searched first, as ``python -m`` does. Returns the line without those options.
+
+    Raises:
+        ValueError: a module that cannot be imported (one line naming it).
+    """
+    import importlib
+
+    rest = list(argv)
+    while rest and (rest[0] == "--import" or rest[0].startswith("--import=")):
+        if rest[0] == "--import":
+            if len(rest) < 2 or rest[1].startswith("-"):
+                raise ValueError("--import needs a module name (cascadenet --import MODULE VERB ...)")
+            name, rest = rest[1], rest[2:]
+        else:
+            name, rest = rest[0].partition("=")[2], rest[1:]
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"--import {name}: cannot import it ({' '.join(str(e).split())})") from None
+    return rest
 
 
 def _run(cmd: Any, argv: Sequence[str]) -> None:

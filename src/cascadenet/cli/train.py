@@ -11,6 +11,7 @@ from typing import Annotated
 
 import tyro
 
+from ..data.datasets import DatasetName
 from ..runs.config import TrainConfig
 from .model_flags import FLAGS, ModelFlags, given_options
 from .options import DataRoot, Device, Progress, Threads, tristate
@@ -31,12 +32,17 @@ class TrainCommand(TrainConfig):
     """Continue the run in this directory from its last checkpoint, with its stored options."""
     # TrainConfig's options that every verb shares (cli.options) or that are flag pairs: redeclared here for
     # their flag form and help; their place in the help and their defaults stay TrainConfig's.
+    dataset: DatasetName = "fashion-mnist"
+    """Dataset; all but synthetic are read from --data-root in their standard on-disk layout."""
     data_root: DataRoot = None
     device: Device = "auto"
     threads: Threads = None
     amp: tristate("bf16 autocast.", "(default: on for CUDA, off for CPU)") = None  # type: ignore[valid-type]
     channels_last: tristate("channels_last memory format.", "(default: on for CUDA)") = None  # type: ignore[valid-type]
     progress: Progress = None
+    grayscale: tristate("Image folders read into memory: one channel.", "(default: when every image is grayscale)") = (
+        None  # type: ignore[valid-type]
+    )
 
     def __post_init__(self) -> None:
         pass  # checked in train_config(), so that a bad value is one error line, not the parser's box

@@ -144,6 +144,7 @@ def load_dataset(
     synthetic_size: int | None = None,
     seed: int = 0,
     holdout_classes: Sequence[int] | None = None,
+    grayscale: bool | None = None,
 ) -> ImageSet:
     """Loads one split of a dataset into memory (on the CPU).
 
@@ -157,6 +158,8 @@ def load_dataset(
         seed: seed of the synthetic data (train and test draw different samples).
         holdout_classes: drop the examples of these classes and renumber the others 0..K-1 (the kept part of
             :func:`split_classes`); ``None`` or empty keeps every class.
+        grayscale: image folders: read every image as one channel (True), as RGB (False), or (None) as one
+            channel when every image of the split is grayscale, else RGB (grayscale images as 3 equal channels).
 
     Returns:
         The split as an :class:`ImageSet` with uint8 images on the CPU.
@@ -167,7 +170,12 @@ def load_dataset(
     """
     if holdout_classes:
         return split_classes(load_dataset(name, root, split, image_size=image_size, synthetic_size=synthetic_size,
-                                          seed=seed), holdout_classes)[0]  # fmt: skip
+                                          seed=seed, grayscale=grayscale), holdout_classes)[0]  # fmt: skip
+    if name == "python":  # data.user.PYTHON_DATA: what a run trained by cascadenet.fit records
+        raise DataError(
+            "the run was trained on data given from Python (cascadenet.fit): it cannot be read from disk; pass the "
+            "data from Python (cascadenet.fit(..., test_set=...), or evaluate(run_dir, data=...))"
+        )
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -186,7 +194,7 @@ def load_dataset(
         if not root.is_dir():
             raise DataError(f"{root}: dataset root does not exist or is not a directory (pass --data-root)")
         if name == "imagefolder":
-            return _image_folder(root, split, image_size)
+            return _image_folder(root, split, image_size, grayscale)
         ds = _idx(root, split, name) if name in _IDX else _cifar(root, split, name == "cifar100")
     except OSError as e:  # an unreadable folder (permissions, I/O errors) while looking for the files
         raise DataError(f"{e.filename or root}: cannot read ({e.strerror or e})") from None
@@ -423,9 +431,9 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_folder(root: Path, split: str, image_size: int | None) -> ImageSet:
+def _image_folder(root: Path, split: str, image_size: int | None, grayscale: bool | None = None) -> ImageSet:
     files, labels, classes = image_folder_files(root, split)
-    images = _load_images(files, image_size)
+    images = _load_images(files, image_size, grayscale)
     return ImageSet(images, torch.tensor(labels, dtype=torch.int64), classes, "imagefolder", True, str(root))
 
 
@@ -537,13 +545,22 @@ def _tiny_imagenet_val(val_dir: Path, annotations: Path, index: dict[str, int]) 
     return files, labels
 
 
-def _load_image(path: Path, size: int | None) -> np.ndarray:
-    """Reads one image as (H, W, 3) uint8 RGB, resized and center-cropped to ``size`` when given."""
+# PIL modes of grayscale images (one channel; LA: with transparency, dropped)
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def _load_image(path: Path, size: int | None, grayscale: bool | None = False) -> np.ndarray:
+    """Reads one image as (H, W, 3) uint8 RGB, or (H, W) uint8 gray (``grayscale``, or None and the image is
+    grayscale), resized and center-cropped to ``size`` when given."""
     from PIL import Image  # imported here: only image folders need PIL
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")  # always RGB: grayscale images become 3 equal channels
+            gray = grayscale if grayscale is not None else im.mode in _GRAY_MODES
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and gray:  # 16-bit or float gray: to 8 bits
+                im = Image.fromarray((np.asarray(im, dtype=np.float64) / (65535 if "16" in im.mode else 255) * 255)
+                                     .clip(0, 255).round().astype(np.uint8))  # fmt: skip
+            im = im.convert("L" if gray else "RGB")
             if size is not None and im.size != (size, size):
                 w, h = im.size
                 scale = size / min(w, h)
@@ -556,16 +573,22 @@ def _load_image(path: Path, size: int | None) -> np.ndarray:
         raise DataError(f"{path}: cannot read image ({e})") from e
 
 
-def _load_images(files: list[Path], size: int | None) -> Tensor:
+def _load_images(files: list[Path], size: int | None, grayscale: bool | None = False) -> Tensor:
+    """The images, ``(N, C, H, W)`` uint8: C = 1 when ``grayscale`` (or None and every image is grayscale), else
+    3 (grayscale images as 3 equal channels)."""
     # PIL releases the GIL while decoding, so threads give a real speed-up on large folders (TinyImageNet: 100k).
     pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
     out = None
     try:
-        for i, (path, arr) in enumerate(zip(files, pool.map(lambda p: _load_image(p, size), files))):
+        for i, (path, arr) in enumerate(zip(files, pool.map(lambda p: _load_image(p, size, grayscale), files))):
+            if arr.ndim == 2:
+                arr = arr[:, :, None]
             if out is None:
                 # Filled in place, channels first, so that peak memory stays near one copy of the dataset.
-                out = np.empty((len(files), 3, *arr.shape[:2]), dtype=np.uint8)
-            elif arr.shape[:2] != out.shape[2:]:
+                out = np.empty((len(files), arr.shape[2], *arr.shape[:2]), dtype=np.uint8)
+            elif arr.shape[2] > out.shape[1]:  # the first colour image after grayscale ones: RGB from here on
+                out = np.repeat(out, 3, axis=1)
+            if arr.shape[:2] != out.shape[2:]:
                 raise DataError(
                     f"{path}: image is {arr.shape[1]}x{arr.shape[0]} but {files[0]} is {out.shape[3]}x{out.shape[2]};"
                     " pass --image-size to resize all images to one size"

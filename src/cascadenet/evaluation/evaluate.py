@@ -109,6 +109,7 @@ def evaluate(
     reference_macs: float | None = None,
     weights: str | None = None,
     other_data: bool = False,
+    data: Any = None,
 ) -> dict[str, Any]:
     """Evaluate a run on one split; writes ``eval.json`` (the test split; other splits, schemes and lengths get
     their own name, see ``eval_filename``) in the run directory and returns its content.
@@ -132,6 +133,8 @@ def evaluate(
 
     A run that has not finished training is evaluated at its last checkpoint: ``finished_training`` is false
     and the table says so. A run that a live process trains is refused.
+        data: the split's examples given from Python (a run trained by ``cascadenet.fit`` on data that is not on
+            disk): an ``ImageSet`` or a map-style dataset of ``(image, label)``; no budgeted-batch curve then.
     """
     run_dir = Path(run_dir)
     if split not in SPLITS:
@@ -141,7 +144,7 @@ def evaluate(
         raise ValueError(f"--reference-macs must be a number > 0, got {reference_macs!r}")
     try:
         return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
-                         progress, reference_macs, weights, other_data)  # fmt: skip
+                         progress, reference_macs, weights, other_data, data)  # fmt: skip
     except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
         if isinstance(e, FileExistsError) and not e.strerror:
             raise
@@ -162,10 +165,11 @@ def _evaluate(
     reference_macs: float | None,
     weights: str | None,
     other_data: bool,
+    data: Any = None,
 ) -> dict[str, Any]:
     save_logits = _check_options(run_dir, batch_size, num_steps, save_logits, overwrite, weights)
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights,
-                      unfinished=True, other_data=other_data)  # fmt: skip
+                      unfinished=True, other_data=other_data, data=data)  # fmt: skip
     model, ds, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
     run_options = _run_options(model, scheme, num_steps)
     input_size = tuple(ds.images.shape[1:])

@@ -90,8 +90,8 @@ def paired_t_test(a: Any, b: Any) -> dict[str, Any]:
     if n < 2:
         return {**out, "sd": None, "t": None, "p": None}
     sd = float(d.std(ddof=1))
-    if sd == 0.0:
-        t = 0.0 if d.mean() == 0 else math.copysign(math.inf, d.mean())
+    if sd <= 1e-12 * max(1.0, float(np.abs(d).max())):  # equal differences, up to rounding
+        t = 0.0 if abs(d.mean()) <= 1e-12 else math.copysign(math.inf, d.mean())
     else:
         t = float(d.mean() / (sd / math.sqrt(n)))
     return {**out, "sd": sd, "t": t, "p": t_two_sided_p(t, n - 1)}

@@ -622,7 +622,7 @@ def _plots(
         plot_mean_curves(groups, path, axis=axis, title=f"{dataset}, test split, mean over seeds")
         figures[axis] = path.name
     path = root / f"{dataset}-budgeted.png"
-    title = f"{dataset}: Pareto on absolute MACs, every exit and budgeted batch (dashed; fitted on validation)"
+    title = f"{dataset}: exits and budgeted batch (dashed) on absolute MACs"
     plot_mean_curves(groups, path, axis="macs", budgeted=True, title=title)
     figures["budgeted"] = path.name
     return figures

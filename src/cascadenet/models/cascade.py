@@ -190,9 +190,13 @@ class CascadedResNet(nn.Module):
     def head(self, t: int) -> nn.Linear:
         return self.heads[min(t, len(self.heads) - 1)]
 
+    def pool(self, y: Tensor) -> Tensor:
+        """What the heads take from the last block's output: its global average (a cascaded network's own head
+        pools itself: ``cascadenet.models.network``)."""
+        return y.mean(dim=(-2, -1))
+
     def classify(self, y: Tensor, t: int | None) -> Tensor:
-        pooled = y.mean(dim=(-2, -1))
-        return (self.heads[-1] if t is None else self.head(t))(pooled)
+        return (self.heads[-1] if t is None else self.head(t))(self.pool(y))
 
     def norms(self) -> list[TemporalBatchNorm2d]:
         """Every temporal batch norm, in module order (the architecture is fixed at construction)."""

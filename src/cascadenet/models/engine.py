@@ -271,7 +271,7 @@ def _trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str, run: _Run
     for k in range(model.num_blocks):
         level = _block(model, k, level, T, scheme, run)
 
-    pooled = {c: level.tensors[c].mean(dim=(-2, -1)) for c in set(level.of_step.values())}
+    pooled = {c: model.pool(level.tensors[c]) for c in set(level.of_step.values())}
     logits: dict[tuple[int, int], Tensor] = {}
     out = []
     for t in range(T):

@@ -46,12 +46,18 @@ __all__ = [
     "read_init",
     "load_init",
     "config_difference",
+    "load_pretrained",
+    "IMAGENET_NORMALIZATION",
 ]
 
 log = logging.getLogger(__name__)
 
 # Options that the weights decide (architecture, width, stem, classes, input channels); the rest are free.
 DECIDED = ("arch", "width", "stem", "num_classes", "in_channels")
+
+# The input normalisation torchvision's ImageNet weights were trained with, stored with converted weights (train
+# --init uses it unless --normalize says otherwise).
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 _BLOCK_KEY = re.compile(r"^layer(\d+)\.(\d+)\.")
 
@@ -124,7 +130,8 @@ def _infer_architecture(state: Mapping[str, Tensor], source: str) -> tuple[str, 
     known = ", ".join(f"{n} {'-'.join(map(str, ls))}" for n, (_, ls) in ARCHITECTURES.items())
     raise CheckpointError(
         f"{source}: a ResNet of {kind} blocks {'-'.join(map(str, layers))} per stage matches no known architecture "
-        f"({known}; cascadenet.register_architecture adds one)"
+        f"({known}; cascadenet.register_architecture adds one; any torchvision ResNet, ResNeXt or Wide-ResNet "
+        "module becomes a cascade from Python with cascadenet.cascade(network))"
     )
 
 
@@ -275,7 +282,8 @@ def convert_file(
     model = convert_state_dict(load_torchvision_state_dict(source), source=str(source), **options)
     if model.first_informative_exit >= model.num_steps:
         raise ValueError(f"--num-steps {model.num_steps}: no exit of the converted model sees the input")
-    save_weights(output, model, {"converted_from": Path(source).name}, overwrite=overwrite)
+    extra = {"converted_from": Path(source).name, "normalization": IMAGENET_NORMALIZATION}  # what torchvision used
+    save_weights(output, model, extra, overwrite=overwrite)
     return model
 
 
@@ -321,22 +329,22 @@ def read_init(
     return model_cfg, (state, stored)
 
 
-def _stored_config(path: Path) -> ModelConfig:
+def _stored_config(path: Path, what: str = "--init") -> ModelConfig:
     """The model configuration an --init file was saved with (a .safetensors file written by cascadenet)."""
     if not path.is_file():
-        raise CheckpointError(f"--init {path}: no such file")
+        raise CheckpointError(f"{what} {path}: no such file")
     if path.suffix != ".safetensors":
         raise CheckpointError(
-            f"--init {path}: not a .safetensors model file (convert a torchvision ResNet with: cascadenet convert "
+            f"{what} {path}: not a .safetensors model file (convert a torchvision ResNet with: cascadenet convert "
             f"{path} -o MODEL.safetensors)"
         )
     meta = read_metadata(path)
     if "model_config" not in meta:
-        raise CheckpointError(f"--init {path}: no model configuration in the metadata (not written by cascadenet?)")
+        raise CheckpointError(f"{what} {path}: no model configuration in the metadata (not written by cascadenet?)")
     try:
         return config_from_dict(meta["model_config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"--init {path}: unreadable model configuration: {e}") from None
+        raise CheckpointError(f"{what} {path}: unreadable model configuration: {e}") from None
 
 
 def _contradicted(model: ModelConfig, model_cfg: ModelConfig, dataset: dict[str, int]) -> str:
@@ -388,3 +396,53 @@ def config_difference(a: ModelConfig, b: ModelConfig) -> str:
     pairs = [(f.name, getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)]
     diff = [(n, x, y) for n, x, y in pairs if x != y]
     return "; ".join(f"{'model' if n == 'arch' else n} {x} vs {y}" for n, x, y in diff)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# create_model(name, pretrained=PATH)
+
+
+def load_pretrained(name: str, path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """``create_model(name, pretrained=path, **overrides)``: the model ``name`` with the weights of ``path``.
+
+    ``path`` is a cascadenet model file (``.safetensors``: ``cascadenet convert``'s, a run's ``model.safetensors``)
+    or a torchvision-layout ResNet state dict (``.pth``/``.pt``, converted here). The file decides the
+    architecture; ``overrides`` may set the options it does not decide (``num_steps``, ``scheme``, ...) and
+    ``num_classes`` (another number of classes gets a new classifier, initialised at random). The normalisation
+    the weights were trained with is ``model.normalization`` (``{"mean": [...], "std": [...]}``, ImageNet's for
+    torchvision weights; None when the file stores none): normalise inputs with it.
+
+    Raises:
+        CheckpointError: an unreadable or foreign file, weights that do not fit.
+        ValueError: the file holds another model than ``name``, or an option contradicts it.
+    """
+    from .registry import model_name
+
+    source = Path(path)
+    if source.suffix == ".safetensors":
+        stored = _stored_config(source, "pretrained=")
+        normalization = read_metadata(source).get("normalization")
+        try:
+            state = load_file(str(source))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"pretrained={source}: not a readable safetensors file: {first_sentence(e)}"
+            ) from None
+    else:
+        if not source.is_file():
+            raise CheckpointError(f"pretrained={source}: no such file")
+        converted = convert_state_dict(load_torchvision_state_dict(source), source=str(source))
+        stored, state, normalization = converted.config, converted.state_dict(), IMAGENET_NORMALIZATION
+    found = model_name(stored)
+    if found != name:
+        raise ValueError(f"pretrained={source} holds a {found} model, not {name}")
+    decided = [k for k in DECIDED if k != "num_classes" and k in overrides and overrides[k] != getattr(stored, k)]
+    if decided:
+        k = decided[0]
+        raise ValueError(f"pretrained={source}: {k} {overrides[k]} vs {getattr(stored, k)} in the file (the weights "
+                         "decide it: leave it out)")  # fmt: skip
+    config = dataclasses.replace(stored, **overrides)
+    model = config.build()
+    load_init(model, (state, stored), f"pretrained={source}")
+    model.normalization = normalization
+    return model

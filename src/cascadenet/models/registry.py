@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 from typing import Any
 
 from torch import nn
@@ -96,8 +97,12 @@ def model_name(config: ModelConfig) -> str:
     return best
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
+def create_model(name: str, *, pretrained: str | os.PathLike | None = None, **overrides: Any) -> nn.Module:
     """Build a registered model, e.g. ``create_model("resnet18", num_classes=10, width=16)``.
+
+    ``pretrained``: start from the weights in this file (a cascadenet ``.safetensors`` model file, or a
+    torchvision-layout ResNet ``.pth``), which decides the architecture; ``model.normalization`` is then the input
+    normalisation the weights were trained with (``cascadenet.models.pretrained.load_pretrained``).
 
     The options are the fields of the model's configuration class (for cascaded ResNets,
     :class:`cascadenet.CascadeConfig`: ``num_classes``, ``in_channels``, ``width``, ``stem``, ``scheme``,
@@ -109,6 +114,10 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(list_models())}")
+    if pretrained is not None:
+        from .pretrained import load_pretrained
+
+        return load_pretrained(name, pretrained, **overrides)
     config_cls, preset = _MODELS[name]
     return config_cls(**{**preset, **overrides}).build()
 

@@ -40,7 +40,7 @@ __all__ = [
 CONFIG = "config.json"
 
 # Options a resumed run may change: where and how fast it runs, not what it computes.
-RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size", "workers")
+RESUMABLE = ("device", "threads", "progress", "data_root", "checkpoint_every", "eval_batch_size", "workers", "log")
 # Model options that training takes from the dataset, not from the user (those the model's family has; an SDN's
 # internal classifiers are sized for the images' side).
 FROM_DATASET = ("num_classes", "in_channels", "input_size")
@@ -67,12 +67,16 @@ class TrainConfig:
     are set from the dataset."""
 
     # --- data ---
-    dataset: DatasetName = "fashion-mnist"
-    """Dataset; all but synthetic are read from --data-root in their standard on-disk layout."""
+    dataset: DatasetName | Literal["python"] = "fashion-mnist"
+    """Dataset; all but synthetic are read from --data-root in their standard on-disk layout (python: data given
+    to cascadenet.fit, which it records)."""
     data_root: str | None = None
     """Dataset folder (default for fashion-mnist: where Debian's dataset-fashion-mnist installs it)."""
     image_size: int | None = None
     """Resize images to this size (image folders of mixed sizes)."""
+    grayscale: bool | None = None
+    """Image folders read into memory: one channel (true), RGB (false), or one channel when every image is
+    grayscale (default)."""
     val_fraction: float = 0.1
     """Share of the training set held out for validation (seeded)."""
     augment: bool = True
@@ -91,6 +95,10 @@ class TrainConfig:
     """The size of decoded training images above which --stream auto streams."""
     workers: int | None = None
     """DataLoader worker processes of a streamed image folder (default: CPU cores - 1, at most 8)."""
+    normalize: str | None = None
+    """Input normalisation: dataset (the training split's per-channel mean and std), imagenet, or numbers MEAN,STD
+    (one pair for every channel, or C means then C stds); default: the statistics stored with the --init weights
+    (ImageNet's for converted torchvision weights), else the dataset's."""
     init: str | None = None
     """Start from the weights in this file (a model.safetensors: a finished run's, or `cascadenet convert`'s);
     the model is the file's (leave the model options out). A changed number of classes gets a new classifier."""
@@ -152,6 +160,13 @@ class TrainConfig:
     """Batch size of validation."""
     progress: bool | None = None
     """Progress bars (default: only when stderr is a terminal)."""
+    log: str | None = None
+    """Experiment tracking, comma-separated: csv (train_log.csv per step: loss, lr; val_log.csv per epoch: accuracy
+    per exit, anytime AUC), tensorboard (RUN/tensorboard; needs the tensorboard package)."""
+    keep_best: bool = False
+    """Also keep the weights of the epoch with the best validation anytime AUC (model-best.safetensors)."""
+    early_stop: int | None = None
+    """Stop when the validation anytime AUC has not improved for this many epochs (keeps the best weights too)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelConfig):
@@ -161,6 +176,7 @@ class TrainConfig:
         check_types(self, flags=True)  # a config file can hold "epochs": "2" or "augment": "false"
         self._check_holdout()
         self._check_values()
+        self._check_normalize()
         self._check_loss()
 
     def _check_values(self) -> None:
@@ -204,6 +220,11 @@ class TrainConfig:
                 self.name is None or _plain_name(self.name),
                 f"--name must be a folder name inside --out (no '/', not '.' or '..'), got {self.name!r}",
             ),
+            (self.early_stop is None or self.early_stop >= 1, f"--early-stop must be >= 1, got {self.early_stop}"),
+            (
+                not self.log or all(n.strip() in ("csv", "tensorboard", "") for n in self.log.split(",")),
+                f"unknown --log {self.log!r}; valid choices: csv, tensorboard (comma-separated)",
+            ),
             (self.image_size is None or self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
             (
                 self.synthetic_size is None or self.synthetic_size >= 2,
@@ -218,6 +239,19 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def _check_normalize(self) -> None:
+        spec = self.normalize
+        if spec is None or spec in ("dataset", "imagenet"):
+            return
+        try:
+            numbers = [float(v) for v in spec.split(",")]
+        except ValueError:
+            numbers = []
+        if len(numbers) < 2 or len(numbers) % 2 or not all(math.isfinite(v) for v in numbers):
+            raise ValueError(f"--normalize takes dataset, imagenet or MEAN,STD numbers, got {spec!r}")
+        if not all(v > 0 for v in numbers[len(numbers) // 2 :]):
+            raise ValueError(f"--normalize {spec}: the standard deviations must be > 0")
 
     def _check_loss(self) -> None:
         """The loss fits the model (unless --init's file decides the model); ic-only starts from trained weights."""

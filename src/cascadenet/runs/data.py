@@ -60,6 +60,10 @@ def split_data(cfg: TrainConfig, data_root: str | None, split: str, with_val: bo
         "synthetic_size": cfg.synthetic_size,
         "seed": cfg.seed,
         "holdout_classes": cfg.holdout_classes,
+        # an image folder read as the run read it: one channel when its model takes one
+        "grayscale": cfg.grayscale
+        if cfg.grayscale is not None or cfg.dataset != "imagefolder"
+        else (cfg.model.in_channels == 1),
     }  # a held-out-classes run: its kept classes, renumbered
     held_out = 0 < cfg.val_fraction < 1
     if split == "val" and not held_out:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..data.datasets import DEFAULT_ROOTS, DataError, ImageSet
 from ..data.loader import check_compatible
+from ..data.user import as_image_set
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, CheckpointError, load_model
 from ..models.registry import config_from_dict
 from ..utils.device import resolve_device
@@ -53,6 +54,7 @@ def load_run(
     weights: str | None = None,
     unfinished: bool = False,
     other_data: bool = False,
+    data: Any = None,
 ) -> LoadedRun:
     """Load a run's model and a split of its dataset (checked against each other and the stored configuration).
 
@@ -66,13 +68,16 @@ def load_run(
             process is training always is (its checkpoint changes under the reader).
         other_data: accept data that differs from the run's (another image size, other classes, other images);
             ``LoadedRun.data_record`` says so. By default it is refused.
+        data: the split's examples given from Python instead of read from disk (a run trained by
+            ``cascadenet.fit``): an ``ImageSet`` or any dataset ``cascadenet.data.user.as_image_set`` reads;
+            ``with_val`` then loads nothing.
 
     Raises:
         CheckpointError, DataError, ValueError: one line naming the file.
     """
     run_dir = Path(run_dir)
     try:
-        return _load_run(run_dir, split, data_root, device, with_val, weights, unfinished, other_data)
+        return _load_run(run_dir, split, data_root, device, with_val, weights, unfinished, other_data, data)
     except OSError as e:  # unreadable run directory or data: one line naming the file
         raise CheckpointError(f"{e.filename or run_dir}: {e.strerror or e}") from None
 
@@ -87,7 +92,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 def _load_run(
     run_dir: Path, split: str, data_root: str | None, device: str, with_val: bool, weights: str | None,
-    unfinished: bool, other_data: bool,
+    unfinished: bool, other_data: bool, data: Any = None,
 ) -> LoadedRun:  # fmt: skip
     check_run_dir(run_dir)
     check_not_training(run_dir)
@@ -106,7 +111,10 @@ def _load_run(
     _check_model(run_dir, stored.get("model"), model.config)
     _check_finite(model, run_dir / (weights or (WEIGHTS if finished else CHECKPOINT)))
 
-    ds, val_set = split_data(cfg, data_root, split, with_val)
+    if data is not None:
+        ds, val_set = as_image_set(data, name=f"the {split} data"), None
+    else:
+        ds, val_set = split_data(cfg, data_root, split, with_val)
     check_compatible(ds, model.config.in_channels, model.config.num_classes)
     if mean.shape != (ds.num_channels,) or std.shape != (ds.num_channels,):
         raise CheckpointError(f"{run_dir / CONFIG}: normalization statistics for {mean.numel()} channel(s) (mean) "
@@ -114,7 +122,7 @@ def _load_run(
     if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
         raise CheckpointError(f"{run_dir / CONFIG}: damaged normalization statistics (mean {mean.tolist()}, std "
                               f"{std.tolist()}: finite numbers and a std > 0 are needed)")  # fmt: skip
-    record = _check_data(run_dir, cfg, stored, ds, data_root, split, other_data, mean, std)
+    record = _check_data(run_dir, cfg, stored, ds, data_root, split, other_data, mean, std, given=data is not None)
     amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
     val = None if val_set is None else val_set.to(dev)
     return LoadedRun(model, ds.to(dev), mean, std, amp, finished, val, record)
@@ -141,20 +149,23 @@ def check_not_training(run_dir: Path) -> None:
 
 def _check_data(
     run_dir: Path, cfg: TrainConfig, stored: dict[str, Any], ds: ImageSet, data_root: str | None, split: str,
-    other_data: bool, mean: Tensor, std: Tensor,
+    other_data: bool, mean: Tensor, std: Tensor, given: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """The data is the run's (image shape, classes and, for a --data-root other than the run's, the training
-    images' statistics), unless ``other_data``; returns what it is, for eval.json and the reports."""
+    images' statistics), unless ``other_data``; returns what it is, for eval.json and the reports. Data
+    ``given`` from Python is checked by its shape alone (it has no folder, and its class names are its own)."""
     recorded = stored.get("data") if isinstance(stored.get("data"), dict) else {}
     shape = list(ds.images.shape[1:])
     why = []
     if isinstance(recorded.get("shape"), list) and recorded["shape"] != shape:
         why.append(f"images of {'x'.join(map(str, shape))}, the run's are {'x'.join(map(str, recorded['shape']))}")
-    if isinstance(stored.get("classes"), list) and stored["classes"] != ds.classes:
+    if not given and isinstance(stored.get("classes"), list) and stored["classes"] != ds.classes:
         why.append("other class names")
-    root = data_root or cfg.data_root or DEFAULT_ROOTS.get(cfg.dataset)
+    root = None if given else data_root or cfg.data_root or DEFAULT_ROOTS.get(cfg.dataset)
     trained_root = cfg.data_root or DEFAULT_ROOTS.get(cfg.dataset)
-    moved = data_root is not None and cfg.dataset != "synthetic" and _where(data_root) != _where(trained_root)
+    moved = (
+        not given and data_root is not None and cfg.dataset != "synthetic" and _where(data_root) != _where(trained_root)
+    )
     if moved and not why:  # the same shape and classes in another folder: the same images?
         from ..data.datasets import load_dataset
         from ..data.loader import normalization as statistics
@@ -174,7 +185,8 @@ def _check_data(
         )
     labels = ds.labels.cpu().contiguous().numpy().tobytes()
     return {
-        "dataset": cfg.dataset, "root": None if root is None else str(root), "split": split, "shape": shape,
+        "dataset": "given from Python" if given else cfg.dataset, "root": None if root is None else str(root),
+        "split": split, "shape": shape,
         "examples": len(ds), "labels_sha256": hashlib.sha256(labels).hexdigest()[:16],
         "other_data": bool(why), **({"differs": "; ".join(why)} if why else {}),
     }  # fmt: skip

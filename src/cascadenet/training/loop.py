@@ -48,7 +48,7 @@ from ..runs.config import CONFIG, RESUMABLE, ConfigError, TrainConfig, changed_o
 from ..runs.data import training_batches
 from ..utils.device import autocast
 from ..utils.files import atomic_write
-from . import distributed
+from . import distributed, tracking
 from .claim import TrainingError
 from .interrupts import Interrupts, Terminated, catch_signals
 from .optim import compute_loss, lr_at
@@ -83,7 +83,11 @@ log = logging.getLogger(__name__)
 
 
 def train(
-    cfg: TrainConfig | None = None, *, resume: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None
+    cfg: TrainConfig | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    data: tuple | None = None,
 ) -> Path:
     """Train a model; returns the run directory.
 
@@ -97,6 +101,8 @@ def train(
         overrides: options given for a resumed run, by command-line name (as ``TrainConfig.options``); those
             equal to the stored ones are no change, and only the ``RESUMABLE`` ones may differ (where and how
             fast it runs, not what it computes).
+        data: the data given from Python (``cascadenet.training.fit`` makes it: the full training set, its
+            training and validation parts, the normalisation); default: read as the configuration says.
 
     Raises:
         TrainingError: the run directory is in the way or in use, the checkpoint does not fit the run, the loss
@@ -108,7 +114,7 @@ def train(
     world = distributed.setup()
     try:
         with distributed.quiet_followers(world), catch_signals() as interrupts:
-            return _train(cfg, resume, overrides, interrupts, world)
+            return _train(cfg, resume, overrides, interrupts, world, data)
     finally:
         distributed.teardown(world)
 
@@ -119,15 +125,19 @@ def _train(
     overrides: dict[str, Any] | None,
     interrupts: Interrupts,
     world: distributed.World | None,
+    data: tuple | None = None,
 ) -> Path:
-    s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts, world, _Objective)
+    s = _start(cfg or TrainConfig(), resume, overrides or {}, interrupts, world, _Objective, data)
     try:
+        names = tracking.backends(s.cfg.log)  # checked before the first write of the logs
+        if names and s.main:
+            s.tracker = tracking.Tracker(s.run_dir, names, s.step, s.epoch)
         start = s.saved
         if s.done is not None and not any(r["epoch"] == s.epoch for r in s.rows):
             _recalibrate(s)
             _record(s, _validate(s, s.done))  # killed between the epoch's checkpoint and its metrics row
         s.done = None
-        while s.epoch < s.cfg.epochs:
+        while s.epoch < s.cfg.epochs and not tracking.stopped_early(s.rows, s.cfg.early_stop):
             _train_epoch(s)
             with s.interrupts.critical():
                 s.done = _epoch_summary(s)
@@ -144,6 +154,10 @@ def _train(
         if write:
             _recalibrate(s)  # a run killed after its last metrics row: the same statistics again
             extra = {**s.extra, "epochs": s.cfg.epochs}
+            if s.epoch < s.cfg.epochs:  # --early-stop ended it
+                extra["stopped_early_after"] = s.epoch
+                log.info("early stop after epoch %d: no better validation anytime AUC since epoch %d (%s)", s.epoch,
+                         tracking.best_epoch(s.rows), tracking.BEST)  # fmt: skip
             if s.recalibration is not None:
                 extra["recalibration"] = s.recalibration
             _write(s, lambda: save_weights(s.run_dir / WEIGHTS, s.model, extra))
@@ -151,6 +165,8 @@ def _train(
         _stopped(s, e)
         raise
     finally:
+        if s.tracker is not None:
+            s.tracker.close()
         _release(s)
     return s.run_dir
 
@@ -195,6 +211,8 @@ def _checkpoint(s: _Session) -> None:
     if not s.main:  # rank 0 writes it; every process has the same state
         s.saved = s.position()
         return
+    if s.tracker is not None:  # the logs reach at least the checkpoint: a resumed run continues them from there
+        s.tracker.flush()
     state = {
         "model_config": s.model.config.to_dict(), "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
         "scheduler": s.scheduler.state_dict(), "epoch_generator_state": s.epoch_gen_state, "rng": _rng_state(),
@@ -235,6 +253,7 @@ def _train_epoch(s: _Session) -> None:
                 epoch = s.epoch + 1  # restored from the checkpoint on resume: the same weights as uninterrupted
                 loss = compute_loss(s.model, x, y, cfg, epoch) if s.objective is None else s.objective(x, y, epoch)
             s.optimizer.zero_grad(set_to_none=True)
+            lr = s.scheduler.get_last_lr()[0]  # what this step is taken with
             loss.backward()
             step_loss = loss.detach() if s.world is None else distributed.mean(loss)  # the global batch's loss
             with s.interrupts.critical():  # weights, counters and sums change together or not at all
@@ -245,8 +264,12 @@ def _train_epoch(s: _Session) -> None:
                 stats.loss_sum += step_loss
                 stats.batches += 1
                 stats.images += len(y) * shard[1]
+            if s.tracker is not None:
+                s.tracker.batch(s.step, s.epoch + 1, step_loss, lr)
             if stats.batches % 10 == 0 or s.batch_done == s.per_epoch:  # a sync every 10 steps, not every step
                 _check_finite(s, stats.loss_sum, i)
+                if s.tracker is not None:
+                    s.tracker.flush()
                 bar.set_postfix(loss=f"{stats.loss_sum.item() / stats.batches:.4f}",
                                 img_s=f"{stats.images / max(stats.elapsed(), 1e-9):.0f}")  # fmt: skip
             bar.update(1)
@@ -337,6 +360,10 @@ def _record(s: _Session, row: dict[str, Any]) -> None:
     rows = [r for r in s.rows if r["epoch"] < row["epoch"]] + [row]
     _write(s, lambda: atomic_write(s.run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode()))
     s.rows = rows
+    if s.tracker is not None:
+        s.tracker.epoch(row)
+    if (s.cfg.keep_best or s.cfg.early_stop) and tracking.best_epoch(rows) == row["epoch"]:
+        _write(s, lambda: save_weights(s.run_dir / tracking.BEST, s.model, {**s.extra, "epoch": row["epoch"]}))
     log.info(
         "epoch %d/%d  loss %.4f  val acc (last exit) %.2f%%  val AUC %.4f  %.0f img/s  %.0fs", row["epoch"],
         s.cfg.epochs, row["train_loss"], 100 * row["val_accuracy_per_step"][-1], row["val_anytime_auc"],

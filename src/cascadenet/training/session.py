@@ -30,7 +30,7 @@ from ..data.datasets import DataError, ImageSet, check_test_classes, kept_classe
 from ..data.loader import check_compatible, normalization, num_batches, train_val_split
 from ..models.anytime import ModelConfig
 from ..models.cascade import CascadedResNet
-from ..models.checkpoint import CHECKPOINT, CheckpointError, build_and_load, load_checkpoint
+from ..models.checkpoint import CHECKPOINT, CheckpointError, build_and_load, load_checkpoint, read_metadata
 from ..models.footprint import check_model_fits
 from ..models.pretrained import load_init, read_init
 from ..runs.config import CONFIG, ConfigError, TrainConfig, check_loss_fits, check_resume_overrides, stored_paths
@@ -153,6 +153,7 @@ class _Session:
     world: distributed.World | None = None  # None: a single process
     objective: nn.Module | None = None  # the loss under DistributedDataParallel (several processes)
     recalibration: dict[str, int] | None = None  # batches and examples of the final statistics, once recomputed
+    tracker: Any = None  # --log's back-ends (training.tracking.Tracker), on the process that writes
 
     @property
     def main(self) -> bool:
@@ -215,6 +216,7 @@ def _start(
     interrupts: Interrupts,
     world: distributed.World | None,
     objective: Objective,
+    data: tuple | None = None,
 ) -> _Session:
     """Set-up: every check first (options, data, model, the run directory's contents), then the claim of the
     run directory, then the first write (config.json).
@@ -222,13 +224,16 @@ def _start(
     With several processes, rank 0 does all of that and sends the resolved configuration and the checkpoint's
     training state to the others, which load the data and build the model themselves; then every process
     reports whether it could start, and they fail together or go on together (DistributedDataParallel around
-    ``objective(model, cfg)``, the training loss as a module)."""
+    ``objective(model, cfg)``, the training loss as a module).
+
+    ``data``: the data given from Python (``cascadenet.fit``: the full training set, its training and validation
+    parts, the normalisation), else it is read as the configuration says."""
     if world is None:
-        return _start_here(cfg, resume, overrides, interrupts, None)[0]
+        return _start_here(cfg, resume, overrides, interrupts, None, data)[0]
     if not world.main:
-        return _start_follower(interrupts, world, objective)
+        return _start_follower(interrupts, world, objective, data)
     try:
-        s, ckpt = _start_here(cfg, resume, overrides, interrupts, world)
+        s, ckpt = _start_here(cfg, resume, overrides, interrupts, world, data)
     except BaseException as e:
         with contextlib.suppress(Exception):  # tell the others, which wait for the configuration
             distributed.broadcast({"error": (type(e).__name__, str(e))})
@@ -236,7 +241,7 @@ def _start(
     try:
         state = None if ckpt is None else {k: v for k, v in ckpt.items() if k != "model"}  # weights: broadcast
         distributed.broadcast({"cfg": s.cfg.to_dict(), "run_dir": str(s.run_dir), "resumed": s.resumed,
-                               "state": state})  # fmt: skip
+                               "state": state, "stored": {"normalization": s.extra["normalization"]}})  # fmt: skip
         _agree(None, world)
         _distribute(s, objective)
     except BaseException:
@@ -251,7 +256,9 @@ _ERRORS: dict[str, type[Exception]] = {
 }  # fmt: skip
 
 
-def _start_follower(interrupts: Interrupts, world: distributed.World, objective: Objective) -> _Session:
+def _start_follower(
+    interrupts: Interrupts, world: distributed.World, objective: Objective, data: tuple | None = None
+) -> _Session:
     packet = distributed.broadcast(None)
     if "error" in packet:  # rank 0 could not start: the same error here (rank 0 reports it)
         name, message = packet["error"]
@@ -262,7 +269,7 @@ def _start_follower(interrupts: Interrupts, world: distributed.World, objective:
         raise error
     s = None
     try:
-        s = _follow(packet, interrupts, world)
+        s = _follow(packet, interrupts, world, data)
         error = None
     except Exception as e:
         error = " ".join(f"{type(e).__name__}: {e}".split())
@@ -321,10 +328,47 @@ def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Ten
         return full, train_set, val_set, mean, std
     full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
                         synthetic_size=cfg.synthetic_size, seed=cfg.seed,
-                        holdout_classes=cfg.holdout_classes)  # fmt: skip
+                        holdout_classes=cfg.holdout_classes, grayscale=cfg.grayscale)  # fmt: skip
     train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)
     mean, std = normalization(train_set)
     return full, train_set, val_set, mean, std
+
+
+def _normalized(cfg: TrainConfig, data: tuple, stored: dict[str, Any] | None = None) -> tuple:
+    """The data with the normalisation ``--normalize`` asks for: the dataset's statistics (as read), ImageNet's, the
+    numbers given, or by default those stored with the ``--init`` weights (``stored``: a resumed run's config.json,
+    which recorded them) when it has them."""
+    full, train_set, val_set, mean, std = data
+    channels = data_shape(full)[0]
+    spec = cfg.normalize
+    source = f"--normalize {spec}"
+    if spec is None and cfg.init is not None:
+        norm = (stored or {}).get("normalization") if stored else _init_normalization(cfg.init)
+        if not isinstance(norm, dict):
+            return data
+        values, source = [*norm.get("mean", []), *norm.get("std", [])], f"the normalisation stored with {cfg.init}"
+    elif spec == "imagenet":
+        values = [*streaming.IMAGENET_MEAN, *streaming.IMAGENET_STD]
+    elif spec is None or spec == "dataset":
+        return data
+    else:
+        values = [float(v) for v in spec.split(",")]
+        if len(values) == 2:
+            values = [values[0]] * channels + [values[1]] * channels
+    if len(values) != 2 * channels:
+        raise ValueError(f"{source} holds statistics of {len(values) // 2} channel(s), but the images have {channels}"
+                         " (--normalize dataset, or MEAN,STD numbers)")  # fmt: skip
+    t = torch.tensor(values, dtype=torch.float32)
+    return full, train_set, val_set, t[:channels], t[channels:]
+
+
+def _init_normalization(path: str) -> Any:
+    """The normalisation stored with an --init weights file (None: none stored, or not a readable file, which
+    the model's own reading of the file reports)."""
+    try:
+        return read_metadata(path).get("normalization")
+    except (CheckpointError, OSError):
+        return None
 
 
 def _from_dataset(model: ModelConfig, full: Any) -> dict[str, Any]:
@@ -397,12 +441,12 @@ def _label_map(cfg: TrainConfig, full: Any) -> dict[str, Any]:
     return {"label_map": {"kept_classes": kept_classes(full.num_classes + len(held), held), "held_out_classes": held}}
 
 
-def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.World) -> _Session:
+def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.World, given: tuple | None) -> _Session:
     """A process other than rank 0: rank 0's configuration and training state, its own data and model (whose
     weights rank 0 broadcasts next)."""
     cfg = TrainConfig.from_dict(packet["cfg"])
     device = _device(cfg, world)
-    data = _load_data(cfg)
+    data = _normalized(cfg, _load_data(cfg) if given is None else given, packet.get("stored"))
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     s = _session(cfg, model, device, data, _schedule(cfg, len(data[1]), world.size), interrupts, world,
@@ -419,6 +463,7 @@ def _start_here(
     overrides: dict[str, Any],
     interrupts: Interrupts,
     world: distributed.World | None,
+    given: tuple | None = None,
 ) -> tuple[_Session, dict[str, Any] | None]:
     """The set-up of a single process, or of rank 0; returns the session and the checkpoint it resumed from."""
     run_dir, cfg, payload = _run_config(cfg, resume, overrides)
@@ -426,7 +471,7 @@ def _start_here(
     cfg = _resolve_stream(cfg)
     processes = 1 if world is None else world.size
 
-    data = _load_data(cfg)
+    data = _normalized(cfg, _load_data(cfg) if given is None else given, payload if resume is not None else None)
     full, train_set = data[0], data[1]
     cfg, model = _build_model(cfg, full, resume is not None and (run_dir / CHECKPOINT).is_file())
     schedule = _schedule(cfg, len(train_set), processes)
