@@ -66,7 +66,7 @@ def test_a_model_not_built_by_create_model_saves_and_loads(tmp_path):
 
 
 def test_package_top_level_exports():
-    assert cn.td_loss is cn.training.losses.td_loss and cn.load_model is cn.models.checkpoint.load_model
+    assert cn.td_loss is cn.training.losses.td_loss and cn.load_model is cn.deployment.loading.load_model
     assert cn.CascadeConfig is cn.models.cascade.CascadeConfig
 
 

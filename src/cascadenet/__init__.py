@@ -12,10 +12,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .utils.command import exit_if_command
 
 try:
+    from .deployment.loading import load_model
     from .evaluation.early_exit import Predictions, predict
     from .models.anytime import AnytimeModel, ExitCosts, ModelConfig
     from .models.cascade import CascadeConfig, CascadedResNet, CascadeState
-    from .models.checkpoint import load_model
     from .models.msdnet import MSDNet, MSDNetConfig
     from .models.network import CascadedNetwork, NetworkConfig, cascade
     from .models.precise_bn import recalibrate_bn

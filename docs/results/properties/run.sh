@@ -3,6 +3,9 @@
 # (`cascadenet reproduce --dataset fashion-mnist --seeds 3 --budget small --out runs/reproduce`).
 # Usage: docs/results/properties/run.sh [early-exit|typicality|policy|noise|ews70|ood|summary]... (default: all)
 # ood needs the handwritten digits in MNIST format: see digits_to_idx.py (DIGITS=folder, default /tmp/digits-idx).
+# The run names are those of the reproduction before issue 17 (ce-sS, sdn-sS, msdnet-sS). Since issue 17 the
+# reproduction names runs by their tuned option (ce-lr0.05-sS, sdn-lr0.1-sS, msdnet-lr0.1-sS: see the tuning table
+# of its report); the *-issue17-* reports were made on those runs with the commands in docs/results/README.md.
 set -euo pipefail
 R=${R:-runs/reproduce/fashion-mnist-small/runs}
 O=${O:-docs/results/properties}

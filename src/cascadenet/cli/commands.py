@@ -8,6 +8,7 @@ from typing import Annotated, Any, Union
 
 import tyro
 
+from .deployment import ExportCommand, ServeCommand
 from .evaluation import EvalCommand, PlotCommand, PredictCommand, RecalibrateCommand
 from .experiments import DemoCommand, ReproduceCommand
 from .models import ConvertCommand, ModelsCommand
@@ -31,6 +32,8 @@ VERBS: dict[str, type] = {
     "models": ModelsCommand,
     "convert": ConvertCommand,
     "typicality": TypicalityCommand,
+    "export": ExportCommand,
+    "serve": ServeCommand,
 }
 
 

@@ -64,13 +64,17 @@ class EvalCommand:
 
 @dataclass
 class PredictCommand:
-    """Predict a split with early exit: each example stops at the step its policy chooses and leaves the batch;
-    prints accuracy, mean step, mean MACs and wall time, and optionally writes each example's result."""
+    """Predict with early exit: each example stops at the step its policy chooses and leaves the batch. Given
+    image files, folders or glob patterns (PATH...), writes per image the class name, its probability, the exit
+    and the MACs (CSV or JSON with -o, else a table); without them, predicts a split of the run's dataset and
+    prints accuracy, mean step, mean MACs and wall time."""
 
     run_dir: RunDir
-    """Run directory written by `cascadenet train`."""
+    """Run directory written by `cascadenet train` (or, with PATH..., a model.safetensors file)."""
+    paths: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="PATH")] = ()
+    """Image files, folders (searched recursively) and glob patterns to predict (no labels needed)."""
     split: Literal["test", "val", "train"] = "test"
-    """Split to predict: test, the run's held-out val, or its train part."""
+    """Split to predict when no PATH is given: test, the run's held-out val, or its train part."""
     threshold: float | None = None
     """Stop at the first step whose max softmax probability is >= this."""
     margin: float | None = None
@@ -79,8 +83,12 @@ class PredictCommand:
     """Stop at the first step whose predicted class is the one of each of the K steps before it."""
     budget: float | None = None
     """At most this many MACs per example: stop at the last step within it."""
+    deadline_ms: float | None = None
+    """Answer each batch within this many milliseconds: a step starts only if it is expected to finish in time
+    (from the step times measured so far); examples still running stop at the step they have."""
     output: Annotated[str | None, tyro.conf.arg(aliases=("-o",))] = None
-    """Write each example's prediction, step, MACs and label to this .npz file."""
+    """Write each example's result: a .csv or .json file for PATH... (class, probability, exit, MACs), a .npz
+    file for a split (prediction, step, MACs, label, probabilities, class names)."""
     overwrite: bool = False
     """Allow --output to replace an existing file."""
     other_data: bool = False
@@ -95,7 +103,18 @@ class PredictCommand:
         from ..evaluation.early_exit import format_summary, policy_from_flags, predict_run
 
         policy = policy_from_flags(self.threshold, self.margin, self.stable)
-        summary = predict_run(self.run_dir, split=self.split, policy=policy, budget=self.budget,
+        if self.deadline_ms is not None and not self.deadline_ms > 0:
+            raise ValueError(f"--deadline-ms must be positive, got {self.deadline_ms}")
+        deadline = None if self.deadline_ms is None else self.deadline_ms / 1000
+        if self.paths:
+            from ..deployment.files import format_records, predict_files
+
+            summary = predict_files(self.run_dir, self.paths, policy=policy, budget=self.budget, deadline=deadline,
+                                    batch_size=self.batch_size, device=self.device, output=self.output,
+                                    overwrite=self.overwrite, progress=progress_of(self.progress))  # fmt: skip
+            print(format_records(summary))
+            return
+        summary = predict_run(self.run_dir, split=self.split, policy=policy, budget=self.budget, deadline=deadline,
                               data_root=self.data_root, batch_size=self.batch_size, device=self.device,
                               output=self.output, overwrite=self.overwrite,
                               progress=progress_of(self.progress), other_data=self.other_data)  # fmt: skip

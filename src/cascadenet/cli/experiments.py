@@ -37,9 +37,10 @@ class DemoCommand:
 @dataclass
 class ReproduceCommand:
     """The paper's comparison in one command: CascadedTD(-MultiHead), SerialTD(-MultiHead), CascadedCE, SerialCE,
-    SDN, SDN-IC-only and MSDNet, same data, seeds and recipe, lambda chosen on validation; writes
-    <out>/<dataset>-<budget>/<dataset>.md (table and plots) and <dataset>.json. Finished runs are reused (if their
-    options match), interrupted ones resumed, and the report is rewritten."""
+    SDN, SDN-IC-only, SDN-stem-IC and MSDNet, same data, seeds and recipe, the same number of configurations for
+    every model chosen on validation; areas on one cost axis shared by every model, latency in block units and in
+    layers, paired statistics; writes <out>/<dataset>-<budget>/<dataset>.md (tables and plots) and <dataset>.json.
+    Finished runs are reused (if their options match), interrupted ones resumed, and the report is rewritten."""
 
     dataset: DatasetName = "fashion-mnist"
     """Dataset (read from --data-root in its standard layout)."""

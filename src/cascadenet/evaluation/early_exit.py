@@ -17,6 +17,7 @@ import io
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from ..data.loader import iterate_batches, num_batches
 from ..runs.load import load_run
 from ..utils.device import autocast
 from ..utils.files import atomic_write, check_npz_output
+from .deadline import Deadline
 from .policies import Confidence, Margin, Policy, StableArgmax, budget_steps
 
 __all__ = ["Predictions", "predict", "predict_run", "policy_from_flags", "format_summary"]
@@ -46,6 +48,8 @@ class Predictions:
         early_exit: whether the examples really stopped there (``model.anytime``); False when every exit was
             computed and the exits picked afterwards.
         macs_spent: the multiply-accumulates actually computed for the whole batch.
+        probabilities: ``(N, C)`` float32, the softmax at the stopping step (the prediction's probability is its
+            largest entry).
     """
 
     predictions: Tensor
@@ -53,22 +57,39 @@ class Predictions:
     macs: Tensor
     early_exit: bool
     macs_spent: int
+    probabilities: Tensor | None = None
+
+    @property
+    def confidence(self) -> Tensor:
+        """``(N,)`` the probability of each predicted class."""
+        if self.probabilities is None:
+            raise ValueError("these predictions hold no probabilities")
+        return self.probabilities.gather(1, self.predictions[:, None])[:, 0]
 
     @staticmethod
     def cat(parts: list[Predictions]) -> Predictions:
         """The predictions of consecutive batches as one."""
+        probs = [p.probabilities for p in parts]
         return Predictions(
             torch.cat([p.predictions for p in parts]),
             torch.cat([p.steps for p in parts]),
             torch.cat([p.macs for p in parts]),
             all(p.early_exit for p in parts),
             sum(p.macs_spent for p in parts),
+            None if any(p is None for p in probs) else torch.cat(probs),  # type: ignore[arg-type]
         )
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, x: Tensor, policy: Policy | None = None, *, budget: float | None = None, **run_options: Any
+    model: nn.Module,
+    x: Tensor,
+    policy: Policy | None = None,
+    *,
+    budget: float | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] | None = None,
+    **run_options: Any,
 ) -> Predictions:
     """Each example's prediction at the step its policy stops it, with real early exit for cascades.
 
@@ -82,10 +103,16 @@ def predict(
 
     Args:
         model: an anytime model.
-        x: a batch ``(B, C, H, W)``, normalised as the model expects.
+        x: a batch ``(B, C, H, W)``, normalised as the model expects (``model.preprocess`` of a loaded model).
         policy: when to stop (``cascadenet.evaluation.policies``); None runs every example to the last step (or budget).
         budget: a cap on the cumulative MACs per example: no example goes past the last step within it
             (``ValueError`` when even the model's first informative exit is over it).
+        deadline: seconds of wall-clock time from the call: a step is started only if it is expected to finish
+            by then (``cascadenet.evaluation.deadline``: from the step times measured in this call), and the
+            examples still running when the next step would not fit stop at the step they have. The first
+            informative step is always computed (before it there is no answer). Needs ``model.anytime``.
+        clock: the clock the deadline is measured with (default ``time.perf_counter``; tests inject one). It is
+            read once at the start and once after each step.
         run_options: passed to ``model.anytime``/``model(x)`` and ``exit_costs`` (a cascade's ``scheme``,
             ``num_steps``).
     """
@@ -93,36 +120,55 @@ def predict(
         raise ValueError(
             f"policy must be a cascadenet.evaluation.policies.Policy (or None), got {type(policy).__name__}"
         )
+    timer = None if deadline is None else Deadline(deadline, clock)
+    if timer is not None and not hasattr(model, "anytime"):
+        raise ValueError(f"a deadline needs a model that runs step by step (model.anytime); a {type(model).__name__} "
+                         "computes every exit at once")  # fmt: skip
     was_training = model.training
     model.eval()
     try:
         if hasattr(model, "anytime"):
-            return _early_exit(model, x, policy, budget, run_options)
+            return _early_exit(model, x, policy, budget, run_options, timer)
         return _every_exit(model, x, policy, budget, run_options)
     finally:
         model.train(was_training)
 
 
-def _early_exit(model: Any, x: Tensor, policy: Policy | None, budget: float | None, options: dict) -> Predictions:
+def _early_exit(
+    model: Any, x: Tensor, policy: Policy | None, budget: float | None, options: dict, timer: Deadline | None = None
+) -> Predictions:
     first = model.first_informative_exit
     run = model.anytime(x, **options)
-    costs = list(itertools.accumulate(run.step_macs()))
+    step_macs = run.step_macs()
+    costs = list(itertools.accumulate(step_macs))
     last = len(costs) - 1 if budget is None else budget_steps(costs, budget, first)
     n = x.shape[0]
     predictions = torch.empty(n, dtype=torch.long, device=x.device)
     steps = torch.empty(n, dtype=torch.long, device=x.device)
+    probabilities: Tensor | None = None
     trace: list[Tensor] = []  # softmax outputs so far of the rows still running
     for s in run:
+        if timer is not None:
+            timer.done(step_macs[s.step] * s.logits.shape[0])
         stop: Tensor
-        if s.step == last:
+        out_of_time = (
+            timer is not None and s.step >= first and s.step < last
+            and not timer.fits(step_macs[s.step + 1] * s.logits.shape[0])
+        )  # fmt: skip
+        if s.step == last or out_of_time:
             stop = torch.ones(s.logits.shape[0], dtype=torch.bool, device=x.device)
+            probs = _softmax(s.logits)
         elif policy is None:
             trace = []
             continue
         else:
-            trace.append(_softmax(s.logits))
+            probs = _softmax(s.logits)
+            trace.append(probs)
             stop = policy.stop(trace, first)
         rows = s.indices[stop]
+        if probabilities is None:
+            probabilities = torch.zeros((n, probs.shape[-1]), dtype=torch.float32, device=x.device)
+        probabilities[rows] = probs[stop].float()
         predictions[rows] = s.logits[stop].argmax(dim=-1)
         steps[rows] = s.step
         if bool(stop.all()):
@@ -131,7 +177,8 @@ def _early_exit(model: Any, x: Tensor, policy: Policy | None, budget: float | No
             run.keep(~stop)
             trace = [p[~stop] for p in trace]
     steps = steps.cpu()
-    return Predictions(predictions.cpu(), steps, torch.tensor(costs)[steps], True, run.macs_spent)
+    probs_cpu = None if probabilities is None else probabilities.cpu()
+    return Predictions(predictions.cpu(), steps, torch.tensor(costs)[steps], True, run.macs_spent, probs_cpu)
 
 
 def _every_exit(model: Any, x: Tensor, policy: Policy | None, budget: float | None, options: dict) -> Predictions:
@@ -145,9 +192,10 @@ def _every_exit(model: Any, x: Tensor, policy: Policy | None, budget: float | No
         steps = torch.full((n,), last, dtype=torch.long, device=probs.device)
     else:
         steps = policy.stopping_steps(probs, first).to(probs.device)
-    predictions = probs[steps, torch.arange(n, device=probs.device)].argmax(dim=-1)
+    chosen = probs[steps, torch.arange(n, device=probs.device)]
+    predictions = chosen.argmax(dim=-1)
     steps = steps.cpu()
-    return Predictions(predictions.cpu(), steps, torch.tensor(costs)[steps], False, n * costs[-1])
+    return Predictions(predictions.cpu(), steps, torch.tensor(costs)[steps], False, n * costs[-1], chosen.float().cpu())
 
 
 def _softmax(logits: Tensor) -> Tensor:
@@ -183,6 +231,7 @@ def predict_run(
     split: str = "test",
     policy: Policy | None = None,
     budget: float | None = None,
+    deadline: float | None = None,
     data_root: str | None = None,
     batch_size: int = 500,
     device: str = "auto",
@@ -197,8 +246,10 @@ def predict_run(
         run_dir: a run directory written by ``cascadenet train``.
         split: ``test`` (default), ``val`` (the run's held-out validation split) or ``train`` (its training part).
         policy, budget: as for ``predict``.
-        output: a ``.npz`` file to write: ``predictions``, ``steps``, ``macs`` (per example) and ``labels``;
-            never replaces an existing file unless ``overwrite``.
+        deadline: seconds per batch (``predict``'s ``deadline``).
+        output: a ``.npz`` file to write: ``predictions``, ``steps``, ``macs`` (per example), ``labels``,
+            ``probabilities`` ``(N, C)`` (the softmax at the stopping step) and ``classes`` (the names); never
+            replaces an existing file unless ``overwrite``.
         other_data: accept a ``data_root`` holding other data than the run's (recorded in the summary).
 
     Returns:
@@ -211,7 +262,7 @@ def predict_run(
         output = check_npz_output(output, "--output", overwrite)
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device, other_data=other_data)
     model, ds = loaded.model, loaded.data
-    result, label, wall = _predict_split(loaded, policy, budget, batch_size, progress)
+    result, label, wall = _predict_split(loaded, policy, budget, batch_size, progress, deadline)
     input_size = tuple(ds.images.shape[1:])
     full = int(model.exit_costs(input_size).macs[-1])
     summary = {
@@ -219,6 +270,7 @@ def predict_run(
         "split": split,
         "policy": repr(policy) if policy is not None else None,
         "budget": budget,
+        "deadline": deadline,
         "num_examples": len(label),
         "accuracy": float((result.predictions == label).float().mean()),
         "mean_step": float(result.steps.float().mean()),
@@ -232,13 +284,19 @@ def predict_run(
     if output is not None:
         buffer = io.BytesIO()
         np.savez_compressed(buffer, predictions=result.predictions.numpy(), steps=result.steps.numpy(),
-                            macs=result.macs.numpy(), labels=label.numpy())  # fmt: skip
+                            macs=result.macs.numpy(), labels=label.numpy(), probabilities=result.probabilities.numpy(),
+                            classes=np.array(ds.classes, dtype=str))  # fmt: skip
         atomic_write(output, buffer.getvalue(), overwrite=overwrite)
     return summary
 
 
 def _predict_split(
-    loaded: Any, policy: Policy | None, budget: float | None, batch_size: int, progress: bool
+    loaded: Any,
+    policy: Policy | None,
+    budget: float | None,
+    batch_size: int,
+    progress: bool,
+    deadline: float | None = None,
 ) -> tuple[Predictions, Tensor, float]:
     """Every batch of a loaded run's split predicted with early exit: the predictions, the labels and the wall
     time (the device synchronised before it is read)."""
@@ -250,7 +308,7 @@ def _predict_split(
     start = time.perf_counter()
     for x, y in tqdm(batches, total=total, desc="predict", disable=not progress, leave=False):
         with autocast(dev_type, loaded.amp):
-            parts.append(predict(model, x, policy, budget=budget))
+            parts.append(predict(model, x, policy, budget=budget, deadline=deadline))
         labels.append(y.cpu())
     if dev_type == "cuda":
         torch.cuda.synchronize()

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .blocks import Branch, ews_update
+from .norm import _tracing
 
 if TYPE_CHECKING:
     from .cascade import CascadedResNet
@@ -83,6 +84,11 @@ class _Run:
     stat_classes: dict[int, list[int]]  # id(bn) -> canonical slot of each slot (evaluation)
     updates: list[tuple[int, TemporalBatchNorm2d, int, Tensor, Tensor]] = field(default_factory=list)
     costs: list[tuple[int, int]] | None = None  # (step first needed at, MACs per example), when counting
+    # the input-independent branch outputs, in the order the engine makes them: recorded (a list to append to)
+    # or replayed (``constants``, read in order) instead of recomputed; see ``constant_states``
+    recorded: list[Tensor] | None = None
+    constants: Sequence[Tensor] | None = None
+    cursor: int = 0
 
     def norm_key(self, bn: TemporalBatchNorm2d, t: int) -> Hashable:
         if self.training:  # batch statistics: only the scale/shift slot matters
@@ -126,7 +132,7 @@ def _combine(
             made.append(make(key))
         of_step[t] = keys[key]
     level = _Level([None] * len(made), [c for _, c in made], of_step)  # type: ignore[list-item]
-    grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled() or _tracing()  # compilers cannot trace add(out=) into a strided view
     for const in (False, True):
         classes = [i for i, (_, c) in enumerate(made) if c == const]
         if not classes:
@@ -200,7 +206,13 @@ def _run_branch(branch: Branch, level: _Level, steps: Sequence[int], run: _Run, 
         first = [unit_steps[u][0] for u in members]  # a representative step of each computation
         x = level.stack([level.of_step[t] for t in first], const)  # (B, G, C, H, W)
         macs = branch.macs(x.shape[-2:])[0] if run.costs is not None else 0
-        x, stats = branch.forward_groups(x, first, count=run.batch if const else None)
+        if const and run.constants is not None:  # recorded before: not recomputed (see constant_states)
+            x, stats = run.constants[run.cursor], [None] * len(norms)
+            run.cursor += 1
+        else:
+            x, stats = branch.forward_groups(x, first, count=run.batch if const else None)
+            if const and run.recorded is not None:
+                run.recorded.append(x)
         for bn, s in zip(norms, stats):
             if s is not None:
                 for j, u in enumerate(members):
@@ -284,19 +296,68 @@ def _trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str, run: _Run
     return torch.stack(out)  # (T, B, num_classes)
 
 
-def _new_run(model: CascadedResNet, batch: int) -> _Run:
+Classes = dict[int, list[int]]
+
+
+def stat_classes(model: CascadedResNet) -> Classes:
+    """Per batch norm (by id), the canonical slot of each statistics slot: the plan's part that depends on the
+    statistics' values (``TemporalBatchNorm2d.stat_classes``)."""
+    return {id(bn): bn.stat_classes() for bn in model.norms()}
+
+
+def _new_run(model: CascadedResNet, batch: int, classes: Classes | None = None) -> _Run:
     training = model.training
-    classes = {} if training else {id(bn): bn.stat_classes() for bn in model.norms()}
+    if training:
+        classes = {}
+    elif classes is None:
+        classes = stat_classes(model)
     return _Run(batch, training, classes)
 
 
-def trajectory(model: CascadedResNet, x: Tensor, T: int, scheme: str) -> Tensor:
+def trajectory(
+    model: CascadedResNet,
+    x: Tensor,
+    T: int,
+    scheme: str,
+    constants: Sequence[Tensor] | None = None,
+    classes: Classes | None = None,
+) -> Tensor:
     """Logits of every step for a constant input ``x``: ``(T, B, num_classes)``, equal to the step loop's
-    (and, in training, with the same running-statistics updates)."""
-    run = _new_run(model, x.shape[0])
+    (and, in training, with the same running-statistics updates). ``constants`` and ``classes``: the
+    input-independent branch outputs recorded by ``constant_states`` and the slot classes it recorded them
+    with (evaluation; exported programs, whose plan is fixed when they are made)."""
+    run = _new_run(model, x.shape[0], classes)
+    run.constants = constants
     out = _trajectory(model, x, T, scheme, run)
+    if constants is not None and run.cursor != len(constants):
+        raise ValueError(f"{len(constants)} recorded constant states, the trajectory used {run.cursor}")
     run.apply_updates()
     return out
+
+
+@torch.no_grad()
+def constant_states(
+    model: CascadedResNet, input_size: tuple[int, int, int], T: int, scheme: str, classes: Classes
+) -> list[Tensor]:
+    """The branch outputs of a trajectory that do not depend on the input (with the stem delayed: all of step 0,
+    and the deep blocks' states before the input reaches them), in the order the engine makes them, with every
+    statistics slot distinct; ``trajectory(..., constants=...)`` uses them instead of recomputing them.
+
+    Exported programs carry them as constants: their statistics slots were estimated on these constant fields,
+    so their variances are 0 or nearly and batch norm multiplies the last-bit differences between two
+    convolution implementations by ``weight / sqrt(eps)`` (~300) per layer; another runtime recomputing them
+    (ONNX Runtime) differed from PyTorch by up to 8e-5 at step 0 on a model with recalibrated statistics."""
+    param = next(model.parameters())
+    x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        run = _new_run(model, 1, classes)
+        run.recorded = []
+        _trajectory(model, x, T, scheme, run)
+    finally:
+        model.train(was_training)
+    return [t.clone() for t in run.recorded]
 
 
 @torch.no_grad()

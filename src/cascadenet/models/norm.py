@@ -28,6 +28,14 @@ from torch import Tensor, nn
 __all__ = ["TemporalBatchNorm2d"]
 
 
+def _tracing() -> bool:
+    """Inside ``torch.export``, ``torch.compile`` or ``torch.jit.trace``: the caches keyed on storage (data pointers,
+    version counters) and the statistics compared by value are skipped, so that the traced program neither fails
+    on tensors without storage nor guards on (and recompiles for) the values of the statistics."""
+    compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(compiling is not None and compiling()) or torch.jit.is_tracing()
+
+
 class TemporalBatchNorm2d(nn.Module):
     """Batch norm over ``(N, C, H, W)`` with ``num_slots`` sets of running statistics.
 
@@ -80,6 +88,8 @@ class TemporalBatchNorm2d(nn.Module):
         """Normalise one step. ``t=None`` is the settled feed-forward network: it uses the last slot and, in
         training, writes its batch statistics to every slot (the network is then an ordinary ResNet whose
         statistics hold at every step)."""
+        if isinstance(t, Tensor):  # the step index as a tensor (exported step programs): evaluation only
+            return self._forward_at(x, t)
         slot = self.num_slots - 1 if t is None else self.stat_slot(t)
         aslot = self.affine_slots - 1 if t is None else self.affine_slot(t)
         y, stats = self.forward_groups(x.unsqueeze(1), [slot], [aslot])
@@ -88,6 +98,17 @@ class TemporalBatchNorm2d(nn.Module):
             for s in range(self.num_slots) if t is None else [slot]:
                 self.update(s, mean[0], var[0])
         return y.squeeze(1)
+
+    def _forward_at(self, x: Tensor, t: Tensor) -> Tensor:
+        """Evaluation-mode ``forward(x, t)`` with the step a 0-d integer tensor: the slots are gathered by index,
+        so that one traced program serves every step (the same operation as ``forward`` with an int step)."""
+        if self.training:
+            raise ValueError("a tensor step index is for evaluation (exported programs): call model.eval()")
+        slot = t.reshape(1).clamp(max=self.num_slots - 1)
+        aslot = t.reshape(1).clamp(max=self.affine_slots - 1)
+        mean, var = (table.index_select(0, slot)[0] for table in (self.running_mean, self.running_var))
+        weight, bias = (table.index_select(0, aslot)[0] for table in (self.weight, self.bias))
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
 
     # ---- several distinct states at once ------------------------------------------------------------------
     def forward_groups(
@@ -149,8 +170,8 @@ class TemporalBatchNorm2d(nn.Module):
                 *(self._gather(t, affine_slots) for t in tables[2:]),
             )  # type: ignore[return-value]
 
-        if torch.is_grad_enabled():
-            return gather()
+        if torch.is_grad_enabled() or _tracing():
+            return gather()  # while tracing the tables are fake tensors without storage: nothing to key a cache on
         stamp = [(t, t.data_ptr(), t._version) for t in tables]
         cache = self.__dict__.setdefault("_eval_cache", {})
         key = (tuple(stat_slots), tuple(affine_slots))
@@ -210,6 +231,8 @@ class TemporalBatchNorm2d(nn.Module):
         """
         if self.num_slots == 1:
             return [0]
+        if _tracing():  # the comparison would be data-dependent: every slot its own class (the same numbers)
+            return list(range(self.num_slots))
         m, v = self.running_mean, self.running_var
         key = (m.data_ptr(), m._version, v.data_ptr(), v._version)  # changes with every update of the statistics
         held = self.__dict__.get("_stat_classes")

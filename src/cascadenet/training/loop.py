@@ -49,7 +49,7 @@ from ..runs.data import training_batches
 from ..utils.device import autocast
 from ..utils.files import atomic_write
 from . import distributed, tracking
-from .claim import TrainingError
+from .claim import TrainingError, data_shape
 from .interrupts import Interrupts, Terminated, catch_signals
 from .optim import compute_loss, lr_at
 from .recalibrate import calibration_forward
@@ -153,7 +153,8 @@ def _train(
             write = distributed.broadcast(write)
         if write:
             _recalibrate(s)  # a run killed after its last metrics row: the same statistics again
-            extra = {**s.extra, "epochs": s.cfg.epochs}
+            # the input shape lets a weights file copied out of its run preprocess images as trained
+            extra = {**s.extra, "epochs": s.cfg.epochs, "input_shape": data_shape(s.train_set)}
             if s.epoch < s.cfg.epochs:  # --early-stop ended it
                 extra["stopped_early_after"] = s.epoch
                 log.info("early stop after epoch %d: no better validation anytime AUC since epoch %d (%s)", s.epoch,
