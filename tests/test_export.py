@@ -145,3 +145,14 @@ def test_onnx_trajectory_under_onnx_runtime(tmp_path):
         with torch.no_grad():
             ref = model(x)
         assert np.abs(session.run(None, {"x": x.numpy()})[0] - ref.numpy()).max() <= TOL
+
+
+def test_programs_of_a_cascaded_user_network():
+    from test_network import BasicBlock, ResNet, randomized
+
+    model = cn.cascade(randomized(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4))).eval()
+    x = torch.randn(2, 3, 16, 16)
+    program = StepProgram(model, (3, 16, 16)).eval()
+    with torch.no_grad():
+        assert (steps_of(program, model, x, program.initial_state(x)) - eager_steps(model, x)).abs().max() <= TOL
+        assert (TrajectoryProgram(model, (3, 16, 16))(x) - model(x)).abs().max() <= TOL

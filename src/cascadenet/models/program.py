@@ -70,6 +70,9 @@ class StepProgram(nn.Module):
         super().__init__()
         if not isinstance(model, CascadedResNet):
             raise ValueError(f"a step program needs a cascaded ResNet, got a {type(model).__name__}")
+        if len(model.heads) > 1 and not all(isinstance(h, nn.Linear) for h in model.heads):
+            raise ValueError("a step program of a multi-head cascade needs linear heads (it gathers the step's head "
+                             "by index)")  # fmt: skip
         self.model = model
         self.scheme, _ = model._resolve(scheme, None)
         self.input_size = tuple(input_size)
@@ -158,7 +161,7 @@ class StepProgram(nn.Module):
                 delayed = new
             new_state.append(new)
             y = F.relu(short + delayed)
-        pooled = y.mean(dim=(-2, -1))
+        pooled = m.pool(y)
         if len(m.heads) == 1:
             logits = m.heads[0](pooled)
         else:
