@@ -118,7 +118,14 @@ def test_first_release_run_directory_resumes_and_replays(tmp_path, capsys):
     replay = load_file(str(tmp_path / "replay" / "model.safetensors"))
     replayed = TrainConfig.from_file(tmp_path / "replay" / "config.json")
     original = TrainConfig.from_file(FIXTURE / "config.json")
-    assert replayed.options() == {**original.options(), "out": str(tmp_path), "name": "replay"}
+    # the thread count the run computed with is stored (the first release stored None: PyTorch's choice)
+    assert original.threads is None and replayed.threads == torch.get_num_threads()
+    assert replayed.options() == {
+        **original.options(),
+        "out": str(tmp_path),
+        "name": "replay",
+        "threads": torch.get_num_threads(),
+    }
     # the same computation; bit-equality would also need the thread count and CPU the fixture was made with
     assert all(torch.allclose(final[k], replay[k], rtol=1e-3, atol=1e-4) for k in final)
 

@@ -193,3 +193,79 @@ def test_empty_files(tmp_path, name):
     reader = TrainConfig.from_file if name == "config.json" else load_model
     with pytest.raises(OURS):
         reader(tmp_path / name)
+
+
+# ---- issue 21: every other file a verb reads ------------------------------------------------------------------
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@FUZZ
+@given(data=st.one_of(blobs, st.builds(lambda cut: _npz_bytes({"scores": np.arange(8.0)})[:cut],
+                                       st.integers(0, 400))),  # fmt: skip
+       suffix=st.sampled_from([".npz", ".npy"]))  # fmt: skip
+def test_score_files(tmp_path, data, suffix):
+    from cascadenet.properties.typicality import read_scores
+
+    path = tmp_path / f"s{suffix}"
+    path.write_bytes(data)
+    try:
+        read_scores(path, 8)
+    except ValueError as e:  # the reader's one error type, naming the flag and the file
+        assert str(e).startswith(f"--scores {path}") and "\n" not in str(e)
+
+
+@FUZZ
+@given(text=st.one_of(st.text(max_size=200), st.lists(json_values, max_size=4).map(
+    lambda rows: "\n".join(json.dumps(r) for r in rows))))  # fmt: skip
+def test_metrics_of_a_reused_run(tmp_path, text):
+    from cascadenet.experiments.reproduce import _last_row, _train_seconds
+
+    run = fresh(tmp_path / "run")
+    (run / "metrics.jsonl").write_text(text)
+    for read in (_last_row, _train_seconds):
+        try:
+            read(run)
+        except ValueError as e:
+            assert str(e).startswith(str(run / "metrics.jsonl")) and "\n" not in str(e)
+
+
+@FUZZ
+@given(epoch=st.one_of(st.integers(-(2**62), 2**62), st.floats(), st.none(), st.booleans()),
+       batch=st.one_of(st.integers(-(2**62), 2**62), st.floats(), st.none()),
+       step=st.one_of(st.integers(-(2**62), 2**62), st.none()))  # fmt: skip
+def test_checkpoint_position_fields(epoch, batch, step):
+    from types import SimpleNamespace
+
+    from cascadenet.training.session import _check_position
+
+    s = SimpleNamespace(per_epoch=5, cfg=SimpleNamespace(epochs=3))
+    ckpt = {"epoch": epoch, "batch": batch, "step": step}
+    s.epoch, s.batch_done, s.step = (v if isinstance(v, int) else 0 for v in (epoch, batch, step))
+    inside = all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, batch, step)) and (
+        0 <= epoch <= 3 and 0 <= batch <= 5 and 0 <= step <= 15
+    )
+    try:
+        _check_position(s, ckpt, Path("checkpoint.pt"))
+        assert inside
+    except CheckpointError as e:
+        assert not inside and "damaged training position" in str(e)
+
+
+@FUZZ
+@given(key=st.sampled_from(["epochs", "batch_size", "lr", "threads", "seed", "width", "num_steps", "lam",
+                            "warmup_epochs", "synthetic_size", "image_size", "name"]),
+       value=st.one_of(st.integers(-(2**63), 2**63), st.floats(), st.text(max_size=12), st.none()))  # fmt: skip
+def test_config_values_at_their_extremes(tmp_path, key, value):
+    cfg = TrainConfig(dataset="synthetic").to_dict()
+    if key in ("width", "num_steps"):
+        cfg["model"][key] = value
+    else:
+        cfg[key] = value
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"train": cfg}))
+    expect_ours(lambda: TrainConfig.from_file(path))

@@ -19,6 +19,7 @@ from cascadenet import CascadeConfig
 from cascadenet.cli import main
 from cascadenet.models.checkpoint import CheckpointError, load_model, read_metadata
 from cascadenet.models.pretrained import convert_file, convert_state_dict
+from cascadenet.runs.config import TrainConfig
 from test_train import small_cfg
 
 LAYERS = {
@@ -212,7 +213,9 @@ def test_train_init_fine_tunes_and_replaces_a_changed_classifier(tmp_path, caplo
     stored = json.loads((run / "config.json").read_text())
     assert stored["model"]["arch"] == "resnet18" and stored["model"]["width"] == 4
     assert stored["model"]["stem"] == "imagenet" and stored["model"]["num_classes"] == 4
-    assert stored["train"]["init"] == str(init)
+    # an --init inside the folder that holds the run is stored relative to the run (the folder can move)
+    assert stored["train"]["init"] == "../init.safetensors" and stored["relative_paths"] == ["init"]
+    assert TrainConfig.from_file(run / "config.json").init == str(init)
     # training started from the file: after two small steps the convolutions are still close to it
     final = load_file(str(run / "model.safetensors"))
     start = load_file(str(init))

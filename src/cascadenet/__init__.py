@@ -9,18 +9,23 @@ import os
 # imported before cascadenet.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .deployment.loading import load_model
-from .evaluation.early_exit import Predictions, predict
-from .models.anytime import AnytimeModel, ExitCosts, ModelConfig
-from .models.cascade import CascadeConfig, CascadedResNet, CascadeState
-from .models.msdnet import MSDNet, MSDNetConfig
-from .models.network import CascadedNetwork, NetworkConfig, cascade
-from .models.precise_bn import recalibrate_bn
-from .models.registry import create_model, list_models, register_architecture, register_family, register_model
-from .models.sdn import SDN, SDNConfig
-from .runs.config import TrainConfig
-from .training.fit import fit
-from .training.losses import stepwise_ce, td_loss
+from .utils.command import exit_if_command
+
+try:
+    from .deployment.loading import load_model
+    from .evaluation.early_exit import Predictions, predict
+    from .models.anytime import AnytimeModel, ExitCosts, ModelConfig
+    from .models.cascade import CascadeConfig, CascadedResNet, CascadeState
+    from .models.msdnet import MSDNet, MSDNetConfig
+    from .models.network import CascadedNetwork, NetworkConfig, cascade
+    from .models.precise_bn import recalibrate_bn
+    from .models.registry import create_model, list_models, register_architecture, register_family, register_model
+    from .models.sdn import SDN, SDNConfig
+    from .runs.config import TrainConfig
+    from .training.fit import fit
+    from .training.losses import stepwise_ce, td_loss
+except KeyboardInterrupt as _interrupt:
+    exit_if_command(_interrupt)
 
 __all__ = [
     "AnytimeModel",

@@ -36,15 +36,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..data.datasets import DataError
-from ..models.checkpoint import CheckpointError
-from ..runs.lock import RunLockedError
-from ..training.interrupts import Terminated
-from ..training.loop import TrainingError
-from .model_flags import given_options
-from .options import set_threads
-from .parsing import parse
-from .train import TrainCommand, run_train
+from ..utils.command import exit_if_command
+
+try:  # tyro and the verbs' imports take a moment too
+    from ..data.datasets import DataError
+    from ..models.checkpoint import CheckpointError
+    from ..runs.lock import RunLockedError
+    from ..training.interrupts import Terminated
+    from ..training.loop import TrainingError
+    from .model_flags import given_options
+    from .options import set_threads
+    from .parsing import parse
+    from .train import TrainCommand, run_train
+except KeyboardInterrupt as _interrupt:
+    exit_if_command(_interrupt)
 
 __all__ = ["main", "given_options"]
 

@@ -4,6 +4,8 @@ statistics), ``calibrate`` (per-exit temperatures) and ``plot``."""
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -45,6 +47,9 @@ class EvalCommand:
     eval-calibrated.json)."""
     poe: bool = False
     """Evaluate the product-of-experts outputs (monotone anytime predictions; written to eval-poe.json)."""
+    other_data: bool = False
+    """Accept a --data-root holding other data than the run was trained on (another image size, other classes or
+    images); refused otherwise. eval.json's "data" records what was evaluated either way."""
     data_root: DataRoot = None
     batch_size: BatchSize = 500
     device: Device = "auto"
@@ -58,7 +63,7 @@ class EvalCommand:
                           data_root=self.data_root, batch_size=self.batch_size, device=self.device,
                           save_logits=self.save_logits, overwrite=self.overwrite, progress=progress_of(self.progress),
                           reference_macs=self.reference_macs, weights=self.weights, calibrated=self.calibrated,
-                          poe=self.poe)  # fmt: skip
+                          poe=self.poe, other_data=self.other_data)  # fmt: skip
         print(format_table(result))
 
 
@@ -94,6 +99,8 @@ class PredictCommand:
     calibrated: Calibrated = None
     poe: bool = False
     """The policy and the prediction read the product-of-experts outputs (monotone anytime predictions)."""
+    other_data: bool = False
+    """Accept a --data-root holding other data than the run was trained on (refused otherwise)."""
     data_root: DataRoot = None
     batch_size: BatchSize = 500
     device: Device = "auto"
@@ -118,7 +125,7 @@ class PredictCommand:
         summary = predict_run(self.run_dir, split=self.split, policy=policy, budget=self.budget, deadline=deadline,
                               data_root=self.data_root, batch_size=self.batch_size, device=self.device,
                               output=self.output, overwrite=self.overwrite, progress=progress_of(self.progress),
-                              calibrated=self.calibrated, poe=self.poe)  # fmt: skip
+                              calibrated=self.calibrated, poe=self.poe, other_data=self.other_data)  # fmt: skip
         print(format_summary(summary))
 
 
@@ -146,8 +153,9 @@ class RecalibrateCommand:
         path, record = recalibrate_run(self.run_dir, batches=self.batches, output=self.output,
                                        overwrite=self.overwrite, data_root=self.data_root,
                                        device=self.device)  # fmt: skip
+        nxt = f"cascadenet eval {shlex.quote(str(self.run_dir))} --weights {shlex.quote(path.name)}"
         print(f"wrote {path}: statistics over {record['batches']} batches ({record['examples']} examples) "
-              f"(next: cascadenet eval {self.run_dir} --weights {path.name})")  # fmt: skip
+              f"(next: {nxt})")  # fmt: skip
 
 
 @dataclass
@@ -206,9 +214,15 @@ class PlotCommand:
             if not path.is_file():
                 raise CheckpointError(f"{path}: no evaluation here; run `cascadenet eval {run}` first")
             try:
-                results.append((Path(run).name, json.loads(path.read_text())))
+                result = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{path}: not a readable evaluation: {e}") from None
+            name = Path(run).name
+            if isinstance(result, dict) and result.get("finished_training") is False:  # said, in the figure too
+                print(f"warning: {path} evaluated {run} before it finished training (its last checkpoint)",
+                      file=sys.stderr)  # fmt: skip
+                name += " (unfinished)"
+            results.append((name, result))
         if self.reliability:
             print(plot_reliability(results, self.output, title=self.title, overwrite=self.overwrite))
             return

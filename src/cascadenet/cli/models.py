@@ -4,6 +4,7 @@ ResNet into a cascade)."""
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -58,4 +59,4 @@ class ConvertCommand:
         model = convert_file(source, output, overwrite=overwrite, **options)
         c = model.config
         print(f"wrote {output}: cascaded {c.arch}, width {c.width}, {c.num_classes} classes, {model.num_steps} steps "
-              f"(next: cascadenet train --init {output} ...)")  # fmt: skip
+              f"(next: cascadenet train --init {shlex.quote(str(output))} ...)")  # fmt: skip

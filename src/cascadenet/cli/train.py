@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -84,4 +85,4 @@ def run_train(cmd: TrainCommand, argv: Sequence[str]) -> None:
     from . import rank
 
     if rank() == 0:  # under torchrun, one line for all the processes
-        print(f"run finished: {run_dir}  (next: cascadenet eval {run_dir})")
+        print(f"run finished: {run_dir}  (next: cascadenet eval {shlex.quote(str(run_dir))})")

@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..utils.memory import check_fits
+
 __all__ = [
+    "check_test_classes",
     "DATASETS",
     "DatasetName",
     "DEFAULT_ROOTS",
@@ -252,6 +255,8 @@ def resize_crop(images: Tensor, size: tuple[int, int]) -> Tensor:
     th, tw = size
     if (h, w) == (th, tw):
         return images
+    n, c = images.shape[:2]
+    check_fits(n * c * th * tw, f"{n} images resized to {th}x{tw}", "choose a smaller --image-size")
     scale = max(th / h, tw / w)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     top, left = (nh - th) // 2, (nw - tw) // 2
@@ -484,6 +489,39 @@ def _image_folder_files(root: Path, split: str) -> tuple[list[Path], list[int], 
     return files, labels, classes
 
 
+def check_test_classes(root: str | os.PathLike) -> None:
+    """Before training on an image folder: every class folder of its test split (test/, else val/) is one of the
+    training classes, so that the run can be evaluated (found at evaluation, it would cost the whole training).
+    Nothing is decoded; a folder without a test split, or TinyImageNet's annotation file, passes.
+
+    Raises:
+        DataError: naming the class folder the training folder lacks.
+    """
+    root = Path(root)
+    train_dir = root / "train"
+    try:
+        if not train_dir.is_dir():
+            return  # reading the training split reports it
+        classes = {d.name for d in _class_dirs(train_dir)}
+        test_dir = root / "test"
+        test_classes = [d.name for d in _class_dirs(test_dir)] if test_dir.is_dir() else []
+        split_dir = (
+            test_dir
+            if test_dir.is_dir() and not (test_classes == ["images"] and "images" not in classes)
+            else root / "val"
+        )
+        if not split_dir.is_dir() or (split_dir / "val_annotations.txt").is_file():
+            return
+        for d in _class_dirs(split_dir):
+            if d.name not in classes:
+                raise DataError(
+                    f"{d}: the test split's class folder {d.name!r} does not exist in {train_dir}: a run trained on "
+                    "it could not be evaluated (add the class to train/, or remove it)"
+                )
+    except OSError as e:
+        raise DataError(f"{e.filename or root}: cannot read ({e.strerror or e})") from None
+
+
 def _tiny_imagenet_val(val_dir: Path, annotations: Path, index: dict[str, int]) -> tuple[list[Path], list[int]]:
     """Reads TinyImageNet's val/val_annotations.txt (tab-separated: filename, wnid, box...)."""
     files, labels = [], []
@@ -566,6 +604,9 @@ def _synthetic(n: int, size: int, seed: int) -> ImageSet:
     random phase, colour and Gaussian noise: easy for a small CNN, impossible to memorise pixel by pixel."""
     if n < 1:
         raise DataError(f"--synthetic-size must be >= 1, got {n}")
+    # the images (uint8) and at least one float64 plane per image while drawing them
+    check_fits(n * size * size * (3 + 8), f"--synthetic-size {n} of {size}x{size} images",
+               "use fewer (--synthetic-size) or smaller (--image-size) images")  # fmt: skip
     # float64 throughout: 1-ulp differences between the SIMD and scalar paths of sin (which depend on the CPU and
     # on how the work is split across threads) must never flip a rounded pixel.
     g, f64 = torch.Generator().manual_seed(seed), torch.float64

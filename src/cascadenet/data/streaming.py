@@ -224,9 +224,26 @@ def stream_batches(
     c = index.num_channels
     scale = (1 / (255 * std.float())).to(device).view(1, c, 1, 1)
     offset = (mean.float() / std.float()).to(device).view(1, c, 1, 1)
-    for x, y in loader:
+    batches_in = iter(loader)
+    while True:
+        try:
+            x, y = next(batches_in)
+        except StopIteration:
+            return
+        except DataError as e:  # raised in a worker: the DataLoader wraps it in the worker's whole traceback
+            raise DataError(worker_message(e)) from None
         x = x.to(device, non_blocking=True).float().mul_(scale).sub_(offset)
         yield x, y.to(device, non_blocking=True)
+
+
+def worker_message(error: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker, without the traceback the loader wraps it in."""
+    text = str(error).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    head, sep, message = last.partition("DataError: ")
+    return message if sep else last
 
 
 def streaming_normalization() -> tuple[Tensor, Tensor]:

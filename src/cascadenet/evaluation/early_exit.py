@@ -261,6 +261,7 @@ def predict_run(
     progress: bool = False,
     calibrated: bool | None = None,
     poe: bool = False,
+    other_data: bool = False,
 ) -> dict[str, Any]:
     """Predict a split of a run's dataset with early exit; optionally write the per-example results.
 
@@ -274,6 +275,7 @@ def predict_run(
             replaces an existing file unless ``overwrite``.
         calibrated, poe: the policy and the prediction read the temperature-scaled exits (``cascadenet calibrate``;
             None: when the run has them) or the product of experts (``cascadenet.evaluation.outputs``).
+        other_data: accept a ``data_root`` holding other data than the run's (recorded in the summary).
 
     Returns:
         a summary: accuracy, mean stopping step, mean MACs per example (and the last step's for comparison),
@@ -283,7 +285,7 @@ def predict_run(
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if output is not None:  # before any work
         output = check_npz_output(output, "--output", overwrite)
-    loaded = load_run(run_dir, split=split, data_root=data_root, device=device)
+    loaded = load_run(run_dir, split=split, data_root=data_root, device=device, other_data=other_data)
     model, ds = loaded.model, loaded.data
     input_size = tuple(ds.images.shape[1:])
     exit_macs = model.exit_costs(input_size).macs
@@ -305,6 +307,7 @@ def predict_run(
         "early_exit": result.early_exit,
         "wall_seconds": wall,
         "output": None if output is None else str(output),
+        "data": loaded.data_record,
     }
     if output is not None:
         buffer = io.BytesIO()
@@ -358,6 +361,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['macs_last_step'] / 1e6:.3f})",
         f"wall time     {summary['wall_seconds']:.2f} s ({how})",
     ]
+    data = summary.get("data") or {}
+    if data.get("other_data"):
+        lines.append(f"other data than the run's: {data.get('differs')} (--other-data)")
     if summary["output"]:
         lines.append(f"wrote {summary['output']}")
     return "\n".join(lines)

@@ -64,10 +64,10 @@ from ..data.loader import iterate_batches
 from ..models.checkpoint import WEIGHTS, CheckpointError
 from ..models.latency import critical_path
 from ..runs.load import check_run_dir, load_run
-from ..utils.files import atomic_write, check_npz_output
+from ..utils.files import atomic_write, check_npz_output, check_writable
 from . import metrics
 from .calibration import BINS, ece_per_exit, read_temperatures, reliability
-from .logits import dataset_logits
+from .logits import check_logits_memory, dataset_logits
 from .outputs import Outputs, outputs_for
 
 __all__ = ["evaluate", "eval_filename", "format_table", "SPLITS"]
@@ -118,6 +118,7 @@ def evaluate(
     progress: bool = False,
     reference_macs: float | None = None,
     weights: str | None = None,
+    other_data: bool = False,
     data: Any = None,
     calibrated: bool = False,
     poe: bool = False,
@@ -139,6 +140,11 @@ def evaluate(
         weights: a weights file in the run directory to evaluate instead of ``model.safetensors`` (e.g.
             ``cascadenet recalibrate``'s ``model-recalibrated.safetensors``); the file name says so
             (``eval-recalibrated.json``).
+        other_data: accept a ``data_root`` holding other data than the run's (another image size, other
+            classes or images); eval.json's ``data`` records what was evaluated either way.
+
+    A run that has not finished training is evaluated at its last checkpoint: ``finished_training`` is false
+    and the table says so. A run that a live process trains is refused.
         data: the split's examples given from Python (a run trained by ``cascadenet.fit`` on data that is not on
             disk): an ``ImageSet`` or a map-style dataset of ``(image, label)``; no budgeted-batch curve then.
         calibrated: evaluate the exits' temperature-scaled outputs (``cascadenet calibrate``'s temperatures);
@@ -158,7 +164,7 @@ def evaluate(
         raise ValueError(f"--reference-macs must be a number > 0, got {reference_macs!r}")
     try:
         return _evaluate(run_dir, split, scheme, num_steps, data_root, batch_size, device, save_logits, overwrite,
-                         progress, reference_macs, weights, data, calibrated, poe)  # fmt: skip
+                         progress, reference_macs, weights, other_data, data, calibrated, poe)  # fmt: skip
     except OSError as e:  # an unreadable run directory or data, a full disk: one line naming the file
         if isinstance(e, FileExistsError) and not e.strerror:
             raise
@@ -178,16 +184,18 @@ def _evaluate(
     progress: bool,
     reference_macs: float | None,
     weights: str | None,
+    other_data: bool,
     data: Any = None,
     calibrated: bool = False,
     poe: bool = False,
 ) -> dict[str, Any]:
     save_logits = _check_options(run_dir, batch_size, num_steps, save_logits, overwrite, weights)
     loaded = load_run(run_dir, split=split, data_root=data_root, device=device, with_val=True, weights=weights,
-                      data=data)  # fmt: skip
+                      unfinished=True, other_data=other_data, data=data)  # fmt: skip
     model, ds, mean, std, amp = loaded.model, loaded.data, loaded.mean, loaded.std, loaded.amp
     run_options = _run_options(model, scheme, num_steps)
     input_size = tuple(ds.images.shape[1:])
+    check_logits_memory(model, len(ds), **run_options)  # before the costs, which walk every step too
     costs = model.exit_costs(input_size, **run_options)
     logits = dataset_logits(model, ds, mean, std, batch_size=batch_size, amp=amp, progress=progress,
                             desc="evaluate", **run_options)  # fmt: skip
@@ -215,6 +223,8 @@ def _evaluate(
         "split": split,
         "scheme": scheme or model_scheme,
         "finished_training": loaded.finished,
+        **({} if loaded.finished or weights is not None else {"checkpoint_epoch": _checkpoint_epoch(run_dir)}),
+        "data": loaded.data_record,
         **({"weights": weights} if weights is not None else {}),
         "outputs": outputs.name or "raw",
         **summary,
@@ -241,6 +251,15 @@ def _evaluate(
     return result
 
 
+def _checkpoint_epoch(run_dir: Path) -> int | None:
+    """The epochs an unfinished run's checkpoint completed (from its metrics), for the table and eval.json."""
+    try:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return int(rows[-1]["epoch"]) if rows else 0
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
 def _run_options(model: Any, scheme: str | None, num_steps: int | None) -> dict[str, Any]:
     """The options of a model's run (cascades: scheme, num_steps), given only when set (other families lack
     them), refused for a family that lacks one."""
@@ -260,6 +279,7 @@ def _check_options(
     """Check the options against each other and the run directory before any work; returns the logits file
     (None: not asked for)."""
     check_run_dir(run_dir)
+    check_writable(run_dir, "the evaluation (eval*.json)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
@@ -342,8 +362,17 @@ def format_table(result: dict[str, Any]) -> str:
     latency = result.get("parallel_latency_blocks") or [None] * len(acc)
     # a cascade's scheme, or the family of a model that has none (SDN, MSDNet)
     kind = result["scheme"] or (result.get("model") or {}).get("family", "anytime model")
-    lines = [f"{result['run']} ({kind}, {result['split']} split, {result['num_examples']} examples)",
-             f"{'step':>4} {'accuracy':>9} {'confidence':>10} {'cum. MMACs':>11} {'latency':>8}"]  # fmt: skip
+    lines = [f"{result['run']} ({kind}, {result['split']} split, {result['num_examples']} examples)"]
+    if result.get("finished_training") is False:
+        epoch = result.get("checkpoint_epoch")
+        done = "epoch unknown" if epoch is None else f"{epoch} epoch(s) done"
+        lines.append(
+            f"NOT FINISHED TRAINING: these are the weights of its last checkpoint ({done}), not the final ones"
+        )
+    data = result.get("data") or {}
+    if data.get("other_data"):
+        lines.append(f"OTHER DATA than the run's ({data.get('differs')}): {data.get('root')} (--other-data)")
+    lines += [f"{'step':>4} {'accuracy':>9} {'confidence':>10} {'cum. MMACs':>11} {'latency':>8}"]  # fmt: skip
     for t, (a, c, m, lat) in enumerate(zip(acc, conf, macs, latency)):
         c_text = f"{c:>10.3f}" if c is not None else f"{'-':>10}"
         lat_text = f"{lat:>8g}" if lat is not None else f"{'-':>8}"

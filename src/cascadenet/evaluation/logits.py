@@ -15,8 +15,18 @@ from tqdm.auto import tqdm
 from ..data.datasets import ImageSet
 from ..data.loader import iterate_batches, num_batches
 from ..utils.device import autocast
+from ..utils.memory import check_fits
 
-__all__ = ["dataset_logits"]
+__all__ = ["dataset_logits", "check_logits_memory"]
+
+
+def check_logits_memory(model: nn.Module, n: int, **run_options: Any) -> None:
+    """Refuse, before computing any of it, an ``(E, N, C)`` logit trajectory larger than the memory available
+    (``--num-steps 100000000``)."""
+    exits = run_options.get("num_steps") or getattr(model, "num_steps", None)
+    classes = getattr(getattr(model, "config", None), "num_classes", None)
+    if isinstance(exits, int) and isinstance(classes, int):
+        check_fits(4.0 * exits * n * classes, f"the logits of {exits} exits for {n} examples", "use fewer --num-steps")
 
 
 @torch.no_grad()
@@ -36,6 +46,7 @@ def dataset_logits(
 
     ``run_options`` are passed to every ``model(x, ...)`` call (for a cascade: ``scheme``, ``num_steps``).
     """
+    check_logits_memory(model, len(ds), **run_options)
     was_training = model.training
     model.eval()
     out = []

@@ -56,14 +56,25 @@ def _splits(results: Sequence[dict]) -> str:
 
 
 def _save(fig: Any, out_path: str | pathlib.Path, overwrite: bool = True) -> pathlib.Path:
-    out_path = pathlib.Path(out_path)
+    """Draw in memory, then write atomically: a full disk or a kill leaves the old figure (or none), never a torn
+    or empty one; without ``overwrite`` a file that appeared meanwhile is not replaced either."""
+    out_path = _figure_path(out_path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=_DPI, format=out_path.suffix[1:])
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        fig.savefig(out_path, dpi=_DPI)
-    else:  # drawn in memory, then linked into place: a file that appeared meanwhile is not replaced either
-        buffer = io.BytesIO()
-        fig.savefig(buffer, dpi=_DPI, format=out_path.suffix[1:] or None)
-        atomic_write(out_path, buffer.getvalue(), overwrite=False)
+    atomic_write(out_path, buffer.getvalue(), overwrite=overwrite)
+    return out_path
+
+
+def _figure_path(out_path: str | pathlib.Path) -> pathlib.Path:
+    """The figure's file, its format named by its suffix (``-o curves`` would be written as ``curves.png``)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    out_path = pathlib.Path(out_path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out_path.suffix[1:].lower() not in formats:
+        raise ValueError(f"{out_path}: name the figure with its format's suffix (.png, .pdf, .svg, ...), got "
+                         f"{out_path.suffix or 'none'}")  # fmt: skip
     return out_path
 
 
@@ -105,6 +116,7 @@ def plot_runs(
         ValueError: If results is empty or a run lacks the needed keys.
         FileExistsError: ``out_path`` exists and ``overwrite`` is False (nothing was written).
     """
+    _figure_path(out_path)  # before any drawing
     if not overwrite and pathlib.Path(out_path).exists():
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it (nothing was written)")
     return _save(_runs_figure(results, title), out_path, overwrite)

@@ -46,19 +46,21 @@ def run_demo(
     """Train (or reuse) both demo runs, evaluate them on the test split, plot, and write ``report.md``.
     ``progress``: progress bars (None: training's default, when stderr is a terminal)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # every run's options checked before anything is written (--epochs 0 is refused, not the default)
+    configs = {name: dataclasses.replace(base, out=str(out), name=name, data_root=data_root, threads=threads,
+                                         device=device, epochs=base.epochs if epochs is None else epochs,
+                                         progress=progress)
+               for name, base in DEMO_RUNS.items()}  # fmt: skip
     if threads:
         torch.set_num_threads(threads)
-    results, timings, configs = [], {}, {}
-    for name, base in DEMO_RUNS.items():
-        cfg = dataclasses.replace(base, out=str(out), name=name, data_root=data_root, threads=threads, device=device,
-                                  epochs=epochs or base.epochs, progress=progress)  # fmt: skip
+    results, timings = [], {}
+    for name, cfg in configs.items():
         t0 = time.perf_counter()
         how = train_or_reuse(cfg)  # refuses a run directory holding a run with other options
         timings[name] = (how, time.perf_counter() - t0)
-        configs[name] = cfg
         log.info("%s: %s in %.0fs", name, how, timings[name][1])
         results.append((name, evaluate(out / name, device=device, progress=progress is True)))
+    out.mkdir(parents=True, exist_ok=True)  # training made it; a refused demo leaves no folder
     figure = plot_runs(results, out / "speed_accuracy.png", title="Fashion-MNIST test set, ResNet-10 cascade")
     report = out / "report.md"
     report.write_text(_report(results, timings, configs, figure.name))

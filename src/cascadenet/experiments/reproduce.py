@@ -30,11 +30,13 @@ resumed. So the command can be interrupted and run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -269,9 +271,19 @@ def plan_runs(
 def _differences(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
     ignore = set(RESUMABLE) | {"progress", "out"}
     diff = {k: v for k, v in changed_options(stored, wanted).items() if k not in ignore}
+    # a reproduction's backbone, named inside the folder that moved (an older run stored it absolute)
+    if "init" in diff and _same_place(stored, wanted):
+        del diff["init"]
     if type(stored.model) is not type(wanted.model):
         diff["model"] = wanted.model.family
     return diff
+
+
+def _same_place(stored: TrainConfig, wanted: TrainConfig) -> bool:
+    """Both runs' --init name the same file relative to their --out folder."""
+    if not (isinstance(stored.init, str) and isinstance(wanted.init, str)):
+        return False
+    return os.path.relpath(stored.init, stored.out) == os.path.relpath(wanted.init, wanted.out)
 
 
 def train_or_reuse(cfg: TrainConfig) -> str:
@@ -335,13 +347,47 @@ def _eval_cached(run_dir: Path, scheme: str | None, model_scheme: str | None, de
                     overwrite=True)  # fmt: skip
 
 
+def _metrics_rows(run_dir: Path, needed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A finished run's ``metrics.jsonl``, every row holding ``needed``; a damaged file is one line naming it."""
+    path = run_dir / "metrics.jsonl"
+    fix = f"restore it, or move {run_dir} away to train that run again"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing from a finished run ({fix})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: damaged (not UTF-8 text; {fix})") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path}: line {number} is not JSON (the file is damaged; {fix})") from None
+        missing = [k for k in needed if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{path}: line {number} has no {missing[0]!r} (the file is damaged; {fix})")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no epoch recorded (the file is damaged; {fix})")
+    return rows
+
+
 def _last_row(run_dir: Path) -> dict[str, Any]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return rows[-1]
+    row = _metrics_rows(run_dir, ("val_anytime_auc", "val_accuracy_per_step"))[-1]
+    per_step = row["val_accuracy_per_step"]
+    if not isinstance(per_step, list) or not per_step or not isinstance(row["val_anytime_auc"], int | float):
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: the last row's validation numbers are damaged (restore it, "
+                         f"or move {run_dir} away to train that run again)")  # fmt: skip
+    return row
 
 
 def _train_seconds(run_dir: Path) -> float:
-    return sum(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line)
+    rows = _metrics_rows(run_dir, ("seconds",))
+    if not all(isinstance(r["seconds"], int | float) for r in rows):
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: a row's 'seconds' is not a number (the file is damaged)")
+    return sum(r["seconds"] for r in rows)
 
 
 def reproduce(
@@ -387,7 +433,23 @@ def reproduce(
     probe = load_dataset(dataset, data_root, "test", synthetic_size=synthetic_size, seed=0)
     root = Path(out) / f"{dataset}-{budget}"
     runs_dir = root / "runs"
+    made = [p for p in (runs_dir, *runs_dir.parents) if not p.exists()]  # removed again if left empty
     runs_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _reproduce_in(root, runs_dir, probe, spec, dataset, data_root, seeds, budget, threads, device,
+                             progress, synthetic_size, entries, models)  # fmt: skip
+    except BaseException:
+        for folder in made:  # deepest first: a refused or failed reproduction leaves no empty folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _reproduce_in(
+    root: Path, runs_dir: Path, probe: Any, spec: Budget, dataset: str, data_root: str | None, seeds: int,
+    budget: str, threads: int | None, device: str, progress: bool, synthetic_size: int | None, entries: Any,
+    models: tuple[str, ...] | None,
+) -> Path:  # fmt: skip
     data_shape = (tuple(probe.images.shape[1:]), len(probe.classes))
     base = _shared_options(spec, dataset, data_root, synthetic_size, threads, device)
     started = time.perf_counter()

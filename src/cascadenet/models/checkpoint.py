@@ -9,6 +9,7 @@ pickle never runs), with one line saying that the file is not a cascadenet check
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..utils.files import atomic_write, first_sentence
 from .anytime import ModelConfig
+from .footprint import check_model_fits
 from .registry import config_from_dict
 
 __all__ = [
@@ -53,7 +55,11 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Save a training state (tensors, numbers, strings and containers of them) atomically."""
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
+    try:
+        torch.save({"format": FORMAT, **state}, buffer)
+    except RuntimeError as e:  # the serialiser's own failure to grow its buffer: memory ran out
+        raise OSError(errno.ENOMEM, f"not enough memory to serialise the checkpoint ({first_sentence(e)})",
+                      str(path)) from None  # fmt: skip
     atomic_write(path, buffer.getvalue())
 
 
@@ -67,6 +73,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # weights-only loading met something other than tensors and plain data
+        if not _looks_pickled(path):  # random or damaged bytes: no pickle to speak of
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint (neither a PyTorch archive nor a pickle: damaged or not a "
+                "checkpoint at all)"
+            ) from None
         raise CheckpointError(
             f"{path}: not a cascadenet checkpoint (it holds objects other than tensors and plain data; it was not "
             "loaded and nothing in it was run)"
@@ -82,6 +93,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if missing:
         raise CheckpointError(f"{path}: not a cascadenet checkpoint (no {' or '.join(missing)} in it)")
     return state
+
+
+def _looks_pickled(path: Path) -> bool:
+    """The file starts as torch.save's zip archive or a pickle (protocol 2 to 5) does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def save_weights(
@@ -121,6 +142,7 @@ def build_and_load(
     try:
         if not isinstance(config, ModelConfig):
             config = config_from_dict(config)
+        check_model_fits(config, 2, f"loading {source}")  # before allocating it (a damaged or hostile config)
         model = config.build()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: cannot rebuild the model from its stored configuration: {e}") from None

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..utils.files import first_sentence
+from ..utils.files import check_writable, first_sentence
 from .anytime import ModelConfig
 from .blocks import BasicBlock, Bottleneck
 from .cascade import ARCHITECTURES, CascadeConfig, CascadedResNet
@@ -272,7 +272,16 @@ def convert_file(
         raise ValueError(f"-o {output}: the converted model is written as safetensors: name it *.safetensors")
     if not output.parent.is_dir():
         raise ValueError(f"-o {output}: the folder {output.parent} does not exist")
+    check_writable(output.parent, output.name)
+    if options.get("num_steps") is not None and options.get("stem_delay", True) and options["num_steps"] < 2:
+        # checked before reading the source: such a model's only output would ignore the input
+        raise ValueError(
+            f"--num-steps {options['num_steps']} leaves no step that sees the input (with the stem delayed, step 0 "
+            "cannot): use --num-steps 2 or more, or --no-stem-delay"
+        )
     model = convert_state_dict(load_torchvision_state_dict(source), source=str(source), **options)
+    if model.first_informative_exit >= model.num_steps:
+        raise ValueError(f"--num-steps {model.num_steps}: no exit of the converted model sees the input")
     extra = {"converted_from": Path(source).name, "normalization": IMAGENET_NORMALIZATION}  # what torchvision used
     save_weights(output, model, extra, overwrite=overwrite)
     return model

@@ -14,6 +14,8 @@ import math
 import numbers
 import os
 import warnings
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -247,7 +249,8 @@ def cached_consistency_scores(
                 log.info("consistency scores reused from %s", path)
                 return found, path, True
             warnings.warn(f"{path}: another key than its name says; recomputing it", stacklevel=2)
-        except (OSError, ValueError, KeyError, EOFError) as e:  # a truncated or foreign file: compute it again
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated or foreign:
+            # compute it again
             warnings.warn(f"{path}: unreadable cache ({e}); recomputing it", stacklevel=2)
     scores = consistency_scores(pool, options, extra=extra, device=device, progress=progress)
     buffer = io.BytesIO()

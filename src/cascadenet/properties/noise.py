@@ -54,6 +54,8 @@ from ..runs.data import run_training_batches
 from ..runs.load import load_run
 from ..utils.device import autocast
 from ..utils.files import atomic_write
+from ..utils.memory import check_fits
+from ..utils.progress import ProgressLog
 from .noise_report import OUTPUT_FILES, format_report, noise_figures, report_contents  # importable from here too
 
 __all__ = [
@@ -401,6 +403,10 @@ def noise_robustness(
     _check_streaming(model)
     sigmas, protocols, alphas = _check_options(sigmas, protocols, alphas, seed, batch_size, max_examples)
     templates, num_steps = _plan_protocols(model, protocols, num_steps, steps_noisy, burst)
+    n = len(ds) if max_examples is None else min(len(ds), max_examples)
+    # every method's prediction at every step for every example (int64), before any is computed
+    check_fits(8.0 * num_steps * n * len(_method_names(model, alphas)), f"{num_steps} steps for {n} examples",
+               "use fewer --num-steps or --max-examples")  # fmt: skip
     variants = {
         f"ews-{a:g}": ews_variant(model, a, num_steps=num_steps, calibration=ews_calibration and ews_calibration())
         for a in alphas
@@ -409,8 +415,9 @@ def noise_robustness(
     was_training = model.training
     model.eval()
     runs = [(p, s) for p in protocols for s in sigmas if s > 0]
-    bar = tqdm(total=(len(runs) + 1) * math.ceil(len(labels) / batch_size), desc="noise", disable=not progress,
-               leave=False)  # fmt: skip
+    total = (len(runs) + 1) * math.ceil(len(labels) / batch_size)
+    bar = ProgressLog(total, f"noise: batches of {num_steps} steps",  # a log line every half minute too
+                      bar=tqdm(total=total, desc="noise", disable=not progress, leave=False))  # fmt: skip
     bench = _Bench(model, variants, _method_names(model, alphas), images, labels, mean, std, num_steps, seed,
                    batch_size, amp, bar)  # fmt: skip
     try:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.datasets import DATASETS, ImageSet, load_dataset, resize_crop, split_classes
+from ..data.datasets import DATASETS, DataError, ImageSet, load_dataset, resize_crop, split_classes
 from ..evaluation.logits import dataset_logits
 from ..models.checkpoint import CheckpointError
 from ..runs.config import CONFIG, TrainConfig
@@ -359,8 +359,11 @@ def _ood_sets(cfg: TrainConfig, test: ImageSet, holdout: bool, synthetic: bool, 
                             held.images.cpu(), fit_sources("heldout")))  # fmt: skip
     if ood_dataset is not None:
         side = shape[1] if shape[1] == shape[2] else None  # image folders of mixed sizes need one
-        other = load_dataset(ood_dataset, ood_data, "test", image_size=side if ood_dataset == "imagefolder" else None,
-                             seed=seed)  # fmt: skip
+        try:
+            other = load_dataset(ood_dataset, ood_data, "test",
+                                 image_size=side if ood_dataset == "imagefolder" else None, seed=seed)  # fmt: skip
+        except DataError as e:  # the reader names the run's flag; the out-of-distribution data has its own
+            raise DataError(str(e).replace("--data-root", "--ood-data")) from None
         c, h, w = other.images.shape[1:]
         images = convert_images(other.images, shape[0], (shape[1], shape[2]))
         where = f" from {other.source}" if other.source else ""

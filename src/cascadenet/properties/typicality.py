@@ -40,6 +40,8 @@ import json
 import math
 import numbers
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,9 @@ def read_scores(path: str | os.PathLike, n: int, labels: Any = None, what: str =
     try:
         with open(path, "rb") as f:
             loaded = np.load(f, allow_pickle=False)
+            if isinstance(loaded, np.ndarray) == (path.suffix == ".npz"):  # the content is not what the name says
+                kind = "a single array (.npy)" if isinstance(loaded, np.ndarray) else "an archive of arrays (.npz)"
+                raise ValueError(f"{where}: the file holds {kind}; name it by its content")
             if path.suffix == ".npz":
                 if "scores" not in loaded.files:
                     raise ValueError(f"{where}: no 'scores' array (it holds {', '.join(loaded.files) or 'nothing'})")
@@ -251,13 +256,13 @@ def read_scores(path: str | os.PathLike, n: int, labels: Any = None, what: str =
                 file_labels = loaded["labels"] if "labels" in loaded.files else None
             else:
                 scores = loaded
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated, corrupt, foreign
         if str(e).startswith(where):
             raise
         raise ValueError(f"{where}: not a readable numpy file ({_one_line(e)})") from None
     if not isinstance(scores, np.ndarray) or scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
-        shape = getattr(scores, "shape", None)
-        raise ValueError(f"{where}: scores must be a 1-D numeric array, got shape {shape} ({scores.dtype})")
+        shape, dtype = getattr(scores, "shape", None), getattr(scores, "dtype", type(scores).__name__)
+        raise ValueError(f"{where}: scores must be a 1-D numeric array, got shape {shape} ({dtype})")
     if scores.shape[0] != n:
         raise ValueError(
             f"{where}: {scores.shape[0]} scores but {what} has {n} examples (one score per example, in the dataset's "

@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "check_resume_overrides",
     "changed_options",
+    "stored_paths",
 ]
 
 CONFIG = "config.json"
@@ -215,6 +216,10 @@ class TrainConfig:
                 f"--stream on: only image folders stream (--dataset imagefolder); {self.dataset} is read into memory",
             ),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (
+                self.name is None or _plain_name(self.name),
+                f"--name must be a folder name inside --out (no '/', not '.' or '..'), got {self.name!r}",
+            ),
             (self.early_stop is None or self.early_stop >= 1, f"--early-stop must be >= 1, got {self.early_stop}"),
             (
                 not self.log or all(n.strip() in ("csv", "tensorboard", "") for n in self.log.split(",")),
@@ -249,7 +254,7 @@ class TrainConfig:
             raise ValueError(f"--normalize {spec}: the standard deviations must be > 0")
 
     def _check_loss(self) -> None:
-        """The loss fits the model (unless --init's file decides the model)."""
+        """The loss fits the model (unless --init's file decides the model); ic-only starts from trained weights."""
         # --loss final trains the feed-forward network: the last step's classifier and scale/shift only; per-step
         # copies would keep their initial values, and the cascade uses them at test time
         untrained = {"multi_head": "classifiers", "temporal_affine": "batch-norm scales and shifts"}
@@ -263,6 +268,12 @@ class TrainConfig:
             )
         if self.init is None:  # else the model is the --init file's: checked when training reads it
             check_loss_fits(self.loss, self.model)
+            if self.loss == "ic-only":
+                raise ValueError(
+                    "--loss ic-only trains the internal classifiers on a frozen backbone: without --init the backbone "
+                    "would stay at its random initialisation (start it with --init RUN/model.safetensors from a run "
+                    "trained with --loss final, or use --loss sdn)"
+                )
 
     def _check_holdout(self) -> None:
         """--holdout-classes: distinct class indices >= 0, stored sorted (the range is the dataset's to check)."""
@@ -348,7 +359,11 @@ class TrainConfig:
         except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested beyond reason
             raise ConfigError(f"{path}: cannot read the configuration: not JSON ({first_sentence(e)})") from None
         if isinstance(raw, dict) and isinstance(raw.get("train"), dict):
+            relative = raw.get("relative_paths")
             raw = raw["train"]
+            if isinstance(relative, list) and "init" in relative and isinstance(raw.get("init"), str):
+                # stored relative to the run directory (it points into the folder of the run): movable with it
+                raw = {**raw, "init": os.path.normpath(Path(path).parent / raw["init"])}
             # a run written before --recalibrate-batches kept its running averages: resumed or replayed, it
             # computes what it did
             raw.setdefault("recalibrate_batches", 0)
@@ -356,6 +371,11 @@ class TrainConfig:
             return cls.from_dict(raw)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{path}: {e}") from None
+
+
+def _plain_name(name: str) -> bool:
+    """A run directory's name: one path component, so that the run lands inside --out."""
+    return bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name and "\0" not in name
 
 
 def check_loss_fits(loss: str, model: ModelConfig) -> None:
@@ -396,6 +416,23 @@ def check_resume_overrides(overrides: dict[str, Any], stored: TrainConfig | None
     return {k: v for k, v in overrides.items() if k in RESUMABLE}
 
 
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def stored_paths(cfg: TrainConfig, run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """``cfg.to_dict()`` for a run's config.json, with ``init`` relative to ``run_dir`` where it points into the
+    folder that holds the run (a reproduction's own backbone run): the folder can then move or be copied. Returns
+    the dict and the names of the options stored relative (``relative_paths`` in config.json)."""
+    stored = cfg.to_dict()
+    if isinstance(cfg.init, str):
+        target, home = os.path.realpath(cfg.init), os.path.realpath(run_dir.parent)
+        if os.path.commonpath([target, home]) == home:
+            stored["init"] = os.path.relpath(target, os.path.realpath(run_dir))
+            return stored, ["init"]
+    return stored, []
+
+
 def _as_stored(name: str, value: Any) -> Any:
     """An option's value as the configuration stores it: held-out classes sorted (``3 1`` is the run ``1 3``)."""
     if name == "holdout_classes" and isinstance(value, list | tuple) and all(isinstance(c, int) for c in value):
@@ -408,4 +445,6 @@ def changed_options(stored: TrainConfig, wanted: TrainConfig) -> dict[str, Any]:
     a, b = stored.options(), wanted.options()
     if b.get("stream") == "auto":  # a stored run holds what auto chose for it
         b.pop("stream")
+    if isinstance(a.get("init"), str) and isinstance(b.get("init"), str) and _same_file(a["init"], b["init"]):
+        b["init"] = a["init"]  # one file, named from two places
     return {k: v for k, v in b.items() if a.get(k) != v}

@@ -27,7 +27,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: the record alone decides
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK", "RunLock", "RunLockedError", "clean_temporaries", "is_temporary"]
+__all__ = ["holder", "LOCK", "RunLock", "RunLockedError", "clean_temporaries", "is_temporary"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,31 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def holder(run_dir: str | os.PathLike) -> str | None:
+    """Who trains ``run_dir`` now (``process PID on HOST since ...``), or None: a read-only probe of its lock (a
+    shared, non-blocking flock, dropped at once) that writes nothing and takes nothing over."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: nobody trains it
+    try:
+        record = _read_record(fd)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None  # nobody holds it: a stale file
+            except BlockingIOError:
+                return _owner(record)
+            except OSError:
+                pass  # no working flock here: the record decides
+        if record is None or (record.get("host") == _host() and not _alive(record["pid"])):
+            return None
+        return _owner(record)
+    finally:
+        os.close(fd)  # drops the shared lock too
 
 
 # Temporary files that atomic_write (cascadenet.models.checkpoint) leaves when killed mid-write:

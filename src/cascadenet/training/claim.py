@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def check_target(run_dir: Path, cfg: TrainConfig) -> None:
             leftovers = _leftovers(run_dir)
             if leftovers and not _unstarted_same(run_dir, cfg, leftovers):
                 raise TrainingError(
-                    f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+                    f"{run_dir} already exists and is not empty: resume it with --resume {shlex.quote(str(run_dir))}, "
                     "or choose another --name or --out (nothing was overwritten)"
                 )
             return
@@ -127,7 +128,7 @@ def claim(run_dir: Path, cfg: TrainConfig, resuming: bool) -> tuple[RunLock, boo
             leftovers = _leftovers(run_dir)
             if leftovers and not _unstarted_same(run_dir, cfg, leftovers):
                 raise TrainingError(
-                    f"{run_dir} already exists and is not empty: resume it with --resume {run_dir}, "
+                    f"{run_dir} already exists and is not empty: resume it with --resume {shlex.quote(str(run_dir))}, "
                     "or choose another --name or --out (nothing was overwritten)"
                 )
             if leftovers:
@@ -156,23 +157,27 @@ def check_same_data(run_dir: Path, payload: dict[str, Any], full: ImageSet, mean
     data = payload.get("data")
     stored_model = payload.get("model")
     found = {"examples": len(full), "shape": data_shape(full), "classes": full.num_classes}
-    differs = isinstance(data, dict) and any(data.get(k) != v for k, v in found.items())
+    why = []  # what differs, in words: two sets can have the same size and shape and still differ
+    if isinstance(data, dict) and any(data.get(k) != v for k, v in found.items()):
+        why += [f"{k} {data.get(k)} vs {v}" for k, v in found.items() if data.get(k) != v]
     if isinstance(stored_model, dict):
-        differs |= stored_model.get("num_classes", full.num_classes) != full.num_classes
-        differs |= stored_model.get("in_channels", full.num_channels) != full.num_channels
-    if isinstance(payload.get("classes"), list):
-        differs |= payload["classes"] != full.classes
+        if stored_model.get("num_classes", full.num_classes) != full.num_classes:
+            why.append(f"the model has {stored_model['num_classes']} classes")
+        if stored_model.get("in_channels", full.num_channels) != full.num_channels:
+            why.append(f"the model takes {stored_model['in_channels']} channels")
+    if isinstance(payload.get("classes"), list) and payload["classes"] != full.classes:
+        why.append("other class names")
     norm = payload.get("normalization")
-    if isinstance(norm, dict):
-        differs |= norm.get("mean") != mean.tolist() or norm.get("std") != std.tolist()
-    if differs:
+    if isinstance(norm, dict) and (norm.get("mean") != mean.tolist() or norm.get("std") != std.tolist()):
+        why.append("other images (their mean and std differ from those training recorded)")
+    if why:
         was = "other data"
         if isinstance(data, dict) and {"examples", "shape", "classes"} <= set(data):
             was = f"{data['examples']} images of {'x'.join(map(str, data['shape']))} in {data['classes']} classes"
         where = f"--data-root {data_root}" if data_root else "the dataset"
         raise TrainingError(
-            f"{where} holds {describe_data(full)}, but {run_dir} was trained on {was}: resume with the data it "
-            "was trained on (pass its --data-root)"
+            f"{where} holds {describe_data(full)}, but {run_dir} was trained on {was} ({'; '.join(dict.fromkeys(why))}"
+            "): resume with the data it was trained on (pass its --data-root)"
         )
 
 

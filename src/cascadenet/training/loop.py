@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ def _stopped(s: _Session, e: BaseException) -> None:
         return
     what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
     where = f"after {s.batch_done} batches of epoch {s.epoch + 1}" if s.batch_done else f"after epoch {s.epoch}"
-    resume = f"continue with: cascadenet train --resume {s.run_dir}"
+    resume = f"continue with: cascadenet train --resume {shlex.quote(str(s.run_dir))}"
     if s.position() != s.saved and s.step > 0 and torch.isfinite(s.stats.loss_sum):
         try:
             _checkpoint(s)

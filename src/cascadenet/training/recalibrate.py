@@ -21,6 +21,8 @@ from ..models.precise_bn import recalibrate_bn
 from ..runs.config import CONFIG, TrainConfig
 from ..runs.data import run_training_batches
 from ..utils.device import autocast, resolve_device
+from ..utils.files import check_writable
+from ..utils.progress import logged
 
 __all__ = ["recalibrate_run", "calibration_forward", "RECALIBRATED"]
 
@@ -79,6 +81,7 @@ def recalibrate_run(
             f"{target} exists (nothing was written): name another file with --output {stem}-2.safetensors, or "
             "pass --overwrite to replace it"
         )
+    check_writable(run_dir, output)
     cfg = TrainConfig.from_file(run_dir / CONFIG)
     count = batches or cfg.recalibrate_batches or 4
     dev = resolve_device(device)
@@ -87,7 +90,8 @@ def recalibrate_run(
     model = load_model(source, map_location=dev)
     amp = dev.type == "cuda" if cfg.amp is None else cfg.amp
     channels_last = dev.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    record = recalibrate_bn(model, data(), forward=calibration_forward(cfg, amp, channels_last))
+    batches_in = logged(data(), count, f"recalibrate: {count} batches")  # a line every half minute
+    record = recalibrate_bn(model, batches_in, forward=calibration_forward(cfg, amp, channels_last))
     meta = {k: v for k, v in meta.items() if k != "model_config"}
     save_weights(target, model, {**meta, "recalibration": record}, overwrite=overwrite)
     return target, record

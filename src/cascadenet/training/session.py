@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -25,13 +26,14 @@ import torch
 from torch import nn
 
 from ..data import streaming
-from ..data.datasets import DataError, ImageSet, kept_classes, load_dataset
+from ..data.datasets import DataError, ImageSet, check_test_classes, kept_classes, load_dataset
 from ..data.loader import check_compatible, normalization, num_batches, train_val_split
 from ..models.anytime import ModelConfig
 from ..models.cascade import CascadedResNet
 from ..models.checkpoint import CHECKPOINT, CheckpointError, build_and_load, load_checkpoint, read_metadata
+from ..models.footprint import check_model_fits
 from ..models.pretrained import load_init, read_init
-from ..runs.config import CONFIG, ConfigError, TrainConfig, check_loss_fits, check_resume_overrides
+from ..runs.config import CONFIG, ConfigError, TrainConfig, check_loss_fits, check_resume_overrides, stored_paths
 from ..runs.lock import RunLock, clean_temporaries
 from ..utils.device import resolve_device
 from ..utils.files import atomic_write, first_sentence
@@ -195,9 +197,11 @@ def _write(s: _Session, write: Any) -> None:
         reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
         if s.saved is None:
             raise TrainingError(f"cannot write in {s.run_dir}: {reason}; no checkpoint was written yet") from None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        fix = "free space" if full else "make it writable" if e.errno in (errno.EROFS, errno.EACCES) else "fix it"
         raise TrainingError(
-            f"cannot write in {s.run_dir}: {reason}; the last checkpoint (step {s.saved[2]}) was kept: free space "
-            f"and continue with: cascadenet train --resume {s.run_dir}"
+            f"cannot write in {s.run_dir}: {reason}; the last checkpoint (step {s.saved[2]}) was kept: {fix} "
+            f"and continue with: cascadenet train --resume {shlex.quote(str(s.run_dir))}"
         ) from None
 
 
@@ -310,6 +314,8 @@ def _resolve_stream(cfg: TrainConfig) -> TrainConfig:
 
 
 def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Tensor]:
+    if cfg.dataset == "imagefolder" and cfg.data_root is not None:
+        check_test_classes(cfg.data_root)  # before training, not at evaluation
     if cfg.stream == "on":
         if cfg.holdout_classes:  # --stream auto chose it: the folder is too large to hold in memory
             raise ValueError(f"--holdout-classes works on datasets read into memory; {cfg.data_root} would be "
@@ -483,6 +489,7 @@ def _start_here(
             log.info("resuming %s at epoch %d, batch %d", run_dir, s.epoch + 1, s.batch_done)
         if resume is not None:
             s.rows = _trim_metrics(run_dir / METRICS, s.epoch)
+            _drop_stale_evaluations(run_dir)
         _write_config(s, full, processes)
     except BaseException:
         if resume is None:
@@ -494,6 +501,19 @@ def _start_here(
     return s, ckpt
 
 
+def _drop_stale_evaluations(run_dir: Path) -> None:
+    """Evaluations of the checkpoint that training now continues describe weights that will be gone: removed,
+    so that no eval*.json beside the final weights describes other ones (``plot`` would draw it)."""
+    for path in sorted(run_dir.glob("eval*.json")):
+        try:
+            stale = json.loads(path.read_bytes()).get("finished_training") is False
+        except (OSError, ValueError, AttributeError):
+            continue  # not an evaluation this version wrote: left alone
+        if stale:
+            path.unlink(missing_ok=True)
+            log.info("removed %s: it evaluated the checkpoint that training now continues", path)
+
+
 def _run_config(
     cfg: TrainConfig, resume: str | os.PathLike | None, overrides: dict[str, Any]
 ) -> tuple[Path, TrainConfig, dict[str, Any]]:
@@ -503,11 +523,29 @@ def _run_config(
     if resume is not None:
         run_dir = Path(resume)
         stored, payload = read_run(run_dir)
-        cfg = dataclasses.replace(stored, **check_resume_overrides(overrides, stored))
+        cfg = dataclasses.replace(stored, **_resumed_threads(check_resume_overrides(overrides, stored), stored))
     else:
         run_dir = Path(cfg.out) / cfg.run_name()
         check_target(run_dir, cfg)
+        if cfg.threads is None:  # the thread count is part of what a CPU run computes: stored with it
+            cfg = dataclasses.replace(cfg, threads=torch.get_num_threads())
     return run_dir, cfg, payload
+
+
+def _resumed_threads(overrides: dict[str, Any], stored: TrainConfig) -> dict[str, Any]:
+    """A resumed run keeps the thread count it was trained with (PyTorch's CPU reductions split the work by
+    thread, so another count gives other weights); a different ``--threads`` is allowed, with a warning."""
+    overrides = dict(overrides)
+    if overrides.get("threads", stored.threads) is None:  # not given: the stored count (None: an older run's)
+        overrides.pop("threads", None)
+    new = overrides.get("threads")
+    if new is not None and stored.threads is not None and new != stored.threads:
+        log.warning(
+            "warning: --threads %d differs from the %d threads this run was trained with: on CPU the resumed run's "
+            "weights will differ from an uninterrupted run's (resume without --threads to keep them identical)",
+            new, stored.threads,
+        )  # fmt: skip
+    return overrides
 
 
 def _build_model(cfg: TrainConfig, full: Any, from_checkpoint: bool) -> tuple[TrainConfig, nn.Module]:
@@ -523,6 +561,8 @@ def _build_model(cfg: TrainConfig, full: Any, from_checkpoint: bool) -> tuple[Tr
                                   f"{model_cfg.input_size} images, but the dataset's are {side}x{side}")  # fmt: skip
         cfg = dataclasses.replace(cfg, model=model_cfg)
         check_loss_fits(cfg.loss, cfg.model)  # the file decides the model
+    # weights, gradients, optimizer state and the checkpoint's serialised copy of both: before building it
+    check_model_fits(cfg.model, 6, "training this model")
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     if initial is not None:
@@ -565,8 +605,9 @@ def _write_config(s: _Session, full: Any, processes: int) -> None:
     """The run directory's first write: config.json, the resolved configuration with the normalisation, the class
     names and what the data was."""
     described = {"examples": len(full), "shape": data_shape(full), "classes": full.num_classes}
-    stored_payload = {"train": s.cfg.to_dict(), "model": s.cfg.model.to_dict(), **s.extra, "data": described,
-                      "processes": processes}  # fmt: skip
+    train, relative = stored_paths(s.cfg, s.run_dir)
+    stored_payload = {"train": train, "model": s.cfg.model.to_dict(), **s.extra, "data": described,
+                      "processes": processes, **({"relative_paths": relative} if relative else {})}  # fmt: skip
     _write(s, lambda: atomic_write(s.run_dir / CONFIG, (json.dumps(stored_payload, indent=2) + "\n").encode()))
 
 
@@ -582,4 +623,23 @@ def _restore(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
         s.done = ckpt.get("epoch_done")
     except Exception as e:  # a checkpoint of another version or a hand-edited one: whatever torch raises
         raise CheckpointError(f"{path}: the training state does not fit this run ({first_sentence(e)})") from None
+    _check_position(s, ckpt, path)
     s.saved = s.position()
+
+
+def _check_position(s: _Session, ckpt: dict[str, Any], path: Path) -> None:
+    """A checkpoint's position (epoch, batch, step) lies inside the run: a damaged or hand-edited one would
+    otherwise train the wrong number of epochs or batches."""
+    raw = {k: ckpt.get(k) for k in ("epoch", "batch", "step")}
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in raw.values()):
+        raise CheckpointError(f"{path}: damaged training position (epoch, batch, step must be integers, got {raw})")
+    total = s.per_epoch * s.cfg.epochs
+    bad = [
+        f"epoch {s.epoch} is outside 0..{s.cfg.epochs}" if not 0 <= s.epoch <= s.cfg.epochs else "",
+        f"batch {s.batch_done} is outside 0..{s.per_epoch}" if not 0 <= s.batch_done <= s.per_epoch else "",
+        f"step {s.step} is outside 0..{total}" if not 0 <= s.step <= total else "",
+    ]
+    bad = [b for b in bad if b]
+    if bad:
+        raise CheckpointError(f"{path}: damaged training position ({'; '.join(bad)}): this checkpoint cannot resume "
+                              "the run")  # fmt: skip
