@@ -179,7 +179,7 @@ class Scheduler:
         mode: str = "anytime",
         policy: Policy | None = None,
         max_batch: int = 512,
-        margin: float = 0.005,
+        margin: float = 0.010,
         safety: float = 1.2,
         round_share: float = 0.5,
         step_times: StepTimes | None = None,
@@ -361,7 +361,9 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "mode": scheduler.mode, "classes": scheduler.classes, **scheduler.counts}
+        ratio = scheduler.step_times.ratio if scheduler.step_times is not None else None
+        return {"status": "ok", "mode": scheduler.mode, "classes": scheduler.classes, **scheduler.counts,
+                "step_time_ratio": ratio}  # fmt: skip
 
     @app.post("/predict")
     async def predict_image(request: Request, deadline_ms: float | None = None) -> dict[str, Any]:
@@ -396,6 +398,7 @@ def serve(
     max_batch: int = 512,
     device: str = "auto",
     input_size: tuple[int, int] | None = None,
+    margin_ms: float = 10.0,
 ) -> None:
     """Load a trained run (or weights file) and serve it over HTTP until interrupted."""
     try:
@@ -408,6 +411,8 @@ def serve(
 
     if not deadline_ms > 0:
         raise ValueError(f"--deadline-ms must be positive, got {deadline_ms}")
+    if not 0 <= margin_ms < math.inf:
+        raise ValueError(f"--margin-ms must be a number >= 0, got {margin_ms}")
     model = load_model(source, map_location=resolve_device(device))
     if model.preprocess.mean is None:
         raise ValueError(f"{source}: no normalisation statistics recorded with the weights: cannot serve images")
@@ -416,7 +421,7 @@ def serve(
     elif model.preprocess.size is None:
         raise ValueError(f"{source}: the training input size is not recorded (a run from before it was): "
                          "give --input-size H W")  # fmt: skip
-    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch)
+    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000)
     print(f"serving {source} on http://{host}:{port} ({mode}; POST /predict)", flush=True)
     try:
         uvicorn.run(make_app(scheduler, default_deadline_ms=deadline_ms), host=host, port=port, log_level="warning")
