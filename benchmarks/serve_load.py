@@ -39,6 +39,7 @@ from pathlib import Path
 
 from PIL import Image
 
+import cascadenet as cn
 from cascadenet.runs.load import load_run
 
 
@@ -127,19 +128,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 async def closed_loop(port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
-    """``clients`` connections each sending its next request when the previous one is answered: requests/s and
-    the mean latency."""
+    """``clients`` connections each sending its next request when the previous one is answered: requests/s, the
+    mean latency, and the mean time of a request outside the server's handler (HTTP and the client)."""
     conns = [await Connection.open("127.0.0.1", port) for _ in range(clients)]
-    done, busy = 0, 0.0
+    done, busy, outside = 0, 0.0, 0.0
     end = time.perf_counter() + seconds
 
     async def client(conn: Connection, i: int) -> None:
-        nonlocal done, busy
+        nonlocal done, busy, outside
         while time.perf_counter() < end:
             t0 = time.perf_counter()
-            status, _ = await conn.send(requests[i % len(requests)])
-            busy += time.perf_counter() - t0
-            done += status == 200
+            status, body = await conn.send(requests[i % len(requests)])
+            took = time.perf_counter() - t0
+            if status == 200:
+                done += 1
+                busy += took
+                outside += took - json.loads(body)["ms"] / 1e3
             i += clients
 
     start = time.perf_counter()
@@ -147,7 +151,8 @@ async def closed_loop(port: int, requests: list[bytes], clients: int, seconds: f
     wall = time.perf_counter() - start
     for c in conns:
         c.close()
-    return {"throughput": done / wall, "latency_ms": 1e3 * busy / max(done, 1)}
+    n = max(done, 1)
+    return {"throughput": done / wall, "latency_ms": 1e3 * busy / n, "outside_ms": 1e3 * outside / n}
 
 
 def arrivals(rate: float, seconds: float, seed: int) -> list[float]:
@@ -175,12 +180,17 @@ async def open_loop(port: int, requests: list[bytes], labels: list[int], trace: 
         else:
             conn = await Connection.open("127.0.0.1", port)
             opened += 1
-        try:
-            status, body = await conn.send(requests[i % len(requests)])
-            idle.append(conn)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            status, body = 0, b""
-            conn.close()
+        status, body = 0, b""
+        for attempt in range(2):  # a kept-alive connection the server has closed meanwhile: once more on a new one
+            try:
+                status, body = await conn.send(requests[i % len(requests)])
+                idle.append(conn)
+                break
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                conn.close()
+                if attempt == 0:
+                    conn = await Connection.open("127.0.0.1", port)
+                    opened += 1
         answer = json.loads(body) if status == 200 else None
         results.append((1e3 * (time.perf_counter() - due), status, answer, labels[i % len(labels)]))
 
@@ -328,10 +338,16 @@ def main() -> None:
         buffer = io.BytesIO()
         Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buffer, format="PNG")
         bodies.append(buffer.getvalue())
+    model = cn.load_model(args.run_dir)
+    t0 = time.perf_counter()
+    for b in bodies:
+        model.preprocess(b)
+    decode_ms = 1e3 * (time.perf_counter() - t0) / len(bodies)
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if line.startswith("Model name")), "unknown")  # fmt: skip
     out: dict = {"run": args.run_dir, "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
-                 "deadline_ms": args.deadline_ms, "seconds": args.seconds, "load_before": os.getloadavg()}  # fmt: skip
+                 "deadline_ms": args.deadline_ms, "seconds": args.seconds, "load_before": os.getloadavg(),
+                 "decode_ms": decode_ms}  # fmt: skip
     # the scheduler alone: the model's own capacity, and one request's latency without HTTP
     scheduler_load(args, loaded, "final", None, 1.0, args.clients)  # warm-up
     alone = scheduler_load(args, loaded, "final", None, min(5.0, args.seconds), args.clients)
@@ -356,14 +372,14 @@ def main() -> None:
         path = "/predict?deadline_ms=1000000"
         requests = [encode(path, b, port) for b in bodies]
         asyncio.run(closed_loop(port, requests, args.clients, min(3.0, args.seconds)))  # warm-up
-        out["one_client_ms"] = asyncio.run(closed_loop(port, requests, 1, 3.0))["latency_ms"]
+        one = asyncio.run(closed_loop(port, requests, 1, 3.0))
+        out["one_client_ms"], out["outside_ms"] = one["latency_ms"], one["outside_ms"]
         out["saturation_rps"] = asyncio.run(closed_loop(port, requests, args.clients, args.seconds))["throughput"]
     finally:
         stop(proc)
-    overhead = out["one_client_ms"] - out["scheduler_one_client_ms"]
     print(f"over HTTP: final-exit saturation {out['saturation_rps']:.1f} requests/s; one client "
-          f"{out['one_client_ms']:.2f} ms, so HTTP, decoding and the client add {overhead:.2f} ms per request",
-          flush=True)  # fmt: skip
+          f"{out['one_client_ms']:.2f} ms, of which {out['outside_ms']:.2f} ms outside the server's handler (HTTP "
+          f"and the client) and {out['decode_ms']:.2f} ms decoding", flush=True)  # fmt: skip
     rate = args.overload * out["saturation_rps"]
     trace = arrivals(rate, args.seconds, args.seed)
     out["modes"] = {}
