@@ -576,3 +576,101 @@ def test_a_refused_reproduction_leaves_no_empty_folders(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refused"):
         R.reproduce("synthetic", out=tmp_path / "keep" / "new" / "out", synthetic_size=32, threads=None)
     assert list(tmp_path.iterdir()) == [tmp_path / "keep"] and list((tmp_path / "keep").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# second round: a refused or failed command leaves nothing new on disk
+
+
+class _FullDisk:
+    """``tempfile`` as ``cascadenet.utils.files`` sees it, on a disk with no space left."""
+
+    @staticmethod
+    def mkstemp(*args, **kwargs):
+        import errno
+        import os
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), kwargs.get("dir", "?"))
+
+
+def _reporting_verbs(run: Path, out: Path) -> dict[str, list[str]]:
+    """Every verb that makes its --out folder, with that folder two levels below ``out`` (neither exists)."""
+    new = out / "new" / "report"
+    return {
+        "noise": ["noise", str(run), "--sigmas", "0.1", "--max-examples", "16", "--out", str(new)],
+        "policy": ["policy", str(run), "--out", str(new)],
+        "ood": ["ood", str(run), "--synthetic-ood", "--out", str(new)],
+        "typicality": ["typicality", str(run), "--out", str(new)],
+        "guarantees": ["guarantees", str(run), "--splits", "2", "--out", str(new)],
+        "plot": ["plot", str(run), "-o", str(new / "curves.png")],
+    }
+
+
+@pytest.mark.parametrize("verb", ["noise", "policy", "ood", "typicality", "guarantees", "plot"])
+def test_a_failed_report_leaves_no_new_folder(verb, tiny_run, tmp_path, capsys, monkeypatch):
+    import cascadenet.utils.files as F
+
+    out = tmp_path / "out"
+    out.mkdir()
+    run = tiny_run
+    if verb == "plot":  # it draws evaluations
+        run = copy_run(tiny_run, tmp_path / "run")
+        assert main(["eval", str(run)]) == 0
+        capsys.readouterr()
+    argv = _reporting_verbs(run, out)[verb]
+    if verb == "typicality":  # the estimator's work is not what this test is about
+        import cascadenet.properties.typicality as T
+
+        monkeypatch.setattr(T, "_figure_png", lambda result: b"figure")
+    monkeypatch.setattr(F, "tempfile", _FullDisk)
+    assert main(argv) == 2, verb
+    line = err_line(capsys)
+    assert "the disk is full" in line and str(out / "new" / "report") in line, line
+    if verb == "typicality":  # its estimator's cache could not be written either: nothing at all was kept
+        assert not (out / "new").exists() or not any((out / "new").rglob("*.json")), list((out / "new").rglob("*"))
+    else:
+        assert list(out.iterdir()) == [], list(out.rglob("*"))
+
+
+def test_atomic_write_all_keeps_every_old_file_when_one_fails(tmp_path, monkeypatch):
+    import errno
+
+    import cascadenet.utils.files as F
+
+    a, b = tmp_path / "a.json", tmp_path / "b.png"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+    real = F._temporary
+    calls = []
+
+    def second_fails(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "the disk is full", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(F, "_temporary", second_fails)
+    with pytest.raises(OSError, match="the disk is full"):
+        F.atomic_write_all({a: b"new a", b: b"new b"})
+    assert a.read_bytes() == b"old a" and b.read_bytes() == b"old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]  # no temporary left
+    monkeypatch.setattr(F, "_temporary", real)
+    F.atomic_write_all({a: b"new a", b: b"new b"})
+    assert a.read_bytes() == b"new a" and b.read_bytes() == b"new b"
+
+
+def test_new_folder_removes_only_what_it_made(tmp_path):
+    from cascadenet.utils.files import new_folder
+
+    (tmp_path / "had").mkdir()
+    (tmp_path / "had" / "file").write_text("x")
+    with pytest.raises(RuntimeError), new_folder(tmp_path / "had" / "a" / "b"):
+        raise RuntimeError("refused")
+    assert sorted(p.name for p in (tmp_path / "had").iterdir()) == ["file"]
+    with pytest.raises(RuntimeError), new_folder(tmp_path / "c" / "d") as d:
+        (d / "kept").write_text("partial work is not removed")
+        raise RuntimeError("failed")
+    assert (tmp_path / "c" / "d" / "kept").exists()
+    with new_folder(tmp_path / "e" / "f") as f:
+        assert f.is_dir()
+    assert (tmp_path / "e" / "f").is_dir()
