@@ -526,30 +526,48 @@ def test_a_bad_image_in_a_streaming_worker_is_one_short_line(tmp_path, capsys):
 
 
 CTRL_C_IN_IMPORT = """
-import builtins, runpy, sys
+import builtins, importlib.util, runpy, sys
 real = builtins.__import__
-def interrupted(name, *args, **kwargs):
-    if name == "torch":  # as Ctrl-C would, at the first import of torch (which takes seconds)
+def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+    full = importlib.util.resolve_name("." * level + name, (globals or {}).get("__package__")) if level else name
+    if full == TARGET:  # as Ctrl-C would, at the first import of TARGET (deterministic, unlike a timed signal)
         builtins.__import__ = real
         raise KeyboardInterrupt
-    return real(name, *args, **kwargs)
+    return real(name, globals, locals, fromlist, level)
 builtins.__import__ = interrupted
-sys.argv = ["cascadenet", "models"]
+sys.argv = ["cascadenet", *VERB]
 runpy.run_module("cascadenet", run_name="__main__", alter_sys=True)
 """
 
+# the imports a command goes through, from the package's first line (os) to a verb's own modules
+CTRL_C_MOMENTS = [("os", ["models"]), ("cascadenet.deployment.loading", ["models"]), ("torch", ["models"]),
+                  ("logging", ["models"]), ("cascadenet.cli.parsing", ["models"]), ("tyro", ["models"]),
+                  ("cascadenet.cli.commands", ["models"]),
+                  ("cascadenet.evaluation.evaluate", ["eval", "/nonexistent"])]  # fmt: skip
 
-def test_ctrl_c_while_the_command_imports_torch_is_quiet(tmp_path):
+
+@pytest.mark.parametrize("target,verb", CTRL_C_MOMENTS)
+def test_ctrl_c_while_the_command_imports_is_quiet(target, verb):
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    p = subprocess.run([sys.executable, "-c", CTRL_C_IN_IMPORT], capture_output=True, env=env, timeout=120)
-    assert p.returncode == 130 and b"Traceback" not in p.stderr, p.stderr.decode()[-2000:]
-    # imported as a library (not the command), the interrupt is the caller's
-    library = CTRL_C_IN_IMPORT.replace('sys.argv = ["cascadenet", "models"]', 'sys.argv = ["script.py"]').replace(
-        'runpy.run_module("cascadenet", run_name="__main__", alter_sys=True)', "import cascadenet"
+    script = f"TARGET = {target!r}\nVERB = {verb!r}\n" + CTRL_C_IN_IMPORT
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=120)
+    assert p.returncode == 130 and b"Traceback" not in p.stderr, (target, p.returncode, p.stderr.decode()[-2000:])
+
+
+def test_ctrl_c_while_a_library_imports_cascadenet_is_the_callers():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    library = (
+        ("TARGET = 'torch'\nVERB = []\n" + CTRL_C_IN_IMPORT)
+        .replace('sys.argv = ["cascadenet", *VERB]', 'sys.argv = ["script.py"]')
+        .replace('runpy.run_module("cascadenet", run_name="__main__", alter_sys=True)', "import cascadenet")
     )
     p = subprocess.run([sys.executable, "-c", library], capture_output=True, env=env, timeout=120)
     assert p.returncode != 130 and b"KeyboardInterrupt" in p.stderr
@@ -674,3 +692,60 @@ def test_new_folder_removes_only_what_it_made(tmp_path):
     with new_folder(tmp_path / "e" / "f") as f:
         assert f.is_dir()
     assert (tmp_path / "e" / "f").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# second round: the activations of the batch asked for are part of the estimate
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """What a real forward pass keeps for the backward pass: each storage once, the weights not."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(kept.values())
+
+
+def test_activation_estimate_matches_a_real_forward():
+    from cascadenet.models.cascade import CascadeConfig
+    from cascadenet.models.footprint import activation_bytes
+    from cascadenet.models.msdnet import MSDNetConfig
+    from cascadenet.models.sdn import SDNConfig
+
+    for cfg, shape in ((CascadeConfig(width=4, num_classes=10, in_channels=1), (1, 28, 28)),
+                       (CascadeConfig(arch="resnet10", width=8, num_classes=10, num_steps=9), (3, 32, 32)),
+                       (SDNConfig(width=8, num_classes=10), (3, 32, 32)),
+                       (MSDNetConfig(num_blocks=4, num_classes=10), (3, 32, 32))):  # fmt: skip
+        per_example, largest = activation_bytes(cfg, shape)
+        torch.manual_seed(0)
+        model = cfg.build().train()
+        real = (_saved_bytes(model, torch.randn(6, *shape)) - _saved_bytes(model, torch.randn(2, *shape))) / 4
+        assert 0.9 * real <= per_example <= 1.1 * real, (cfg, real, per_example)
+        assert 0 < largest < per_example
+
+
+def test_an_absurd_batch_size_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+    import cascadenet.utils.memory as M
+    from cascadenet.models.footprint import check_training_fits
+    from cascadenet.runs.config import TrainConfig
+
+    monkeypatch.setattr(M, "available_bytes", lambda: 4 * 10**9)  # a 4 GB machine, whatever this one has
+    argv = ["train", "--dataset", "synthetic", "--synthetic-size", "8192", "--batch-size", "8192", "--width", "16",
+            "--epochs", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path / "runs")]  # fmt: skip
+    assert main(argv) == 2
+    line = err_line(capsys)
+    assert "with --batch-size 8192 (" in line and "of activations per example) would need at least" in line, line
+    assert "choose a smaller --batch-size" in line and "4 GB available" in line, line
+    assert not (tmp_path / "runs").exists()
+    # the defaults (Fashion-MNIST's shape) fit such a machine easily
+    model = TrainConfig().model
+    model = type(model)(**{**model.__dict__, "num_classes": 10, "in_channels": 1})
+    check_training_fits(model, (1, 28, 28), TrainConfig().batch_size, TrainConfig().eval_batch_size)
