@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from cascadenet.cli import main
+from cascadenet.evaluation import metrics
 from cascadenet.evaluation.monotonicity import monotonicity
+from cascadenet.evaluation.outputs import Outputs
 from cascadenet.evaluation.risk import (
     apply_threshold,
     binomial_p_values,
@@ -125,11 +127,28 @@ def test_guarantees_analysis_and_report():
                             calibration_sizes=(200, 5000))  # fmt: skip
     assert len(a["calibration"]["temperatures"]) == 2
     assert set(a["monotonicity"]) == {"raw", "poe"}
+    # the policies on the raw outputs are those of the calibration section's raw entry (same outputs, same fit)
+    raw, poe = a["monotonicity"]["raw"], a["monotonicity"]["poe"]
+    assert raw["threshold_auc"] == a["calibration"]["raw"]["threshold_auc"]
+    assert raw["budgeted_accuracy_at"] == a["calibration"]["raw"]["budgeted_accuracy_at"]
+    # PoE's are scored on its own outputs: here exit 0's logits are all <= 0, so its PoE output is uniform (no
+    # confidence to stop on) and the threshold curve differs from the raw one
+    poe_out = Outputs(poe=True, first_exit=0).transform(test.double())
+    assert poe["threshold_auc"] == metrics.summarize(poe_out, test_y, first_step=0)["threshold_auc"]
+    assert poe["threshold_auc"] != raw["threshold_auc"] and len(poe["budgeted_accuracy_at"]) == 3
     assert len(a["risk"]["fit"]) == 2 and len(a["risk"]["resplit"]) == 2  # 5000 >= the pool: skipped
     record = {"eps": [0.05], "delta": 0.1, "splits": 20, "seed": 0,
               "runs": [{"run": f"m-s{s}", "model": "m", "family": "x", **a} for s in range(2)]}  # fmt: skip
     text = format_guarantees(record)
     assert "| m | disagreement | 200 / 1400 | 0.05 |" in text and "## Conditional monotonicity" in text
+    row = next(line for line in text.splitlines() if line.startswith("| m | poe |"))
+    assert row.endswith(f"| {100 * poe['threshold_auc']:.2f} ± 0.00 | {100 * poe['budgeted_accuracy_at'][0]:.1f} ± "
+                        f"0.0 | {100 * poe['budgeted_accuracy_at'][1]:.1f} ± 0.0 |")  # fmt: skip
+    # a report written before the policies were measured still formats
+    for r in record["runs"]:
+        r["monotonicity"] = {k: {x: v for x, v in m.items() if x not in ("threshold_auc", "budgeted_accuracy_at")}
+                             for k, m in r["monotonicity"].items()}  # fmt: skip
+    assert "| - | - | - |" in format_guarantees(record)
 
 
 def test_cli_policy_risk_and_guarantees(tmp_path, capsys):

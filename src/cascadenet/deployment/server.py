@@ -3,17 +3,24 @@ spent, each request by its own deadline, concurrent requests batched.
 
 ``POST /predict?deadline_ms=50`` with the encoded image as the body (any format Pillow reads) answers
 ``{"class", "label", "probability", "exit", "macs", "ms", "deadline_ms", "deadline_met"}``; ``GET /health``
-answers ``{"status": "ok", ...}``. A body that is not an image, or a bad ``deadline_ms``, gets a 400 with a
-one-line ``detail``.
+answers ``{"status": "ok", ...}`` with the scheduler's counts. A body that is not an image, or a bad
+``deadline_ms``, gets a 400 with a one-line ``detail``; a request that cannot get even the first answer by its
+deadline gets a 503 at once (see below).
 
 The :class:`Scheduler` runs the model in one worker thread. Each round takes every request waiting (up to
-``max_batch``), stacks them into one batch and runs ``cascadenet.predict`` on it:
+``max_batch``) into one batch:
 
-- ``anytime`` mode: with the deadline of the batch's most urgent request (less the time it has already waited),
-  and at most half of the shortest deadline in the batch, so under overload the batch stops at an earlier exit
-  instead of the queue growing: the requests that arrived during a round are the next round and still have at
-  least half of their time;
+- ``anytime`` mode keeps deadlines by construction. :class:`StepTimes` holds each step's measured seconds at
+  every batch size (measured when the scheduler starts, kept up to date by each round's own times). A request
+  whose deadline is too near for the batch's first informative exit (the first answer there is) is answered at
+  once as a miss (:class:`DeadlineError`, HTTP 503) instead of holding the others back; a request alone is
+  still given that exit. The others run as many steps as are expected to finish, with a safety factor, before
+  the earliest of their deadlines (less a margin for the answers and HTTP), and within ``round_share`` of the
+  shortest deadline in the batch, so that the requests that arrive during a round still have at least the rest
+  of their time when theirs starts; each answer is the exit the batch reached.
 - ``final`` mode (the feed-forward baseline): every request runs to the last step, whatever its deadline.
+
+The clock is injectable (``clock=``), so the deadline logic is tested exactly.
 
 Needs the optional packages ``fastapi`` and ``uvicorn`` (``pip install 'cascadenet[serve]'``).
 """
@@ -22,12 +29,16 @@ Needs the optional packages ``fastapi`` and ``uvicorn`` (``pip install 'cascaden
 # inside make_app (the server's packages are optional), so they must be objects, not strings
 
 import asyncio
+import bisect
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
+import math
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,17 +49,107 @@ from ..data.datasets import DataError
 from ..evaluation.early_exit import predict
 from ..evaluation.policies import Policy
 
-__all__ = ["MODES", "Scheduler", "make_app", "serve"]
+__all__ = ["MODES", "DeadlineError", "Scheduler", "StepTimes", "make_app", "serve"]
 
 MODES = ("anytime", "final")
 log = logging.getLogger(__name__)
 
 
+class DeadlineError(RuntimeError):
+    """A request whose deadline is too near for even the first informative exit (answered at once, a miss)."""
+
+
+class StepTimes:
+    """Seconds each step of a model takes at each batch size.
+
+    ``times[s][i]`` is step ``s``'s seconds at batch size ``sizes[i]`` (increasing); other sizes are interpolated
+    linearly between the two neighbours, and beyond the largest extrapolated along the last two (below the
+    smallest: the smallest's time). ``ratio`` scales every estimate: it follows the measured rounds (how much
+    slower or faster they ran than estimated, e.g. as the machine's load changes), rising fast and falling
+    slowly.
+    """
+
+    def __init__(self, sizes: Sequence[int], times: Sequence[Sequence[float]]) -> None:
+        if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+            raise ValueError(f"sizes must be increasing positive batch sizes, got {list(sizes)}")
+        if any(len(row) != len(sizes) for row in times):
+            raise ValueError("times needs one row per step with one time per batch size")
+        self.sizes = [int(b) for b in sizes]
+        self.times = [[float(t) for t in row] for row in times]
+        self.ratio = 1.0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.times)
+
+    def step(self, s: int, batch: int) -> float:
+        """Estimated seconds of step ``s`` at batch size ``batch`` (without ``ratio``)."""
+        sizes, row = self.sizes, self.times[s]
+        if len(sizes) == 1 or batch <= sizes[0]:
+            return row[0]
+        i = min(bisect.bisect_left(sizes, batch), len(sizes) - 1)
+        lo, hi = sizes[i - 1], sizes[i]
+        return max(row[i - 1] + (row[i] - row[i - 1]) * (batch - lo) / (hi - lo), 0.0)
+
+    def cumulative(self, batch: int) -> list[float]:
+        """Estimated seconds from the start of a run at ``batch`` to the end of each step (with ``ratio``)."""
+        return [self.ratio * t for t in itertools.accumulate(self.step(s, batch) for s in range(self.num_steps))]
+
+    def observe(self, estimated: float, measured: float) -> None:
+        """A round estimated (without ``ratio``) at ``estimated`` seconds took ``measured``: update ``ratio``."""
+        if estimated <= 0:
+            return
+        seen = min(max(measured / estimated, 0.25), 10.0)
+        self.ratio += (0.5 if seen > self.ratio else 0.1) * (seen - self.ratio)
+
+    @classmethod
+    def measure(
+        cls,
+        model: nn.Module,
+        x: Tensor,
+        max_batch: int,
+        *,
+        repeats: int = 2,
+        longest: float = 1.0,
+    ) -> "StepTimes":
+        """Time every step of ``model`` on copies of one input ``x`` ``(C, H, W)`` at batch sizes 1, 2, 4, ...
+        up to ``max_batch``, stopping early once a run takes ``longest`` seconds (larger batches extrapolate);
+        each size's fastest of ``repeats`` runs."""
+        sizes: list[int] = []
+        columns: list[list[float]] = []
+        predict(model, x[None], deadline=math.inf)  # warm-up
+        b = 1
+        while True:
+            runs = [_step_seconds(model, x.expand(b, *x.shape).contiguous()) for _ in range(repeats)]
+            sizes.append(b)
+            columns.append([min(r[s] for r in runs) for s in range(len(runs[0]))])
+            if b >= max_batch or sum(columns[-1]) >= longest:
+                break
+            b = min(2 * b, max_batch)
+        return cls(sizes, [list(row) for row in zip(*columns)])
+
+
+def _step_seconds(model: nn.Module, x: Tensor, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds of each step of one run of ``model`` on ``x`` to the last step (the clock read once per step)."""
+    readings: list[float] = []
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else None
+
+    def reading() -> float:
+        if sync is not None:
+            sync()
+        readings.append(clock())
+        return readings[-1]
+
+    with torch.no_grad():
+        predict(model, x, deadline=math.inf, clock=reading)
+    return [b - a for a, b in itertools.pairwise(readings)]
+
+
 @dataclass
 class _Request:
     x: Tensor  # (C, H, W), preprocessed
-    arrival: float  # perf_counter seconds
-    deadline: float  # absolute perf_counter seconds
+    arrival: float  # clock seconds
+    deadline: float  # absolute clock seconds
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -62,7 +163,13 @@ class Scheduler:
         max_batch: the most requests in one round (under overload a round takes every request waiting up to this;
             a small limit leaves requests waiting for later rounds).
         margin: seconds kept back from each round's deadline for what follows the model (answers, HTTP).
+        safety: the factor on every estimated step time.
         round_share: the longest a round may run, as a share of the shortest deadline in it.
+        step_times: the model's step times (default: measured at the start, ``anytime`` mode only, on copies of
+            ``example``, or of a zero image of the model's input size).
+        example: one preprocessed input ``(C, H, W)`` to measure the step times on.
+        clock: seconds (default ``time.perf_counter``): arrivals, deadlines, rounds and answers' times.
+        start: start the worker thread (tests run rounds by hand with :meth:`run_round`).
     """
 
     def __init__(
@@ -72,8 +179,13 @@ class Scheduler:
         mode: str = "anytime",
         policy: Policy | None = None,
         max_batch: int = 512,
-        margin: float = 0.002,
+        margin: float = 0.005,
+        safety: float = 1.2,
         round_share: float = 0.5,
+        step_times: StepTimes | None = None,
+        example: Tensor | None = None,
+        clock: Callable[[], float] | None = None,
+        start: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
@@ -84,65 +196,134 @@ class Scheduler:
         self.policy = policy
         self.max_batch = max_batch
         self.margin = margin
+        self.safety = safety
         self.round_share = round_share
+        self.clock = clock or time.perf_counter
         self.classes = getattr(model, "classes", None)
         self.device = next(model.parameters()).device
-        self.size = tuple(getattr(getattr(model, "preprocess", None), "size", None) or ())
-        self.costs = None
+        self.first = int(model.first_informative_exit)
+        self.counts = {"rounds": 0, "answered": 0, "missed": 0, "shed": 0}
+        if step_times is None and mode == "anytime":
+            if example is None:
+                example = self._zero_image()
+            with torch.no_grad():
+                step_times = StepTimes.measure(model, example.to(self.device), max_batch)
+        self.step_times = step_times
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="cascadenet-scheduler", daemon=True)
-        self._thread.start()
+        if start:
+            self._thread.start()
+
+    def _zero_image(self) -> Tensor:
+        preprocess = getattr(self.model, "preprocess", None)
+        size, channels = getattr(preprocess, "size", None), getattr(preprocess, "channels", None)
+        if size is None or channels is None:
+            raise ValueError("the model's input size is not known: give the scheduler an example input")
+        return torch.zeros(int(channels), int(size[0]), int(size[1]))
 
     def submit(self, x: Tensor, deadline_s: float, arrival: float | None = None) -> concurrent.futures.Future:
-        """Queue one preprocessed image ``(C, H, W)`` due ``deadline_s`` seconds after ``arrival`` (a
-        ``time.perf_counter()`` reading; default now); the future's result is the answer dict."""
-        now = time.perf_counter() if arrival is None else arrival
+        """Queue one preprocessed image ``(C, H, W)`` due ``deadline_s`` seconds after ``arrival`` (a reading of
+        the scheduler's clock; default now); the future's result is the answer dict (or :class:`DeadlineError`)."""
+        now = self.clock() if arrival is None else arrival
         request = _Request(x, now, now + deadline_s)
         self._queue.put(request)
         return request.future
 
     def close(self) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _take(self, block: bool) -> list[_Request] | None:
+        """Every request waiting, up to ``max_batch`` (None: closed)."""
+        try:
+            first = self._queue.get(block=block)
+        except queue.Empty:
+            return []
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # stop after this round
+                break
+            batch.append(item)
+        return batch
 
     def _work(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)  # stop after this round
-                    break
-                batch.append(item)
-            try:
-                self._round(batch)
-            except Exception as e:  # a failure answers this round's requests; the server goes on
-                log.exception("prediction failed")
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(e)
+        while (batch := self._take(block=True)) is not None:
+            self._serve(batch)
+
+    def run_round(self) -> int:
+        """Run one round on the requests waiting now, in the calling thread (for schedulers made with
+        ``start=False``); the number of requests taken."""
+        batch = self._take(block=False) or []
+        if batch:
+            self._serve(batch)
+        return len(batch)
+
+    def _serve(self, batch: list[_Request]) -> None:
+        try:
+            self._round(batch)
+        except Exception as e:  # a failure answers this round's requests; the server goes on
+            log.exception("prediction failed")
+            for r in batch:
+                if not r.future.done():
+                    r.future.set_exception(e)
+
+    def plan(self, batch: list[_Request], now: float) -> tuple[list[_Request], list[_Request], int]:
+        """Split a round's requests into those to run and those to answer at once as misses, and choose the last
+        step to run: ``(run, shed, last_step)`` (see the module docstring)."""
+        last = self.step_times.num_steps - 1 if self.step_times is not None else None
+        if self.mode == "final" or last is None:
+            return batch, [], last if last is not None else -1
+        first = min(self.first, last)
+        need = self.safety * self.step_times.cumulative(len(batch))[first]
+        run = [r for r in batch if r.deadline - now - self.margin >= need]
+        shed = [r for r in batch if r.deadline - now - self.margin < need]
+        if not run and len(shed) == 1:  # alone: its first informative exit holds no one back
+            return shed, [], first
+        if not run:
+            return [], shed, first
+        ends = self.step_times.cumulative(len(run))
+        limit = min(min(r.deadline for r in run) - now - self.margin,
+                    self.round_share * min(r.deadline - r.arrival for r in run))  # fmt: skip
+        step = max([s for s in range(first, last + 1) if self.safety * ends[s] <= limit], default=first)
+        return run, shed, step
 
     def _round(self, batch: list[_Request]) -> None:
-        x = torch.stack([r.x for r in batch]).to(self.device)
-        deadline = None
-        if self.mode == "anytime":
-            # at most half of the shortest deadline: a request arriving while this round runs still has half of
-            # its own when its round starts (a round as long as the most urgent request allows would leave it none)
-            left = min(min(r.deadline for r in batch) - time.perf_counter(),
-                       self.round_share * min(r.deadline - r.arrival for r in batch)) - self.margin  # fmt: skip
-            deadline = max(left, 1e-6)  # past due: the first informative exit, at once
+        now = self.clock()
+        run, shed, step = self.plan(batch, now)
+        self.counts["rounds"] += 1
+        for r in shed:
+            self.counts["shed"] += 1
+            self.counts["missed"] += 1
+            waited = 1e3 * (now - r.arrival)
+            r.future.set_exception(DeadlineError(
+                f"deadline {1e3 * (r.deadline - r.arrival):g} ms cannot be met: {waited:.1f} ms spent waiting, "
+                f"and the first answer takes longer than the rest under this load"))  # fmt: skip
+        if not run:
+            return
+        x = torch.stack([r.x for r in run]).to(self.device)
+        budget = None
+        if self.mode == "anytime" and step < self.step_times.num_steps - 1:
+            budget = self._costs(x)[step]
         with torch.no_grad():
-            result = predict(self.model, x, self.policy, deadline=deadline)
-        done = time.perf_counter()
+            result = predict(self.model, x, self.policy, budget=budget)
+        done = self.clock()
+        if self.mode == "anytime":
+            ratio = self.step_times.ratio
+            self.step_times.observe(self.step_times.cumulative(len(run))[step] / ratio, done - now)
         confidence = result.confidence.tolist()
-        for i, r in enumerate(batch):
+        for i, r in enumerate(run):
             k = int(result.predictions[i])
+            met = done <= r.deadline
+            self.counts["answered"] += 1
+            self.counts["missed"] += not met
             r.future.set_result({
                 "class": self.classes[k] if self.classes and k < len(self.classes) else str(k),
                 "label": k,
@@ -151,9 +332,15 @@ class Scheduler:
                 "macs": int(result.macs[i]),
                 "ms": 1e3 * (done - r.arrival),
                 "deadline_ms": 1e3 * (r.deadline - r.arrival),
-                "deadline_met": done <= r.deadline,
-                "batch": len(batch),
+                "deadline_met": met,
+                "batch": len(run),
             })  # fmt: skip
+
+    def _costs(self, x: Tensor) -> list[int]:
+        """The cumulative MACs per example to each exit."""
+        if not hasattr(self, "_cumulative"):
+            self._cumulative = list(self.model.exit_costs(tuple(x.shape[1:])).macs)
+        return self._cumulative
 
 
 def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any:
@@ -174,11 +361,11 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "mode": scheduler.mode, "classes": scheduler.classes}
+        return {"status": "ok", "mode": scheduler.mode, "classes": scheduler.classes, **scheduler.counts}
 
     @app.post("/predict")
     async def predict_image(request: Request, deadline_ms: float | None = None) -> dict[str, Any]:
-        arrival = time.perf_counter()  # the deadline counts the body's reading and decoding too
+        arrival = scheduler.clock()  # the deadline counts the body's reading and decoding too
         wait = default_deadline_ms if deadline_ms is None else deadline_ms
         if not wait > 0 or wait != wait or wait == float("inf"):
             raise HTTPException(400, f"deadline_ms must be a positive number, got {deadline_ms}")
@@ -190,7 +377,10 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
         except (DataError, ValueError) as e:
             raise HTTPException(400, " ".join(str(e).split())) from None
         future = scheduler.submit(x[0], wait / 1000, arrival)
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except DeadlineError as e:
+            raise HTTPException(503, str(e)) from None
 
     return app
 

@@ -29,7 +29,7 @@ from ..evaluation.monotonicity import monotonicity
 from ..evaluation.outputs import Outputs, outputs_for
 from ..evaluation.risk import RISKS, apply_threshold, resplit_check, risk_controlled_threshold
 from ..runs.load import load_run
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write_all, new_folder
 
 __all__ = [
     "EPS",
@@ -95,9 +95,16 @@ def guarantees_analysis(
         }
     # (temperatures barely change the product of experts: (relu(z) / T) ** w is relu(z) ** w times a constant of
     # the exit, which the normalisation removes, up to the floor; so PoE is measured on the raw exits only)
+    # and what the product of experts costs the stopping policies (threshold AUC, budgeted batch), fitted and scored
+    # on its own outputs like the calibrated ones above
     mono = {}
     for name, transform in (("raw", Outputs(first_exit=first_exit)), ("poe", Outputs(poe=True, first_exit=first_exit))):
-        mono[name] = monotonicity(transform.transform(test_logits), test_labels, first_exit=first_exit)
+        val_out, test_out = transform.transform(val_logits), transform.transform(test_logits)
+        summary = metrics.summarize(test_out, test_labels, first_step=first_exit)
+        curve = metrics.budgeted_curve(val_out, test_out, test_labels, macs, first_exit=first_exit)
+        mono[name] = {**monotonicity(test_out, test_labels, first_exit=first_exit),
+                      "threshold_auc": summary["threshold_auc"],
+                      "budgeted_accuracy_at": _budgeted_at(curve, full, (0.25, 0.5, 0.75))}  # fmt: skip
     risk: dict[str, Any] = {"delta": delta, "fit": [], "resplit": []}
     pool = torch.cat([val_logits, test_logits], dim=1)
     pool_labels = torch.cat([torch.as_tensor(val_labels), torch.as_tensor(test_labels)])
@@ -163,16 +170,26 @@ def guarantees_report(
                                        calibration_sizes=calibration_sizes, seed=seed)  # fmt: skip
         name = Path(run_dir).name
         runs.append({"run": name, "model": re.sub(r"-s\d+$", "", name), "family": model.config.family, **analysis})
-    out.mkdir(parents=True, exist_ok=True)
     record = {"eps": list(eps), "delta": delta, "splits": splits, "seed": seed, "runs": runs}
-    atomic_write(out / "guarantees.json", (json.dumps(record, indent=2) + "\n").encode(), overwrite=overwrite)
-    atomic_write(out / "guarantees.md", format_guarantees(record).encode(), overwrite=overwrite)
+    files = {out / "guarantees.json": (json.dumps(record, indent=2) + "\n").encode(),
+             out / "guarantees.md": format_guarantees(record).encode()}  # fmt: skip
+    with new_folder(out):  # a failed write leaves neither a new empty folder nor half a report
+        atomic_write_all(files, overwrite=overwrite)
     return out / "guarantees.md"
 
 
 def _ms(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     v = np.asarray(values, dtype=np.float64) * scale
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}" if v.size > 1 else f"{v.mean():.{digits}f}"
+
+
+def _policy(entries: list[dict]) -> str:
+    """The threshold AUC and budgeted @25/50% cells of monotonicity entries (- in a report written before they
+    were measured)."""
+    if any("threshold_auc" not in m for m in entries):
+        return "- | - | -"
+    at = [_ms([m["budgeted_accuracy_at"][i] for m in entries]) for i in (0, 1)]
+    return f"{_ms([m['threshold_auc'] for m in entries], digits=2)} | {at[0]} | {at[1]}"
 
 
 def format_guarantees(record: dict[str, Any]) -> str:
@@ -206,16 +223,19 @@ def format_guarantees(record: dict[str, Any]) -> str:
     lines += ["", "## Conditional monotonicity", "", "Share of test examples whose true-class probability drops by "
               f"more than tau (tau = {', '.join(f'{m:g}' for m in margins)}) from an earlier exit to a later one, "
               "share whose argmax goes from right to wrong, and the mean accuracy over the informative exits and the "
-              "last exit's; raw outputs and the product of experts (PoE).", "",
+              "last exit's; raw outputs and the product of experts (PoE). What PoE costs the stopping policies, fitted "
+              "on its own outputs: the threshold policy's AUC and the budgeted-batch accuracy at 25/50% of the last "
+              "exit's MACs.", "",
               "| model | outputs | " + " | ".join(f"drop > {m:g}" for m in margins) + " | right → wrong | mean acc. "
-              "| last acc. |", "|---|---|" + "---|" * (len(margins) + 3)]  # fmt: skip
+              "| last acc. | threshold AUC | budgeted @25% | @50% |",
+              "|---|---|" + "---|" * (len(margins) + 6)]  # fmt: skip
     for name, runs in models.items():
         for kind in ("raw", "poe"):
             ms = [r["monotonicity"][kind] for r in runs]
             drops = " | ".join(_ms([m["drop_share"][i] for m in ms]) for i in range(len(margins)))
             lines.append(f"| {name} | {kind} | {drops} | {_ms([m['right_to_wrong'] for m in ms])} | "
                          f"{_ms([np.mean(m['accuracy_per_exit']) for m in ms])} | "
-                         f"{_ms([m['accuracy_per_exit'][-1] for m in ms])} |")  # fmt: skip
+                         f"{_ms([m['accuracy_per_exit'][-1] for m in ms])} | {_policy(ms)} |")  # fmt: skip
     delta = record["delta"]
     lines += ["", "## Risk-controlled thresholds", "", f"delta = {delta}. Fitted on the validation split (fixed-"
               "sequence testing, exact binomial bound), reported on the test split: its risk and the share of the "
