@@ -526,30 +526,48 @@ def test_a_bad_image_in_a_streaming_worker_is_one_short_line(tmp_path, capsys):
 
 
 CTRL_C_IN_IMPORT = """
-import builtins, runpy, sys
+import builtins, importlib.util, runpy, sys
 real = builtins.__import__
-def interrupted(name, *args, **kwargs):
-    if name == "torch":  # as Ctrl-C would, at the first import of torch (which takes seconds)
+def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+    full = importlib.util.resolve_name("." * level + name, (globals or {}).get("__package__")) if level else name
+    if full == TARGET:  # as Ctrl-C would, at the first import of TARGET (deterministic, unlike a timed signal)
         builtins.__import__ = real
         raise KeyboardInterrupt
-    return real(name, *args, **kwargs)
+    return real(name, globals, locals, fromlist, level)
 builtins.__import__ = interrupted
-sys.argv = ["cascadenet", "models"]
+sys.argv = ["cascadenet", *VERB]
 runpy.run_module("cascadenet", run_name="__main__", alter_sys=True)
 """
 
+# the imports a command goes through, from the package's first line (os) to a verb's own modules
+CTRL_C_MOMENTS = [("os", ["models"]), ("cascadenet.deployment.loading", ["models"]), ("torch", ["models"]),
+                  ("logging", ["models"]), ("cascadenet.cli.parsing", ["models"]), ("tyro", ["models"]),
+                  ("cascadenet.cli.commands", ["models"]),
+                  ("cascadenet.evaluation.evaluate", ["eval", "/nonexistent"])]  # fmt: skip
 
-def test_ctrl_c_while_the_command_imports_torch_is_quiet(tmp_path):
+
+@pytest.mark.parametrize("target,verb", CTRL_C_MOMENTS)
+def test_ctrl_c_while_the_command_imports_is_quiet(target, verb):
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    p = subprocess.run([sys.executable, "-c", CTRL_C_IN_IMPORT], capture_output=True, env=env, timeout=120)
-    assert p.returncode == 130 and b"Traceback" not in p.stderr, p.stderr.decode()[-2000:]
-    # imported as a library (not the command), the interrupt is the caller's
-    library = CTRL_C_IN_IMPORT.replace('sys.argv = ["cascadenet", "models"]', 'sys.argv = ["script.py"]').replace(
-        'runpy.run_module("cascadenet", run_name="__main__", alter_sys=True)', "import cascadenet"
+    script = f"TARGET = {target!r}\nVERB = {verb!r}\n" + CTRL_C_IN_IMPORT
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env, timeout=120)
+    assert p.returncode == 130 and b"Traceback" not in p.stderr, (target, p.returncode, p.stderr.decode()[-2000:])
+
+
+def test_ctrl_c_while_a_library_imports_cascadenet_is_the_callers():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    library = (
+        ("TARGET = 'torch'\nVERB = []\n" + CTRL_C_IN_IMPORT)
+        .replace('sys.argv = ["cascadenet", *VERB]', 'sys.argv = ["script.py"]')
+        .replace('runpy.run_module("cascadenet", run_name="__main__", alter_sys=True)', "import cascadenet")
     )
     p = subprocess.run([sys.executable, "-c", library], capture_output=True, env=env, timeout=120)
     assert p.returncode != 130 and b"KeyboardInterrupt" in p.stderr
@@ -576,3 +594,158 @@ def test_a_refused_reproduction_leaves_no_empty_folders(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refused"):
         R.reproduce("synthetic", out=tmp_path / "keep" / "new" / "out", synthetic_size=32, threads=None)
     assert list(tmp_path.iterdir()) == [tmp_path / "keep"] and list((tmp_path / "keep").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# second round: a refused or failed command leaves nothing new on disk
+
+
+class _FullDisk:
+    """``tempfile`` as ``cascadenet.utils.files`` sees it, on a disk with no space left."""
+
+    @staticmethod
+    def mkstemp(*args, **kwargs):
+        import errno
+        import os
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), kwargs.get("dir", "?"))
+
+
+def _reporting_verbs(run: Path, out: Path) -> dict[str, list[str]]:
+    """Every verb that makes its --out folder, with that folder two levels below ``out`` (neither exists)."""
+    new = out / "new" / "report"
+    return {
+        "noise": ["noise", str(run), "--sigmas", "0.1", "--max-examples", "16", "--out", str(new)],
+        "policy": ["policy", str(run), "--out", str(new)],
+        "ood": ["ood", str(run), "--synthetic-ood", "--out", str(new)],
+        "typicality": ["typicality", str(run), "--out", str(new)],
+        "guarantees": ["guarantees", str(run), "--splits", "2", "--out", str(new)],
+        "plot": ["plot", str(run), "-o", str(new / "curves.png")],
+    }
+
+
+@pytest.mark.parametrize("verb", ["noise", "policy", "ood", "typicality", "guarantees", "plot"])
+def test_a_failed_report_leaves_no_new_folder(verb, tiny_run, tmp_path, capsys, monkeypatch):
+    import cascadenet.utils.files as F
+
+    out = tmp_path / "out"
+    out.mkdir()
+    run = tiny_run
+    if verb == "plot":  # it draws evaluations
+        run = copy_run(tiny_run, tmp_path / "run")
+        assert main(["eval", str(run)]) == 0
+        capsys.readouterr()
+    argv = _reporting_verbs(run, out)[verb]
+    if verb == "typicality":  # the estimator's work is not what this test is about
+        import cascadenet.properties.typicality as T
+
+        monkeypatch.setattr(T, "_figure_png", lambda result: b"figure")
+    monkeypatch.setattr(F, "tempfile", _FullDisk)
+    assert main(argv) == 2, verb
+    line = err_line(capsys)
+    assert "the disk is full" in line and str(out / "new" / "report") in line, line
+    if verb == "typicality":  # its estimator's cache could not be written either: nothing at all was kept
+        assert not (out / "new").exists() or not any((out / "new").rglob("*.json")), list((out / "new").rglob("*"))
+    else:
+        assert list(out.iterdir()) == [], list(out.rglob("*"))
+
+
+def test_atomic_write_all_keeps_every_old_file_when_one_fails(tmp_path, monkeypatch):
+    import errno
+
+    import cascadenet.utils.files as F
+
+    a, b = tmp_path / "a.json", tmp_path / "b.png"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+    real = F._temporary
+    calls = []
+
+    def second_fails(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "the disk is full", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(F, "_temporary", second_fails)
+    with pytest.raises(OSError, match="the disk is full"):
+        F.atomic_write_all({a: b"new a", b: b"new b"})
+    assert a.read_bytes() == b"old a" and b.read_bytes() == b"old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.png"]  # no temporary left
+    monkeypatch.setattr(F, "_temporary", real)
+    F.atomic_write_all({a: b"new a", b: b"new b"})
+    assert a.read_bytes() == b"new a" and b.read_bytes() == b"new b"
+
+
+def test_new_folder_removes_only_what_it_made(tmp_path):
+    from cascadenet.utils.files import new_folder
+
+    (tmp_path / "had").mkdir()
+    (tmp_path / "had" / "file").write_text("x")
+    with pytest.raises(RuntimeError), new_folder(tmp_path / "had" / "a" / "b"):
+        raise RuntimeError("refused")
+    assert sorted(p.name for p in (tmp_path / "had").iterdir()) == ["file"]
+    with pytest.raises(RuntimeError), new_folder(tmp_path / "c" / "d") as d:
+        (d / "kept").write_text("partial work is not removed")
+        raise RuntimeError("failed")
+    assert (tmp_path / "c" / "d" / "kept").exists()
+    with new_folder(tmp_path / "e" / "f") as f:
+        assert f.is_dir()
+    assert (tmp_path / "e" / "f").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# second round: the activations of the batch asked for are part of the estimate
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """What a real forward pass keeps for the backward pass: each storage once, the weights not."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(kept.values())
+
+
+def test_activation_estimate_matches_a_real_forward():
+    from cascadenet.models.cascade import CascadeConfig
+    from cascadenet.models.footprint import activation_bytes
+    from cascadenet.models.msdnet import MSDNetConfig
+    from cascadenet.models.sdn import SDNConfig
+
+    for cfg, shape in ((CascadeConfig(width=4, num_classes=10, in_channels=1), (1, 28, 28)),
+                       (CascadeConfig(arch="resnet10", width=8, num_classes=10, num_steps=9), (3, 32, 32)),
+                       (SDNConfig(width=8, num_classes=10), (3, 32, 32)),
+                       (MSDNetConfig(num_blocks=4, num_classes=10), (3, 32, 32))):  # fmt: skip
+        per_example, largest = activation_bytes(cfg, shape)
+        torch.manual_seed(0)
+        model = cfg.build().train()
+        real = (_saved_bytes(model, torch.randn(6, *shape)) - _saved_bytes(model, torch.randn(2, *shape))) / 4
+        assert 0.9 * real <= per_example <= 1.1 * real, (cfg, real, per_example)
+        assert 0 < largest < per_example
+
+
+def test_an_absurd_batch_size_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+    import cascadenet.utils.memory as M
+    from cascadenet.models.footprint import check_training_fits
+    from cascadenet.runs.config import TrainConfig
+
+    monkeypatch.setattr(M, "available_bytes", lambda: 4 * 10**9)  # a 4 GB machine, whatever this one has
+    argv = ["train", "--dataset", "synthetic", "--synthetic-size", "8192", "--batch-size", "8192", "--width", "16",
+            "--epochs", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path / "runs")]  # fmt: skip
+    assert main(argv) == 2
+    line = err_line(capsys)
+    assert "with --batch-size 8192 (" in line and "of activations per example) would need at least" in line, line
+    assert "choose a smaller --batch-size" in line and "4 GB available" in line, line
+    assert not (tmp_path / "runs").exists()
+    # the defaults (Fashion-MNIST's shape) fit such a machine easily
+    model = TrainConfig().model
+    model = type(model)(**{**model.__dict__, "num_classes": 10, "in_channels": 1})
+    check_training_fits(model, (1, 28, 28), TrainConfig().batch_size, TrainConfig().eval_batch_size)

@@ -264,7 +264,7 @@ def test_cli_round_trip_with_the_estimator(tmp_path, capsys, monkeypatch):
     assert "exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert (out / "typicality.json").read_bytes() == before
     # (the figure is checked above; drawing it again costs seconds)
-    monkeypatch.setattr(typ, "_save_figure", lambda result, path: path.write_bytes(b"figure"))
+    monkeypatch.setattr(typ, "_figure_png", lambda result: b"figure")
     assert main([*argv, "--overwrite"]) == 0
     assert json.loads((out / "typicality.json").read_text())["scores"]["reused"] is True
     # another estimator option: recomputed
@@ -276,7 +276,7 @@ def test_cli_round_trip_with_the_estimator(tmp_path, capsys, monkeypatch):
 def test_cli_with_a_score_file_maps_the_val_split_to_original_indices(tmp_path, capsys, monkeypatch):
     import cascadenet.properties.typicality as typ
 
-    monkeypatch.setattr(typ, "_save_figure", lambda result, path: path.write_bytes(b"figure"))  # seconds otherwise
+    monkeypatch.setattr(typ, "_figure_png", lambda result: b"figure")  # seconds otherwise
     (a,) = _runs(tmp_path, 1)
     full = load_dataset("synthetic", split="train", synthetic_size=64, seed=0)
     # score = original index: the scores the report shows are then the positions of its examples

@@ -1,17 +1,17 @@
 """cascadenet: parallel cascaded ResNets with a temporal-difference loss, for anytime prediction."""
 
-import os
-
-# OpenMP threads that spin while they wait stall their whole team when another process takes one of its cores:
-# training on 2 cores beside one busy process ran 4x slower with the default policy and kept most of its speed
-# with sleeping waiters (benchmarks/threads.py, docs/benchmarks.md). OpenMP reads this once, when torch loads it,
-# so it is set before the first import of torch; a value the user set wins, and it changes nothing if torch was
-# imported before cascadenet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .utils.command import exit_if_command
-
+# Ctrl-C from the package's first line on (torch's import takes seconds): the command exits 130 quietly
+# (utils/command.py, exit_if_command); a library import gets the interrupt.
 try:
+    import os
+
+    # OpenMP threads that spin while they wait stall their whole team when another process takes one of its
+    # cores: training on 2 cores beside one busy process ran 4x slower with the default policy and kept most of
+    # its speed with sleeping waiters (benchmarks/threads.py, docs/benchmarks.md). OpenMP reads this once, when
+    # torch loads it, so it is set before the first import of torch; a value the user set wins, and it changes
+    # nothing if torch was imported before cascadenet.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
     from .deployment.loading import load_model
     from .evaluation.early_exit import Predictions, predict
     from .models.anytime import AnytimeModel, ExitCosts, ModelConfig
@@ -25,6 +25,8 @@ try:
     from .training.fit import fit
     from .training.losses import stepwise_ce, td_loss
 except KeyboardInterrupt as _interrupt:
+    from .utils.command import exit_if_command  # imported here: an interrupt may have cut its own import short
+
     exit_if_command(_interrupt)
 
 __all__ = [

@@ -30,15 +30,13 @@ The modules: ``parsing`` (tyro, one-line errors), ``commands`` (the verbs), one 
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-from collections.abc import Sequence
-from typing import Any
-
-from ..utils.command import exit_if_command
-
 try:  # tyro and the verbs' imports take a moment too
+    import logging
+    import os
+    import sys
+    from collections.abc import Sequence
+    from typing import Any
+
     from ..data.datasets import DataError
     from ..models.checkpoint import CheckpointError
     from ..runs.lock import RunLockedError
@@ -49,6 +47,8 @@ try:  # tyro and the verbs' imports take a moment too
     from .parsing import parse
     from .train import TrainCommand, run_train
 except KeyboardInterrupt as _interrupt:
+    from ..utils.command import exit_if_command  # imported here: an interrupt may have cut its own import short
+
     exit_if_command(_interrupt)
 
 __all__ = ["main", "given_options"]
@@ -59,9 +59,9 @@ USER_ERRORS = (ValueError, DataError, CheckpointError, TrainingError, RunLockedE
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cascadenet`` command; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _configure_logging()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        _configure_logging()
         argv = import_user_code(argv)
         cmd = parse(argv)
         if cmd is not None:

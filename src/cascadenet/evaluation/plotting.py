@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write, new_folder
 
 __all__ = ["plot_runs", "plot_mean_curves", "plot_reliability"]
 
@@ -61,8 +61,8 @@ def _save(fig: Any, out_path: str | pathlib.Path, overwrite: bool = True) -> pat
     out_path = _figure_path(out_path)
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=_DPI, format=out_path.suffix[1:])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, buffer.getvalue(), overwrite=overwrite)
+    with new_folder(out_path.parent):  # a failed write leaves no new empty folder
+        atomic_write(out_path, buffer.getvalue(), overwrite=overwrite)
     return out_path
 
 

@@ -20,6 +20,7 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.plotting import plot_runs
 from ..models.cascade import CascadeConfig
 from ..runs.config import TrainConfig, changed_options
+from ..utils.files import atomic_write, new_folder
 from .reproduce import train_or_reuse
 
 __all__ = ["DEMO_RUNS", "run_demo"]
@@ -60,10 +61,10 @@ def run_demo(
         timings[name] = (how, time.perf_counter() - t0)
         log.info("%s: %s in %.0fs", name, how, timings[name][1])
         results.append((name, evaluate(out / name, device=device, progress=progress is True)))
-    out.mkdir(parents=True, exist_ok=True)  # training made it; a refused demo leaves no folder
-    figure = plot_runs(results, out / "speed_accuracy.png", title="Fashion-MNIST test set, ResNet-10 cascade")
-    report = out / "report.md"
-    report.write_text(_report(results, timings, configs, figure.name))
+    with new_folder(out):  # training made it; a refused demo leaves no folder
+        figure = plot_runs(results, out / "speed_accuracy.png", title="Fashion-MNIST test set, ResNet-10 cascade")
+        report = out / "report.md"
+        atomic_write(report, _report(results, timings, configs, figure.name).encode())
     return report
 
 

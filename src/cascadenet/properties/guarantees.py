@@ -29,7 +29,7 @@ from ..evaluation.monotonicity import monotonicity
 from ..evaluation.outputs import Outputs, outputs_for
 from ..evaluation.risk import RISKS, apply_threshold, resplit_check, risk_controlled_threshold
 from ..runs.load import load_run
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write_all, new_folder
 
 __all__ = [
     "EPS",
@@ -170,10 +170,11 @@ def guarantees_report(
                                        calibration_sizes=calibration_sizes, seed=seed)  # fmt: skip
         name = Path(run_dir).name
         runs.append({"run": name, "model": re.sub(r"-s\d+$", "", name), "family": model.config.family, **analysis})
-    out.mkdir(parents=True, exist_ok=True)
     record = {"eps": list(eps), "delta": delta, "splits": splits, "seed": seed, "runs": runs}
-    atomic_write(out / "guarantees.json", (json.dumps(record, indent=2) + "\n").encode(), overwrite=overwrite)
-    atomic_write(out / "guarantees.md", format_guarantees(record).encode(), overwrite=overwrite)
+    files = {out / "guarantees.json": (json.dumps(record, indent=2) + "\n").encode(),
+             out / "guarantees.md": format_guarantees(record).encode()}  # fmt: skip
+    with new_folder(out):  # a failed write leaves neither a new empty folder nor half a report
+        atomic_write_all(files, overwrite=overwrite)
     return out / "guarantees.md"
 
 

@@ -53,7 +53,7 @@ from ..models.precise_bn import recalibrate_bn
 from ..runs.data import run_training_batches
 from ..runs.load import load_run
 from ..utils.device import autocast
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write_all, new_folder
 from ..utils.memory import check_fits
 from ..utils.progress import ProgressLog
 from .noise_report import OUTPUT_FILES, format_report, noise_figures, report_contents  # importable from here too
@@ -649,7 +649,6 @@ def noise_run(
                               batch_size=batch_size, amp=loaded.amp, progress=progress)  # fmt: skip
     result = {"run": run_dir.name, **result, "split": split, "ews_recalibrate_batches": ews_recalibrate_batches}
     contents = report_contents(result)
-    folder.mkdir(parents=True, exist_ok=True)
-    for path, data in zip(paths, contents):
-        atomic_write(path, data, overwrite=overwrite)
+    with new_folder(folder):  # a failed write leaves neither a new empty folder nor half a report
+        atomic_write_all(dict(zip(paths, contents)), overwrite=overwrite)
     return result, paths

@@ -33,7 +33,7 @@ from ..evaluation.logits import dataset_logits
 from ..models.checkpoint import CheckpointError
 from ..runs.config import CONFIG, TrainConfig
 from ..runs.load import load_run
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write_all, new_folder
 from .ood_scores import (
     BASELINE,
     SCORES,
@@ -498,9 +498,9 @@ def _figure(result: dict[str, Any], curves: dict[str, dict[str, tuple[np.ndarray
 
 
 def _write_report(out_dir: Path, result: dict[str, Any], curves: dict, overwrite: bool) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     _figure(result, curves).savefig(buffer, format="png", dpi=120)
-    atomic_write(out_dir / "ood.json", (json.dumps(result, indent=2) + "\n").encode(), overwrite=overwrite)
-    atomic_write(out_dir / "ood.md", format_report(result).encode(), overwrite=overwrite)
-    atomic_write(out_dir / "ood.png", buffer.getvalue(), overwrite=overwrite)
+    files = {out_dir / "ood.json": (json.dumps(result, indent=2) + "\n").encode(),
+             out_dir / "ood.md": format_report(result).encode(), out_dir / "ood.png": buffer.getvalue()}  # fmt: skip
+    with new_folder(out_dir):  # a failed write leaves neither a new empty folder nor half a report
+        atomic_write_all(files, overwrite=overwrite)

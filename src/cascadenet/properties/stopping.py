@@ -42,7 +42,7 @@ from ..evaluation.logits import dataset_logits
 from ..evaluation.outputs import outputs_for
 from ..evaluation.policies import Confidence, Margin, Policy, StableArgmax
 from ..runs.load import load_run
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write_all, new_folder
 from .learned_policy import TARGETS, GRUConfig, GRUPolicy, TraceGRU, _check_first, _trace, fit_gru, stopping_targets
 from .stopping_report import curves_figure, format_report
 
@@ -375,11 +375,11 @@ def policy_report(
                                      seed=seed)  # fmt: skip
         runs.append({"run": Path(run_dir).name, "path": str(run_dir), "family": model.config.family,
                      "outputs": outputs.name or "raw", **analysis})  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     record = {"seed": seed, "runs": runs}
-    atomic_write(out / "stopping.json", (json.dumps(record, indent=2) + "\n").encode(), overwrite=overwrite)
     buffer = io.BytesIO()
     curves_figure(runs).savefig(buffer, format="png", dpi=120)
-    atomic_write(out / "stopping.png", buffer.getvalue(), overwrite=overwrite)
-    atomic_write(out / "stopping.md", format_report(record).encode(), overwrite=overwrite)
+    files = {out / "stopping.json": (json.dumps(record, indent=2) + "\n").encode(), out / "stopping.png":
+             buffer.getvalue(), out / "stopping.md": format_report(record).encode()}  # fmt: skip
+    with new_folder(out):  # a failed write leaves neither a new empty folder nor half a report
+        atomic_write_all(files, overwrite=overwrite)
     return out / "stopping.md"

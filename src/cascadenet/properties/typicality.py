@@ -57,11 +57,11 @@ from ..evaluation.policies import Confidence
 from ..runs.config import CONFIG, TrainConfig
 from ..runs.load import load_run
 from ..utils.device import resolve_device
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write_all, new_folder
 from .consistency import EstimatorOptions, cached_consistency_scores, consistency_scores, fingerprint
 
-# the report's writers (typicality_report.py); typicality() calls _save_figure by this module's name
-from .typicality_report import _save_figure, format_report, format_summary
+# the report's writers (typicality_report.py); typicality() calls _figure_png by this module's name
+from .typicality_report import _figure_png, format_report, format_summary
 
 __all__ = [
     "EstimatorOptions",
@@ -372,7 +372,15 @@ def typicality(
     if bins > idx_np.size:  # before the estimator's work, not after it
         raise ValueError(f"--bins {bins}: more bins than {split} examples ({idx_np.size})")
 
-    out.mkdir(parents=True, exist_ok=True)
+    with new_folder(out):  # a failure leaves no new empty folder (the estimator's cache, once made, stays)
+        return _typicality_in(out, runs, cfg, source, idx, idx_np, labels, split, bins, thresholds, scores, estimator,
+                              data_root, dev, batch_size, progress)  # fmt: skip
+
+
+def _typicality_in(out: Path, runs: list, cfg: TrainConfig, source: ImageSet, idx: Tensor, idx_np: np.ndarray,
+                   labels: np.ndarray, split: str, bins: int, thresholds: Sequence[float], scores: str | None,
+                   estimator: EstimatorOptions, data_root: str | None, dev: torch.device, batch_size: int,
+                   progress: bool) -> dict[str, Any]:  # fmt: skip
     score, tiebreak, score_source = _example_scores(scores, split, cfg, source, idx_np, estimator, out, data_root, dev,
                                                     progress)  # fmt: skip
     bin_of = quantile_bins(score, bins, tiebreak)
@@ -396,9 +404,9 @@ def typicality(
             "bin": (bin_of + 1).tolist(),
         },  # fmt: skip
     }
-    atomic_write(out / "typicality.json", (json.dumps(result, indent=2) + "\n").encode())
-    atomic_write(out / "typicality.md", format_report(result).encode())
-    _save_figure(result, out / "typicality.png")
+    atomic_write_all({out / "typicality.json": (json.dumps(result, indent=2) + "\n").encode(),
+                      out / "typicality.md": format_report(result).encode(),
+                      out / "typicality.png": _figure_png(result)})  # fmt: skip
     result["out"] = str(out)
     return result
 

@@ -9,8 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.files import atomic_write
-
 __all__ = ["format_report", "format_summary"]
 
 
@@ -139,10 +137,10 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _save_figure(result: dict[str, Any], path: Path) -> None:
+def _figure_png(result: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     _figure(result).savefig(buffer, format="png", dpi=150)
-    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _figure(result: dict[str, Any]) -> Any:

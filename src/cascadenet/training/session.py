@@ -31,7 +31,7 @@ from ..data.loader import check_compatible, normalization, num_batches, train_va
 from ..models.anytime import ModelConfig
 from ..models.cascade import CascadedResNet
 from ..models.checkpoint import CHECKPOINT, CheckpointError, build_and_load, load_checkpoint, read_metadata
-from ..models.footprint import check_model_fits
+from ..models.footprint import check_model_fits, check_training_fits
 from ..models.pretrained import load_init, read_init
 from ..runs.config import CONFIG, ConfigError, TrainConfig, check_loss_fits, check_resume_overrides, stored_paths
 from ..runs.lock import RunLock, clean_temporaries
@@ -562,7 +562,8 @@ def _build_model(cfg: TrainConfig, full: Any, from_checkpoint: bool) -> tuple[Tr
         cfg = dataclasses.replace(cfg, model=model_cfg)
         check_loss_fits(cfg.loss, cfg.model)  # the file decides the model
     # weights, gradients, optimizer state and the checkpoint's serialised copy of both: before building it
-    check_model_fits(cfg.model, 6, "training this model")
+    check_model_fits(cfg.model, 6, "training this model")  # the parameters alone, before any build
+    check_training_fits(cfg.model, data_shape(full), cfg.batch_size, cfg.eval_batch_size)  # and a batch's activations
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     if initial is not None:

@@ -13,6 +13,10 @@ def exit_if_command(interrupt: KeyboardInterrupt) -> None:
     the command does once it runs, instead of a traceback of the import machinery. A library import re-raises."""
     argv = getattr(sys, "orig_argv", sys.argv)
     as_module = any(a == "-m" and b.split(".")[0] == "cascadenet" for a, b in zip(argv, argv[1:]))
-    if as_module or os.path.basename(sys.argv[0] or "") == "cascadenet":
+    script = sys.argv[0] or ""
+    running_main = (
+        os.path.basename(script) == "__main__.py" and os.path.basename(os.path.dirname(script)) == "cascadenet"
+    )
+    if as_module or running_main or os.path.basename(script) == "cascadenet":
         raise SystemExit(130) from None
     raise interrupt

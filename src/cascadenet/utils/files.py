@@ -9,14 +9,18 @@ removes its own when it resumes (``cascadenet.runs.lock.clean_temporaries``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 __all__ = [
     "atomic_write",
+    "atomic_write_all",
+    "new_folder",
     "check_writable",
     "remove_stale_temporaries",
     "fsync_dir",
@@ -31,7 +35,50 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True
     With ``overwrite=False`` an existing ``path`` is never replaced, even one created while writing:
     ``FileExistsError``.
     """
-    path = Path(path)
+    atomic_write_all({path: data}, overwrite=overwrite)
+
+
+def atomic_write_all(files: Mapping[str | os.PathLike, bytes], *, overwrite: bool = True) -> None:
+    """Write several files as one: every file's temporary first (where a full disk or a read-only folder fails),
+    then the renames. A failure leaves every old file as it was (and no temporary), never a report whose json is
+    new and whose figure is old, or half of a report beside nothing.
+
+    With ``overwrite=False`` an existing file is never replaced, even one created while writing:
+    ``FileExistsError``.
+    """
+    written: list[tuple[Path, str]] = []
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            written.append((path, _temporary(path, data)))
+        for i, (path, tmp) in enumerate(written):
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                try:
+                    os.link(tmp, path)  # atomic, and fails if path exists
+                except FileExistsError:
+                    raise FileExistsError(f"{path} exists (nothing was written)") from None
+                os.unlink(tmp)
+            written[i] = (path, "")
+        for folder in dict.fromkeys(path.parent for path, _ in written):
+            fsync_dir(folder)
+        for path, _ in written:
+            remove_stale_temporaries(path)
+    except FileExistsError:
+        _discard(written)
+        raise
+    except OSError as e:  # a full disk, an I/O error: nothing left behind, and the error names the target
+        _discard(written)
+        named = e.filename is not None and not str(e.filename).endswith(".tmp")  # _temporary's errors name the file
+        raise (e if named else _named(e, _target(written))) from None
+    except BaseException:
+        _discard(written)
+        raise
+
+
+def _temporary(path: Path, data: bytes) -> str:
+    """``data`` in a new temporary beside ``path``, flushed to disk; its name."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a read-only or missing folder: name the file the user asked for, not a temporary
@@ -42,24 +89,46 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual permissions
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic, and fails if path exists
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists (nothing was written)") from None
-            os.unlink(tmp)
-        fsync_dir(path.parent)
-        remove_stale_temporaries(path)
-    except FileExistsError:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    except OSError as e:  # a full disk, an I/O error: nothing left behind, and the error names the target
+    except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise _named(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _target(written: list[tuple[Path, str]]) -> Path:
+    """The file an error of the renames is about (the first not yet renamed)."""
+    pending = [path for path, tmp in written if tmp]
+    return pending[0] if pending else written[-1][0]
+
+
+def _discard(written: list[tuple[Path, str]]) -> None:
+    for _, tmp in written:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def new_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """``folder`` made (with its missing parents) for the writes of the ``with`` block; when the block fails (a
+    full disk, a refusal, Ctrl-C), the folders it made are removed again if still empty, deepest first: a command
+    that fails leaves nothing new on disk, and never removes what was there before."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(folder)) from None
+    except OSError as e:
+        raise _named(e, folder) from None
+    try:
+        yield folder
+    except BaseException:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
 
 
