@@ -1,10 +1,10 @@
-"""Mean and spread over seeds of the noise and OOD reports in this folder: writes summary.md.
+"""Mean and spread over seeds of the property reports in this folder: writes summary.md.
 
     python docs/results/properties/summary.py docs/results/properties
 
-Reads noise-{td,ce}-s*/noise.json (every protocol, the model's own trajectory length), ews70-{td,ce}-s*/noise.json
-(persistent noise over 70 steps), ood-td-s*/ood.json and ood-heldout-footwear-s*/ood.json. Spread: the sample
-standard deviation over seeds (n - 1).
+Reads typicality-s*/typicality.json, early_exit-s*.json, noise-{td,ce}-s*/noise.json (every protocol, the model's
+own trajectory length), ews70-{td,ce}-s*/noise.json (persistent noise over 70 steps), ood-td-s*/ood.json and
+ood-heldout-footwear-s*/ood.json. Spread: the sample standard deviation over seeds (n - 1).
 """
 
 import json
@@ -58,19 +58,97 @@ def ood_tables(runs: list[dict], title: str) -> list[str]:
             auroc = [r["ood_sets"][name]["scores"][score]["auroc"] for r in runs]
             fpr = [r["ood_sets"][name]["scores"][score]["fpr95"] for r in runs]
             lines.append(f"| {score} | {ms(auroc, 1, 3)} | {ms(fpr, 1, 3)} |")
+        if "learned" in first["scores"] and "learned_last" in first["scores"]:
+            scores = [r["ood_sets"][name]["scores"] for r in runs]
+            gain = [sc["learned"]["auroc"] - sc["learned_last"]["auroc"] for sc in scores]
+            lines.append(f"| trace beyond the last exit (learned - learned_last) | {ms(gain, 1, 3)} | |")
         lines.append("")
     return lines
+
+
+def typicality_tables(reports: list[dict]) -> list[str]:
+    """Per model (the run name without its seed), over the seeds' reports: the Spearman correlations and the
+    settle steps of the least and most typical bins."""
+    by_model: dict[str, list[dict]] = {}
+    for report in reports:
+        for run in report["runs"]:
+            by_model.setdefault(run["name"].rsplit("-s", 1)[0], []).append(run)
+    est = reports[0]["scores"]["options"]
+    lines = [
+        f"### CascadedTD, CascadedCE and SDN on the same validation examples ({len(reports)} seeds; estimator "
+        f"{est['folds']} folds x {est['repeats']} repeats, so the score takes {est['repeats'] + 1} values; "
+        f"{reports[0]['num_bins']} bins, 1 = least typical)",
+        "",
+        "Settle step: the first exit from which the example stays correct (wrong at the last exit: the number of "
+        "exits). Spearman: rank correlation with the settle step (negative: typical examples settle sooner); "
+        "final-correct: only the examples correct at the last exit (no imputed settle steps).",
+        "",
+        "| model | exits | Spearman (score) | Spearman (bin) | Spearman, final-correct | settle step, final-correct, "
+        "bin 1 -> bin 5 | never settled, bin 1 | never settled, bin 5 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, runs in by_model.items():
+        first = [r["bins"][0] for r in runs]
+        last = [r["bins"][-1] for r in runs]
+        lines.append(
+            f"| {model} | {runs[0]['num_exits']} | {ms([r['spearman_score_settle'] for r in runs], 1, 3)} | "
+            f"{ms([r['spearman_bin_settle'] for r in runs], 1, 3)} | "
+            f"{ms([r['spearman_score_settle_final_correct'] for r in runs], 1, 3)} | "
+            f"{ms([b['mean_settle_step_final_correct'] for b in first], 1, 2)} -> "
+            f"{ms([b['mean_settle_step_final_correct'] for b in last], 1, 2)} | "
+            f"{ms([b['never_settled'] for b in first])}% | {ms([b['never_settled'] for b in last])}% |"
+        )
+    share = [
+        sum(1 for score in r["examples"]["score"] if score >= 1.0) / len(r["examples"]["score"])
+        for r in reports
+        if isinstance(r.get("examples"), dict) and "score" in r["examples"]
+    ]
+    if share:
+        lines += ["", f"Share of examples with the top score (1.0): {ms(share)}%."]
+    return lines + [""]
+
+
+def early_exit_table(reports: list[dict]) -> list[str]:
+    """The validation-chosen operating point of each seed and its test-split row."""
+    lines = [
+        f"### Batched early exit at the operating point chosen on validation ({len(reports)} seeds)",
+        "",
+        "| run | threshold (val) | val accuracy / last step | test accuracy | test last step | mean step | MACs "
+        "| vs `model(x)` | vs `anytime` to the end |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        op = r["operating_point"]
+        rows = {row["variant"]: row for row in r["rows"]}
+        at = rows[f"exit@{op['threshold']:g}"]
+        lines.append(
+            f"| {Path(r['meta']['run_dir']).name} | {op['threshold']:g} | {op['val_accuracy'] * 100:.2f} / "
+            f"{op['val_last_step'] * 100:.2f}% | {at['accuracy'] * 100:.2f}% | {rows['engine']['accuracy'] * 100:.2f}% "
+            f"| {at['mean_step']:.2f} | {at['macs_fraction'] * 100:.1f}% | {at['speedup_vs_engine']:.2f}x | "
+            f"{rows['anytime']['seconds'] / at['seconds']:.2f}x |"
+        )
+    meta = reports[0]["meta"]
+    return lines + [
+        "",
+        f"{meta['examples']} test examples, batches of {meta['batch']}, {meta['device']}, {meta['threads']} "
+        f"thread(s), torch {meta['torch']}; the times are medians of interleaved repeats (benchmarks/early_exit.py).",
+        "",
+    ]
 
 
 def main(folder: str) -> None:
     root = Path(folder)
     lines = [
-        "# Noise and OOD over seeds (mean ± standard deviation)",
+        "# The properties over seeds (mean ± standard deviation)",
         "",
         "Written by `python docs/results/properties/summary.py docs/results/properties` from the reports in "
         "this folder; each report holds every number of its run.",
         "",
     ]
+    if reports := load(root, "typicality-s*", "typicality.json"):
+        lines += ["## Typicality", ""] + typicality_tables(reports)
+    if reports := [json.loads(p.read_text()) for p in sorted(root.glob("early_exit-s*.json"))]:
+        lines += ["## Early exit", ""] + early_exit_table(reports)
     lines += ["## Noise", ""]
     for key, model in MODELS.items():
         if runs := load(root, f"noise-{key}-s*", "noise.json"):
