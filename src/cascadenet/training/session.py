@@ -320,9 +320,9 @@ def _load_data(cfg: TrainConfig) -> tuple[Any, Any, Any, torch.Tensor, torch.Ten
                              "streamed (try --stream off, or a larger --stream-above-gb)")  # fmt: skip
         if cfg.data_root is None:
             raise DataError("no default location for dataset 'imagefolder': pass --data-root with its files")
-        full = streaming.index_folder(cfg.data_root, "train", cfg.image_size or streaming.DEFAULT_SIZE)
+        full = streaming.index_folder(cfg.data_root, "train", cfg.image_size or streaming.DEFAULT_SIZE, cfg.grayscale)
         train_set, val_set = train_val_split(full, cfg.val_fraction, seed=cfg.seed)  # type: ignore[arg-type]
-        mean, std = streaming.streaming_normalization()
+        mean, std = streaming.streaming_normalization(full.num_channels)
         return full, train_set, val_set, mean, std
     full = load_dataset(cfg.dataset, cfg.data_root, "train", image_size=cfg.image_size,
                         synthetic_size=cfg.synthetic_size, seed=cfg.seed,
@@ -345,8 +345,8 @@ def _normalized(cfg: TrainConfig, data: tuple, stored: dict[str, Any] | None = N
         if not isinstance(norm, dict):
             return data
         values, source = [*norm.get("mean", []), *norm.get("std", [])], f"the normalisation stored with {cfg.init}"
-    elif spec == "imagenet":
-        values = [*streaming.IMAGENET_MEAN, *streaming.IMAGENET_STD]
+    elif spec == "imagenet":  # one channel: the mean of ImageNet's three
+        values = [v for t in streaming.streaming_normalization(channels) for v in t.tolist()]
     elif spec is None or spec == "dataset":
         return data
     else:
