@@ -51,7 +51,8 @@ class ServeCommand:
     """Serve a trained model over HTTP: POST /predict?deadline_ms=50 with an encoded image as the body answers
     class, probability, exit, MACs and milliseconds spent; concurrent requests are batched, and in anytime mode
     each round runs the steps that fit before its earliest deadline (earlier exits under overload, not a growing
-    queue); a request too late for even the first exit gets a 503 at once. Needs fastapi and uvicorn (pip install 'cascadenet[serve]')."""
+    queue); a request too late for even the first exit gets a 503 at once.
+    Needs fastapi and uvicorn (pip install 'cascadenet[serve]')."""
 
     run_dir: RunDir
     """Run directory written by `cascadenet train` (or a model.safetensors file)."""
