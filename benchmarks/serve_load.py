@@ -108,7 +108,8 @@ def start(args, mode: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "cascadenet", "serve", args.run_dir, "--port", str(port), "--mode", mode,
            "--deadline-ms", str(args.deadline_ms), "--threads", str(args.threads), "--device", "cpu",
-           "--max-batch", str(args.max_batch), "--margin-ms", str(args.margin_ms)]  # fmt: skip
+           "--max-batch", str(args.max_batch), "--margin-ms", str(args.margin_ms),
+           "--round-share", str(args.round_share)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(1200):
         if asyncio.run(_health(port)) is not None:
@@ -251,7 +252,8 @@ def scheduler_load(args, loaded, mode: str, rate: float | None, seconds: float, 
     xs = model.preprocess(loaded.data.images[: args.images])
     labels = loaded.data.labels[: args.images].tolist()
     n = len(labels)
-    scheduler = Scheduler(model, mode=mode, max_batch=args.max_batch, example=xs[0], margin=args.margin_ms / 1e3)
+    scheduler = Scheduler(model, mode=mode, max_batch=args.max_batch, example=xs[0], margin=args.margin_ms / 1e3,
+                          round_share=args.round_share)  # fmt: skip
     lock = threading.Lock()
     records: list[tuple[float, int, dict | None, int]] = []
     try:
@@ -327,6 +329,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--margin-ms", type=float, default=10.0, help="the anytime server's --margin-ms")
+    parser.add_argument("--round-share", type=float, default=0.5, help="the anytime server's --round-share")
     parser.add_argument("--no-http", action="store_true", help="only the scheduler without HTTP")
     parser.add_argument("--json")
     args = parser.parse_args()

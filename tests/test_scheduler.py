@@ -162,3 +162,12 @@ def test_step_times_are_measured_at_powers_of_two_up_to_max_batch(setup):
     assert times.sizes == [1, 2, 4, 5] and times.num_steps == model.num_steps
     assert all(t >= 0 for row in times.times for t in row)
     assert Scheduler(model, max_batch=3, example=x[0], start=False).step_times.sizes == [1, 2, 3]
+
+
+def test_bad_settings_are_refused(setup):
+    *_, make, _ = setup
+    for share in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="--round-share must be in"):
+            make(round_share=share)
+    with pytest.raises(ValueError, match="unknown mode"):
+        make(mode="fast")

@@ -196,6 +196,8 @@ class Scheduler:
             raise ValueError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"--max-batch must be a positive integer, got {max_batch!r}")
+        if not 0 < round_share <= 1:
+            raise ValueError(f"--round-share must be in (0, 1], got {round_share!r}")
         self.model = model.eval()
         self.mode = mode
         self.policy = policy
@@ -431,6 +433,7 @@ def serve(
     device: str = "auto",
     input_size: tuple[int, int] | None = None,
     margin_ms: float = 10.0,
+    round_share: float = 0.5,
 ) -> None:
     """Load a trained run (or weights file) and serve it over HTTP until interrupted."""
     try:
@@ -453,7 +456,8 @@ def serve(
     elif model.preprocess.size is None:
         raise ValueError(f"{source}: the training input size is not recorded (a run from before it was): "
                          "give --input-size H W")  # fmt: skip
-    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000)
+    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000,
+                          round_share=round_share)  # fmt: skip
     # the scheduler's thread runs the model's Python between kernels; by default another thread waits up to 5 ms
     # for the interpreter lock, and a request's path through the event loop needs it several times
     sys.setswitchinterval(SWITCH_INTERVAL)
