@@ -171,3 +171,11 @@ def test_bad_settings_are_refused(setup):
             make(round_share=share)
     with pytest.raises(ValueError, match="unknown mode"):
         make(mode="fast")
+
+
+def test_measured_stalls_are_removed_from_the_step_times():
+    from cascadenet.deployment.server import _plausible
+
+    # a stall at batch 2 and at batch 16: at most proportional to the batch, never less than a smaller batch's
+    assert _plausible([1, 2, 4, 8, 16], [1.0, 250.0, 3.0, 4.0, 160.0]) == [1.0, 2.0, 3.0, 4.0, 8.0]
+    assert _plausible([1, 2, 4], [9.0, 2.0, 3.0]) == [2.0, 2.0, 3.0]  # a stall at the smallest size

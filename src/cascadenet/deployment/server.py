@@ -114,12 +114,12 @@ class StepTimes:
         x: Tensor,
         max_batch: int,
         *,
-        repeats: int = 2,
+        repeats: int = 3,
         longest: float = 1.0,
     ) -> "StepTimes":
         """Time every step of ``model`` on copies of one input ``x`` ``(C, H, W)`` at batch sizes 1, 2, 4, ...
         up to ``max_batch``, stopping early once a run takes ``longest`` seconds (larger batches extrapolate);
-        each size's fastest of ``repeats`` runs."""
+        each size's fastest of ``repeats`` runs, then the stalls removed (see ``_plausible``)."""
         sizes: list[int] = []
         columns: list[list[float]] = []
         predict(model, x[None], deadline=math.inf)  # warm-up
@@ -131,7 +131,19 @@ class StepTimes:
             if b >= max_batch or sum(columns[-1]) >= longest:
                 break
             b = min(2 * b, max_batch)
-        return cls(sizes, [list(row) for row in zip(*columns)])
+        return cls(sizes, [_plausible(sizes, list(row)) for row in zip(*columns)])
+
+
+def _plausible(sizes: list[int], times: list[float]) -> list[float]:
+    """One step's measured times at increasing batch sizes with the stalls removed (a run whose thread waited for
+    the CPU or the interpreter lock): a batch takes at most proportionally longer than a smaller one, and no
+    less time than a smaller one."""
+    times = list(times)
+    for i in range(1, len(times)):
+        times[i] = min(times[i], times[i - 1] * sizes[i] / sizes[i - 1])
+    for i in range(len(times) - 2, -1, -1):
+        times[i] = min(times[i], times[i + 1])
+    return times
 
 
 def _step_seconds(model: nn.Module, x: Tensor, clock: Callable[[], float] = time.perf_counter) -> list[float]:
@@ -456,11 +468,11 @@ def serve(
     elif model.preprocess.size is None:
         raise ValueError(f"{source}: the training input size is not recorded (a run from before it was): "
                          "give --input-size H W")  # fmt: skip
-    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000,
-                          round_share=round_share)  # fmt: skip
     # the scheduler's thread runs the model's Python between kernels; by default another thread waits up to 5 ms
     # for the interpreter lock, and a request's path through the event loop needs it several times
     sys.setswitchinterval(SWITCH_INTERVAL)
+    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000,
+                          round_share=round_share)  # fmt: skip
     print(f"serving {source} on http://{host}:{port} ({mode}; POST /predict)", flush=True)
     try:
         uvicorn.run(make_app(scheduler, default_deadline_ms=deadline_ms), host=host, port=port, log_level="warning")
