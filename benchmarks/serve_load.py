@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import io
 import json
 import os
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from PIL import Image
 
+import cascadenet as cn
 from cascadenet.runs.load import load_run
 
 
@@ -84,17 +86,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _health(port: int) -> bool:
+async def _health(port: int) -> dict | None:
+    """The server's ``/health`` answer (None: not up)."""
     try:
         conn = await Connection.open("127.0.0.1", port)
     except OSError:
-        return False
+        return None
     try:
         conn.writer.write(f"GET /health HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n\r\n".encode())
         head = await conn.reader.readuntil(b"\r\n\r\n")
-        return head[9:12] == b"200"
-    except (OSError, asyncio.IncompleteReadError):
-        return False
+        length = next(int(h[15:]) for h in head.split(b"\r\n") if h[:15].lower() == b"content-length:")
+        body = await conn.reader.readexactly(length)
+        return json.loads(body) if head[9:12] == b"200" else None
+    except (OSError, asyncio.IncompleteReadError, StopIteration):
+        return None
     finally:
         conn.close()
 
@@ -103,10 +108,10 @@ def start(args, mode: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "cascadenet", "serve", args.run_dir, "--port", str(port), "--mode", mode,
            "--deadline-ms", str(args.deadline_ms), "--threads", str(args.threads), "--device", "cpu",
-           "--max-batch", str(args.max_batch)]  # fmt: skip
+           "--max-batch", str(args.max_batch), "--margin-ms", str(args.margin_ms)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(1200):
-        if asyncio.run(_health(port)):
+        if asyncio.run(_health(port)) is not None:
             return proc, port
         if proc.poll() is not None:
             raise SystemExit(f"server failed: {proc.stderr.read().decode()[-2000:]}")
@@ -123,19 +128,22 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 async def closed_loop(port: int, requests: list[bytes], clients: int, seconds: float) -> dict:
-    """``clients`` connections each sending its next request when the previous one is answered: requests/s and
-    the mean latency."""
+    """``clients`` connections each sending its next request when the previous one is answered: requests/s, the
+    mean latency, and the mean time of a request outside the server's handler (HTTP and the client)."""
     conns = [await Connection.open("127.0.0.1", port) for _ in range(clients)]
-    done, busy = 0, 0.0
+    done, busy, outside = 0, 0.0, 0.0
     end = time.perf_counter() + seconds
 
     async def client(conn: Connection, i: int) -> None:
-        nonlocal done, busy
+        nonlocal done, busy, outside
         while time.perf_counter() < end:
             t0 = time.perf_counter()
-            status, _ = await conn.send(requests[i % len(requests)])
-            busy += time.perf_counter() - t0
-            done += status == 200
+            status, body = await conn.send(requests[i % len(requests)])
+            took = time.perf_counter() - t0
+            if status == 200:
+                done += 1
+                busy += took
+                outside += took - json.loads(body)["ms"] / 1e3
             i += clients
 
     start = time.perf_counter()
@@ -143,7 +151,8 @@ async def closed_loop(port: int, requests: list[bytes], clients: int, seconds: f
     wall = time.perf_counter() - start
     for c in conns:
         c.close()
-    return {"throughput": done / wall, "latency_ms": 1e3 * busy / max(done, 1)}
+    n = max(done, 1)
+    return {"throughput": done / wall, "latency_ms": 1e3 * busy / n, "outside_ms": 1e3 * outside / n}
 
 
 def arrivals(rate: float, seconds: float, seed: int) -> list[float]:
@@ -171,12 +180,17 @@ async def open_loop(port: int, requests: list[bytes], labels: list[int], trace: 
         else:
             conn = await Connection.open("127.0.0.1", port)
             opened += 1
-        try:
-            status, body = await conn.send(requests[i % len(requests)])
-            idle.append(conn)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            status, body = 0, b""
-            conn.close()
+        status, body = 0, b""
+        for attempt in range(2):  # a kept-alive connection the server has closed meanwhile: once more on a new one
+            try:
+                status, body = await conn.send(requests[i % len(requests)])
+                idle.append(conn)
+                break
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                conn.close()
+                if attempt == 0:
+                    conn = await Connection.open("127.0.0.1", port)
+                    opened += 1
         answer = json.loads(body) if status == 200 else None
         results.append((1e3 * (time.perf_counter() - due), status, answer, labels[i % len(labels)]))
 
@@ -207,9 +221,18 @@ def summary(records: list[tuple[float, int, dict | None, int]], rate: float, dea
         "misses": sum(ms > deadline_ms or a is None for ms, _, a, _ in records) / len(records),
         "shed": sum(status == 503 for _, status, _, _ in records),
         "errors": sum(status not in (200, 503) for _, status, _, _ in records),
+        "statuses": sorted(collections.Counter(status for _, status, _, _ in records).items()),
         "accuracy": sum(a["label"] == y for a, y in answered) / max(len(answered), 1),
         "mean_exit": statistics.mean(a["exit"] for a, _ in answered) if answered else float("nan"),
         "mean_batch": statistics.mean(a["batch"] for a, _ in answered) if answered else float("nan"),
+        # the server's own view: the time from the handler's start to the answer, and its misses; the rest of a
+        # request's latency is spent in HTTP, the event loops and the client
+        "server_misses": sum(not a["deadline_met"] for a, _ in answered) / len(records),
+        "server_p99_ms": sorted(a["ms"] for a, _ in answered)[int(0.99 * len(answered))] if answered else None,
+        "outside_p50_ms": statistics.median(ms - a["ms"] for ms, _, a, _ in records if a) if answered else None,
+        "outside_p99_ms": sorted(ms - a["ms"] for ms, _, a, _ in records if a)[int(0.99 * len(answered))]
+        if answered
+        else None,
     }
 
 
@@ -228,7 +251,7 @@ def scheduler_load(args, loaded, mode: str, rate: float | None, seconds: float, 
     xs = model.preprocess(loaded.data.images[: args.images])
     labels = loaded.data.labels[: args.images].tolist()
     n = len(labels)
-    scheduler = Scheduler(model, mode=mode, max_batch=args.max_batch, example=xs[0])
+    scheduler = Scheduler(model, mode=mode, max_batch=args.max_batch, example=xs[0], margin=args.margin_ms / 1e3)
     lock = threading.Lock()
     records: list[tuple[float, int, dict | None, int]] = []
     try:
@@ -303,6 +326,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--margin-ms", type=float, default=10.0, help="the anytime server's --margin-ms")
     parser.add_argument("--no-http", action="store_true", help="only the scheduler without HTTP")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -314,10 +338,16 @@ def main() -> None:
         buffer = io.BytesIO()
         Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buffer, format="PNG")
         bodies.append(buffer.getvalue())
+    model = cn.load_model(args.run_dir)
+    t0 = time.perf_counter()
+    for b in bodies:
+        model.preprocess(b)
+    decode_ms = 1e3 * (time.perf_counter() - t0) / len(bodies)
     cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if line.startswith("Model name")), "unknown")  # fmt: skip
     out: dict = {"run": args.run_dir, "cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
-                 "deadline_ms": args.deadline_ms, "seconds": args.seconds, "load_before": os.getloadavg()}  # fmt: skip
+                 "deadline_ms": args.deadline_ms, "seconds": args.seconds, "load_before": os.getloadavg(),
+                 "decode_ms": decode_ms}  # fmt: skip
     # the scheduler alone: the model's own capacity, and one request's latency without HTTP
     scheduler_load(args, loaded, "final", None, 1.0, args.clients)  # warm-up
     alone = scheduler_load(args, loaded, "final", None, min(5.0, args.seconds), args.clients)
@@ -342,14 +372,14 @@ def main() -> None:
         path = "/predict?deadline_ms=1000000"
         requests = [encode(path, b, port) for b in bodies]
         asyncio.run(closed_loop(port, requests, args.clients, min(3.0, args.seconds)))  # warm-up
-        out["one_client_ms"] = asyncio.run(closed_loop(port, requests, 1, 3.0))["latency_ms"]
+        one = asyncio.run(closed_loop(port, requests, 1, 3.0))
+        out["one_client_ms"], out["outside_ms"] = one["latency_ms"], one["outside_ms"]
         out["saturation_rps"] = asyncio.run(closed_loop(port, requests, args.clients, args.seconds))["throughput"]
     finally:
         stop(proc)
-    overhead = out["one_client_ms"] - out["scheduler_one_client_ms"]
     print(f"over HTTP: final-exit saturation {out['saturation_rps']:.1f} requests/s; one client "
-          f"{out['one_client_ms']:.2f} ms, so HTTP, decoding and the client add {overhead:.2f} ms per request",
-          flush=True)  # fmt: skip
+          f"{out['one_client_ms']:.2f} ms, of which {out['outside_ms']:.2f} ms outside the server's handler (HTTP "
+          f"and the client) and {out['decode_ms']:.2f} ms decoding", flush=True)  # fmt: skip
     rate = args.overload * out["saturation_rps"]
     trace = arrivals(rate, args.seconds, args.seed)
     out["modes"] = {}
@@ -361,6 +391,7 @@ def main() -> None:
             asyncio.run(closed_loop(port, requests, 4, 2.0))  # warm-up
             records = asyncio.run(open_loop(port, requests, labels, trace, args.deadline_ms, args.connections))
             out["modes"][mode] = summary(records, rate, args.deadline_ms)
+            out["modes"][mode]["server"] = asyncio.run(_health(port))
         finally:
             stop(proc)
         print(mode, json.dumps(out["modes"][mode]), flush=True)

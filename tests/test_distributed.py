@@ -270,3 +270,56 @@ def test_synchronised_batch_norm_is_the_batch_norm_of_the_global_batch(tmp_path)
     torch.testing.assert_close(torch.cat([p["grad"] for p in parts]), x.grad)
     # each process's weight gradient is its part of the sum (DDP then adds them up: here we add them)
     torch.testing.assert_close(parts[0]["wgrad"] + parts[1]["wgrad"], bn.weight.grad)
+
+
+def test_a_cascaded_user_network_under_torchrun_synchronises_its_batch_norms(tmp_path, monkeypatch):
+    """A cascade of a user's network (``--import``, ``--builder``) trained by 2 processes at half the batch ends
+    with the weights and per-step statistics of 1 process at the whole batch (float64, as above), the processes
+    bit-identical: its temporal batch norms are synchronised as the project's ResNets' are."""
+    from test_network import write_user_module
+
+    module = write_user_module(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    args = ["--import", module, "train", "--model", "cascaded-network", "--builder", f"{module}:tiny", "--dataset",
+            "synthetic", "--synthetic-size", "128", "--image-size", "16", "--epochs", "1", "--lr", "0.05",
+            "--max-batches", "3", "--threads", "1", "--device", "cpu", "--seed", "3", "--name", "run"]  # fmt: skip
+    states = {}
+    for nproc, batch in ((1, 32), (2, 16)):
+        where = tmp_path / f"p{nproc}"
+        where.mkdir()
+        code, _, err = finish(torchrun(where, args + ["--batch-size", str(batch), "--out", str(where)], nproc=nproc))
+        assert code == 0, err[-3000:]
+        states[nproc] = [torch.load(where / f"rank{r}.pt")["state"] for r in range(nproc)]
+    one, (a, b) = states[1][0], states[2]
+    slots = [k for k in one if k.endswith("running_var")]
+    assert slots and all(one[k].shape[0] == 6 for k in slots)  # the user's batch norms, a slot per step
+    for key in one:
+        assert torch.equal(a[key], b[key]), key
+    assert _error(a, one) <= 1e-7, _error(a, one)
+
+
+def test_converting_a_cascaded_user_network_keeps_its_step_batch_norms_and_weights(caplog):
+    """The per-step batch norms of ``cascadenet.cascade`` become synchronised ones of their own class (the step
+    still read from the branch around them), the state dict unchanged; a plain batch norm left in a user's head is
+    named in the log (PyTorch synchronises those on GPUs only)."""
+    import cascadenet
+    from cascadenet.models.network import StepBatchNorm2d
+    from cascadenet.training.distributed import convert_sync_temporal_bn
+    from test_network import Protocol
+
+    net = Protocol()
+    net.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.BatchNorm1d(12),
+                                   torch.nn.Linear(12, 3))  # fmt: skip
+    model = cascadenet.cascade(net).eval()
+    x = torch.randn(2, 1, 8, 8)
+    before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level("WARNING", logger="cascadenet"):
+        convert_sync_temporal_bn(model)
+    norms = model.norms()
+    assert norms and all(isinstance(n, StepBatchNorm2d) and isinstance(n, SyncTemporalBatchNorm2d) for n in norms)
+    assert {type(n).__name__ for n in norms} == {"SyncStepBatchNorm2d"}
+    assert model.state_dict().keys() == state.keys() and all(
+        torch.equal(model.state_dict()[k], v) for k, v in state.items()
+    )
+    assert torch.equal(model(x), before)
+    assert "heads.0.2" in caplog.text and "GPUs only" in caplog.text

@@ -254,10 +254,9 @@ def test_unknown_layouts_are_refused_in_one_line(net, match):
     assert "\n" not in str(e.value)
 
 
-@pytest.fixture
-def user_module(tmp_path, monkeypatch):
-    """A user's module on the path with a builder of a torchvision-layout network (as torchvision.models:resnet18
-    would be)."""
+def write_user_module(folder):
+    """A user's module in ``folder`` with a builder of a torchvision-layout network (as torchvision.models:resnet18
+    would be); its name."""
     source = textwrap.dedent(
         """
         import sys
@@ -268,10 +267,17 @@ def user_module(tmp_path, monkeypatch):
             return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes, width=width)
         """
     ).format(tests=str(__import__("pathlib").Path(__file__).parent))
-    (tmp_path / "usernets.py").write_text(source)
+    (folder / "usernets.py").write_text(source)
+    return "usernets"
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """``write_user_module`` on the path."""
+    name = write_user_module(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield "usernets"
-    sys.modules.pop("usernets", None)
+    yield name
+    sys.modules.pop(name, None)
 
 
 def test_a_cascade_from_a_builder_saves_and_loads_in_a_fresh_process(tmp_path, user_module):
@@ -331,3 +337,143 @@ def test_fit_trains_a_cascade_of_a_builder_and_the_run_rebuilds_it(tmp_path, use
     model = load_model(run)
     assert model.config.builder == "usernets:tiny" and model.config.num_classes == 4
     assert json.loads((run / "eval.json").read_text())["accuracy_per_step"]
+
+
+# ---- model.anytime: a cascaded network is run step by step as the project's own cascades are -----------------
+
+ANYTIME_OPTIONS = {
+    "parallel": {},
+    "serial": dict(scheme="serial"),
+    "no_stem_delay": dict(stem_delay=False),
+    "ews": dict(delay="ews", alpha=0.5),
+    "multi_head": dict(multi_head=True),
+    "shared_bn_long": dict(temporal_bn=False, num_steps=9),  # settled states shared, steps past settling free
+}
+
+
+@pytest.mark.parametrize("options", list(ANYTIME_OPTIONS.values()), ids=list(ANYTIME_OPTIONS))
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_anytime_steps_equal_the_trajectory_and_cost_what_exit_costs_counts(name, options, float64):
+    from test_stepwise import MacCounter
+
+    make, channels = LAYOUTS[name]
+    model = cascadenet.cascade(randomized(make()), **options).eval()
+    x = torch.randn(3, channels, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    macs = model.exit_costs((channels, 16, 16)).macs
+    counter = MacCounter(model, 3)  # the convolutions and linear layers really run, the gates' included
+    run = model.anytime(x)
+    steps = []
+    for s in run:
+        assert torch.allclose(s.logits, expected[s.step][s.indices], rtol=1e-9, atol=1e-12), s.step
+        assert s.macs == macs[s.step], s.step
+        assert counter.total == run.macs_spent, s.step
+        steps.append(s.step)
+        if s.step == 2:
+            run.keep([2, 0])  # examples leave; the next steps compute the other rows only
+            counter.batch = 2
+    counter.close()
+    assert steps == list(range(model.num_steps)) and run.indices.tolist() == [2, 0]
+    assert run.macs_spent == 3 * macs[2] + 2 * (macs[-1] - macs[2])
+
+
+@pytest.fixture
+def twins(float64):
+    """A torchvision-layout ResNet-18 (small) cascaded by ``cascadenet.cascade``, and the project's own cascaded
+    ResNet-18 holding the same weights (``convert_state_dict``): two routes to the same cascade."""
+    from cascadenet.models.pretrained import convert_state_dict
+
+    net = randomized(ResNet(BasicBlock, [2, 2, 2, 2], num_classes=6))
+    ours = convert_state_dict(net.state_dict(), num_steps=8)
+    return cascadenet.cascade(net, num_steps=8).eval(), ours.eval(), torch.randn(10, 3, 32, 32)
+
+
+def test_predict_deadlines_and_policies_early_exit_a_cascaded_network_as_the_projects_resnet(twins):
+    from cascadenet.evaluation.policies import Confidence
+    from test_deployment import StepClock
+
+    user, ours, x = twins
+    assert user.exit_costs((3, 32, 32)).macs == ours.exit_costs((3, 32, 32)).macs
+    with torch.no_grad():
+        assert torch.allclose(user(x), ours(x), rtol=1e-9, atol=1e-12)
+    for s, o in zip(user.anytime(x), ours.anytime(x)):
+        assert s.macs == o.macs and torch.allclose(s.logits, o.logits, rtol=1e-9, atol=1e-12)
+    work = [m * len(x) for m in user.anytime(x).step_macs()]
+    ends = torch.tensor(work).cumsum(0).double() * 1e-9
+    with torch.no_grad():  # a threshold that half the examples pass at step 3: they leave, the others go on
+        policy = Confidence(user(x).softmax(-1).amax(-1)[3].median().item())
+    cases = [dict(policy=policy), dict(budget=ends[-1].item() * 1e9 / len(x) / 2),
+             dict(deadline=((ends[3] + ends[4]) / 2).item(), clock=lambda: StepClock(work, 1e-9)),
+             dict(policy=policy, deadline=60.0)]  # fmt: skip
+    for case in cases:
+        got = [
+            cascadenet.predict(m, x, **{k: v() if k == "clock" else v for k, v in case.items()}) for m in (user, ours)
+        ]
+        assert got[0].early_exit and got[1].early_exit, case
+        assert got[0].steps.tolist() == got[1].steps.tolist(), case
+        assert got[0].predictions.tolist() == got[1].predictions.tolist(), case
+        assert got[0].macs.tolist() == got[1].macs.tolist(), case
+        assert got[0].steps.min() < user.num_steps - 1, case  # some examples stopped early
+
+
+@pytest.fixture(scope="module")
+def users_run(tmp_path_factory):
+    """A run of a user's network trained from the command line with --import, and four image files."""
+    import numpy as np
+    from PIL import Image
+
+    tmp_path = tmp_path_factory.mktemp("users-run")
+    mp = pytest.MonkeyPatch()
+    module = write_user_module(tmp_path)
+    mp.syspath_prepend(str(tmp_path))
+    args = ["train", "--model", "cascaded-network", "--builder", f"{module}:tiny", "--dataset", "synthetic",
+            "--synthetic-size", "64", "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path), "--name", "run",
+            "--threads", "1", "--image-size", "16"]  # fmt: skip
+    assert main(["--import", module, *args]) == 0
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(files[-1])
+    yield module, tmp_path / "run", files
+    mp.undo()
+    sys.modules.pop(module, None)
+
+
+def test_predict_files_and_serve_a_users_network_run(users_run, tmp_path):
+    from cascadenet.deployment.server import Scheduler
+    from cascadenet.evaluation.policies import Confidence
+
+    module, run, files = users_run
+    model = cascadenet.load_model(run)
+    x = model.preprocess(files)
+    with torch.no_grad():  # a threshold that stops some images before the last step
+        threshold = model(x).softmax(-1).amax(-1)[2].median().item()
+    expected = cascadenet.predict(model, x, Confidence(threshold))
+    assert expected.early_exit and expected.steps.min() < model.num_steps - 1
+    out = tmp_path / "p.json"
+    assert main(["--import", module, "predict", str(run), *map(str, files), "--threshold", str(threshold),
+                 "-o", str(out)]) == 0  # fmt: skip
+    records = json.loads(out.read_text())
+    assert [r["exit"] for r in records] == expected.steps.tolist()
+    assert [r["label"] for r in records] == expected.predictions.tolist()
+    assert [r["macs"] for r in records] == expected.macs.tolist()
+    scheduler = Scheduler(model, max_batch=4, policy=Confidence(threshold))
+    try:  # the server's scheduler, without HTTP (tests/test_server.py has that)
+        answers = [f.result(timeout=30) for f in [scheduler.submit(image, 30.0) for image in x]]
+    finally:
+        scheduler.close()
+    assert [a["label"] for a in answers] == expected.predictions.tolist()
+    assert [a["exit"] for a in answers] == expected.steps.tolist()
+
+
+@pytest.mark.slow
+def test_export_a_users_network_run(users_run, tmp_path):
+    module, run, files = users_run
+    model = cascadenet.load_model(run)
+    x = model.preprocess(files)
+    assert main(["--import", module, "export", str(run), "-o", str(tmp_path / "m.pt2")]) == 0
+    trajectory = torch.export.load(tmp_path / "m.pt2").module()
+    with torch.no_grad():
+        assert (trajectory(x) - model(x)).abs().max() <= 1e-5
+    assert (tmp_path / "m-step.pt2").is_file()

@@ -127,18 +127,21 @@ def test_a_lone_request_too_late_for_any_step_gets_the_first_exit_and_counts_as_
     assert s.counts == {"rounds": 1, "answered": 1, "missed": 1, "shed": 0}
 
 
-def test_slower_rounds_than_estimated_raise_the_estimates(setup):
+def test_a_round_running_slower_than_planned_stops_early_and_raises_the_estimates(setup):
     _, clock, factor, x, make, _ = setup
     s = make()
     factor[0] = 2.0  # the machine is now twice as slow as the table says
-    f = s.submit(x[0], 0.006)  # the table: 1 + 2 + 2 = 5 ms to step 3 fits, 7 ms to step 4 does not
+    f = s.submit(x[0], 0.0065)  # planned: 1 + 2 + 2 = 5 ms to step 3 fits, 7 ms to step 4 does not
     s.run_round()
-    assert f.result(timeout=0)["exit"] == 3 and not f.result(timeout=0)["deadline_met"]  # it took 10 ms
-    assert s.step_times.ratio == pytest.approx(1.5)
-    f = s.submit(x[0], 0.0065)  # now 1.5 x 3 = 4.5 ms to step 2 fits, 1.5 x 5 = 7.5 ms to step 3 does not
+    # step 1 took 2 ms, step 2 4 ms: at 6 ms the 2 ms of step 3 would end past 6.5 ms, so it stops at step 2
+    a = f.result(timeout=0)
+    assert a["exit"] == 2 and a["deadline_met"] and a["ms"] == pytest.approx(6.0)
+    assert s.step_times.ratio == pytest.approx(1.5)  # 6 ms for an estimated 3 ms: half way up at once
+    f = s.submit(x[0], 0.0065)  # now planned: 1.5 x 3 = 4.5 ms to step 2 fits, 1.5 x 5 = 7.5 ms to step 3 does not
     s.run_round()
-    assert f.result(timeout=0)["exit"] == 2
-    assert f.result(timeout=0)["deadline_met"] and f.result(timeout=0)["ms"] == pytest.approx(6.0)
+    a = f.result(timeout=0)
+    assert a["exit"] == 2 and a["deadline_met"] and a["ms"] == pytest.approx(6.0)
+    assert s.counts == {"rounds": 2, "answered": 2, "missed": 0, "shed": 0}
 
 
 def test_final_mode_runs_every_request_to_the_last_step_whatever_its_deadline(setup):

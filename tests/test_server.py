@@ -7,6 +7,7 @@ import shutil
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from cascadenet.deployment.server import Scheduler, make_app  # noqa: E402
+from cascadenet.deployment.server import Scheduler, StepTimes, make_app  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-format1"
 
@@ -30,6 +31,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_server(app) -> tuple[str, "uvicorn.Server", threading.Thread]:
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", srv, thread
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +119,28 @@ def test_malformed_requests_get_a_400_with_one_line(server):
             detail = r.json()["detail"]
             assert message in detail and "\n" not in detail, detail
         assert client.get(f"{url}/health").status_code == 200  # still serving
+
+
+def test_requests_too_late_for_the_first_exit_get_a_503_at_once(server):
+    _, model, pngs = server
+    # every step believed to take a second: two requests of 100 ms in one round cannot get even the first exit
+    times = StepTimes([1], [[1.0]] * model.num_steps)
+    scheduler = Scheduler(model, step_times=times, start=False)
+    url, srv, thread = start_server(make_app(scheduler))
+    try:
+        with httpx.Client(timeout=30) as client, ThreadPoolExecutor(2) as pool:
+            post = lambda b: client.post(f"{url}/predict", params={"deadline_ms": 100}, content=b)  # noqa: E731
+            futures = [pool.submit(post, b) for b in pngs[:2]]
+            for _ in range(400):  # both queued: one round takes them together
+                if scheduler._queue.qsize() == 2:
+                    break
+                time.sleep(0.01)
+            assert scheduler.run_round() == 2
+            answers = [f.result() for f in futures]
+            assert [r.status_code for r in answers] == [503, 503]
+            assert all("cannot be met" in r.json()["detail"] for r in answers)
+            health = client.get(f"{url}/health").json()
+            assert (health["shed"], health["missed"], health["answered"]) == (2, 2, 0)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

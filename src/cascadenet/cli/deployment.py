@@ -67,6 +67,8 @@ class ServeCommand:
     """Also stop a request at the first step whose max softmax probability is >= this."""
     max_batch: int = 512
     """The most requests answered in one batch."""
+    margin_ms: float = 10.0
+    """anytime: milliseconds of each deadline kept back for what follows the model (answers, HTTP, the client)."""
     input_size: tuple[int, int] | None = None
     """H W the images are resized to (default: the size the model was trained at, from its files)."""
     device: Device = "auto"
@@ -78,4 +80,4 @@ class ServeCommand:
 
         serve(self.run_dir, host=self.host, port=self.port, mode=self.mode, policy=policy_from_flags(self.threshold),
               deadline_ms=self.deadline_ms, max_batch=self.max_batch, device=self.device,
-              input_size=self.input_size)  # fmt: skip
+              input_size=self.input_size, margin_ms=self.margin_ms)  # fmt: skip

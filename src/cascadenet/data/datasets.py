@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -549,6 +549,46 @@ def _tiny_imagenet_val(val_dir: Path, annotations: Path, index: dict[str, int]) 
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
+def is_gray(image: Any) -> bool:
+    """Whether a PIL image is grayscale (one channel; its header says it, nothing is decoded)."""
+    return image.mode in _GRAY_MODES
+
+
+def to_mode(image: Any, gray: bool) -> Any:
+    """A PIL image as 8-bit gray (``L``) or RGB, as image folders are read (16-bit and float gray scaled to 8
+    bits; in memory and streamed alike)."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F") and gray:  # 16-bit or float gray: to 8 bits
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / (65535 if "16" in image.mode else 255) * 255)
+                                .clip(0, 255).round().astype(np.uint8))  # fmt: skip
+    return image.convert("L" if gray else "RGB")
+
+
+def all_gray(files: Sequence[str | os.PathLike]) -> bool:
+    """Whether every image is grayscale, read from the headers (in parallel, 256 at a time), stopping at the first
+    colour image: a colour folder costs a few hundred headers; a grayscale one, every header.
+
+    Raises:
+        DataError: an image that cannot be opened.
+    """
+    from PIL import Image
+
+    def gray(path: str | os.PathLike) -> bool:
+        try:
+            with Image.open(path) as im:
+                return is_gray(im)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(f"{path}: cannot read image ({e})") from None
+
+    chunk = 256
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for lo in range(0, len(files), chunk):
+            if not all(pool.map(gray, files[lo : lo + chunk])):
+                return False
+    return True
+
+
 def _load_image(path: Path, size: int | None, grayscale: bool | None = False) -> np.ndarray:
     """Reads one image as (H, W, 3) uint8 RGB, or (H, W) uint8 gray (``grayscale``, or None and the image is
     grayscale), resized and center-cropped to ``size`` when given."""
@@ -556,11 +596,8 @@ def _load_image(path: Path, size: int | None, grayscale: bool | None = False) ->
 
     try:
         with Image.open(path) as im:
-            gray = grayscale if grayscale is not None else im.mode in _GRAY_MODES
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") and gray:  # 16-bit or float gray: to 8 bits
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / (65535 if "16" in im.mode else 255) * 255)
-                                     .clip(0, 255).round().astype(np.uint8))  # fmt: skip
-            im = im.convert("L" if gray else "RGB")
+            gray = grayscale if grayscale is not None else is_gray(im)
+            im = to_mode(im, gray)
             if size is not None and im.size != (size, size):
                 w, h = im.size
                 scale = size / min(w, h)

@@ -14,6 +14,10 @@ Every random draw of an epoch (the order, and one seed per sample for its crop a
 trainer's generator when the epoch starts, so an epoch is reproducible and a resumed one skips exactly the
 batches already done, without decoding them. Normalisation uses the ImageNet statistics (what pretrained
 ResNets expect); computing a folder's own would mean decoding it.
+
+Grayscale folders are read as in memory (``cascadenet.data.datasets``): one channel when every image is grayscale
+(``grayscale=None``, read from the headers when the folder is indexed) or when asked (``True``), RGB otherwise; one
+channel is normalised with the mean of ImageNet's three channel means and standard deviations.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import DataError, image_folder_files
+from .datasets import DataError, all_gray, image_folder_files, to_mode
 
 __all__ = ["FolderIndex", "StreamingImages", "index_folder", "stream_batches", "estimated_bytes", "IMAGENET_MEAN",
            "IMAGENET_STD", "DEFAULT_SIZE"]  # fmt: skip
@@ -53,6 +57,7 @@ class FolderIndex:
     source: str = ""
     name: str = "imagefolder"
     hflip: bool = True
+    channels: int = 3  # 1: read as grayscale
 
     def __len__(self) -> int:
         return len(self.files)
@@ -63,24 +68,28 @@ class FolderIndex:
 
     @property
     def num_channels(self) -> int:
-        return 3
+        return self.channels
 
     @property
     def shape(self) -> list[int]:
-        return [3, self.size, self.size]
+        return [self.channels, self.size, self.size]
 
     def subset(self, index: Tensor) -> FolderIndex:
         index = index.cpu()
         return FolderIndex([self.files[i] for i in index.tolist()], self.labels[index], self.classes, self.size,
-                           self.source)  # fmt: skip
+                           self.source, channels=self.channels)  # fmt: skip
 
     def to(self, device: torch.device | str) -> FolderIndex:  # the files stay where they are
         return self
 
 
-def index_folder(root: str | os.PathLike, split: str, size: int) -> FolderIndex:
+def index_folder(root: str | os.PathLike, split: str, size: int, grayscale: bool | None = None) -> FolderIndex:
+    """The files of a split, to be read with one channel when ``grayscale`` (None: when every image of the split
+    is grayscale, as ``load_dataset`` reads a folder into memory), else three."""
     files, labels, classes = image_folder_files(Path(root), split)
-    return FolderIndex([str(f) for f in files], torch.tensor(labels, dtype=torch.int64), classes, size, str(root))
+    gray = all_gray(files) if grayscale is None else grayscale
+    return FolderIndex([str(f) for f in files], torch.tensor(labels, dtype=torch.int64), classes, size, str(root),
+                       channels=1 if gray else 3)  # fmt: skip
 
 
 def estimated_bytes(root: str | os.PathLike, image_size: int | None) -> int:
@@ -143,9 +152,9 @@ def _centre_crop(w: int, h: int) -> tuple[float, float, float, float]:
     return left, top, left + side, top + side
 
 
-def load_transformed(path: str, size: int, train: bool, seed: int) -> np.ndarray:
-    """One image as (3, size, size) uint8: decoded, cropped (random resized crop and flip when ``train``, else the
-    centre crop) and resized in one resampling."""
+def load_transformed(path: str, size: int, train: bool, seed: int, channels: int = 3) -> np.ndarray:
+    """One image as (channels, size, size) uint8 (1: gray, 3: RGB): decoded, cropped (random resized crop and flip
+    when ``train``, else the centre crop) and resized in one resampling."""
     from PIL import Image
 
     rng = random.Random(seed)
@@ -157,13 +166,14 @@ def load_transformed(path: str, size: int, train: bool, seed: int) -> np.ndarray
             # JPEG draft: let the decoder downscale by 1/2, 1/4 or 1/8 while the crop keeps >= size pixels
             scale = max(size / max(box[2] - box[0], 1), size / max(box[3] - box[1], 1))
             if scale < 1:
-                im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+                im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))  # the scale only: gray made below
             fx, fy = im.size[0] / w, im.size[1] / h
             box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-            out = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=box)
+            out = to_mode(im, channels == 1).resize((size, size), Image.Resampling.BILINEAR, box=box)
             if flip:
                 out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+            array = np.asarray(out, dtype=np.uint8)
+            return array[None].copy() if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
 
@@ -173,13 +183,15 @@ class StreamingImages(Dataset):
 
     def __init__(self, index: FolderIndex, train: bool) -> None:
         self.files, self.labels, self.size, self.train = index.files, index.labels, index.size, train
+        self.channels = index.channels
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor]:
         i, seed = item
-        return torch.from_numpy(load_transformed(self.files[i], self.size, self.train, seed)), self.labels[i]
+        image = load_transformed(self.files[i], self.size, self.train, seed, self.channels)
+        return torch.from_numpy(image), self.labels[i]
 
 
 def default_workers() -> int:
@@ -246,5 +258,9 @@ def worker_message(error: BaseException) -> str:
     return message if sep else last
 
 
-def streaming_normalization() -> tuple[Tensor, Tensor]:
-    return torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+def streaming_normalization(channels: int = 3) -> tuple[Tensor, Tensor]:
+    """ImageNet's statistics; for one channel the mean of its three channels' means and standard deviations."""
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    if channels == 1:
+        return mean.mean().view(1), std.mean().view(1)
+    return mean, std

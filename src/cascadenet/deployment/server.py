@@ -17,7 +17,9 @@ The :class:`Scheduler` runs the model in one worker thread. Each round takes eve
   still given that exit. The others run as many steps as are expected to finish, with a safety factor, before
   the earliest of their deadlines (less a margin for the answers and HTTP), and within ``round_share`` of the
   shortest deadline in the batch, so that the requests that arrive during a round still have at least the rest
-  of their time when theirs starts; each answer is the exit the batch reached.
+  of their time when theirs starts; each answer is the exit the batch reached. The clock is read after every
+  step: a round running slower than planned (a busier machine) stops at the step it has reached when the next
+  one would end past its time, and the round's measured time corrects the estimates of the next rounds.
 - ``final`` mode (the feed-forward baseline): every request runs to the last step, whatever its deadline.
 
 The clock is injectable (``clock=``), so the deadline logic is tested exactly.
@@ -179,7 +181,7 @@ class Scheduler:
         mode: str = "anytime",
         policy: Policy | None = None,
         max_batch: int = 512,
-        margin: float = 0.005,
+        margin: float = 0.010,
         safety: float = 1.2,
         round_share: float = 0.5,
         step_times: StepTimes | None = None,
@@ -275,29 +277,30 @@ class Scheduler:
                 if not r.future.done():
                     r.future.set_exception(e)
 
-    def plan(self, batch: list[_Request], now: float) -> tuple[list[_Request], list[_Request], int]:
-        """Split a round's requests into those to run and those to answer at once as misses, and choose the last
-        step to run: ``(run, shed, last_step)`` (see the module docstring)."""
+    def plan(self, batch: list[_Request], now: float) -> tuple[list[_Request], list[_Request], int, float]:
+        """Split a round's requests into those to run and those to answer at once as misses, choose the last step
+        to run and the time by which the run must end: ``(run, shed, last_step, end)`` (see the module
+        docstring)."""
         last = self.step_times.num_steps - 1 if self.step_times is not None else None
         if self.mode == "final" or last is None:
-            return batch, [], last if last is not None else -1
+            return batch, [], last if last is not None else -1, math.inf
         first = min(self.first, last)
         need = self.safety * self.step_times.cumulative(len(batch))[first]
         run = [r for r in batch if r.deadline - now - self.margin >= need]
         shed = [r for r in batch if r.deadline - now - self.margin < need]
         if not run and len(shed) == 1:  # alone: its first informative exit holds no one back
-            return shed, [], first
+            return shed, [], first, now
         if not run:
-            return [], shed, first
+            return [], shed, first, now
         ends = self.step_times.cumulative(len(run))
         limit = min(min(r.deadline for r in run) - now - self.margin,
                     self.round_share * min(r.deadline - r.arrival for r in run))  # fmt: skip
         step = max([s for s in range(first, last + 1) if self.safety * ends[s] <= limit], default=first)
-        return run, shed, step
+        return run, shed, step, now + limit
 
     def _round(self, batch: list[_Request]) -> None:
         now = self.clock()
-        run, shed, step = self.plan(batch, now)
+        run, shed, step, end = self.plan(batch, now)
         self.counts["rounds"] += 1
         for r in shed:
             self.counts["shed"] += 1
@@ -309,18 +312,22 @@ class Scheduler:
         if not run:
             return
         x = torch.stack([r.x for r in run]).to(self.device)
-        budget = None
-        if self.mode == "anytime" and step < self.step_times.num_steps - 1:
-            budget = self._costs(x)[step]
         with torch.no_grad():
-            result = predict(self.model, x, self.policy, budget=budget)
+            if self.mode == "anytime" and self.policy is None:
+                labels, steps, macs, confidence = self._run_until(x, step, end)
+            else:
+                budget = None
+                if self.mode == "anytime" and step < self.step_times.num_steps - 1:
+                    budget = self._costs(x)[step]
+                result = predict(self.model, x, self.policy, budget=budget)
+                labels, steps = result.predictions.tolist(), result.steps.tolist()
+                macs, confidence = result.macs.tolist(), result.confidence.tolist()
         done = self.clock()
         if self.mode == "anytime":
-            ratio = self.step_times.ratio
-            self.step_times.observe(self.step_times.cumulative(len(run))[step] / ratio, done - now)
-        confidence = result.confidence.tolist()
+            reached = max(steps)
+            self.step_times.observe(self.step_times.cumulative(len(run))[reached] / self.step_times.ratio, done - now)
         for i, r in enumerate(run):
-            k = int(result.predictions[i])
+            k = int(labels[i])
             met = done <= r.deadline
             self.counts["answered"] += 1
             self.counts["missed"] += not met
@@ -328,13 +335,33 @@ class Scheduler:
                 "class": self.classes[k] if self.classes and k < len(self.classes) else str(k),
                 "label": k,
                 "probability": confidence[i],
-                "exit": int(result.steps[i]),
-                "macs": int(result.macs[i]),
+                "exit": int(steps[i]),
+                "macs": int(macs[i]),
                 "ms": 1e3 * (done - r.arrival),
                 "deadline_ms": 1e3 * (r.deadline - r.arrival),
                 "deadline_met": met,
                 "batch": len(run),
             })  # fmt: skip
+
+    def _run_until(self, x: Tensor, last: int, end: float) -> tuple[list[int], list[int], list[int], list[float]]:
+        """Run the batch step by step to step ``last`` at most, and stop earlier, at the step reached, when the next
+        step is not expected to end by ``end`` (the plan's estimate was too low: the machine slowed down); every
+        example's label, exit, MACs and probability."""
+        n = x.shape[0]
+        probs = None
+        for s in self.model.anytime(x):
+            if s.step < self.first:
+                continue
+            next_step = (
+                self.step_times.ratio * self.safety * self.step_times.step(s.step + 1, n) if s.step < last else 0
+            )
+            if s.step >= last or self.clock() + next_step > end:
+                probs = torch.softmax(s.logits.float(), dim=-1)
+                break
+        assert probs is not None
+        confidence, labels = probs.max(dim=-1)
+        cost = self._costs(x)[s.step]
+        return labels.tolist(), [s.step] * n, [cost] * n, confidence.tolist()
 
     def _costs(self, x: Tensor) -> list[int]:
         """The cumulative MACs per example to each exit."""
@@ -361,10 +388,12 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "mode": scheduler.mode, "classes": scheduler.classes, **scheduler.counts}
+        ratio = scheduler.step_times.ratio if scheduler.step_times is not None else None
+        return {"status": "ok", "mode": scheduler.mode, "classes": scheduler.classes, **scheduler.counts,
+                "step_time_ratio": ratio}  # fmt: skip
 
     @app.post("/predict")
-    async def predict_image(request: Request, deadline_ms: float | None = None) -> dict[str, Any]:
+    async def predict_image(request: Request, deadline_ms: float | None = None) -> JSONResponse:
         arrival = scheduler.clock()  # the deadline counts the body's reading and decoding too
         wait = default_deadline_ms if deadline_ms is None else deadline_ms
         if not wait > 0 or wait != wait or wait == float("inf"):
@@ -378,7 +407,7 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
             raise HTTPException(400, " ".join(str(e).split())) from None
         future = scheduler.submit(x[0], wait / 1000, arrival)
         try:
-            return await asyncio.wrap_future(future)
+            return JSONResponse(await asyncio.wrap_future(future))  # (not FastAPI's slower generic encoding)
         except DeadlineError as e:
             raise HTTPException(503, str(e)) from None
 
@@ -396,6 +425,7 @@ def serve(
     max_batch: int = 512,
     device: str = "auto",
     input_size: tuple[int, int] | None = None,
+    margin_ms: float = 10.0,
 ) -> None:
     """Load a trained run (or weights file) and serve it over HTTP until interrupted."""
     try:
@@ -408,6 +438,8 @@ def serve(
 
     if not deadline_ms > 0:
         raise ValueError(f"--deadline-ms must be positive, got {deadline_ms}")
+    if not 0 <= margin_ms < math.inf:
+        raise ValueError(f"--margin-ms must be a number >= 0, got {margin_ms}")
     model = load_model(source, map_location=resolve_device(device))
     if model.preprocess.mean is None:
         raise ValueError(f"{source}: no normalisation statistics recorded with the weights: cannot serve images")
@@ -416,7 +448,7 @@ def serve(
     elif model.preprocess.size is None:
         raise ValueError(f"{source}: the training input size is not recorded (a run from before it was): "
                          "give --input-size H W")  # fmt: skip
-    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch)
+    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000)
     print(f"serving {source} on http://{host}:{port} ({mode}; POST /predict)", flush=True)
     try:
         uvicorn.run(make_app(scheduler, default_deadline_ms=deadline_ms), host=host, port=port, log_level="warning")

@@ -108,6 +108,10 @@ class Branch(nn.Module):
             hw = tuple((n + 2 - 3) // 2 + 1 for n in hw)  # type: ignore[assignment]
         return total, hw
 
+    def out_channels(self, hw: tuple[int, int]) -> int:
+        """The channels of the output for an input of spatial size ``hw`` (``ModuleBranch`` has the same)."""
+        return self.units[-1].conv.out_channels
+
     @staticmethod
     def maxpool(x: Tensor) -> Tensor:
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)

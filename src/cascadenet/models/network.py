@@ -279,6 +279,7 @@ class ModuleBranch(nn.Module):
         first = next((m for m in self.module.modules() if isinstance(m, (nn.Conv2d, TemporalBatchNorm2d))), None)
         self.in_channels = None if first is None else getattr(first, "in_channels", getattr(first, "num_features", 0))
         self.__dict__["_macs"] = {}
+        self.__dict__["_channels"] = {}
 
     def norms(self) -> list[TemporalBatchNorm2d]:
         return [m for m in self.module.modules() if isinstance(m, StepBatchNorm2d)]
@@ -351,7 +352,16 @@ class ModuleBranch(nn.Module):
             for m, mode in modes:
                 m.training = mode
         held[hw] = (total[0], (out.shape[-2], out.shape[-1]))
+        self.__dict__["_channels"][hw] = out.shape[1]
         return held[hw]
+
+    def out_channels(self, hw: tuple[int, int]) -> int:
+        """The channels of the output for an input of spatial size ``hw`` (``Branch.out_channels``), from the
+        probe that counts the MACs."""
+        hw = (int(hw[0]), int(hw[1]))
+        if hw not in self.__dict__["_channels"]:
+            self.macs(hw)
+        return self.__dict__["_channels"].get(hw, self.in_channels or 0)
 
 
 class _Block(nn.Module):
@@ -365,9 +375,9 @@ class _Block(nn.Module):
 
 class CascadedNetwork(CascadedResNet):
     """A user's residual network run as a cascade (``cascadenet.cascade`` makes it): the step loop, the streaming
-    ``step``, the trajectory engine, ``feedforward`` and ``exit_costs`` of ``CascadedResNet``, on the network's own
-    modules. ``model.anytime`` (real early exit) is the project's ResNets' only: ``cascadenet.predict`` computes
-    every step and picks."""
+    ``step``, the trajectory engine, ``feedforward``, ``exit_costs`` and ``model.anytime`` (real early exit, which
+    ``cascadenet.predict``, deadlines, ``cascadenet predict`` and ``serve`` use) of ``CascadedResNet``, on the
+    network's own modules."""
 
     def __init__(self, config: NetworkConfig, layout: Layout) -> None:
         nn.Module.__init__(self)
@@ -396,11 +406,6 @@ class CascadedNetwork(CascadedResNet):
 
     def pool(self, y: Tensor) -> Tensor:
         return y  # the head is the network's own, pooling included
-
-    @property
-    def anytime(self) -> Any:  # type: ignore[override]
-        """Absent (``hasattr`` is false): the streaming engine of stepwise.py knows the project's branches only."""
-        raise AttributeError("anytime")
 
 
 register_model("cascaded-network", NetworkConfig)

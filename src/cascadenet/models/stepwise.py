@@ -119,7 +119,7 @@ class _Planner:
             if t == 0:
                 _, hw = model.stem.macs(self.hw[0])
                 self.zero = self._new(True, hw)
-                self.ops.append(_Op("zero", self.zero, (model.stem.units[-1].conv.out_channels, hw), 0))
+                self.ops.append(_Op("zero", self.zero, (model.stem.out_channels(self.hw[0]), hw), 0))
                 y = self.zero
             else:
                 y = self._branch("stem", model.stem, 0, t - 1)  # computed as at step t-1, delayed one step
@@ -294,7 +294,7 @@ class AnytimeRun(Iterator[AnytimeStep]):
                 values[op.out] = ews_update(None if prev is None else values[prev], values[c], model.alpha)
             elif op.kind == "head":
                 h, v = op.args
-                values[op.out] = model.heads[h](values[v].mean(dim=(-2, -1)))
+                values[op.out] = model.heads[h](model.pool(values[v]))
             else:  # "zero": the delayed stem's first output, one copy for the whole batch
                 channels, hw = op.args
                 x = values[0]

@@ -75,8 +75,8 @@ class TrainConfig:
     image_size: int | None = None
     """Resize images to this size (image folders of mixed sizes)."""
     grayscale: bool | None = None
-    """Image folders read into memory: one channel (true), RGB (false), or one channel when every image is
-    grayscale (default)."""
+    """Image folders (read into memory or streamed): one channel (true), RGB (false), or one channel when every
+    image is grayscale (default)."""
     val_fraction: float = 0.1
     """Share of the training set held out for validation (seeded)."""
     augment: bool = True

@@ -143,7 +143,8 @@ def run_training_batches(
     if cfg.stream == "on":
         if root is None:
             raise ValueError("the run streamed an image folder: pass --data-root with its files")
-        full: Any = streaming.index_folder(root, "train", cfg.image_size or streaming.DEFAULT_SIZE)
+        gray = cfg.grayscale if cfg.grayscale is not None else cfg.model.in_channels == 1  # as the run read it
+        full: Any = streaming.index_folder(root, "train", cfg.image_size or streaming.DEFAULT_SIZE, gray)
     else:
         full = load_dataset(cfg.dataset, root, "train", image_size=cfg.image_size, synthetic_size=cfg.synthetic_size,
                             seed=cfg.seed, holdout_classes=cfg.holdout_classes)  # fmt: skip

@@ -207,12 +207,41 @@ class SyncTemporalBatchNorm2d(TemporalBatchNorm2d):
         return y.to(x.dtype), (mean.detach().to(dtype), unbiased.to(dtype))
 
 
+_SYNCED: dict[type, type] = {TemporalBatchNorm2d: SyncTemporalBatchNorm2d}
+
+
+def _synced_class(cls: type) -> type:
+    """The synchronised form of a temporal batch norm class: for a subclass (a cascaded user network's
+    ``StepBatchNorm2d``, which reads its step from the module branch around it) the subclass with the
+    synchronised ``forward_groups`` under it, made once per class."""
+    if cls not in _SYNCED:
+        if "forward_groups" in vars(cls):
+            raise TypeError(f"{cls.__name__} has its own forward_groups: cannot synchronise its batch statistics")
+        _SYNCED[cls] = type(f"Sync{cls.__name__}", (cls, SyncTemporalBatchNorm2d), {"__module__": __name__})
+    return _SYNCED[cls]
+
+
 def convert_sync_temporal_bn(model: nn.Module) -> nn.Module:
     """Make every :class:`TemporalBatchNorm2d` of ``model`` synchronised, in place (same parameters, buffers and
-    state-dict keys; only the class changes)."""
+    state-dict keys; only the class changes): the project's cascades' and the per-step batch norms of a cascaded
+    user network (``cascadenet.cascade``) alike. Every batch norm a forward pass meets is a temporal one (a
+    cascade's branches hold no other).
+
+    Any other batch norm (``nn.BatchNorm1d`` in the head of a user's network, say) becomes ``nn.SyncBatchNorm``
+    on a GPU; PyTorch synchronises those on GPUs only, so on the CPU they stay per process, said once in the log."""
     for m in model.modules():
-        if type(m) is TemporalBatchNorm2d:
-            m.__class__ = SyncTemporalBatchNorm2d
+        if isinstance(m, TemporalBatchNorm2d) and not isinstance(m, SyncTemporalBatchNorm2d):
+            m.__class__ = _synced_class(type(m))
+    plain = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, nn.SyncBatchNorm)]  # fmt: skip
+    if plain:
+        param = next(model.parameters(), None)
+        if param is not None and param.device.type != "cpu":
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            names = ", ".join(plain[:3]) + (" ..." if len(plain) > 3 else "")
+            log.warning("%s: batch norms that PyTorch synchronises on GPUs only; on the CPU each process normalises "
+                        "them with its own part of the batch", names)  # fmt: skip
     return model
 
 
