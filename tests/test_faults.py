@@ -749,3 +749,50 @@ def test_an_absurd_batch_size_is_refused_before_allocating(tmp_path, capsys, mon
     model = TrainConfig().model
     model = type(model)(**{**model.__dict__, "num_classes": 10, "in_channels": 1})
     check_training_fits(model, (1, 28, 28), TrainConfig().batch_size, TrainConfig().eval_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# second round: real full and read-only disks (a tmpfs in a user and mount namespace), every writing verb
+
+
+def _mounts_allowed() -> bool:
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True)  # fmt: skip
+    return probe.returncode == 0
+
+
+@pytest.mark.slow  # about 3 minutes on 2 busy cores: 13 verbs, 4 or 5 commands each
+@pytest.mark.skipif(not _mounts_allowed(), reason="cannot mount a tmpfs in a user+mount namespace here")
+def test_every_writing_verb_on_a_full_and_a_read_only_disk(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(here.parent / "src")}
+    p = subprocess.run(["unshare", "-rm", sys.executable, str(here / "disk_faults.py"), str(disk)],
+                       capture_output=True, text=True, env=env, timeout=1200)  # fmt: skip
+    results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [r["verb"] for r in results] == [
+        "train",
+        "eval",
+        "calibrate",
+        "recalibrate",
+        "plot",
+        "predict",
+        "export",
+        "noise",
+        "policy",
+        "ood",
+        "typicality",
+        "guarantees",
+        "reproduce",
+    ], p.stderr
+    assert p.returncode == 0 and all(r["ok"] for r in results), [r for r in results if not r["ok"]]

@@ -50,7 +50,8 @@ class ExportCommand:
 class ServeCommand:
     """Serve a trained model over HTTP: POST /predict?deadline_ms=50 with an encoded image as the body answers
     class, probability, exit, MACs and milliseconds spent; concurrent requests are batched, and in anytime mode
-    each round stops by its most urgent request's deadline (earlier exits under overload, not a growing queue).
+    each round runs the steps that fit before its earliest deadline (earlier exits under overload, not a growing
+    queue); a request too late for even the first exit gets a 503 at once.
     Needs fastapi and uvicorn (pip install 'cascadenet[serve]')."""
 
     run_dir: RunDir

@@ -38,6 +38,7 @@ import itertools
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,8 @@ from ..evaluation.policies import Policy
 __all__ = ["MODES", "DeadlineError", "Scheduler", "StepTimes", "make_app", "serve"]
 
 MODES = ("anytime", "final")
+INLINE_BODY = 16 << 10  # request bodies up to this many bytes are decoded on the event loop
+SWITCH_INTERVAL = 0.0005  # seconds: how soon the event loop gets the interpreter lock from the scheduler's thread
 log = logging.getLogger(__name__)
 
 
@@ -402,7 +405,9 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
         if not body:
             raise HTTPException(400, "the request body must be an encoded image (PNG, JPEG, ...); it is empty")
         try:
-            x = await run_in_threadpool(model.preprocess, body)
+            # a small image decodes faster than a hop to the thread pool and back takes (each hop waits for the
+            # interpreter lock, which the scheduler's thread holds between the model's kernels)
+            x = model.preprocess(body) if len(body) <= INLINE_BODY else await run_in_threadpool(model.preprocess, body)
         except (DataError, ValueError) as e:
             raise HTTPException(400, " ".join(str(e).split())) from None
         future = scheduler.submit(x[0], wait / 1000, arrival)
@@ -449,6 +454,9 @@ def serve(
         raise ValueError(f"{source}: the training input size is not recorded (a run from before it was): "
                          "give --input-size H W")  # fmt: skip
     scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000)
+    # the scheduler's thread runs the model's Python between kernels; by default another thread waits up to 5 ms
+    # for the interpreter lock, and a request's path through the event loop needs it several times
+    sys.setswitchinterval(SWITCH_INTERVAL)
     print(f"serving {source} on http://{host}:{port} ({mode}; POST /predict)", flush=True)
     try:
         uvicorn.run(make_app(scheduler, default_deadline_ms=deadline_ms), host=host, port=port, log_level="warning")

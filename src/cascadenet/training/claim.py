@@ -13,6 +13,8 @@ whose set-up calls them.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ from ..models.pretrained import config_difference
 from ..models.registry import config_from_dict
 from ..runs.config import CONFIG, RESUMABLE, ConfigError, TrainConfig, changed_options
 from ..runs.lock import LOCK, RunLock, RunLockedError, clean_temporaries, is_temporary
+from ..utils.files import remove_empty
 
 __all__ = [
     "TrainingError",
@@ -109,20 +112,26 @@ def check_target(run_dir: Path, cfg: TrainConfig) -> None:
         raise TrainingError(f"{run_dir}: {e.strerror or e}") from None
 
 
-def claim(run_dir: Path, cfg: TrainConfig, resuming: bool) -> tuple[RunLock, bool]:
+def claim(run_dir: Path, cfg: TrainConfig, resuming: bool) -> tuple[RunLock, tuple[Path, ...]]:
     """Take the run directory: create it (a new run), lock it, and check (under the lock) that a new run's is
-    free. Returns the lock and whether this process created the directory."""
-    created = False
+    free. Returns the lock and the folders this process created (the run directory and the missing folders of
+    --out, deepest first; empty when it created none), for a failed start to remove again."""
+    created: tuple[Path, ...] = ()
     try:
         if not resuming:
-            created = not run_dir.exists()
+            created = tuple(p for p in (run_dir, *run_dir.parents) if not p.exists())
             run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock.acquire(run_dir)
     except RunLockedError as e:
         raise TrainingError(str(e)) from None
-    except OSError as e:
+    except OSError as e:  # a full or read-only disk: what this process made goes again, the message says why
+        if created:
+            with contextlib.suppress(OSError):
+                (run_dir / LOCK).unlink(missing_ok=True)  # an empty lock file of our own new folder
+            remove_empty(created)
         what = "lock" if resuming else "create"
-        raise TrainingError(f"cannot {what} the run directory {run_dir}: {e.strerror or e}") from None
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+        raise TrainingError(f"cannot {what} the run directory {run_dir}: {reason}") from None
     try:
         if not resuming:
             leftovers = _leftovers(run_dir)

@@ -36,7 +36,7 @@ from ..models.pretrained import load_init, read_init
 from ..runs.config import CONFIG, ConfigError, TrainConfig, check_loss_fits, check_resume_overrides, stored_paths
 from ..runs.lock import RunLock, clean_temporaries
 from ..utils.device import resolve_device
-from ..utils.files import atomic_write, first_sentence
+from ..utils.files import atomic_write, first_sentence, remove_empty
 from . import distributed
 from .claim import (
     TrainingError,
@@ -126,7 +126,7 @@ class _Session:
     run_dir: Path
     lock: RunLock | None  # None on processes other than rank 0
     resumed: bool
-    created: bool  # this process created the run directory
+    created: tuple[Path, ...]  # the folders this process created (the run directory, --out's missing ones)
     device: torch.device
     amp: bool
     channels_last: bool
@@ -175,15 +175,13 @@ def _release(s: _Session) -> None:
         s.lock.release()
 
 
-def _discard(run_dir: Path, created: bool, lock: RunLock) -> None:
+def _discard(run_dir: Path, created: tuple[Path, ...], lock: RunLock) -> None:
     for name in (CONFIG, METRICS):
         (run_dir / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         clean_temporaries(run_dir)
     lock.release()
-    if created:
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()  # only if empty: another process may have claimed it meanwhile
+    remove_empty(created)  # only if empty: another process may have claimed it meanwhile
 
 
 def _write(s: _Session, write: Any) -> None:
@@ -450,7 +448,7 @@ def _follow(packet: dict[str, Any], interrupts: Interrupts, world: distributed.W
     torch.manual_seed(cfg.seed)
     model = cfg.model.build()
     s = _session(cfg, model, device, data, _schedule(cfg, len(data[1]), world.size), interrupts, world,
-                 run_dir=Path(packet["run_dir"]), lock=None, resumed=packet["resumed"], created=False)  # fmt: skip
+                 run_dir=Path(packet["run_dir"]), lock=None, resumed=packet["resumed"], created=())  # fmt: skip
     if packet["state"] is not None:
         _restore(s, packet["state"], Path(packet["run_dir"]) / CHECKPOINT)
     s.model.train()

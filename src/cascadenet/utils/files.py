@@ -14,13 +14,14 @@ import errno
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
     "atomic_write",
     "atomic_write_all",
     "new_folder",
+    "remove_empty",
     "check_writable",
     "remove_stale_temporaries",
     "fsync_dir",
@@ -126,10 +127,15 @@ def new_folder(folder: str | os.PathLike) -> Iterator[Path]:
     try:
         yield folder
     except BaseException:
-        for p in made:
-            with contextlib.suppress(OSError):
-                p.rmdir()
+        remove_empty(made)
         raise
+
+
+def remove_empty(folders: Sequence[str | os.PathLike]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; one that holds anything stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _named(error: OSError, path: Path) -> OSError:
