@@ -7,7 +7,8 @@ the same stem and widths, cascaded by ``cascadenet.cascade`` (its residual branc
 once per distinct state: ``models/network.py``). Both go through the same trajectory engine (the same distinct
 states, the same MACs); the difference is that the project's branches stack the distinct states of a branch into
 one convolution call. Inference (engine, no grad) and a training step (engine, TD loss, backward) are timed
-interleaved in one process (A, B, A, B, ...), medians after warm-up; the ratio is what we report.
+interleaved in one process (A, B, A, B, ...), medians after warm-up; the ratio is what we report. ``anytime``:
+``model.anytime(x)`` run through every step (the step-by-step engine that ``cascadenet.predict`` early-exits with).
 """
 
 from __future__ import annotations
@@ -73,12 +74,18 @@ def main() -> None:
         with torch.no_grad():
             m(x)
 
+    def anytime(m: nn.Module) -> None:  # real early exit's engine, every step taken (cascadenet.predict)
+        m.eval()
+        with torch.no_grad():
+            for _ in m.anytime(x):
+                pass
+
     def train(m: nn.Module) -> None:
         m.train()
         cn.td_loss(m(x), y, 0.5, first_step=m.first_informative_exit).backward()
 
     out = {}
-    for name, fn in (("inference", infer), ("train_step", train)):
+    for name, fn in (("inference", infer), ("anytime", anytime), ("train_step", train)):
         times: dict[str, list[float]] = {"own": [], "cascade": []}
         for _ in range(2):
             fn(own), fn(user)

@@ -104,11 +104,12 @@ async def _health(port: int) -> dict | None:
         conn.close()
 
 
-def start(args, mode: str) -> tuple[subprocess.Popen, int]:
+def start(args, mode: str, round_share: float = 0.5) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "cascadenet", "serve", args.run_dir, "--port", str(port), "--mode", mode,
            "--deadline-ms", str(args.deadline_ms), "--threads", str(args.threads), "--device", "cpu",
-           "--max-batch", str(args.max_batch), "--margin-ms", str(args.margin_ms)]  # fmt: skip
+           "--max-batch", str(args.max_batch), "--margin-ms", str(args.margin_ms),
+           "--round-share", str(round_share)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(1200):
         if asyncio.run(_health(port)) is not None:
@@ -251,7 +252,8 @@ def scheduler_load(args, loaded, mode: str, rate: float | None, seconds: float, 
     xs = model.preprocess(loaded.data.images[: args.images])
     labels = loaded.data.labels[: args.images].tolist()
     n = len(labels)
-    scheduler = Scheduler(model, mode=mode, max_batch=args.max_batch, example=xs[0], margin=args.margin_ms / 1e3)
+    scheduler = Scheduler(model, mode=mode, max_batch=args.max_batch, example=xs[0], margin=args.margin_ms / 1e3,
+                          round_share=args.round_share[0])  # fmt: skip
     lock = threading.Lock()
     records: list[tuple[float, int, dict | None, int]] = []
     try:
@@ -327,6 +329,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--margin-ms", type=float, default=10.0, help="the anytime server's --margin-ms")
+    parser.add_argument("--round-share", type=float, nargs="+", default=[0.5],
+                        help="the anytime server's --round-share (several: one server each, same trace)")  # fmt: skip
     parser.add_argument("--no-http", action="store_true", help="only the scheduler without HTTP")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -383,18 +387,21 @@ def main() -> None:
     rate = args.overload * out["saturation_rps"]
     trace = arrivals(rate, args.seconds, args.seed)
     out["modes"] = {}
-    for mode in ("final", "anytime"):
-        proc, port = start(args, mode)
+    servers = [("final", "final", 0.5)]
+    servers += [("anytime" if len(args.round_share) == 1 else f"anytime, round share {share:g}", "anytime", share)
+                for share in args.round_share]  # fmt: skip
+    for name, mode, share in servers:
+        proc, port = start(args, mode, share)
         try:
             path = f"/predict?deadline_ms={args.deadline_ms:g}"
             requests = [encode(path, b, port) for b in bodies]
             asyncio.run(closed_loop(port, requests, 4, 2.0))  # warm-up
             records = asyncio.run(open_loop(port, requests, labels, trace, args.deadline_ms, args.connections))
-            out["modes"][mode] = summary(records, rate, args.deadline_ms)
-            out["modes"][mode]["server"] = asyncio.run(_health(port))
+            out["modes"][name] = summary(records, rate, args.deadline_ms)
+            out["modes"][name]["server"] = asyncio.run(_health(port))
         finally:
             stop(proc)
-        print(mode, json.dumps(out["modes"][mode]), flush=True)
+        print(name, json.dumps(out["modes"][name]), flush=True)
     out["load_after"] = os.getloadavg()
     table(
         f"over HTTP: {rate:.1f} requests/s ({args.overload:g}x the final-exit saturation of "

@@ -162,3 +162,20 @@ def test_step_times_are_measured_at_powers_of_two_up_to_max_batch(setup):
     assert times.sizes == [1, 2, 4, 5] and times.num_steps == model.num_steps
     assert all(t >= 0 for row in times.times for t in row)
     assert Scheduler(model, max_batch=3, example=x[0], start=False).step_times.sizes == [1, 2, 3]
+
+
+def test_bad_settings_are_refused(setup):
+    *_, make, _ = setup
+    for share in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="--round-share must be in"):
+            make(round_share=share)
+    with pytest.raises(ValueError, match="unknown mode"):
+        make(mode="fast")
+
+
+def test_measured_stalls_are_removed_from_the_step_times():
+    from cascadenet.deployment.server import _plausible
+
+    # a stall at batch 2 and at batch 16: at most proportional to the batch, never less than a smaller batch's
+    assert _plausible([1, 2, 4, 8, 16], [1.0, 250.0, 3.0, 4.0, 160.0]) == [1.0, 2.0, 3.0, 4.0, 8.0]
+    assert _plausible([1, 2, 4], [9.0, 2.0, 3.0]) == [2.0, 2.0, 3.0]  # a stall at the smallest size

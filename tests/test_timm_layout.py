@@ -281,3 +281,36 @@ def test_real_timm_resnets(name, tmp_path, float64):  # noqa: F811
     save_weights(tmp_path / "m.safetensors", built)
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "m.safetensors")(x), built.eval()(x))
+
+
+def timm_like(num_classes=5):
+    """A builder of a timm-layout network with timm's record of the normalisation its weights expect."""
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    net.pretrained_cfg = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "num_classes": num_classes}
+    return net
+
+
+def test_a_timm_networks_normalisation_travels_with_its_weights(tmp_path, capsys):
+    from cascadenet.cli import main
+
+    model = cascadenet.cascade(f"{__name__}:timm_like")
+    want = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    assert model.normalization == want
+    save_weights(tmp_path / "m.safetensors", model)
+    loaded = cascadenet.load_model(tmp_path / "m.safetensors")
+    assert loaded.preprocess.mean == pytest.approx(want["mean"]) and loaded.preprocess.std == pytest.approx(want["std"])
+    # train --init takes it (unless --normalize says otherwise), as it takes ImageNet's for converted weights
+    args = ["train", "--init", str(tmp_path / "m.safetensors"), "--dataset", "synthetic", "--synthetic-size", "64",
+            "--image-size", "16", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--out", str(tmp_path),
+            "--name", "run"]  # fmt: skip
+    assert main(args) == 0
+    import json
+
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["normalization"]
+    assert all(stored[k] == pytest.approx(want[k]) for k in want)
+    # given, or none: a plain module has none; a bad one is refused in one line
+    assert cascadenet.cascade(ResNet(BasicBlock, [1, 1, 1, 1])).normalization is None
+    given = cascadenet.cascade(ResNet(BasicBlock, [1, 1, 1, 1]), normalization={"mean": [0.1] * 3, "std": [1] * 3})
+    assert given.normalization == {"mean": [0.1] * 3, "std": [1.0] * 3}
+    with pytest.raises(ValueError, match=r"3 number\(s\) each"):
+        cascadenet.cascade(ResNet(BasicBlock, [1, 1, 1, 1]), normalization={"mean": [0.5], "std": [0.2]})

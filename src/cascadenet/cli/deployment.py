@@ -50,7 +50,8 @@ class ExportCommand:
 class ServeCommand:
     """Serve a trained model over HTTP: POST /predict?deadline_ms=50 with an encoded image as the body answers
     class, probability, exit, MACs and milliseconds spent; concurrent requests are batched, and in anytime mode
-    each round stops by its most urgent request's deadline (earlier exits under overload, not a growing queue).
+    each round runs the steps that fit before its earliest deadline (earlier exits under overload, not a growing
+    queue); a request too late for even the first exit gets a 503 at once.
     Needs fastapi and uvicorn (pip install 'cascadenet[serve]')."""
 
     run_dir: RunDir
@@ -69,6 +70,9 @@ class ServeCommand:
     """The most requests answered in one batch."""
     margin_ms: float = 10.0
     """anytime: milliseconds of each deadline kept back for what follows the model (answers, HTTP, the client)."""
+    round_share: float = 0.5
+    """anytime: the longest a round may run, as a share of the shortest deadline in it (the rest is for the
+    requests that arrive meanwhile)."""
     input_size: tuple[int, int] | None = None
     """H W the images are resized to (default: the size the model was trained at, from its files)."""
     device: Device = "auto"
@@ -80,4 +84,5 @@ class ServeCommand:
 
         serve(self.run_dir, host=self.host, port=self.port, mode=self.mode, policy=policy_from_flags(self.threshold),
               deadline_ms=self.deadline_ms, max_batch=self.max_batch, device=self.device,
-              input_size=self.input_size, margin_ms=self.margin_ms)  # fmt: skip
+              input_size=self.input_size, margin_ms=self.margin_ms,
+              round_share=self.round_share)  # fmt: skip

@@ -38,6 +38,7 @@ import itertools
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +55,8 @@ from ..evaluation.policies import Policy
 __all__ = ["MODES", "DeadlineError", "Scheduler", "StepTimes", "make_app", "serve"]
 
 MODES = ("anytime", "final")
+INLINE_BODY = 16 << 10  # request bodies up to this many bytes are decoded on the event loop
+SWITCH_INTERVAL = 0.0005  # seconds: how soon the event loop gets the interpreter lock from the scheduler's thread
 log = logging.getLogger(__name__)
 
 
@@ -111,12 +114,12 @@ class StepTimes:
         x: Tensor,
         max_batch: int,
         *,
-        repeats: int = 2,
+        repeats: int = 3,
         longest: float = 1.0,
     ) -> "StepTimes":
         """Time every step of ``model`` on copies of one input ``x`` ``(C, H, W)`` at batch sizes 1, 2, 4, ...
         up to ``max_batch``, stopping early once a run takes ``longest`` seconds (larger batches extrapolate);
-        each size's fastest of ``repeats`` runs."""
+        each size's fastest of ``repeats`` runs, then the stalls removed (see ``_plausible``)."""
         sizes: list[int] = []
         columns: list[list[float]] = []
         predict(model, x[None], deadline=math.inf)  # warm-up
@@ -128,7 +131,19 @@ class StepTimes:
             if b >= max_batch or sum(columns[-1]) >= longest:
                 break
             b = min(2 * b, max_batch)
-        return cls(sizes, [list(row) for row in zip(*columns)])
+        return cls(sizes, [_plausible(sizes, list(row)) for row in zip(*columns)])
+
+
+def _plausible(sizes: list[int], times: list[float]) -> list[float]:
+    """One step's measured times at increasing batch sizes with the stalls removed (a run whose thread waited for
+    the CPU or the interpreter lock): a batch takes at most proportionally longer than a smaller one, and no
+    less time than a smaller one."""
+    times = list(times)
+    for i in range(1, len(times)):
+        times[i] = min(times[i], times[i - 1] * sizes[i] / sizes[i - 1])
+    for i in range(len(times) - 2, -1, -1):
+        times[i] = min(times[i], times[i + 1])
+    return times
 
 
 def _step_seconds(model: nn.Module, x: Tensor, clock: Callable[[], float] = time.perf_counter) -> list[float]:
@@ -193,6 +208,8 @@ class Scheduler:
             raise ValueError(f"unknown mode {mode!r}; valid choices: {', '.join(MODES)}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"--max-batch must be a positive integer, got {max_batch!r}")
+        if not 0 < round_share <= 1:
+            raise ValueError(f"--round-share must be in (0, 1], got {round_share!r}")
         self.model = model.eval()
         self.mode = mode
         self.policy = policy
@@ -402,7 +419,9 @@ def make_app(scheduler: Scheduler, *, default_deadline_ms: float = 100.0) -> Any
         if not body:
             raise HTTPException(400, "the request body must be an encoded image (PNG, JPEG, ...); it is empty")
         try:
-            x = await run_in_threadpool(model.preprocess, body)
+            # a small image decodes faster than a hop to the thread pool and back takes (each hop waits for the
+            # interpreter lock, which the scheduler's thread holds between the model's kernels)
+            x = model.preprocess(body) if len(body) <= INLINE_BODY else await run_in_threadpool(model.preprocess, body)
         except (DataError, ValueError) as e:
             raise HTTPException(400, " ".join(str(e).split())) from None
         future = scheduler.submit(x[0], wait / 1000, arrival)
@@ -426,6 +445,7 @@ def serve(
     device: str = "auto",
     input_size: tuple[int, int] | None = None,
     margin_ms: float = 10.0,
+    round_share: float = 0.5,
 ) -> None:
     """Load a trained run (or weights file) and serve it over HTTP until interrupted."""
     try:
@@ -448,7 +468,11 @@ def serve(
     elif model.preprocess.size is None:
         raise ValueError(f"{source}: the training input size is not recorded (a run from before it was): "
                          "give --input-size H W")  # fmt: skip
-    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000)
+    # the scheduler's thread runs the model's Python between kernels; by default another thread waits up to 5 ms
+    # for the interpreter lock, and a request's path through the event loop needs it several times
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    scheduler = Scheduler(model, mode=mode, policy=policy, max_batch=max_batch, margin=margin_ms / 1000,
+                          round_share=round_share)  # fmt: skip
     print(f"serving {source} on http://{host}:{port} ({mode}; POST /predict)", flush=True)
     try:
         uvicorn.run(make_app(scheduler, default_deadline_ms=deadline_ms), host=host, port=port, log_level="warning")

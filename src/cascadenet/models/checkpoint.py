@@ -109,13 +109,17 @@ def save_weights(
     path: str | os.PathLike, model: nn.Module, extra: dict[str, Any] | None = None, *, overwrite: bool = True
 ) -> None:
     """Save the model's weights and buffers as safetensors, with its configuration (``model.config``) as
-    metadata, so that ``load_model`` rebuilds it. With ``overwrite=False`` an existing file is never replaced
-    (``FileExistsError``)."""
+    metadata, so that ``load_model`` rebuilds it, and the input normalisation its weights expect when it has one
+    (``model.normalization``, unless ``extra`` gives one). With ``overwrite=False`` an existing file is never
+    replaced (``FileExistsError``)."""
     config = getattr(model, "config", None)
     if not isinstance(config, ModelConfig):
         raise ValueError("the model has no ModelConfig in .config: it cannot be rebuilt, so it is not saved")
+    extra = dict(extra or {})
+    if isinstance(getattr(model, "normalization", None), dict):
+        extra.setdefault("normalization", model.normalization)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"model_config": json.dumps(config.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    metadata = {"model_config": json.dumps(config.to_dict()), **{k: json.dumps(v) for k, v in extra.items()}}
     atomic_write(path, save(tensors, metadata=metadata), overwrite=overwrite)
 
 

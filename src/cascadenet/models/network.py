@@ -139,6 +139,7 @@ def cascade(
     *,
     builder: str | Any = None,
     builder_args: dict[str, Any] | None = None,
+    normalization: dict[str, Any] | None = None,
     **options: Any,
 ) -> CascadedNetwork:
     """A residual network as a cascade with the same weights (an anytime model: ``model(x)`` gives the logits of
@@ -150,6 +151,9 @@ def cascade(
         builder: with a module object, the builder that makes the same network (recorded, so that saved weights
             rebuild it in a fresh process).
         builder_args: the builder's keyword arguments (JSON values).
+        normalization: the input normalisation the network's weights expect, ``{"mean": [...], "std": [...]}`` (one
+            number per channel): ``model.normalization``, stored by ``save_weights`` so that ``train --init`` and
+            ``load_model(...).preprocess`` use it. Default: a timm network's own (its ``pretrained_cfg``), else None.
         **options: the cascade's options (``NetworkConfig``: ``scheme``, ``delay``, ``alpha``, ``stem_delay``,
             ``temporal_bn``, ``temporal_affine``, ``multi_head``, ``num_steps``; ``num_classes`` gives the network a
             new classifier when it differs from its own).
@@ -177,7 +181,27 @@ def cascade(
     layout = layout_of(module)
     known = {"num_classes": _classifier(layout.head)[1].out_features, "in_channels": _in_channels(layout.stem)}
     config = NetworkConfig(builder=path, builder_args=args_json, **{**known, **options})
-    return _cascade_module(module, config, layout)
+    norm = _normalization(module, normalization, known["in_channels"])
+    model = _cascade_module(module, config, layout)
+    model.normalization = norm
+    return model
+
+
+def _normalization(module: nn.Module, given: dict[str, Any] | None, channels: int) -> dict[str, list[float]] | None:
+    """The normalisation given, or a timm network's (``pretrained_cfg``: the mean and std its weights expect)."""
+    source = "normalization"
+    if given is None:
+        cfg = getattr(module, "pretrained_cfg", None)
+        if not isinstance(cfg, dict) or "mean" not in cfg or "std" not in cfg:
+            return None
+        given, source = cfg, f"the network's pretrained_cfg ({type(module).__name__})"
+    try:
+        norm = {k: [float(v) for v in given[k]] for k in ("mean", "std")}
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{source} must be {{'mean': [...], 'std': [...]}} with numbers, got {given!r}") from None
+    if any(len(v) != channels for v in norm.values()) or min(norm["std"]) <= 0:
+        raise ValueError(f"{source}: mean and std must have {channels} number(s) each (std > 0), got {norm}")
+    return norm
 
 
 def _classifier(head: nn.Module) -> tuple[str, nn.Linear]:
