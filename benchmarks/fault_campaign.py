@@ -276,8 +276,10 @@ VERBS_WITH_RUN = {  # a verb on a run directory, writing into its own folder D (
 }  # fmt: skip
 FILES = ("config.json", "model.safetensors", "checkpoint.pt", "metrics.jsonl", "eval.json")
 DAMAGE = ("empty", "truncated", "random bytes", "one flipped byte", "garbage text", "JSON list", "JSON null")
-NEEDED = {"config.json": set(VERBS_WITH_RUN), "model.safetensors": set(VERBS_WITH_RUN) - {"train --resume"},
-          "eval.json": {"plot"}}  # fmt: skip
+# the files each verb needs (a damaged one must be refused): plot draws eval.json alone; export reads what it
+# needs from the weights' own metadata (config.json is only a fallback); a finished run resumes without weights
+NEEDED = {"config.json": set(VERBS_WITH_RUN) - {"plot", "export"},
+          "model.safetensors": set(VERBS_WITH_RUN) - {"train --resume", "plot"}, "eval.json": {"plot"}}  # fmt: skip
 
 
 def _damage(path: Path, kind: str, rng: random.Random) -> None:

@@ -796,3 +796,15 @@ def test_every_writing_verb_on_a_full_and_a_read_only_disk(tmp_path):
         "reproduce",
     ], p.stderr
     assert p.returncode == 0 and all(r["ok"] for r in results), [r for r in results if not r["ok"]]
+
+
+def test_synthetic_images_count_every_copy_drawing_them(monkeypatch):
+    """The campaign's one traceback: 96 synthetic images of 1000x1000 under a 6 GB cap passed the estimate (one
+    float64 plane per image) and died in the allocator (three float64 copies of the images live at once)."""
+    import cascadenet.utils.memory as M
+    from cascadenet.data.datasets import load_dataset
+    from cascadenet.utils.memory import MemoryEstimateError
+
+    monkeypatch.setattr(M, "available_bytes", lambda: 10**9)
+    with pytest.raises(MemoryEstimateError, match=r"--synthetic-size 96 of 400x400 images would need at least 1.2"):
+        load_dataset("synthetic", None, "train", image_size=400, synthetic_size=96)

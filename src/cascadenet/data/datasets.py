@@ -641,8 +641,10 @@ def _synthetic(n: int, size: int, seed: int) -> ImageSet:
     random phase, colour and Gaussian noise: easy for a small CNN, impossible to memorise pixel by pixel."""
     if n < 1:
         raise DataError(f"--synthetic-size must be >= 1, got {n}")
-    # the images (uint8) and at least one float64 plane per image while drawing them
-    check_fits(n * size * size * (3 + 8), f"--synthetic-size {n} of {size}x{size} images",
+    # the images (uint8), the patterns (one float64 plane per image) and, while drawing them, three float64 copies
+    # of the (N, 3, H, W) images at once (the coloured patterns, the noise, the scaled noise): 2.3 GB per copy for
+    # 96 images of 1000x1000 (the first estimate counted one plane and let such a run die in the allocator)
+    check_fits(n * size * size * (3 + 8 + 3 * 3 * 8), f"--synthetic-size {n} of {size}x{size} images",
                "use fewer (--synthetic-size) or smaller (--image-size) images")  # fmt: skip
     # float64 throughout: 1-ulp differences between the SIMD and scalar paths of sin (which depend on the CPU and
     # on how the work is split across threads) must never flip a rounded pixel.
