@@ -3,10 +3,11 @@
     python benchmarks/export.py --threads 1                      # ResNet-18 width 16, 32x32, random weights
     python benchmarks/export.py --run-dir runs/demo/cascaded-td  # a trained run at its input size
 
-Trajectory: eager ``model(x)`` (the engine) against the exported trajectory program under ONNX Runtime and under
-``torch.export`` (``ExportedProgram.module()``), at several batch sizes. Step: the eager ``model.step`` against the
-step program (one program for every step, the step index a tensor input) under ONNX Runtime and ``torch.export``,
-per step, over a whole trajectory. Each timing is the median of ``--repeats`` rounds, the variants interleaved
+Trajectory: eager ``model(x)`` (the engine) against the exported trajectory program under ONNX Runtime, under
+``torch.export`` (``ExportedProgram.module()``) and compiled by AOTInductor (``--format aoti``; ``--no-aoti`` skips
+it, its compilation takes tens of seconds per program), at several batch sizes. Step: the eager ``model.step``
+against the step program (one program for every step, the step index a tensor input) under the same runtimes, per
+step, over a whole trajectory. Each timing is the median of ``--repeats`` rounds, the variants interleaved
 within each round so that a change of machine load hits all of them; every program is checked against eager
 first (max abs difference printed). Prints a markdown table and writes JSON with ``--json``.
 """
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 import cascadenet as cn
-from cascadenet.deployment.export import export_program
+from cascadenet.deployment.export import export_program, load_compiled
 from cascadenet.models.precise_bn import recalibrate_bn
 from cascadenet.models.program import StepProgram
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json")
+    parser.add_argument("--aoti", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
@@ -80,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for program in ("trajectory", "step"):
-            for fmt in ("onnx", "pt2"):
+            for fmt in ("onnx", "pt2", "aoti") if args.aoti else ("onnx", "pt2"):
                 t0 = time.perf_counter()
                 paths[program, fmt] = export_program(model, Path(tmp) / f"{program}.{fmt}", program=program,
                                                      format=fmt, input_size=shape)  # fmt: skip
@@ -89,6 +91,8 @@ def main() -> None:
         traj_pt2 = torch.export.load(paths["trajectory", "pt2"]).module()
         step_ort = ort.InferenceSession(str(paths["step", "onnx"]), options, providers=["CPUExecutionProvider"])
         step_pt2 = torch.export.load(paths["step", "pt2"]).module()
+        traj_aoti = load_compiled(paths["trajectory", "aoti"]) if args.aoti else None
+        step_aoti = load_compiled(paths["step", "aoti"]) if args.aoti else None
         program = StepProgram(model, shape)
         names = program.state_names
         with torch.no_grad():
@@ -103,6 +107,9 @@ def main() -> None:
                 ref = model(x)
                 diff = {"ONNX Runtime": float(np.abs(traj_ort.run(None, {"x": xn})[0] - ref.numpy()).max()),
                         "torch.export": float((traj_pt2(x) - ref).abs().max())}  # fmt: skip
+                if traj_aoti is not None:
+                    variants["AOTInductor"] = lambda x=x: traj_aoti(x)
+                    diff["AOTInductor"] = float((traj_aoti(x) - ref).abs().max())
                 inner = max(1, 64 // b)
                 times = {k: [] for k in variants}
                 for _ in range(args.repeats):
@@ -128,28 +135,40 @@ def main() -> None:
                     for t in range(model.num_steps):
                         _, *state = step_pt2(x, torch.tensor(t), *state)
 
+                def aoti_steps(x=x):
+                    state = program.initial_state(x)
+                    for t in range(model.num_steps):
+                        _, *state = step_aoti(x, torch.tensor(t), *state)
+
                 steps = {"eager model.step": eager_steps, "ONNX Runtime": ort_steps, "torch.export": pt2_steps}
+                if step_aoti is not None:
+                    steps["AOTInductor"] = aoti_steps
+                    diff_steps, state, ref_state = 0.0, program.initial_state(x), None
+                    for t in range(model.num_steps):
+                        ref_logits, ref_state = model.step(x, ref_state)
+                        logits, *state = step_aoti(x, torch.tensor(t), *state)
+                        diff_steps = max(diff_steps, float((logits - ref_logits).abs().max()))
                 times = {k: [] for k in steps}
                 for _ in range(args.repeats):
                     for k, fn in steps.items():
                         times[k].append(timed(fn, max(1, inner // 4)) / model.num_steps)
                 row = {"batch": b, **{k: statistics.median(v) for k, v in times.items()}}
+                if step_aoti is not None:
+                    row["max_abs_diff"] = {"AOTInductor": diff_steps}
                 results["step"].append(row)
                 print(json.dumps(row), flush=True)
     print(f"\n{results['model']}, input {shape}, {model.num_steps} steps, {args.threads} thread(s), {results['cpu']}")
-    print("\n| trajectory, batch | eager `model(x)` ms | ONNX Runtime ms (speed-up) | torch.export ms (speed-up) |")
-    print("|---|---|---|---|")
-    for r in results["trajectory"]:
-        e = r["eager model(x)"]
-        print(f"| {r['batch']} | {1e3 * e:.2f} | {1e3 * r['ONNX Runtime']:.2f} ({e / r['ONNX Runtime']:.2f}x) | "
-              f"{1e3 * r['torch.export']:.2f} ({e / r['torch.export']:.2f}x) |")  # fmt: skip
-    print("\n| step, batch | eager `model.step` ms/step | ONNX Runtime ms/step (speed-up) | "
-          "torch.export ms/step (speed-up) |")  # fmt: skip
-    print("|---|---|---|---|")
-    for r in results["step"]:
-        e = r["eager model.step"]
-        print(f"| {r['batch']} | {1e3 * e:.3f} | {1e3 * r['ONNX Runtime']:.3f} ({e / r['ONNX Runtime']:.2f}x) | "
-              f"{1e3 * r['torch.export']:.3f} ({e / r['torch.export']:.2f}x) |")  # fmt: skip
+    runtimes = ["ONNX Runtime", "torch.export"] + (["AOTInductor"] if args.aoti else [])
+    for table, eager, unit, digits in (
+        ("trajectory", "eager model(x)", "ms", 2),
+        ("step", "eager model.step", "ms/step", 3),
+    ):
+        print(f"\n| {table}, batch | {eager} {unit} | " + " | ".join(f"{k} {unit} (speed-up)" for k in runtimes) + " |")
+        print("|---" * (2 + len(runtimes)) + "|")
+        for r in results[table]:
+            e = r[eager]
+            cells = [f"{1e3 * r[k]:.{digits}f} ({e / r[k]:.2f}x)" for k in runtimes]
+            print(f"| {r['batch']} | {1e3 * e:.{digits}f} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 

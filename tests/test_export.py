@@ -100,12 +100,42 @@ def test_cli_export_pt2_writes_both_programs_and_refuses_to_overwrite(tmp_path, 
     assert main(["export", str(run), "-o", str(out), "--input-size", "16", "16"]) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
     for argv, message in [
-        (["-o", str(tmp_path / "m.txt"), "--input-size", "16", "16"], "--format onnx or pt2"),
+        (["-o", str(tmp_path / "m.txt"), "--input-size", "16", "16"], "--format onnx, pt2 or aoti"),
         (["-o", str(tmp_path / "m.pt2")], "--input-size"),  # a format-1 run does not record its input size
     ]:
         assert main(["export", str(run), *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow  # AOTInductor compiles C++: ~20 s a program on a shared 2-core machine
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None, reason="needs a C++ compiler")
+def test_cli_export_aoti_compiles_both_programs_with_a_dynamic_batch(tmp_path, capsys):
+    from cascadenet.deployment.export import load_compiled
+
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    out = tmp_path / "model.pt2"
+    assert main(["export", str(run), "-o", str(out), "--format", "aoti", "--input-size", "16", "16"]) == 0
+    model = cn.load_model(run)
+    trajectory, step = load_compiled(out), load_compiled(step_path(out))
+    program = StepProgram(model, (3, 16, 16))
+    for b in (1, 3, 8):  # compiled once, for every batch size
+        x = torch.randn(b, 3, 16, 16)
+        with torch.no_grad():
+            assert (trajectory(x) - model(x)).abs().max() <= TOL
+            assert (steps_of(step, model, x, program.initial_state(x)) - eager_steps(model, x)).abs().max() <= TOL
+
+
+def test_aoti_without_a_compiler_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    out = tmp_path / "model.pt2"
+    assert main(["export", str(run), "-o", str(out), "--format", "aoti", "--input-size", "16", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "no compiler" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not step_path(out).exists()
 
 
 def onnx_session(path):

@@ -17,14 +17,17 @@ __all__ = ["ExportCommand", "ServeCommand"]
 class ExportCommand:
     """Export a trained cascade as programs with a dynamic batch: the trajectory x -> logits (T, B, C) to OUTPUT,
     and the step program (x, t, *state) -> (logits, *new_state), one program for every step, beside it
-    (model.onnx -> model-step.onnx). ONNX files run under ONNX Runtime; .pt2 files load with torch.export.load."""
+    (model.onnx -> model-step.onnx). ONNX files run under ONNX Runtime; .pt2 files load with torch.export.load;
+    --format aoti compiles the programs with AOTInductor (needs a C++ compiler; fastest from PyTorch; load with
+    cascadenet.deployment.export.load_compiled)."""
 
     run_dir: RunDir
     """Run directory written by `cascadenet train` (or a model.safetensors file)."""
     output: Annotated[str, tyro.conf.arg(aliases=("-o",))]
     """The trajectory program's file (.onnx or .pt2); the step program goes beside it with -step."""
-    format: Literal["onnx", "pt2"] | None = None
-    """onnx (ONNX Runtime) or pt2 (torch.export); default: from the file name."""
+    format: Literal["onnx", "pt2", "aoti"] | None = None
+    """onnx (ONNX Runtime), pt2 (torch.export) or aoti (pt2 compiled by AOTInductor); default: from the file name
+    (.onnx, .pt2)."""
     program: Literal["both", "trajectory", "step"] = "both"
     """Which programs to write (one program alone goes to OUTPUT)."""
     scheme: Literal["parallel", "serial"] | None = None

@@ -1,5 +1,6 @@
-"""Exported programs of a trained cascade (``cascadenet export``): ONNX files for ONNX Runtime and ``torch.export``
-programs (``.pt2``), each with a dynamic batch dimension.
+"""Exported programs of a trained cascade (``cascadenet export``): ONNX files for ONNX Runtime, ``torch.export``
+programs (``.pt2``) and the same programs compiled ahead of time by AOTInductor (``aoti``, a ``.pt2`` package),
+each with a dynamic batch dimension.
 
 Two programs (``cascadenet.models.program``):
 
@@ -11,6 +12,12 @@ Two programs (``cascadenet.models.program``):
 
 ONNX export needs the optional packages ``onnx`` and ``onnxscript`` (``pip install cascadenet[export]``; ONNX Runtime,
 ``onnxruntime``, runs the files).
+
+Which to use: a ``pt2`` program (``torch.export.load(path).module()``) is a portable graph that runs through the same
+ATen kernels as eager PyTorch, with an FX module's Python on top, so it is no faster than eager (at batch 1 the step
+program's slot gathers make it slower). ``aoti`` compiles that graph to native code once (tens of seconds; it needs
+a C++ compiler, as ``torch.compile`` on the CPU does) and loads with ``load_compiled(path)``
+(``torch._inductor.aoti_load_package``): the runtime for speed from PyTorch, next to ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -32,9 +40,10 @@ from ..models.program import StepProgram, TrajectoryProgram
 from ..utils.files import atomic_write
 from .loading import load_model
 
-__all__ = ["FORMATS", "PROGRAMS", "describe", "export_program", "export_run", "step_path"]
+__all__ = ["FORMATS", "PROGRAMS", "describe", "export_program", "export_run", "load_compiled", "step_path"]
 
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "aoti")
+SUFFIXES = {"onnx": "onnx", "pt2": "pt2"}  # a file name implies these; aoti (also a .pt2) is asked for by name
 PROGRAMS = ("trajectory", "step")
 MAX_BATCH = 1 << 16
 
@@ -76,7 +85,8 @@ def export_program(
 
     Args:
         program: ``trajectory`` or ``step``.
-        format: ``onnx`` (ONNX opset of ``torch.onnx``'s dynamo exporter) or ``pt2`` (``torch.export.save``).
+        format: ``onnx`` (ONNX opset of ``torch.onnx``'s dynamo exporter), ``pt2`` (``torch.export.save``) or
+            ``aoti`` (the ``pt2`` program compiled by AOTInductor into a package; ``load_compiled`` runs it).
         input_size: ``(C, H, W)`` of the inputs.
         scheme, num_steps: the trajectory's scheme and length (the step program takes the scheme).
     """
@@ -98,6 +108,8 @@ def export_program(
             buffer = io.BytesIO()
             torch.export.save(exported, buffer)
             data = buffer.getvalue()
+        elif format == "aoti":
+            data = _aoti_bytes(torch.export.export(module, args, dynamic_shapes=dynamic))
         else:
             data = _onnx_bytes(module, args, dynamic, inputs, outputs)
     atomic_write(path, data, overwrite=overwrite)
@@ -130,6 +142,32 @@ def _onnx_file(module: nn.Module, args: tuple[Any, ...], dynamic: Any, inputs: l
     return target.read_bytes()
 
 
+def _aoti_bytes(exported: torch.export.ExportedProgram) -> bytes:
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None and shutil.which("clang++") is None:
+        raise ValueError(f"--format aoti compiles C++ and found no compiler ({compiler}, clang++): install one "
+                         "(e.g. apt-get install g++) or export --format pt2 / onnx")  # fmt: skip
+    from torch._inductor import aoti_compile_and_package
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        target = Path(tmp) / "program.pt2"
+        try:
+            aoti_compile_and_package(exported, package_path=str(target))
+        except Exception as error:  # the compiler's or Inductor's failure, reported as one line
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"AOTInductor could not compile the program ({type(error).__name__}: {first[:300]})"
+            ) from None
+        return target.read_bytes()
+
+
+def load_compiled(path: str | os.PathLike) -> Any:
+    """A program written with ``format="aoti"``, ready to call like the module it was exported from."""
+    from torch._inductor import aoti_load_package
+
+    return aoti_load_package(str(path))
+
+
 def export_run(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -148,9 +186,9 @@ def export_run(
     Returns the files written. Every target is checked before anything is written.
     """
     output = Path(output)
-    fmt = format or output.suffix.lstrip(".").lower()
+    fmt = format or SUFFIXES.get(output.suffix.lstrip(".").lower())
     if fmt not in FORMATS:
-        raise ValueError(f"{output}: give --format onnx or pt2 (or a .onnx / .pt2 file name)")
+        raise ValueError(f"{output}: give --format onnx, pt2 or aoti (or a .onnx / .pt2 file name)")
     bad = [p for p in programs if p not in PROGRAMS]
     if bad or not programs:
         raise ValueError(f"unknown program {', '.join(bad) or '(none)'}; valid choices: {', '.join(PROGRAMS)}")
