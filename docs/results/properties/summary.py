@@ -31,7 +31,8 @@ def noise_tables(runs: list[dict], title: str) -> list[str]:
     sigmas = runs[0]["sigmas"]
     lines = [
         f"### {title} ({len(runs)} seeds: {', '.join(str(r['seed']) for r in runs)}; seed = the model's training "
-        f"seed and the noise seed; {runs[0]['num_examples']} test examples, {runs[0]['num_steps']} steps)",
+        f"seed and the noise seed; {runs[0]['num_examples']} test examples, {runs[0]['num_steps']} steps; runs "
+        f"{', '.join(r['run'] for r in runs)})",
         "",
     ]
     for protocol in runs[0]["results"]:
@@ -142,7 +143,8 @@ def main(folder: str) -> None:
         "# The properties over seeds (mean ± standard deviation)",
         "",
         "Written by `python docs/results/properties/summary.py docs/results/properties` from the reports in "
-        "this folder; each report holds every number of its run.",
+        "this folder; each report holds every number of its run. Which reproduction the runs come from (issue 17's or "
+        "the one before it, whose names are the same for CascadedTD): docs/results/README.md.",
         "",
     ]
     if reports := load(root, "typicality-s*", "typicality.json"):
