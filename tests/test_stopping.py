@@ -218,6 +218,7 @@ def test_cli_round_trip(tiny_run, capsys):
     assert (folder / "stopping.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (folder / "stopping.md").read_text()
     assert "## tiny" in report and "largest area" in report
+    assert run["outputs"] == "raw" and "raw outputs" in report  # which outputs the policies read is in the report
 
     before = (folder / "stopping.json").read_bytes()
     assert main(args) == 2  # refuses to replace the report, before any work

@@ -66,7 +66,8 @@ def _run_section(run: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"## {run['run']} ({run['family']}, {run['num_steps']} exits, first informative exit "
-        f"{run['first_step']}, {run['val_examples']} val / {run['test_examples']} test examples)",
+        f"{run['first_step']}, {run.get('outputs', 'raw')} outputs, {run['val_examples']} val / {run['test_examples']} "
+        "test examples)",
         "",
         f"| policy | steps AUC | MACs AUC | operating point ({100 * frac:g}% of last-step val accuracy) "
         "| test accuracy | mean step | mean MMACs |",
