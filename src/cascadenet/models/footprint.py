@@ -91,7 +91,8 @@ def activation_bytes(config: ModelConfig, input_shape: tuple[int, ...]) -> tuple
         return None
     if not two:
         return None
-    return max(sum(two) - sum(one), 0.0), 2.0 * max(two) / 2
+    # inference, per example: twice the largest tensor of the batch of two, halved
+    return max(sum(two) - sum(one), 0.0), float(max(two))
 
 
 def _kept(model: torch.nn.Module, x: torch.Tensor) -> list[int]:
