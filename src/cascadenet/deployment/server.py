@@ -341,8 +341,8 @@ class Scheduler:
                 macs, confidence = result.macs.tolist(), result.confidence.tolist()
         done = self.clock()
         if self.mode == "anytime":
-            reached = max(steps)
-            self.step_times.observe(self.step_times.cumulative(len(run))[reached] / self.step_times.ratio, done - now)
+            estimated = sum(self.step_times.step(s, len(run)) for s in range(max(steps) + 1))  # without ratio
+            self.step_times.observe(estimated, done - now)
         for i, r in enumerate(run):
             k = int(labels[i])
             met = done <= r.deadline
